@@ -1,0 +1,40 @@
+"""COCO-panoptic id maps: an RGB PNG whose pixel (R, G, B) holds segment id R + 256*G + 256**2*B (0 = void).
+
+The one home of that encoding: the demo corpus writes it, the readers and the `annotations` segmenter read it.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def encode_id_map(id_map: np.ndarray) -> bytes:
+    """Encode an H x W integer id map (0 <= id < 2**24) as a COCO-panoptic RGB PNG."""
+    ids = np.asarray(id_map)
+    if ids.ndim != 2:
+        raise ValueError(f"id_map must be 2-D (H x W), got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= 2**24):
+        raise ValueError("id_map values must lie in [0, 2**24)")
+    ids = ids.astype(np.uint32)
+    rgb = np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_id_map(png: bytes | np.ndarray | Image.Image) -> np.ndarray:
+    """Decode a COCO-panoptic PNG (bytes, PIL image or H x W x 3 array) to an H x W int32 id map."""
+    if isinstance(png, bytes | bytearray):
+        with Image.open(io.BytesIO(png)) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    elif isinstance(png, Image.Image):
+        rgb = np.asarray(png.convert("RGB"))
+    else:
+        rgb = np.asarray(png)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"a panoptic PNG must be RGB, got array of shape {rgb.shape}")
+    rgb = rgb.astype(np.int32)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]

@@ -1,0 +1,84 @@
+"""The elements that flow between the build's stages (read -> decode -> segment -> select -> embed -> write).
+
+Plain dataclasses of numpy arrays and builtins, so every runner can serialise them. A stage returns a new record
+(``dataclasses.replace``) rather than mutating its input: Beam may hand the same element to several consumers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One undecoded input as a reader found it."""
+
+    key: str  # stable, unique across the dataset
+    source: str  # the file (tar, folder, parquet) it came from
+    image_bytes: bytes | None  # None when the input had no image
+    caption: str | None  # None when the input had no caption
+    annotation_png: bytes | None = None  # ground-truth panoptic id map (COCO panoptic RGB encoding), if the corpus has it
+    annotation: dict | None = None  # ground-truth segments json ({"segments_info": [...]}), if the corpus has it
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment of a segmentation: the pixels where ``id_map == id``."""
+
+    id: int  # > 0; 0 in an id map means "no segment"
+    label: str | None = None  # segmenter's class name
+    score: float | None = None  # segmenter's confidence; None for ground truth
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A panoptic segmentation: an int32 id map (H x W) and the segments present in it."""
+
+    id_map: np.ndarray
+    segments: tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class SelectedSegment:
+    """A segment chosen for conditioning; its pixels are ``Sample.segment_map == index``."""
+
+    index: int  # 1..K
+    area: float  # fraction of the image
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive end), pixels of the stored image
+    label: str | None
+    score: float | None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A decoded sample; later stages fill the optional fields."""
+
+    key: str
+    source: str
+    caption: str
+    image: np.ndarray  # H x W x 3 uint8 RGB, already resized (longest side <= image size)
+    annotation: Segmentation | None = None  # ground truth carried by the corpus, resized with the image
+    segmentation: Segmentation | None = None  # filled by the segment stage
+    segment_map: np.ndarray | None = None  # H x W uint8, 0 = unconditioned, i = SelectedSegment.index; select stage
+    segments: tuple[SelectedSegment, ...] = field(default_factory=tuple)  # select stage
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """L2-normalised CLIP embeddings of one sample (float32 here; stored as float16)."""
+
+    segments: np.ndarray  # K x D, row i-1 for SelectedSegment.index i
+    image: np.ndarray  # D
+    caption: np.ndarray  # D
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An input that did not become a sample, and why. Accepted + rejected = read, always."""
+
+    key: str
+    source: str
+    stage: str  # read | decode | segment | select | embed
+    reason: str  # a short machine-readable code, optionally followed by ': detail'
