@@ -1,0 +1,109 @@
+"""The build's one config object and its command-line flags (everything not listed here goes to Beam)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from spatext.pipeline.read import INPUT_FORMATS
+from spatext.pipeline.schema import IMAGE_FORMATS
+
+SEGMENTERS = ("auto", "annotations", "mask2former")
+DEFAULT_SEGMENTER_WEIGHTS = "facebook/mask2former-swin-large-coco-panoptic"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Every setting of one build; logged at start and stored in the manifest."""
+
+    input: str
+    output: str
+    input_format: str = "auto"
+    image_size: int = 512
+    image_format: str = "jpeg"
+    jpeg_quality: int = 95
+    max_pixels: int = 64_000_000
+    segmenter: str = "auto"
+    segmenter_weights: str = DEFAULT_SEGMENTER_WEIGHTS
+    segmenter_config: str | None = None
+    segmenter_threshold: float = 0.8
+    segmenter_processor_size: int | None = None
+    segmenter_batch_size: int = 4
+    min_area: float = 0.05
+    k_min: int = 1
+    k_max: int = 3
+    seed: int = 0
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str = "openai"
+    clip_batch_size: int = 16
+    device: str = "cpu"
+    rows_per_group: int = 256
+    num_shards: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("--input-format", self.input_format, INPUT_FORMATS)
+        _check_choice("--image-format", self.image_format, IMAGE_FORMATS)
+        _check_choice("--segmenter", self.segmenter, SEGMENTERS)
+        if self.image_size < 16:
+            raise ValueError(f"--image-size must be >= 16, got {self.image_size}")
+        if self.rows_per_group < 1:
+            raise ValueError(f"--rows-per-group must be >= 1, got {self.rows_per_group}")
+        if min(self.segmenter_batch_size, self.clip_batch_size) < 1:
+            raise ValueError("--segmenter-batch-size and --clip-batch-size must be >= 1")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready copy."""
+        return dataclasses.asdict(self)
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `spatext build` flags; unknown flags are Beam pipeline options (--runner, --direct_num_workers, ...)."""
+    p = argparse.ArgumentParser(
+        prog="spatext build",
+        description="Build spatio-textual Parquet shards from an image-text corpus. Flags not listed here are "
+        "passed to Apache Beam (e.g. --runner DataflowRunner --project P --region R --setup_file ./setup.py).",
+    )
+    d = BuildConfig("", "")
+    p.add_argument("--input", required=True, help="corpus: webdataset tar pattern (globs, {000..009} ranges) or a "
+                   "folder with captions.jsonl; local or any Beam filesystem path (gs://, s3://)")
+    p.add_argument("--output", required=True, help="output directory: shards/, rejects/, manifest.json")
+    p.add_argument("--input-format", default=d.input_format, choices=INPUT_FORMATS, help="corpus format")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="longest side of stored images (px)")
+    p.add_argument("--image-format", default=d.image_format, choices=IMAGE_FORMATS, help="stored image encoding")
+    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of stored images")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="reject images above this many pixels")
+    p.add_argument("--segmenter", default=d.segmenter, choices=SEGMENTERS,
+                   help="segmentation backend; auto = the corpus's ground truth when it has some, else mask2former")
+    p.add_argument("--segmenter-weights", default=d.segmenter_weights,
+                   help="hub name or local directory of the segmenter; 'none' = random init (testing only)")
+    p.add_argument("--segmenter-config", default=None, help="JSON architecture config for a random-init segmenter")
+    p.add_argument("--segmenter-threshold", type=float, default=d.segmenter_threshold, help="panoptic score threshold")
+    p.add_argument("--segmenter-processor-size", type=int, default=None,
+                   help="shortest edge the segmenter's processor resizes to (default: the processor's own)")
+    p.add_argument("--segmenter-batch-size", type=int, default=d.segmenter_batch_size, help="images per batch")
+    p.add_argument("--min-area", type=float, default=d.min_area, help="min segment area (fraction of the image)")
+    p.add_argument("--k-min", type=int, default=d.k_min, help="min segments per sample")
+    p.add_argument("--k-max", type=int, default=d.k_max, help="max segments per sample")
+    p.add_argument("--seed", type=int, default=d.seed, help="selection seed (selection is a function of seed, key)")
+    p.add_argument("--clip-model", default=d.clip_model, help="open_clip model name (e.g. ViT-L-14, ViT-B-32)")
+    p.add_argument("--clip-pretrained", default=d.clip_pretrained,
+                   help="open_clip pretrained tag, local checkpoint file, or 'none' = random init (testing only)")
+    p.add_argument("--clip-batch-size", type=int, default=d.clip_batch_size, help="samples per CLIP batch")
+    p.add_argument("--device", default=d.device, help="torch device for the models: cpu, cuda, cuda:1, ...")
+    p.add_argument("--rows-per-group", type=int, default=d.rows_per_group, help="Parquet row group size (rows)")
+    p.add_argument("--num-shards", type=int, default=d.num_shards, help="output shard count (0 = runner decides)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing build in --output first")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, list[str]]:
+    """Split argv into the build's config and the Beam pipeline arguments."""
+    args, beam_args = build_parser().parse_known_args(argv)
+    return BuildConfig(**vars(args)), beam_args

@@ -1,0 +1,136 @@
+"""Decode stage: RawSample -> Sample (RGB array, resized) or Reject, safely.
+
+Safe means: the pixel count is checked before any pixel is decoded (decompression bombs), EXIF orientation is
+applied, any PIL mode becomes RGB, and a ground-truth id map must match the image it annotates.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+from PIL import Image, ImageOps
+
+from spatext.pipeline.panoptic import decode_id_map
+from spatext.pipeline.records import RawSample, Reject, Sample, Segment, Segmentation
+
+logger = logging.getLogger(__name__)
+
+REJECTS = "rejects"
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: far above any training image, far below a bomb
+MIN_SIDE = 16
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What the decode stage needs to know."""
+
+    image_size: int = 512  # longest side of the stored image (never upsampled)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    require_annotation: bool = False  # the `annotations` segmenter needs ground truth
+
+
+class DecodeError(ValueError):
+    """A sample that cannot be used; `reason` is the reject reason code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def target_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """(width, height) with the longest side at most `image_size`, aspect kept, never upsampled."""
+    scale = min(1.0, image_size / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes -> H x W x 3 uint8 RGB, EXIF-oriented, longest side <= image_size; DecodeError if unusable."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size  # read from the header: no pixel decoded yet
+            if width * height > max_pixels:
+                raise DecodeError("image_too_large", f"{width}x{height} exceeds {max_pixels} pixels")
+            if min(width, height) < MIN_SIDE:
+                raise DecodeError("image_too_small", f"{width}x{height}")
+            im.draft("RGB", target_size(width, height, image_size))  # JPEG: decode at a reduced scale, fast
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(background, im)
+            rgb = im.convert("RGB")
+            size = target_size(*rgb.size, image_size)
+            if rgb.size != size:
+                rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+            return np.asarray(rgb, dtype=np.uint8)
+    except DecodeError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise DecodeError("unreadable_image", str(exc)) from exc
+
+
+def decode_annotation(png: bytes | None, annotation: dict | None, size: tuple[int, int]) -> Segmentation:
+    """Ground-truth id map + segments_info -> Segmentation at `size` (width, height), nearest-neighbour resized."""
+    infos = annotation.get("segments_info") if isinstance(annotation, dict) else None
+    if png is None or not isinstance(infos, list):
+        raise DecodeError("missing_annotation")
+    try:
+        id_map = decode_id_map(png)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DecodeError("bad_annotation", f"unreadable panoptic png: {exc}") from exc
+    if id_map.shape[0] < 1 or id_map.shape[1] < 1:
+        raise DecodeError("bad_annotation", "empty panoptic png")
+    map_aspect, image_aspect = id_map.shape[1] / id_map.shape[0], size[0] / size[1]
+    if abs(map_aspect - image_aspect) > 0.02 * image_aspect:
+        raise DecodeError("bad_annotation", f"panoptic map {id_map.shape[1]}x{id_map.shape[0]} vs image {size}")
+    if (id_map.shape[1], id_map.shape[0]) != size:
+        id_map = np.asarray(Image.fromarray(id_map.astype(np.int32)).resize(size, Image.Resampling.NEAREST))
+    segments = []
+    for info in infos:
+        try:
+            label = info.get("category") or info.get("label") or info.get("name")
+            segments.append(Segment(id=int(info["id"]), label=None if label is None else str(label)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DecodeError("bad_annotation", f"bad segments_info entry: {exc}") from exc
+    return Segmentation(id_map=id_map.astype(np.int32), segments=tuple(segments))
+
+
+def decode_sample(raw: RawSample, options: DecodeOptions) -> Sample:
+    """RawSample -> Sample; DecodeError with a reason code when the sample is unusable."""
+    if raw.image_bytes is None:
+        raise DecodeError("missing_image")
+    if raw.caption is None or not raw.caption.strip():
+        raise DecodeError("missing_caption")
+    image = decode_image(raw.image_bytes, options.image_size, options.max_pixels)
+    annotation = None
+    if options.require_annotation or raw.annotation_png is not None:
+        try:
+            annotation = decode_annotation(raw.annotation_png, raw.annotation, (image.shape[1], image.shape[0]))
+        except DecodeError:
+            if options.require_annotation:
+                raise
+    return Sample(key=raw.key, source=raw.source, caption=raw.caption.strip(), image=image, annotation=annotation)
+
+
+class Decode(beam.DoFn):
+    """RawSample -> Sample (main output) or Reject (the 'rejects' output)."""
+
+    def __init__(self, options: DecodeOptions) -> None:
+        self.options = options
+        self.decoded = beam.metrics.Metrics.counter("spatext_decode", "samples_decoded")
+        self.rejected = beam.metrics.Metrics.counter("spatext_decode", "rejected")
+
+    def process(self, raw: RawSample) -> Iterator:
+        try:
+            sample = decode_sample(raw, self.options)
+        except DecodeError as exc:
+            self.rejected.inc()
+            yield beam.pvalue.TaggedOutput(REJECTS, Reject(raw.key, raw.source, "decode", str(exc)))
+            return
+        self.decoded.inc()
+        yield sample

@@ -1,0 +1,40 @@
+"""The `spatext` command: one entry point that dispatches to each package's subcommand."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with a `main(argv) -> int`, one-line help)
+COMMANDS = {
+    "demo-corpus": ("spatext.pipeline.demo_corpus", "write the built-in procedural sample corpus"),
+    "build": ("spatext.pipeline.build", "build Parquet shards from a corpus (Apache Beam job)"),
+    "verify": ("spatext.pipeline.verify", "check a build's shards against the schema and invariants"),
+    "inspect": ("spatext.pipeline.inspect_shards", "draw samples of a build with their segments"),
+    "demo": ("spatext.demo", "run the offline end-to-end demo"),
+}
+
+
+def usage() -> str:
+    """The top-level help text."""
+    lines = ["usage: spatext COMMAND [options]   (spatext COMMAND --help for a command's options)", "", "commands:"]
+    lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `spatext COMMAND ...` to the command's module."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"spatext: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

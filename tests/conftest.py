@@ -1,0 +1,39 @@
+"""Shared test setup: offline hub, few torch threads, and small corpus builders."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a missing-weights path must fail in seconds, not after retries
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def jpeg_bytes(width: int = 64, height: int = 48, seed: int = 0, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    """A small random image, encoded."""
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tar(path: str, members: list[tuple[str, bytes]]) -> str:
+    """Write a tar of (name, bytes) members in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def make_tar(tmp_path):
+    """Factory: make_tar(name, members) -> path of a tar in tmp_path."""
+    return lambda name, members: write_tar(str(tmp_path / name), members)

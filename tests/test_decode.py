@@ -1,0 +1,90 @@
+"""Decode stage: safe decoding (EXIF, modes, bombs), resizing, ground-truth alignment, reject reasons."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import jpeg_bytes
+from spatext.pipeline.decode import DecodeError, DecodeOptions, decode_image, decode_sample, target_size
+from spatext.pipeline.panoptic import encode_id_map
+from spatext.pipeline.records import RawSample
+
+
+def test_resize_keeps_aspect_and_never_upsamples():
+    assert target_size(1000, 500, 512) == (512, 256)
+    assert target_size(300, 200, 512) == (300, 200)
+    image = decode_image(jpeg_bytes(800, 600), image_size=400)
+    assert image.shape == (300, 400, 3) and image.dtype == np.uint8
+
+
+def test_exif_orientation_is_applied():
+    # A 60x20 image whose EXIF says "rotate 90° clockwise" (orientation 6) must come out 20 wide, 60 high.
+    im = Image.new("RGB", (60, 20), (255, 0, 0))
+    im.paste((0, 0, 255), (0, 0, 10, 20))  # blue strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif, quality=98)
+    out = decode_image(buf.getvalue(), image_size=512)
+    assert out.shape == (60, 20, 3)
+    assert out[:10, :, 2].mean() > 200 and out[-10:, :, 0].mean() > 200  # the left strip is now on top
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "1", "I;16"])
+def test_any_mode_becomes_rgb(mode):
+    fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    image = decode_image(jpeg_bytes(40, 30, fmt=fmt, mode=mode), image_size=512)
+    assert image.shape == (30, 40, 3) and image.dtype == np.uint8
+
+
+def test_transparent_pixels_become_white():
+    im = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    assert decode_image(buf.getvalue(), 512).min() == 255
+
+
+def test_decompression_bomb_is_rejected_before_decoding():
+    buf = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buf, format="PNG")  # 81 Mpx in a tiny file
+    assert len(buf.getvalue()) < 200_000
+    with pytest.raises(DecodeError) as err:
+        decode_image(buf.getvalue(), 512, max_pixels=64_000_000)
+    assert err.value.reason == "image_too_large"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (RawSample("k", "s", None, "cap"), "missing_image"),
+        (RawSample("k", "s", b"x", None), "missing_caption"),
+        (RawSample("k", "s", b"x", "   "), "missing_caption"),
+        (RawSample("k", "s", b"not an image", "cap"), "unreadable_image"),
+        (RawSample("k", "s", jpeg_bytes(8, 8), "cap"), "image_too_small"),
+        (RawSample("k", "s", jpeg_bytes(), "cap"), "missing_annotation"),
+        (RawSample("k", "s", jpeg_bytes(), "cap", b"junk", {"segments_info": []}), "bad_annotation"),
+        (RawSample("k", "s", jpeg_bytes(64, 48), "cap", encode_id_map(np.ones((64, 48), int)),
+                   {"segments_info": [{"id": 1}]}), "bad_annotation"),
+    ],
+)
+def test_bad_inputs_give_reason_codes(raw, reason):
+    with pytest.raises(DecodeError) as err:
+        decode_sample(raw, DecodeOptions(require_annotation=True))
+    assert err.value.reason == reason
+
+
+def test_annotation_is_resized_with_the_image():
+    id_map = np.zeros((100, 200), dtype=np.int32)
+    id_map[:, 100:] = 7
+    raw = RawSample("k", "s", jpeg_bytes(200, 100), " a cap ", encode_id_map(id_map),
+                    {"segments_info": [{"id": 7, "category": "wall"}]})
+    sample = decode_sample(raw, DecodeOptions(image_size=50, require_annotation=True))
+    assert sample.caption == "a cap" and sample.image.shape == (25, 50, 3)
+    assert sample.annotation.id_map.shape == (25, 50)
+    assert set(np.unique(sample.annotation.id_map)) == {0, 7}
+    assert (sample.annotation.id_map[:, 25:] == 7).all() and (sample.annotation.id_map[:, :25] == 0).all()
+    assert sample.annotation.segments[0].label == "wall"
