@@ -21,7 +21,7 @@ def encode_id_map(id_map: np.ndarray) -> bytes:
     ids = ids.astype(np.uint32)
     rgb = np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG")
+    Image.fromarray(rgb).save(buf, format="PNG")
     return buf.getvalue()
 
 
