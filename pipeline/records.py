@@ -19,7 +19,7 @@ class RawSample:
     source: str  # the file (tar, folder, parquet) it came from
     image_bytes: bytes | None  # None when the input had no image
     caption: str | None  # None when the input had no caption
-    annotation_png: bytes | None = None  # ground-truth panoptic id map (COCO panoptic RGB encoding), if the corpus has it
+    annotation_png: bytes | None = None  # ground-truth panoptic id map (COCO-panoptic RGB PNG), if the corpus has it
     annotation: dict | None = None  # ground-truth segments json ({"segments_info": [...]}), if the corpus has it
 
 
@@ -82,3 +82,12 @@ class Reject:
     source: str
     stage: str  # read | decode | segment | select | embed
     reason: str  # a short machine-readable code, optionally followed by ': detail'
+
+
+def rejects_from_failed_batch(failure: tuple, stage: str, code: str, max_detail: int = 300) -> list[Reject]:
+    """One Reject per sample of a batch that RunInference(...).with_exception_handling() sent to its dead letter.
+
+    Beam shapes each dead-letter element as (batch, (exception type, repr(exception), traceback lines)).
+    """
+    batch, (_exc_type, exc_repr, _traceback) = failure
+    return [Reject(s.key, s.source, stage, f"{code}: {exc_repr[:max_detail]}") for s in batch]

@@ -1,0 +1,86 @@
+"""The segment stage: a Beam ``ModelHandler`` that runs a segmenter through ``RunInference``.
+
+Use it as ``samples | 'Segment' >> RunInference(SegmenterModelHandler(spec)).with_exception_handling()``; each output
+is the input ``Sample`` with ``segmentation`` filled, in batch order. A batch whose segmenter call raises goes to the
+dead-letter output ``failed_inferences`` as ``(batch: list[Sample], (exc_type, repr(exc), traceback_lines))``;
+``records.rejects_from_failed_batch`` turns one such element into reject rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler
+
+from spatext.pipeline.records import Sample
+from spatext.pipeline.segmenters.base import Segmenter, SegmenterSpec, create_segmenter
+
+METRICS_NAMESPACE = "spatext_segment"
+
+
+class SegmenterModelHandler(ModelHandler[Sample, Sample, Segmenter]):
+    """Loads the segmenter that a ``SegmenterSpec`` names and fills ``Sample.segmentation`` batch by batch."""
+
+    def __init__(self, spec: SegmenterSpec) -> None:
+        """Keep the spec; the model is loaded on the worker by ``load_model``."""
+        super().__init__(min_batch_size=1, max_batch_size=spec.batch_size)
+        self.spec = spec
+        self._images = Metrics.counter(METRICS_NAMESPACE, "images_segmented")
+        self._segments = Metrics.counter(METRICS_NAMESPACE, "segments_found")
+        self._empty = Metrics.counter(METRICS_NAMESPACE, "images_without_segments")
+
+    def load_model(self) -> Segmenter:
+        """Build the segmenter (called once per worker process, or once per machine when shared)."""
+        return create_segmenter(self.spec)
+
+    def run_inference(
+        self, batch: Sequence[Sample], model: Segmenter, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[Sample]:
+        """Segment the batch in one call; return the samples with ``segmentation`` set, in batch order."""
+        self.validate_inference_args(inference_args)
+        segmentations = model.segment(batch)  # model may be a cross-process proxy: call methods only
+        self._check(batch, segmentations)
+        outputs = []
+        for sample, seg in zip(batch, segmentations, strict=True):
+            self._images.inc()
+            self._segments.inc(len(seg.segments))
+            if not seg.segments:
+                self._empty.inc()
+            outputs.append(dataclasses.replace(sample, segmentation=seg))
+        return outputs
+
+    def _check(self, batch: Sequence[Sample], segmentations: Sequence[Any]) -> None:
+        """Fail the batch when the segmenter broke its contract (one result per image, of the image's size)."""
+        name = self.spec.name
+        if len(segmentations) != len(batch):
+            raise RuntimeError(f"segmenter {name!r} returned {len(segmentations)} results for {len(batch)} images")
+        for sample, seg in zip(batch, segmentations, strict=True):
+            if seg.id_map.shape != sample.image.shape[:2]:
+                raise RuntimeError(
+                    f"segmenter {name!r} returned an id map of shape {seg.id_map.shape} for sample "
+                    f"{sample.key!r} of size {sample.image.shape[:2]}"
+                )
+
+    def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
+        """Segmenters take all their settings from the spec; reject ``inference_args``."""
+        if inference_args:
+            raise ValueError(f"SegmenterModelHandler takes no inference_args, got {sorted(inference_args)}")
+
+    def get_num_bytes(self, batch: Sequence[Sample]) -> int:
+        """Bytes of image data in the batch (cheaper than pickling it, as the default does)."""
+        return sum(sample.image.nbytes for sample in batch)
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        """Batches of 1 .. ``spec.batch_size`` samples."""
+        return {"min_batch_size": 1, "max_batch_size": self.spec.batch_size}
+
+    def get_metrics_namespace(self) -> str:
+        """RunInference's own metrics (latency, counts) share the stage's namespace."""
+        return METRICS_NAMESPACE
+
+    def share_model_across_processes(self) -> bool:
+        """One model per machine on a GPU (several worker processes would each hold a copy); per process on CPU."""
+        return self.spec.device.startswith("cuda")

@@ -1,0 +1,115 @@
+"""The segmenter interface: one spec, one abstract class, and a registry of backends (name -> factory).
+
+Backends are imported lazily by their factories, so choosing ``annotations`` never imports transformers and an
+optional backend (detectron2) is only imported when asked for. Add a backend with ``register_segmenter``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from spatext.pipeline.records import Sample, Segment, Segmentation
+
+RANDOM_INIT_LABEL = "none (random init)"  # weights_label of randomly initialised models; also in logs and metadata
+GROUND_TRUTH_LABEL = "ground truth"  # weights_label of the annotations segmenter
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """Which segmenter to build and how to run it (one config object, picklable for Beam workers)."""
+
+    name: str  # a registered backend: see available_segmenters()
+    weights: str | None = None  # hub name or local dir; "none" = random init; None = the backend's default
+    config: str | None = None  # JSON of architecture kwargs for random init (path, or a packaged config's name)
+    threshold: float = 0.8  # panoptic score threshold
+    mask_threshold: float = 0.5  # binarisation threshold of mask probabilities
+    overlap_threshold: float = 0.8  # min kept fraction of a query's mask for it to become a segment
+    processor_size: int | None = None  # shortest edge fed to the model; None = the processor's default
+    device: str = "cpu"
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        """Reject values that no backend can use."""
+        for field_name in ("threshold", "mask_threshold", "overlap_threshold"):
+            value = getattr(self, field_name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"SegmenterSpec.{field_name} must lie in [0, 1], got {value}")
+        if self.batch_size < 1:
+            raise ValueError(f"SegmenterSpec.batch_size must be >= 1, got {self.batch_size}")
+        if self.processor_size is not None and self.processor_size < 1:
+            raise ValueError(f"SegmenterSpec.processor_size must be >= 1 or None, got {self.processor_size}")
+
+
+class Segmenter(ABC):
+    """A panoptic segmenter: images in, one ``Segmentation`` (int32 H x W id map + segments) per image out."""
+
+    name: str  # the registry name
+    weights_label: str  # for output metadata: hub name / dir, RANDOM_INIT_LABEL, or GROUND_TRUTH_LABEL
+
+    @abstractmethod
+    def segment(self, samples: Sequence[Sample]) -> list[Segmentation]:
+        """Segment each sample's image; the i-th result has exactly the i-th image's H x W."""
+
+
+SegmenterFactory = Callable[[SegmenterSpec], Segmenter]
+
+
+def _lazy(module: str, cls: str) -> SegmenterFactory:
+    """A factory that imports ``module`` only when a segmenter is created."""
+
+    def factory(spec: SegmenterSpec) -> Segmenter:
+        return getattr(importlib.import_module(module), cls)(spec)
+
+    factory.__qualname__ = f"lazy({module}.{cls})"
+    return factory
+
+
+SEGMENTERS: dict[str, SegmenterFactory] = {
+    "annotations": _lazy("spatext.pipeline.segmenters.annotations", "AnnotationSegmenter"),
+    "mask2former": _lazy("spatext.pipeline.segmenters.mask2former", "Mask2FormerSegmenter"),
+}
+
+
+def register_segmenter(name: str, factory: SegmenterFactory) -> None:
+    """Make ``factory`` available as ``--segmenter name`` (replaces an existing entry of that name)."""
+    SEGMENTERS[name] = factory
+
+
+def available_segmenters() -> list[str]:
+    """The registered segmenter names, sorted."""
+    return sorted(SEGMENTERS)
+
+
+def create_segmenter(spec: SegmenterSpec) -> Segmenter:
+    """Build the segmenter that ``spec.name`` names."""
+    factory = SEGMENTERS.get(spec.name)
+    if factory is None:
+        raise ValueError(f"unknown --segmenter {spec.name!r}; valid choices: {', '.join(available_segmenters())}")
+    return factory(spec)
+
+
+def clean_segmentation(
+    id_map: np.ndarray, segments: Iterable[Segment], shape: tuple[int, int] | None = None
+) -> Segmentation:
+    """A consistent Segmentation: int32 map, ids without segment info -> 0, segments absent from the map dropped."""
+    ids = np.asarray(id_map)
+    if ids.ndim != 2:
+        raise ValueError(f"id_map must be 2-D (H x W), got shape {ids.shape}")
+    if shape is not None and ids.shape != tuple(shape):
+        raise ValueError(f"id_map has shape {ids.shape}, the image has {tuple(shape)}")
+    if ids.dtype != np.int32 or (ids.size and ids.min() < 0):
+        ids = np.where(ids > 0, ids, 0).astype(np.int32)  # negative ids (void) -> 0
+    by_id: dict[int, Segment] = {}
+    for seg in segments:
+        by_id.setdefault(int(seg.id), seg)  # the first entry of a repeated id wins
+    present = {int(i) for i in np.unique(ids) if i > 0}
+    unknown = sorted(present - by_id.keys())
+    if unknown:
+        ids = np.where(np.isin(ids, unknown), 0, ids).astype(np.int32)
+    kept = tuple(seg for seg_id, seg in by_id.items() if seg_id in present)  # input order kept
+    return Segmentation(id_map=ids, segments=kept)

@@ -1,0 +1,145 @@
+"""The ``mask2former`` segmenter: transformers' Mask2Former (universal segmentation) in panoptic mode.
+
+Weights load the normal way (``from_pretrained`` of a hub name or a local directory, never remote code). The
+literal weights ``none`` builds a randomly initialised model from a config (for tests and the offline demo); it is
+seeded, so every worker builds the same random model, and it is never silent: the log and ``weights_label`` say
+``none (random init)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+
+from spatext.pipeline.records import Sample, Segment, Segmentation
+from spatext.pipeline.segmenters.base import RANDOM_INIT_LABEL, Segmenter, SegmenterSpec, clean_segmentation
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = "facebook/mask2former-swin-large-coco-panoptic"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # packaged configs, e.g. mask2former-tiny.json
+RANDOM_INIT_SEED = 0  # random init is a pure function of the config: identical on every worker
+_DEFAULT_SHORT, _DEFAULT_LONG = 800, 1333  # the image processor's default size; processor_size keeps this ratio
+
+
+def resolve_config_path(config: str) -> Path:
+    """A config path as given, or the name of a packaged config (``mask2former-tiny`` or ``mask2former-tiny.json``)."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    packaged = CONFIG_DIR / (config if config.endswith(".json") else f"{config}.json")
+    if packaged.is_file():
+        return packaged
+    choices = sorted(p.stem for p in CONFIG_DIR.glob("mask2former*.json"))
+    raise ValueError(f"--segmenter-config {config!r} is neither a file nor a packaged config ({', '.join(choices)})")
+
+
+def load_config(config: str | None) -> Mask2FormerConfig:
+    """``Mask2FormerConfig(**json)`` for a config file or packaged name; the default config for None."""
+    if config is None:
+        return Mask2FormerConfig()
+    with open(resolve_config_path(config), encoding="utf-8") as f:
+        kwargs = json.load(f)
+    return Mask2FormerConfig(**kwargs)
+
+
+def _size_kwargs(processor_size: int | None) -> dict[str, Any]:
+    """Image-processor ``size`` override for a shortest edge (longest edge keeps the default 800:1333 ratio)."""
+    if processor_size is None:
+        return {}
+    longest = max(processor_size, round(processor_size * _DEFAULT_LONG / _DEFAULT_SHORT))
+    return {"size": {"shortest_edge": processor_size, "longest_edge": longest}}
+
+
+def _random_init(spec: SegmenterSpec) -> tuple[Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor]:
+    """A seeded, randomly initialised model from ``spec.config`` and a processor with default settings."""
+    config = load_config(spec.config)
+    logger.warning(
+        "mask2former pretrained: %s; config %s; its segments are meaningless except for tests and demos",
+        RANDOM_INIT_LABEL,
+        spec.config or "Mask2FormerConfig() defaults",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = Mask2FormerForUniversalSegmentation(config)
+    return model, Mask2FormerImageProcessor(**_size_kwargs(spec.processor_size))
+
+
+def _pretrained(weights: str, spec: SegmenterSpec) -> tuple[Mask2FormerForUniversalSegmentation, Any]:
+    """Model and processor ``from_pretrained(weights)``; a clear error when they are neither local nor reachable."""
+    try:
+        processor = Mask2FormerImageProcessor.from_pretrained(weights, **_size_kwargs(spec.processor_size))
+        model = Mask2FormerForUniversalSegmentation.from_pretrained(weights, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise OSError(
+            f"cannot load Mask2Former weights {weights!r} (--segmenter-weights): not a local directory with "
+            "config.json + weights + preprocessor_config.json, and not in the Hugging Face cache or downloadable "
+            "(offline?). Pass --segmenter-weights <local directory> or --segmenter-weights none "
+            f"(random init, for tests only). Cause: {exc}"
+        ) from exc
+    logger.info("mask2former pretrained: %s", weights)
+    return model, processor
+
+
+class Mask2FormerSegmenter(Segmenter):
+    """Panoptic segmentation with ``Mask2FormerForUniversalSegmentation``, batched over the given images."""
+
+    name = "mask2former"
+
+    def __init__(self, spec: SegmenterSpec) -> None:
+        """Load the model and processor that ``spec.weights`` names, in eval mode on ``spec.device``."""
+        self.spec = spec
+        weights = spec.weights or DEFAULT_WEIGHTS
+        if weights.strip().lower() == "none":
+            model, self.processor = _random_init(spec)
+            self.weights_label = RANDOM_INIT_LABEL
+        else:
+            model, self.processor = _pretrained(weights, spec)
+            self.weights_label = weights
+        self.device = torch.device(spec.device)
+        self.model = model.to(self.device).eval()
+        self.id2label = {int(k): str(v) for k, v in self.model.config.id2label.items()}
+
+    @torch.inference_mode()
+    def segment(self, samples: Sequence[Sample]) -> list[Segmentation]:
+        """One forward pass over all images, then panoptic post-processing at each image's own size."""
+        if not samples:
+            return []
+        images = [np.ascontiguousarray(s.image) for s in samples]
+        for sample, image in zip(samples, images, strict=True):
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"sample {sample.key!r}: image must be H x W x 3, got shape {image.shape}")
+        inputs = self.processor(images=images, return_tensors="pt", input_data_format="channels_last")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        outputs = self.model(**inputs)
+        sizes = [image.shape[:2] for image in images]
+        results = self.processor.post_process_panoptic_segmentation(
+            outputs,
+            threshold=self.spec.threshold,
+            mask_threshold=self.spec.mask_threshold,
+            overlap_mask_area_threshold=self.spec.overlap_threshold,
+            label_ids_to_fuse=set(),  # no fusing: one segment per query (the config carries no thing/stuff split)
+            target_sizes=sizes,
+        )
+        return [self._to_segmentation(result, size) for result, size in zip(results, sizes, strict=True)]
+
+    def _to_segmentation(self, result: dict, size: tuple[int, int]) -> Segmentation:
+        """Convert one post-processed result: void (-1 or 0) -> 0, ids from 1, labels from the model's id2label."""
+        id_map = result["segmentation"].to("cpu").numpy()
+        segments = [
+            Segment(
+                id=int(info["id"]),
+                label=self.id2label.get(int(info["label_id"]), str(info["label_id"])),
+                score=float(info["score"]),
+            )
+            for info in result["segments_info"]
+            if int(info["id"]) > 0
+        ]
+        return clean_segmentation(id_map, segments, shape=size)

@@ -1,0 +1,247 @@
+"""Segmenter backends (annotations, mask2former) and the Beam ModelHandler that runs them via RunInference."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub read it at import
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.util import assert_that, equal_to
+
+from spatext.pipeline.records import Reject, Sample, Segment, Segmentation, rejects_from_failed_batch
+from spatext.pipeline.segment import SegmenterModelHandler
+from spatext.pipeline.segmenters import (
+    RANDOM_INIT_LABEL,
+    SEGMENTERS,
+    Segmenter,
+    SegmenterSpec,
+    available_segmenters,
+    create_segmenter,
+)
+
+# A random Mask2Former's class scores are near-uniform (~1 / (num_labels + 1)) and its mask probabilities hover
+# around 0.5; post-processing multiplies them by the score before binarising, so at the default thresholds
+# (score 0.8, mask 0.5, overlap 0.8) it yields zero segments. Thresholds of 0 deliberately let random queries through
+# so the tests can check shapes, ids, labels and scores. The tiny packaged config and a 128 px processor keep it fast.
+TINY = SegmenterSpec(
+    name="mask2former",
+    weights="none",
+    config="mask2former-tiny",
+    threshold=0.0,
+    mask_threshold=0.0,
+    overlap_threshold=0.0,
+    processor_size=128,
+    batch_size=2,
+)
+
+
+def _sample(key: str, height: int, width: int, seed: int = 0, annotation: Segmentation | None = None) -> Sample:
+    """A sample with a random RGB image."""
+    image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Sample(key=key, source="test", caption="a test", image=image, annotation=annotation)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Segmenter:
+    """The tiny randomly initialised Mask2Former (built once for the module)."""
+    return create_segmenter(TINY)
+
+
+@pytest.fixture(scope="module")
+def two_samples() -> list[Sample]:
+    """Two random images of different sizes and aspect ratios."""
+    return [_sample("a", 100, 150, seed=1), _sample("b", 130, 90, seed=2)]
+
+
+# ---------------------------------------------------------------- registry and spec
+
+
+def test_registry_lists_builtin_backends() -> None:
+    assert {"annotations", "mask2former"} <= set(available_segmenters())
+
+
+def test_unknown_segmenter_names_the_flag_and_the_choices() -> None:
+    with pytest.raises(ValueError, match="--segmenter") as info:
+        create_segmenter(SegmenterSpec(name="sam"))
+    for choice in available_segmenters():
+        assert choice in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["threshold", "mask_threshold", "overlap_threshold"])
+def test_spec_rejects_thresholds_outside_unit_interval(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        SegmenterSpec(name="mask2former", **{field: 1.5})
+
+
+# ---------------------------------------------------------------- annotations
+
+
+def test_annotations_returns_consistent_annotation_unchanged() -> None:
+    id_map = np.zeros((4, 6), dtype=np.int32)
+    id_map[:2, :3], id_map[2:, 3:] = 7, 3
+    ann = Segmentation(id_map=id_map, segments=(Segment(7, "dog"), Segment(3, "sky")))
+    segmenter = create_segmenter(SegmenterSpec(name="annotations"))
+    (out,) = segmenter.segment([_sample("k", 4, 6, annotation=ann)])
+    assert out is ann
+    assert segmenter.weights_label == "ground truth"
+
+
+def test_annotations_cleans_inconsistent_ids() -> None:
+    id_map = np.array([[1, 1, 2], [5, 5, 0]], dtype=np.int64)  # 5 has no segment info; segment 9 vanished
+    ann = Segmentation(id_map=id_map, segments=(Segment(9, "cat"), Segment(2, "sky"), Segment(1, "dog")))
+    (out,) = create_segmenter(SegmenterSpec(name="annotations")).segment([_sample("k", 2, 3, annotation=ann)])
+    assert out.id_map.dtype == np.int32
+    np.testing.assert_array_equal(out.id_map, [[1, 1, 2], [0, 0, 0]])
+    assert out.segments == (Segment(2, "sky"), Segment(1, "dog"))
+
+
+def test_annotations_without_annotation_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no annotation"):
+        create_segmenter(SegmenterSpec(name="annotations")).segment([_sample("k", 4, 4)])
+
+
+def test_annotations_of_wrong_size_is_an_error() -> None:
+    ann = Segmentation(id_map=np.ones((3, 3), dtype=np.int32), segments=(Segment(1, "dog"),))
+    with pytest.raises(ValueError, match="shape"):
+        create_segmenter(SegmenterSpec(name="annotations")).segment([_sample("k", 4, 4, annotation=ann)])
+
+
+# ---------------------------------------------------------------- mask2former
+
+
+def _check_segmentation(seg: Segmentation, shape: tuple[int, int]) -> None:
+    """The Segmentation contract: int32 map of the image's size, 0 = none, ids present == segments listed."""
+    assert seg.id_map.shape == shape
+    assert seg.id_map.dtype == np.int32
+    assert seg.id_map.min() >= 0
+    present = set(np.unique(seg.id_map).tolist()) - {0}
+    assert present == {s.id for s in seg.segments}
+    for s in seg.segments:
+        assert isinstance(s.label, str) and s.label
+        assert isinstance(s.score, float)
+
+
+def test_mask2former_random_tiny_output_contract(tiny: Segmenter, two_samples: list[Sample]) -> None:
+    assert tiny.weights_label == RANDOM_INIT_LABEL
+    outputs = tiny.segment(two_samples)
+    assert len(outputs) == 2
+    for sample, seg in zip(two_samples, outputs, strict=True):
+        _check_segmentation(seg, sample.image.shape[:2])
+        assert len(seg.segments) >= 1  # threshold 0 (see TINY) lets random queries through
+    labels = {"person", "dog", "tree", "grass", "sky", "road"}  # id2label of mask2former-tiny.json
+    assert {s.label for seg in outputs for s in seg.segments} <= labels
+    assert tiny.segment([]) == []
+
+
+def test_mask2former_random_init_is_logged_and_deterministic(tiny: Segmenter, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        again = create_segmenter(TINY)
+    assert "pretrained: none (random init)" in caplog.text
+    for (name, a), b in zip(tiny.model.state_dict().items(), again.model.state_dict().values(), strict=True):
+        assert np.array_equal(a.numpy(), b.numpy()), name  # every worker builds the same random model
+
+
+def test_mask2former_loads_saved_weights_like_in_memory(tiny: Segmenter, two_samples: list[Sample], tmp_path) -> None:
+    tiny.model.save_pretrained(tmp_path)
+    tiny.processor.save_pretrained(tmp_path)
+    loaded = create_segmenter(dataclasses.replace(TINY, weights=str(tmp_path), config=None))
+    assert loaded.weights_label == str(tmp_path)
+    for a, b in zip(tiny.segment(two_samples), loaded.segment(two_samples), strict=True):
+        np.testing.assert_array_equal(a.id_map, b.id_map)
+        assert a.segments == b.segments
+
+
+@pytest.mark.parametrize("weights", ["spatext-test/no-such-mask2former", "/no/such/local/dir"])
+def test_mask2former_missing_weights_fail_fast(weights: str, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the library reads it once, at import
+    start = time.monotonic()
+    with pytest.raises(OSError, match="--segmenter-weights"):
+        create_segmenter(SegmenterSpec(name="mask2former", weights=weights))
+    assert time.monotonic() - start < 10
+
+
+def test_mask2former_unknown_config_names_the_flag() -> None:
+    with pytest.raises(ValueError, match="--segmenter-config"):
+        create_segmenter(SegmenterSpec(name="mask2former", weights="none", config="no-such-config"))
+
+
+# ---------------------------------------------------------------- the Beam ModelHandler
+
+
+def _pipeline() -> beam.Pipeline:
+    """A local pipeline on the FnApiRunner (what DirectRunner uses for batch, without first trying Prism)."""
+    return beam.Pipeline(runner=FnApiRunner())
+
+
+def _summary(sample: Sample) -> tuple[str, tuple[int, int], bool]:
+    """What the pipeline test compares: key, id map shape, whether the segmentation holds the contract."""
+    seg = sample.segmentation
+    assert seg is not None
+    _check_segmentation(seg, sample.image.shape[:2])
+    return sample.key, seg.id_map.shape, len(seg.segments) >= 1
+
+
+def test_model_handler_in_pipeline() -> None:
+    samples = [_sample(f"k{i}", 64 + 8 * i, 96 - 8 * i, seed=i) for i in range(5)]
+    expected = [(s.key, s.image.shape[:2], True) for s in samples]
+    with _pipeline() as p:
+        out = p | beam.Create(samples) | "Segment" >> RunInference(SegmenterModelHandler(TINY))
+        assert_that(out | beam.Map(_summary), equal_to(expected))
+
+
+def test_model_handler_settings() -> None:
+    handler = SegmenterModelHandler(TINY)
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 2}
+    assert handler.get_metrics_namespace() == "spatext_segment"
+    assert handler.share_model_across_processes() is False
+    assert handler.model_copies() == 1
+
+
+class _FailOnBadKeys(Segmenter):
+    """Test backend: ground truth, except that a batch holding a key starting with 'bad' raises."""
+
+    name = "fail-on-bad"
+    weights_label = "test"
+
+    def __init__(self, spec: SegmenterSpec) -> None:
+        self.spec = spec
+
+    def segment(self, samples: Sequence[Sample]) -> list[Segmentation]:
+        if any(s.key.startswith("bad") for s in samples):
+            raise RuntimeError("segmenter exploded")
+        return [Segmentation(np.zeros(s.image.shape[:2], np.int32), ()) for s in samples]
+
+
+def _failure_summary(failure: tuple) -> list[tuple[str, str, str]]:
+    """Check the dead-letter element's shape; one (key, exception type, reject reason) per sample of the batch."""
+    batch, (exc_type, exc_repr, traceback_lines) = failure
+    assert all(isinstance(s, Sample) for s in batch)
+    assert "segmenter exploded" in exc_repr and isinstance(traceback_lines, list)
+    rejects = rejects_from_failed_batch(failure, "segment", "segmenter_error")
+    assert all(isinstance(r, Reject) and r.stage == "segment" for r in rejects)
+    return [(r.key, exc_type.__name__, r.reason.split(":")[0]) for r in rejects]
+
+
+def test_failing_segmenter_goes_to_failed_inferences(monkeypatch) -> None:
+    monkeypatch.setitem(SEGMENTERS, "fail-on-bad", _FailOnBadKeys)
+    spec = SegmenterSpec(name="fail-on-bad", batch_size=1)  # batch of 1: only the bad samples fail
+    samples = [_sample(key, 8, 8) for key in ("good1", "bad1", "good2", "bad2")]
+    with _pipeline() as p:
+        main, dlq = p | beam.Create(samples) | RunInference(SegmenterModelHandler(spec)).with_exception_handling()
+        assert_that(main | "Keys" >> beam.Map(lambda s: s.key), equal_to(["good1", "good2"]), label="main")
+        failed = dlq.failed_inferences | beam.FlatMap(_failure_summary)
+        expected = [(k, "RuntimeError", "segmenter_error") for k in ("bad1", "bad2")]
+        assert_that(failed, equal_to(expected), label="failed")
