@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from spatext.pipeline.read import INPUT_FORMATS
 from spatext.pipeline.schema import IMAGE_FORMATS
+from spatext.pipeline.segmenters import available_segmenters
 
-SEGMENTERS = ("auto", "annotations", "mask2former")
+SEGMENTERS = ("auto", *available_segmenters())
 DEFAULT_SEGMENTER_WEIGHTS = "facebook/mask2former-swin-large-coco-panoptic"
 
 
@@ -28,6 +29,8 @@ class BuildConfig:
     segmenter_weights: str = DEFAULT_SEGMENTER_WEIGHTS
     segmenter_config: str | None = None
     segmenter_threshold: float = 0.8
+    segmenter_mask_threshold: float = 0.5
+    segmenter_overlap_threshold: float = 0.8
     segmenter_processor_size: int | None = None
     segmenter_batch_size: int = 4
     min_area: float = 0.05
@@ -85,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hub name or local directory of the segmenter; 'none' = random init (testing only)")
     p.add_argument("--segmenter-config", default=None, help="JSON architecture config for a random-init segmenter")
     p.add_argument("--segmenter-threshold", type=float, default=d.segmenter_threshold, help="panoptic score threshold")
+    p.add_argument("--segmenter-mask-threshold", type=float, default=d.segmenter_mask_threshold,
+                   help="mask probability threshold of the panoptic post-processing")
+    p.add_argument("--segmenter-overlap-threshold", type=float, default=d.segmenter_overlap_threshold,
+                   help="min kept fraction of a mask after overlaps are resolved")
     p.add_argument("--segmenter-processor-size", type=int, default=None,
                    help="shortest edge the segmenter's processor resizes to (default: the processor's own)")
     p.add_argument("--segmenter-batch-size", type=int, default=d.segmenter_batch_size, help="images per batch")

@@ -1,0 +1,238 @@
+"""The CLIP wrapper: load an open_clip model, embed images / texts, and the embed stage as a Beam ModelHandler.
+
+``embed_images`` and ``embed_texts`` are the public building blocks (the eval package's Global / Local distance reuse
+them); ``ClipEmbedder`` is the pipeline's embed stage. Importing this module registers the tiny test architecture
+``spatext-tiny`` (``configs/spatext-tiny-clip.json``) with open_clip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from apache_beam.ml.inference.base import ModelHandler
+from PIL import Image
+
+from .crop import segment_crop
+from .records import Embeddings, Sample
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL = "spatext-tiny"
+CONFIG_DIR = Path(__file__).parent / "configs" / "open_clip"  # one JSON per architecture, named after the model
+RANDOM_INIT = "none"
+RANDOM_INIT_LABEL = "none (random init)"
+PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_IMAGES_PER_FORWARD = 256  # encode_image chunk size; a batch of samples with their crops is split into chunks
+
+
+open_clip.add_model_config(CONFIG_DIR)  # registers "spatext-tiny" (configs/open_clip/spatext-tiny.json)
+RANDOM_INIT_SEED = 0  # random weights are seeded: every worker, every run builds the same model
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Which CLIP to load and how to run it (one config object for the embed stage)."""
+
+    model: str = "ViT-L-14"  # an open_clip architecture name (open_clip.list_models()), or "spatext-tiny"
+    pretrained: str = "openai"  # an open_clip tag, a local checkpoint file (.safetensors / .pt / .bin), or "none"
+    device: str = "cpu"
+    batch_size: int = 16  # samples per RunInference batch
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16 / fp16 = autocast, on cuda only)
+
+    def __post_init__(self) -> None:
+        """Reject invalid settings with the flag that sets them."""
+        if self.batch_size < 1:
+            raise ValueError(f"--clip-batch-size must be >= 1, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--clip-precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class ClipModel:
+    """A loaded CLIP: the model in eval mode, its eval image transform, its tokenizer and what was loaded."""
+
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    embed_dim: int
+    pretrained_label: str  # the tag or checkpoint path, or exactly "none (random init)"
+    spec: ClipSpec
+
+
+def _check_model_name(name: str) -> dict:
+    """Return the open_clip config of ``name`` or raise a ValueError listing valid choices."""
+    names = open_clip.list_models()
+    if name not in names:
+        examples = [n for n in ("ViT-L-14", "ViT-B-32", "ViT-B-16", TINY_MODEL) if n in names]
+        raise ValueError(
+            f"--clip-model {name!r} is not an open_clip architecture; choose e.g. {', '.join(examples)} "
+            f"({len(names)} choices: open_clip.list_models())"
+        )
+    return open_clip.get_model_config(name)
+
+
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's state dict without unpickling arbitrary objects (safetensors or weights_only)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--clip-pretrained {path!r}: cannot read a state dict from it ({e})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"--clip-pretrained {path!r}: expected a non-empty state dict, got {type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _create(spec: ClipSpec) -> tuple[torch.nn.Module, Callable, str]:
+    """Create the model per ``spec.pretrained``: a tag (downloaded / cached), a local file, or random init."""
+    tags = open_clip.list_pretrained_tags_by_model(spec.model)
+    kwargs: dict[str, Any] = {"device": spec.device, "pretrained_text": False, "weights_only": True}
+    if spec.pretrained in tags:
+        tag_cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
+        kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))  # e.g. OpenAI's weights need QuickGELU
+        try:  # fetch (or find in the cache) first, so that only a missing download gets this message
+            open_clip.download_pretrained(tag_cfg)
+        except Exception as e:
+            raise RuntimeError(
+                f"--clip-pretrained {spec.pretrained!r}: the weights of {spec.model} are not available "
+                f"(no network or HF_HUB_OFFLINE=1, and nothing cached). Pass a local checkpoint file "
+                f"(--clip-pretrained /path/to/open_clip_model.safetensors) or `none` (random init, for testing). "
+                f"Cause: {e}"
+            ) from e
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.model, spec.pretrained, **kwargs)
+        return model, preprocess, spec.pretrained
+    if spec.pretrained != RANDOM_INIT and not os.path.isfile(spec.pretrained):
+        raise ValueError(
+            f"--clip-pretrained {spec.pretrained!r} is neither a tag of {spec.model} ({', '.join(tags) or 'none'}), "
+            f"nor an existing checkpoint file, nor `none` (random init, for testing)"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.model, None, **kwargs)
+    if spec.pretrained == RANDOM_INIT:
+        logger.warning("CLIP %s: pretrained: %s", spec.model, RANDOM_INIT_LABEL)
+        return model, preprocess, RANDOM_INIT_LABEL
+    try:
+        model.load_state_dict(_load_state_dict(spec.pretrained), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"--clip-pretrained {spec.pretrained!r} does not fit --clip-model {spec.model}: {e}") from e
+    return model, preprocess, spec.pretrained
+
+
+def clip_embed_dim(model: str) -> int:
+    """The embedding dimension D of an open_clip architecture, without building it."""
+    return int(_check_model_name(model)["embed_dim"])
+
+
+def load_clip(spec: ClipSpec) -> ClipModel:
+    """Load the CLIP model, eval transform and tokenizer that ``spec`` names."""
+    config = _check_model_name(spec.model)
+    model, preprocess, label = _create(spec)
+    model.eval().requires_grad_(False)
+    if spec.precision != "fp32" and not spec.device.startswith("cuda"):
+        logger.info("CLIP precision %s applies on cuda only; running fp32 on %s", spec.precision, spec.device)
+    logger.info("CLIP loaded: model=%s pretrained=%s device=%s", spec.model, label, spec.device)
+    tokenizer = open_clip.get_tokenizer(spec.model)
+    return ClipModel(model, preprocess, tokenizer, int(config["embed_dim"]), label, spec)
+
+
+def _autocast(spec: ClipSpec) -> contextlib.AbstractContextManager:
+    """bf16 / fp16 autocast on cuda when the spec asks for it; otherwise a no-op."""
+    if spec.device.startswith("cuda") and spec.precision != "fp32":
+        dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _unit(features: torch.Tensor) -> np.ndarray:
+    """L2-normalise rows in float32 and return them as a numpy array."""
+    return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+
+def embed_images(model: ClipModel, images: Sequence[Image.Image]) -> np.ndarray:
+    """Return the L2-normalised CLIP image embeddings (N x D float32) of PIL images, in order."""
+    if not images:
+        return np.zeros((0, model.embed_dim), dtype=np.float32)
+    pixels = torch.stack([model.preprocess(image) for image in images])
+    chunks = []
+    with torch.inference_mode(), _autocast(model.spec):
+        for start in range(0, len(pixels), MAX_IMAGES_PER_FORWARD):
+            chunk = pixels[start : start + MAX_IMAGES_PER_FORWARD].to(model.spec.device)
+            chunks.append(_unit(model.model.encode_image(chunk)))
+    return np.concatenate(chunks)
+
+
+def embed_texts(model: ClipModel, texts: Sequence[str]) -> np.ndarray:
+    """Return the L2-normalised CLIP text embeddings (N x D float32) of strings, in order."""
+    if not texts:
+        return np.zeros((0, model.embed_dim), dtype=np.float32)
+    tokens = model.tokenizer(list(texts)).to(model.spec.device)
+    with torch.inference_mode(), _autocast(model.spec):
+        return _unit(model.model.encode_text(tokens))
+
+
+def segment_crops(sample: Sample) -> list[Image.Image]:
+    """Return the square crops of a sample's selected segments, in index order."""
+    if sample.segment_map is None:
+        raise ValueError(f"sample {sample.key!r} has no segment_map: the select stage must run before embedding")
+    segments = sorted(sample.segments, key=lambda s: s.index)
+    return [segment_crop(sample.image, sample.segment_map == s.index) for s in segments]
+
+
+class ClipEmbedder(ModelHandler[Sample, tuple[Sample, Embeddings], ClipModel]):
+    """The embed stage: CLIP image embeddings of segment crops and whole image, text embedding of the caption."""
+
+    def __init__(self, spec: ClipSpec) -> None:
+        """Keep the spec; the model is loaded on the worker by ``load_model``."""
+        super().__init__(min_batch_size=1, max_batch_size=spec.batch_size)
+        self.spec = spec
+
+    def load_model(self) -> ClipModel:
+        """Load the CLIP model named by the spec."""
+        return load_clip(self.spec)
+
+    def run_inference(
+        self, batch: Sequence[Sample], model: ClipModel, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[tuple[Sample, Embeddings]]:
+        """Embed a batch: all crops and whole images in one encode_image pass, all captions in one encode_text."""
+        crops = [segment_crops(sample) for sample in batch]
+        images = [crop for sample_crops in crops for crop in sample_crops]
+        images += [Image.fromarray(sample.image) for sample in batch]
+        vectors = embed_images(model, images)
+        captions = embed_texts(model, [sample.caption for sample in batch])
+        whole = vectors[len(vectors) - len(batch) :]
+        results, start = [], 0
+        for i, sample in enumerate(batch):
+            count = len(crops[i])
+            segments = vectors[start : start + count].copy()
+            results.append((sample, Embeddings(segments=segments, image=whole[i].copy(), caption=captions[i].copy())))
+            start += count
+        return results
+
+    def get_num_bytes(self, batch: Sequence[Sample]) -> int:
+        """Bytes of the arrays and captions in a batch (cheaper than Beam's default of pickling it)."""
+        return sum(s.image.nbytes + len(s.caption.encode()) + getattr(s.segment_map, "nbytes", 0) for s in batch)
+
+    def get_metrics_namespace(self) -> str:
+        """Beam metrics namespace of the embed stage."""
+        return "spatext_embed"
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        """Batch up to ``spec.batch_size`` samples."""
+        return {"min_batch_size": 1, "max_batch_size": self.spec.batch_size}

@@ -1,0 +1,107 @@
+"""`spatext inspect DIR --out grid.png`: a picture of N samples with their segments outlined and labelled."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import textwrap
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from spatext.pipeline.schema import ShardSample, read_metadata, row_to_sample
+from spatext.pipeline.write import list_parquet
+
+logger = logging.getLogger(__name__)
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+
+
+def iter_samples(output: str) -> Iterator[tuple[ShardSample, dict[str, str]]]:
+    """Decoded rows of a build, shard by shard, with each shard's metadata."""
+    for path in list_parquet(output):
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            meta = read_metadata(parquet.schema_arrow)
+            for group in range(parquet.num_row_groups):
+                for row in parquet.read_row_group(group).to_pylist():
+                    yield row_to_sample(row), meta
+
+
+def render_sample(sample: ShardSample, tile: int = 320) -> Image.Image:
+    """One tile: the image with each segment tinted, outlined and labelled, and the caption underneath."""
+    image = Image.fromarray(sample.image)
+    overlay = image.copy()
+    for seg in sample.segments:
+        color = PALETTE[(seg["index"] - 1) % len(PALETTE)]
+        mask = Image.fromarray(((sample.segment_map == seg["index"]) * 255).astype(np.uint8))
+        tint = Image.new("RGB", image.size, color)
+        overlay = Image.composite(Image.blend(overlay, tint, 0.35), overlay, mask)
+        edge = Image.fromarray(np.asarray(mask) - np.asarray(mask.filter(ImageFilter.MinFilter(5))))
+        overlay.paste(Image.new("RGB", image.size, color), mask=edge)
+    scale = tile / max(image.size)
+    overlay = overlay.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    canvas = Image.new("RGB", (tile, tile + 70), (255, 255, 255))
+    canvas.paste(overlay, ((tile - overlay.width) // 2, (tile - overlay.height) // 2))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for seg in sample.segments:
+        x0, y0, _, _ = seg["bbox"]
+        xy = ((tile - overlay.width) // 2 + x0 * scale + 2, (tile - overlay.height) // 2 + y0 * scale + 2)
+        text = f"{seg['index']}: {seg['label'] or 'segment'} ({seg['area']:.0%})"
+        box = draw.textbbox(xy, text, font=font)
+        draw.rectangle(box, fill=PALETTE[(seg["index"] - 1) % len(PALETTE)])
+        draw.text(xy, text, fill=(0, 0, 0), font=font)
+    caption = "\n".join(textwrap.wrap(sample.caption, width=tile // 6)[:4])
+    draw.text((4, tile + 2), caption, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def render_grid(samples: list[ShardSample], columns: int = 4, tile: int = 320, title: str = "") -> Image.Image:
+    """Tiles in a grid, with a title line (which says when the embeddings come from random weights)."""
+    if not samples:
+        raise ValueError("no samples to draw")
+    columns = max(1, min(columns, len(samples)))
+    rows = -(-len(samples) // columns)
+    header = 24 if title else 0
+    grid = Image.new("RGB", (columns * tile, header + rows * (tile + 70)), (255, 255, 255))
+    if title:
+        ImageDraw.Draw(grid).text((6, 6), title, fill=(0, 0, 0), font=ImageFont.load_default())
+    for i, sample in enumerate(samples):
+        grid.paste(render_sample(sample, tile), ((i % columns) * tile, header + (i // columns) * (tile + 70)))
+    return grid
+
+
+def inspect_build(output: str, out: str, num: int = 16, columns: int = 4, tile: int = 320) -> str:
+    """Draw the first `num` samples of a build into a PNG at `out`; returns `out`."""
+    pairs = list(itertools.islice(iter_samples(output), num))
+    if not pairs:
+        raise ValueError(f"{output!r} holds no samples (no rows under shards/)")
+    meta = pairs[0][1]
+    title = (f"{output}: {len(pairs)} samples | segmenter {meta.get('segmenter')} "
+             f"({meta.get('segmenter_weights')}) | CLIP {meta.get('clip_model')} ({meta.get('clip_pretrained')})")
+    grid = render_grid([s for s, _ in pairs], columns, tile, title)
+    with FileSystems.create(out) as handle:
+        grid.save(handle, format="PNG")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry."""
+    parser = argparse.ArgumentParser(prog="spatext inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("output", help="a build's output directory")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--num", type=int, default=16, help="samples to draw")
+    parser.add_argument("--columns", type=int, default=4, help="tiles per row")
+    parser.add_argument("--tile", type=int, default=320, help="tile size in pixels")
+    args = parser.parse_args(argv)
+    path = inspect_build(args.output, args.out, args.num, args.columns, args.tile)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""The main job end to end on the demo corpus: counts, rejects, determinism across runners, verify, inspect."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import jpeg_bytes, write_tar
+from spatext.pipeline import build, verify
+from spatext.pipeline.clip import ClipSpec, embed_images, embed_texts, load_clip
+from spatext.pipeline.crop import segment_crop
+from spatext.pipeline.demo_corpus import write_corpus
+from spatext.pipeline.inspect_shards import inspect_build
+from spatext.pipeline.panoptic import encode_id_map
+from spatext.pipeline.schema import read_metadata, row_to_sample
+from spatext.pipeline.write import list_parquet
+
+NUM = 10
+TINY_CLIP = ["--clip-model", "spatext-tiny", "--clip-pretrained", "none"]
+
+
+def _bad_inputs_tar(path: str) -> str:
+    """Four inputs that must each become a reject with a known reason."""
+    ann = {"segments_info": [{"id": 1, "category": "speck"}]}
+    tiny_map = np.zeros((48, 64), np.int32)
+    tiny_map[:3, :3] = 1  # 0.3% of the image: below the 5% threshold
+    return write_tar(path, [
+        ("bad-image.jpg", b"definitely not a jpeg"), ("bad-image.txt", b"a caption"),
+        ("no-caption.jpg", jpeg_bytes()),
+        ("no-image.txt", b"only a caption"),
+        ("tiny.jpg", jpeg_bytes()), ("tiny.txt", b"tiny things"), ("tiny.json", json.dumps(ann).encode()),
+        ("tiny.panoptic.png", encode_id_map(tiny_map)),
+    ])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(str(root / "wds"), NUM, seed=3, fmt="webdataset", samples_per_shard=4)
+    _bad_inputs_tar(str(root / "wds" / "shard-bad.tar"))
+    write_corpus(str(root / "folder"), NUM, seed=3, fmt="folder")
+    return root
+
+
+def _build(corpus, out, *extra):
+    return build.run(["--input", str(corpus / "wds" / "*.tar"), "--output", str(out), "--image-format", "png",
+                      "--segmenter", "auto", *TINY_CLIP, *extra])
+
+
+def _rows(out) -> list[dict]:
+    rows = [r for path in list_parquet(str(out)) for r in pq.read_table(path).to_pylist()]
+    return sorted(rows, key=lambda r: r["key"])
+
+
+def _assert_same_rows(a: list[dict], b: list[dict]) -> None:
+    """Rows equal column by column; embeddings equal up to float16 rounding.
+
+    A CPU matmul's summation order depends on the batch it runs in, and batches differ between runners, so an
+    embedding can land one float16 step away; everything else (keys, pixels, masks, selection) must be identical.
+    """
+    assert [r["key"] for r in a] == [r["key"] for r in b]
+    embedding_columns = ("image_embedding", "caption_embedding")
+    for ra, rb in zip(a, b, strict=True):
+        assert {k: v for k, v in ra.items() if k not in (*embedding_columns, "segments")} == {
+            k: v for k, v in rb.items() if k not in (*embedding_columns, "segments")
+        }
+        for column in embedding_columns:
+            np.testing.assert_allclose(ra[column], rb[column], atol=1e-3)
+        strip = [[{k: v for k, v in s.items() if k != "embedding"} for s in r["segments"]] for r in (ra, rb)]
+        assert strip[0] == strip[1]
+        for sa, sb in zip(ra["segments"], rb["segments"], strict=True):
+            np.testing.assert_allclose(sa["embedding"], sb["embedding"], atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def built(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("build")
+    manifest = _build(corpus, out)
+    return out, manifest
+
+
+def test_counts_and_reject_reasons(built):
+    out, manifest = built
+    counts = manifest["counts"]
+    assert counts["read"] == NUM + 4
+    assert counts["accepted"] == NUM
+    assert counts["rejected_by_reason"] == {
+        "decode/unreadable_image": 1, "decode/missing_caption": 1, "decode/missing_image": 1,
+        "select/no_segment_above_threshold": 1,
+    }
+    rejects = pa.concat_tables([pq.read_table(p) for p in list_parquet(str(out), "rejects")]).to_pylist()
+    assert {(r["key"], r["stage"], r["reason"].split(":")[0]) for r in rejects} == {
+        ("bad-image", "decode", "unreadable_image"), ("no-caption", "decode", "missing_caption"),
+        ("no-image", "decode", "missing_image"), ("tiny", "select", "no_segment_above_threshold"),
+    }
+    assert manifest["config"]["clip_model"] == "spatext-tiny" and manifest["wall_time_s"] > 0
+
+
+def test_shards_are_valid_and_labelled(built):
+    out, _ = built
+    report = verify.verify_build(str(out), progress=False)
+    assert report.ok, report.format()
+    assert report.rows == NUM and report.rejects == 4
+    meta = read_metadata(pq.read_schema(list_parquet(str(out))[0]))
+    assert meta["clip_pretrained"] == "none (random init)"
+    assert meta["segmenter"] == "annotations" and meta["segmenter_weights"] == "ground truth"
+    assert meta["embed_dim"] == "64" and meta["min_area"] == "0.05"
+    assert pq.ParquetFile(list_parquet(str(out))[0]).metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_rows_match_ground_truth_and_clip(built, corpus):
+    """Labels come from the corpus ground truth; stored embeddings equal open_clip on the stored pixels."""
+    out, _ = built
+    rows = _rows(out)
+    assert [r["key"] for r in rows] == [f"demo-{i:06d}" for i in range(NUM)]
+    truth = json.loads((corpus / "folder" / "panoptic" / "demo-000000.json").read_text())
+    categories = {s["category"] for s in truth["segments_info"]}
+    sample = row_to_sample(rows[0])
+    assert {s["label"] for s in sample.segments} <= categories
+    assert sample.caption == truth["caption"]
+    clip = load_clip(ClipSpec(model="spatext-tiny", pretrained="none"))  # random init is seeded identically below
+    crops = [segment_crop(sample.image, sample.segment_map == s["index"]) for s in sample.segments]
+    expected = embed_images(clip, crops + [Image.fromarray(sample.image)])
+    for seg, vector in zip(sample.segments, expected, strict=False):
+        np.testing.assert_allclose(seg["embedding"], vector, atol=2e-3)
+    np.testing.assert_allclose(sample.image_embedding, expected[-1], atol=2e-3)
+    np.testing.assert_allclose(sample.caption_embedding, embed_texts(clip, [sample.caption])[0], atol=2e-3)
+
+
+def test_same_rows_across_runs_and_multiprocessing(built, corpus, tmp_path):
+    out, _ = built
+    again = tmp_path / "again"
+    _build(corpus, again, "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+    _assert_same_rows(_rows(again), _rows(out))
+
+
+def test_folder_format_gives_the_same_samples(built, corpus, tmp_path):
+    out, _ = built
+    folder_out = tmp_path / "folder"
+    manifest = build.run(["--input", str(corpus / "folder"), "--output", str(folder_out), "--image-format", "png",
+                          *TINY_CLIP])
+    assert manifest["counts"]["accepted"] == NUM and manifest["counts"]["rejected"] == 0
+    # The same corpus in two formats: the same JPEG bytes, so the same pixels and the same rows.
+    _assert_same_rows(_rows(folder_out), _rows(out))
+
+
+def test_existing_output_needs_overwrite(built, corpus):
+    out, _ = built
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _build(corpus, out)
+
+
+def test_verify_catches_corruption(built, tmp_path):
+    out, _ = built
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    path = list_parquet(str(bad))[0]
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    rows[0]["segments"][0]["index"] = 9  # the map no longer matches the segment list
+    rows[1]["image_embedding"] = [x * 2 for x in rows[1]["image_embedding"]]  # not unit-norm
+    rows.append(dict(rows[2]))  # a duplicate key, and one row more than the manifest says
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    report = verify.verify_build(str(bad), progress=False)
+    kinds = {message.split(":")[0] for _, _, message in report.violations}
+    assert {"segment_count", "embedding_norm", "duplicate_key", "count_accepted", "count_read"} <= kinds
+    assert verify.main([str(bad)]) == 1 and verify.main([str(out)]) == 0
+
+    with open(path, "r+b") as handle:  # truncated file: reported, not a crash
+        handle.truncate(100)
+    assert any("unreadable_shard" in m for _, _, m in verify.verify_build(str(bad), progress=False).violations)
+
+
+def test_inspect_draws_a_grid(built, tmp_path):
+    out, _ = built
+    png = inspect_build(str(out), str(tmp_path / "grid.png"), num=6, columns=3, tile=200)
+    with Image.open(png) as im:
+        assert im.size == (600, 24 + 2 * 270)
+        assert len(set(np.asarray(im.convert("RGB")).reshape(-1, 3)[::97].tobytes())) > 50  # not blank
+
+
+def test_python_m_entry_and_cli_help(capsys):
+    from spatext.cli import main
+
+    assert main([]) == 0 and "build" in capsys.readouterr().out
+    assert main(["nope"]) == 2
+    assert os.path.exists(build.__file__)
+
+
+def test_build_with_mask2former(corpus, tmp_path):
+    """The model path: a tiny random-init Mask2Former (all thresholds 0, since random weights score nothing above
+    the defaults) segments the images; the shards say so."""
+    out = tmp_path / "m2f"
+    manifest = build.run([
+        "--input", str(corpus / "wds" / "shard-0000[01].tar"), "--output", str(out), *TINY_CLIP,
+        "--segmenter", "mask2former", "--segmenter-weights", "none", "--segmenter-config", "mask2former-tiny",
+        "--segmenter-threshold", "0", "--segmenter-mask-threshold", "0", "--segmenter-overlap-threshold", "0",
+        "--segmenter-processor-size", "128", "--min-area", "0.01",
+    ])
+    counts = manifest["counts"]
+    assert counts["read"] == 8 and counts["accepted"] + counts["rejected"] == 8 and counts["accepted"] >= 4
+    assert set(counts["rejected_by_reason"]) <= {"select/no_segment_above_threshold"}
+    report = verify.verify_build(str(out), progress=False)
+    assert report.ok, report.format()
+    meta = read_metadata(pq.read_schema(list_parquet(str(out))[0]))
+    assert meta["segmenter"] == "mask2former" and meta["segmenter_weights"] == "none (random init)"
+    labels = {s["label"] for r in _rows(out) for s in r["segments"]}
+    assert labels <= {"person", "dog", "tree", "grass", "sky", "road"}  # the tiny config's id2label
