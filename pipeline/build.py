@@ -15,6 +15,7 @@ from importlib import metadata
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineResult
 
 from spatext.pipeline.clip import ClipEmbedder, ClipSpec, clip_embed_dim
 from spatext.pipeline.config import BuildConfig, parse_args
@@ -174,6 +175,13 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, started_at: float) -> 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict | None:
     """Parse flags, build and run the job; returns the manifest when the run finished here, else None."""
     config, beam_args = parse_args(argv)
+    return execute(config, beam_args, test_pipeline)[1]
+
+
+def execute(
+    config: BuildConfig, beam_args: list[str], test_pipeline: beam.Pipeline | None = None
+) -> tuple[PipelineResult, dict | None]:
+    """Run the job for `config`; returns Beam's result (metrics) and the manifest (None if not finished here)."""
     logger.info("build config: %s", json.dumps(config.to_dict(), sort_keys=True))
     if existing_build(config.output):
         if not config.overwrite:
@@ -189,9 +197,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     state = result.wait_until_finish()
     logger.info("pipeline finished: %s", state)
     try:
-        return read_manifest(config.output)
+        return result, read_manifest(config.output)
     except OSError:
-        return None  # a remote runner that returned before the job finished
+        return result, None  # a remote runner that returned before the job finished
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 from PIL import Image
 
@@ -32,6 +34,7 @@ CONFIG_DIR = Path(__file__).parent / "configs" / "open_clip"  # one JSON per arc
 RANDOM_INIT = "none"
 RANDOM_INIT_LABEL = "none (random init)"
 PRECISIONS = ("fp32", "bf16", "fp16")
+METRICS_NAMESPACE = "spatext_embed"
 MAX_IMAGES_PER_FORWARD = 256  # encode_image chunk size; a batch of samples with their crops is split into chunks
 
 
@@ -165,17 +168,28 @@ def _unit(features: torch.Tensor) -> np.ndarray:
     return F.normalize(features.float(), dim=-1).cpu().numpy()
 
 
-def embed_images(model: ClipModel, images: Sequence[Image.Image]) -> np.ndarray:
-    """Return the L2-normalised CLIP image embeddings (N x D float32) of PIL images, in order."""
-    if not images:
+def preprocess_images(model: ClipModel, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The model's own eval transform of each image, stacked (N x 3 x S x S, on the CPU)."""
+    return torch.stack([model.preprocess(image) for image in images])
+
+
+def encode_pixels(model: ClipModel, pixels: torch.Tensor) -> np.ndarray:
+    """The model forward: preprocessed pixels -> L2-normalised image embeddings (N x D float32)."""
+    if not len(pixels):
         return np.zeros((0, model.embed_dim), dtype=np.float32)
-    pixels = torch.stack([model.preprocess(image) for image in images])
     chunks = []
     with torch.inference_mode(), _autocast(model.spec):
         for start in range(0, len(pixels), MAX_IMAGES_PER_FORWARD):
             chunk = pixels[start : start + MAX_IMAGES_PER_FORWARD].to(model.spec.device)
             chunks.append(_unit(model.model.encode_image(chunk)))
     return np.concatenate(chunks)
+
+
+def embed_images(model: ClipModel, images: Sequence[Image.Image]) -> np.ndarray:
+    """Return the L2-normalised CLIP image embeddings (N x D float32) of PIL images, in order."""
+    if not images:
+        return np.zeros((0, model.embed_dim), dtype=np.float32)
+    return encode_pixels(model, preprocess_images(model, images))
 
 
 def embed_texts(model: ClipModel, texts: Sequence[str]) -> np.ndarray:
@@ -202,6 +216,10 @@ class ClipEmbedder(ModelHandler[Sample, tuple[Sample, Embeddings], ClipModel]):
         """Keep the spec; the model is loaded on the worker by ``load_model``."""
         super().__init__(min_batch_size=1, max_batch_size=spec.batch_size)
         self.spec = spec
+        # Where the stage's time goes: crop + transform on the CPU vs the model forwards (image and text towers).
+        self._preprocess_ms = Metrics.distribution(METRICS_NAMESPACE, "preprocess_ms")
+        self._forward_ms = Metrics.distribution(METRICS_NAMESPACE, "forward_ms")
+        self._images = Metrics.counter(METRICS_NAMESPACE, "images_embedded")
 
     def load_model(self) -> ClipModel:
         """Load the CLIP model named by the spec."""
@@ -211,11 +229,17 @@ class ClipEmbedder(ModelHandler[Sample, tuple[Sample, Embeddings], ClipModel]):
         self, batch: Sequence[Sample], model: ClipModel, inference_args: dict[str, Any] | None = None
     ) -> Iterable[tuple[Sample, Embeddings]]:
         """Embed a batch: all crops and whole images in one encode_image pass, all captions in one encode_text."""
+        started = time.perf_counter()
         crops = [segment_crops(sample) for sample in batch]
         images = [crop for sample_crops in crops for crop in sample_crops]
         images += [Image.fromarray(sample.image) for sample in batch]
-        vectors = embed_images(model, images)
+        pixels = preprocess_images(model, images)
+        preprocessed = time.perf_counter()
+        vectors = encode_pixels(model, pixels)
         captions = embed_texts(model, [sample.caption for sample in batch])
+        self._preprocess_ms.update(round(1000 * (preprocessed - started)))
+        self._forward_ms.update(round(1000 * (time.perf_counter() - preprocessed)))
+        self._images.inc(len(images))
         whole = vectors[len(vectors) - len(batch) :]
         results, start = [], 0
         for i, sample in enumerate(batch):
@@ -231,7 +255,7 @@ class ClipEmbedder(ModelHandler[Sample, tuple[Sample, Embeddings], ClipModel]):
 
     def get_metrics_namespace(self) -> str:
         """Beam metrics namespace of the embed stage."""
-        return "spatext_embed"
+        return METRICS_NAMESPACE
 
     def batch_elements_kwargs(self) -> Mapping[str, Any]:
         """Batch up to ``spec.batch_size`` samples."""
