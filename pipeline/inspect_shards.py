@@ -35,16 +35,16 @@ def iter_samples(output: str) -> Iterator[tuple[ShardSample, dict[str, str]]]:
 def render_sample(sample: ShardSample, tile: int = 320) -> Image.Image:
     """One tile: the image with each segment tinted, outlined and labelled, and the caption underneath."""
     image = Image.fromarray(sample.image)
-    overlay = image.copy()
+    scale = tile / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    overlay = image.resize(size, Image.Resampling.LANCZOS)
+    segment_map = Image.fromarray(sample.segment_map).resize(size, Image.Resampling.NEAREST)
     for seg in sample.segments:
         color = PALETTE[(seg["index"] - 1) % len(PALETTE)]
-        mask = Image.fromarray(((sample.segment_map == seg["index"]) * 255).astype(np.uint8))
-        tint = Image.new("RGB", image.size, color)
-        overlay = Image.composite(Image.blend(overlay, tint, 0.35), overlay, mask)
-        edge = Image.fromarray(np.asarray(mask) - np.asarray(mask.filter(ImageFilter.MinFilter(5))))
-        overlay.paste(Image.new("RGB", image.size, color), mask=edge)
-    scale = tile / max(image.size)
-    overlay = overlay.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+        mask = Image.fromarray(((np.asarray(segment_map) == seg["index"]) * 255).astype(np.uint8))
+        overlay = Image.composite(Image.blend(overlay, Image.new("RGB", size, color), 0.4), overlay, mask)
+        edge = Image.fromarray(np.asarray(mask) - np.asarray(mask.filter(ImageFilter.MinFilter(5))))  # 2-px outline
+        overlay.paste(Image.new("RGB", size, color), mask=edge)
     canvas = Image.new("RGB", (tile, tile + 70), (255, 255, 255))
     canvas.paste(overlay, ((tile - overlay.width) // 2, (tile - overlay.height) // 2))
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()

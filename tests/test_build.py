@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -186,12 +188,18 @@ def test_inspect_draws_a_grid(built, tmp_path):
         assert len(set(np.asarray(im.convert("RGB")).reshape(-1, 3)[::97].tobytes())) > 50  # not blank
 
 
-def test_python_m_entry_and_cli_help(capsys):
+def test_entry_points(built, capsys):
+    """`spatext COMMAND` dispatches; `python -m spatext.pipeline.build` and the console script both run."""
     from spatext.cli import main
 
     assert main([]) == 0 and "build" in capsys.readouterr().out
     assert main(["nope"]) == 2
-    assert os.path.exists(build.__file__)
+    out, _ = built
+    helped = subprocess.run([sys.executable, "-m", "spatext.pipeline.build", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--segmenter-weights" in helped.stdout and "Beam" in helped.stdout
+    console = os.path.join(os.path.dirname(sys.executable), "spatext")
+    verified = subprocess.run([console, "verify", str(out)], capture_output=True, text=True)
+    assert verified.returncode == 0 and verified.stdout.startswith("OK")
 
 
 def test_build_with_mask2former(corpus, tmp_path):
