@@ -20,7 +20,10 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"spatext.pipeline": ["configs/*.json", "configs/open_clip/*.json"]},
+    package_data={
+        "spatext.pipeline": ["configs/*.json", "configs/open_clip/*.json"],
+        "spatext.model": ["configs/*.json"],
+    },
     install_requires=[
         "apache-beam>=2.60",
         "torch>=2.4",

@@ -67,7 +67,7 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIX
             size = target_size(*rgb.size, image_size)
             if rgb.size != size:
                 rgb = rgb.resize(size, Image.Resampling.LANCZOS)
-            return np.asarray(rgb, dtype=np.uint8)
+            return np.array(rgb, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
     except DecodeError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:

@@ -37,3 +37,21 @@ def write_tar(path: str, members: list[tuple[str, bytes]]) -> str:
 def make_tar(tmp_path):
     """Factory: make_tar(name, members) -> path of a tar in tmp_path."""
     return lambda name, members: write_tar(str(tmp_path / name), members)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """A small build of the demo corpus (12 samples, 2 shards, tiny random-init CLIP with D=64, PNG images).
+
+    Returns the build's output directory (shards/, rejects/, manifest.json). Built once per test session.
+    """
+    from spatext.pipeline import build
+    from spatext.pipeline.demo_corpus import write_corpus
+
+    root = tmp_path_factory.mktemp("demo_shards")
+    write_corpus(str(root / "corpus"), 12, seed=11, fmt="webdataset", samples_per_shard=6)
+    build.run([
+        "--input", str(root / "corpus" / "shard-*.tar"), "--output", str(root / "build"), "--image-format", "png",
+        "--clip-model", "spatext-tiny", "--clip-pretrained", "none", "--num-shards", "2", "--image-size", "256",
+    ])
+    return root / "build"
