@@ -13,6 +13,7 @@ import time
 from importlib import metadata
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
@@ -20,20 +21,21 @@ from apache_beam.runners.runner import PipelineResult
 from spatext.pipeline.clip import ClipEmbedder, ClipSpec, clip_embed_dim
 from spatext.pipeline.config import BuildConfig, parse_args
 from spatext.pipeline.decode import Decode, DecodeOptions
-from spatext.pipeline.read import REJECTS, ReadCorpus, has_annotations
-from spatext.pipeline.records import rejects_from_failed_batch
+from spatext.pipeline.read import COUNTS, REJECTS, ReadCorpus, has_annotations
+from spatext.pipeline.records import Reject, rejects_from_failed_batch
 from spatext.pipeline.schema import sample_to_row, shard_schema
 from spatext.pipeline.segment import SegmenterModelHandler
 from spatext.pipeline.segmenters.base import GROUND_TRUTH_LABEL, RANDOM_INIT_LABEL, SegmenterSpec
 from spatext.pipeline.selection import Select, SelectOptions
 from spatext.pipeline.write import (
-    SHARDS_DIR,
-    WriteRejects,
-    WriteTable,
+    BUILD_CONFIG,
+    WriteUnits,
     clear_output,
     existing_build,
+    read_json,
     read_manifest,
-    reason_code,
+    read_markers,
+    write_atomic,
     write_manifest,
 )
 
@@ -111,19 +113,25 @@ def lineage(config: BuildConfig, segmenter: str) -> dict:
     }
 
 
-def _to_row(pair, image_format: str, jpeg_quality: int) -> dict:
+def _keyed_row(pair, image_format: str, jpeg_quality: int) -> tuple[str, dict]:
+    """(sample, embeddings) -> (its input unit, its Parquet row)."""
     sample, embeddings = pair
-    return sample_to_row(sample, embeddings, image_format, jpeg_quality)
+    return sample.source, sample_to_row(sample, embeddings, image_format, jpeg_quality)
 
 
-def build_pipeline(p: beam.Pipeline, config: BuildConfig, started_at: float) -> None:
-    """Add the build's labelled steps to pipeline `p`."""
+def _keyed_reject(reject: Reject) -> tuple[str, Reject]:
+    """A reject keyed by its input unit."""
+    return reject.source, reject
+
+
+def build_pipeline(p: beam.Pipeline, config: BuildConfig, started_at: float, skip: frozenset[str] = frozenset()):
+    """Add the build's labelled steps to pipeline `p` (input units in `skip` are already complete)."""
     segmenter = resolve_segmenter(config)
     decode_options = DecodeOptions(config.image_size, config.max_pixels, require_annotation=segmenter == "annotations")
     select_options = SelectOptions(config.min_area, config.k_min, config.k_max, config.seed)
     schema = shard_schema(shard_metadata(config, segmenter))
 
-    read = p | "Read" >> ReadCorpus(config.input, config.input_format)
+    read = p | "Read" >> ReadCorpus(config.input, config.input_format, skip)
     decoded = read["samples"] | "Decode" >> beam.ParDo(Decode(decode_options)).with_outputs(REJECTS, main="ok")
     segmented, seg_failed = decoded.ok | "Segment" >> RunInference(
         SegmenterModelHandler(segmenter_spec(config, segmenter))
@@ -132,11 +140,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, started_at: float) -> 
     embedded, embed_failed = selected.ok | "Embed" >> RunInference(
         ClipEmbedder(clip_spec(config))
     ).with_exception_handling()
-    rows = embedded | "ToRows" >> beam.Map(_to_row, config.image_format, config.jpeg_quality)
-    files = rows | "WriteShards" >> WriteTable(
-        config.output, SHARDS_DIR, schema, config.rows_per_group, config.num_shards
-    )
-
+    rows = embedded | "ToRows" >> beam.Map(_keyed_row, config.image_format, config.jpeg_quality)
     rejects = (
         read[REJECTS],
         decoded[REJECTS],
@@ -146,14 +150,10 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, started_at: float) -> 
         embed_failed.failed_inferences
         | "EmbedFailures" >> beam.FlatMap(rejects_from_failed_batch, "embed", "embedder_error"),
     ) | "AllRejects" >> beam.Flatten()
-    reject_files = rejects | "WriteRejects" >> WriteRejects(config.output)
-
-    n_read = (
-        (read["samples"] | "CountRead" >> beam.combiners.Count.Globally()),
-        (read[REJECTS] | "CountReadRejects" >> beam.combiners.Count.Globally()),
-    ) | "ReadCounts" >> beam.Flatten() | "SumRead" >> beam.CombineGlobally(sum)
-    n_accepted = rows | "CountAccepted" >> beam.combiners.Count.Globally()
-    by_reason = rejects | "ReasonCodes" >> beam.Map(reason_code) | "CountReasons" >> beam.combiners.Count.PerElement()
+    keyed_rejects = rejects | "RejectsByUnit" >> beam.Map(_keyed_reject)
+    markers = {"rows": rows, "rejects": keyed_rejects, "read": read[COUNTS]} | "Write" >> WriteUnits(
+        config.output, schema, int(config.target_shard_mb * 2**20), config.rows_per_group
+    )
     _ = (
         p
         | "ManifestTrigger" >> beam.Create([None])
@@ -162,14 +162,10 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, started_at: float) -> 
             output=config.output,
             config=config.to_dict(),
             lineage=lineage(config, segmenter),
-            read=beam.pvalue.AsSingleton(n_read),
-            accepted=beam.pvalue.AsSingleton(n_accepted),
-            rejected=beam.pvalue.AsList(by_reason),
-            files=beam.pvalue.AsList(files),
             started_at=started_at,
+            this_run=beam.pvalue.AsList(markers),  # also orders the manifest after every unit
         )
     )
-    _ = reject_files  # written for their side effect; the manifest counts the rejects themselves
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict | None:
@@ -178,21 +174,42 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     return execute(config, beam_args, test_pipeline)[1]
 
 
+def prepare_output(config: BuildConfig) -> frozenset[str]:
+    """Check --output against --overwrite / --resume; returns the input units already complete (resume)."""
+    config_path = FileSystems.join(config.output, BUILD_CONFIG)
+    if existing_build(config.output):
+        if config.overwrite:
+            clear_output(config.output)
+        elif not config.resume:
+            raise FileExistsError(
+                f"--output {config.output!r} already holds a build; "
+                "pass --resume to finish it or --overwrite to replace it"
+            )
+        else:
+            previous = read_json(config_path) if FileSystems.exists(config_path) else {}
+            if previous != config.output_defining():
+                changed = sorted(k for k in {**previous, **config.output_defining()}
+                                 if previous.get(k) != config.output_defining().get(k))
+                raise ValueError(f"--resume: settings differ from the interrupted build's: {', '.join(changed)}")
+            done = frozenset(m["source"] for m in read_markers(config.output))
+            logger.info("resume: %d input unit(s) already complete", len(done))
+            return done
+    write_atomic(config_path, json.dumps(config.output_defining(), sort_keys=True).encode())
+    return frozenset()
+
+
 def execute(
     config: BuildConfig, beam_args: list[str], test_pipeline: beam.Pipeline | None = None
 ) -> tuple[PipelineResult, dict | None]:
     """Run the job for `config`; returns Beam's result (metrics) and the manifest (None if not finished here)."""
     logger.info("build config: %s", json.dumps(config.to_dict(), sort_keys=True))
-    if existing_build(config.output):
-        if not config.overwrite:
-            raise FileExistsError(f"--output {config.output!r} already holds a build; pass --overwrite to replace it")
-        clear_output(config.output)
+    skip = prepare_output(config)
     started_at = time.time()
     if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
         beam_args = ["--runner=DirectRunner", *beam_args]  # Beam's default (Prism) downloads a binary at start
     options = PipelineOptions(beam_args)
     p = test_pipeline or beam.Pipeline(options=options)
-    build_pipeline(p, config, started_at)
+    build_pipeline(p, config, started_at, skip)
     result = p.run()
     state = result.wait_until_finish()
     logger.info("pipeline finished: %s", state)

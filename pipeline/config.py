@@ -42,8 +42,9 @@ class BuildConfig:
     clip_batch_size: int = 16
     device: str = "cpu"
     rows_per_group: int = 256
-    num_shards: int = 0
+    target_shard_mb: float = 128.0
     overwrite: bool = False
+    resume: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("--input-format", self.input_format, INPUT_FORMATS)
@@ -51,6 +52,10 @@ class BuildConfig:
         _check_choice("--segmenter", self.segmenter, SEGMENTERS)
         if self.image_size < 16:
             raise ValueError(f"--image-size must be >= 16, got {self.image_size}")
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite and --resume exclude each other")
+        if self.target_shard_mb <= 0:
+            raise ValueError(f"--target-shard-mb must be > 0, got {self.target_shard_mb}")
         if self.rows_per_group < 1:
             raise ValueError(f"--rows-per-group must be >= 1, got {self.rows_per_group}")
         if min(self.segmenter_batch_size, self.clip_batch_size) < 1:
@@ -59,6 +64,11 @@ class BuildConfig:
     def to_dict(self) -> dict:
         """A JSON-ready copy."""
         return dataclasses.asdict(self)
+
+    def output_defining(self) -> dict:
+        """The settings that determine the rows: a resumed build must match them exactly."""
+        volatile = ("overwrite", "resume", "device", "segmenter_batch_size", "clip_batch_size")
+        return {k: v for k, v in self.to_dict().items() if k not in volatile}
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -105,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-batch-size", type=int, default=d.clip_batch_size, help="samples per CLIP batch")
     p.add_argument("--device", default=d.device, help="torch device for the models: cpu, cuda, cuda:1, ...")
     p.add_argument("--rows-per-group", type=int, default=d.rows_per_group, help="Parquet row group size (rows)")
-    p.add_argument("--num-shards", type=int, default=d.num_shards, help="output shard count (0 = runner decides)")
+    p.add_argument("--target-shard-mb", type=float, default=d.target_shard_mb,
+                   help="max size of an output shard (MB); each input unit (tar) writes one or more shards")
     p.add_argument("--overwrite", action="store_true", help="delete an existing build in --output first")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted build in --output: skip input units already completed")
     return p
 
 

@@ -26,7 +26,9 @@ INPUT_FORMATS = ("auto", "webdataset", "folder")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 CAPTIONS_FILE = "captions.jsonl"
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
+FOLDER_UNIT_LINES = 1000  # a folder's captions.jsonl is read in units of this many lines (the resume granularity)
 REJECTS = "rejects"
+COUNTS = "counts"  # (unit source, number of inputs read from it): the independent side of accepted + rejected = read
 
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
@@ -132,24 +134,32 @@ def iter_webdataset(fileobj: IO[bytes], source: str) -> Iterator[RawSample | Rej
         yield _raw_from_members(current, source, members)
 
 
-def iter_caption_lines(lines: Iterable[str], source: str) -> Iterator[dict | Reject]:
-    """Parse captions.jsonl lines into entries {key, image, caption}; bad or duplicate lines become Rejects."""
+def folder_unit(source: str, line_number: int, unit_lines: int = FOLDER_UNIT_LINES) -> str:
+    """The unit a captions.jsonl line belongs to: 'path#000003' for lines 3001..4000 (1-based)."""
+    return f"{source}#{(line_number - 1) // unit_lines:06d}"
+
+
+def iter_caption_lines(
+    lines: Iterable[str], source: str, unit_lines: int = FOLDER_UNIT_LINES
+) -> Iterator[dict | Reject]:
+    """Parse captions.jsonl lines into entries {key, image, caption, unit}; bad or duplicate lines become Rejects."""
     seen: set[str] = set()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        unit = folder_unit(source, number, unit_lines)
         try:
             entry = json.loads(line)
             image = entry.get("image") or entry.get("file_name")
             key = str(entry.get("key") or posixpath.splitext(image)[0])
         except (ValueError, AttributeError, TypeError):
-            yield Reject(f"{source}:{number}", source, "read", "malformed_caption_line")
+            yield Reject(f"{source}:{number}", unit, "read", "malformed_caption_line")
             continue
         if key in seen:
-            yield Reject(key, source, "read", "duplicate_key")
+            yield Reject(key, unit, "read", "duplicate_key")
             continue
         seen.add(key)
-        yield {"key": key, "image": image, "caption": entry.get("caption")}
+        yield {"key": key, "image": image, "caption": entry.get("caption"), "unit": unit}
 
 
 def _read_optional(path: str) -> bytes | None:
@@ -162,7 +172,7 @@ def _read_optional(path: str) -> bytes | None:
 
 def load_folder_entry(entry: dict, root: str) -> RawSample | Reject:
     """Read one folder entry's image and optional panoptic ground truth (panoptic/KEY.png + .json)."""
-    key, source = entry["key"], FileSystems.join(root, CAPTIONS_FILE)
+    key, source = entry["key"], entry.get("unit") or FileSystems.join(root, CAPTIONS_FILE)
     image_path = FileSystems.join(root, entry["image"]) if entry.get("image") else None
     try:
         image = _read_optional(image_path) if image_path else None
@@ -175,16 +185,19 @@ def load_folder_entry(entry: dict, root: str) -> RawSample | Reject:
 
 
 class _ReadTar(beam.DoFn):
-    """One webdataset tar -> RawSamples, with Rejects on the 'rejects' output."""
+    """One webdataset tar -> RawSamples, with Rejects on 'rejects' and (tar, items read) on 'counts'."""
 
     def __init__(self) -> None:
         self.read = beam.metrics.Metrics.counter("spatext_read", "samples_read")
         self.rejected = beam.metrics.Metrics.counter("spatext_read", "rejected")
 
     def process(self, path: str) -> Iterator:
+        count = 0
         with FileSystems.open(path) as handle:
             for item in iter_webdataset(handle, path):
+                count += 1
                 yield from _route(item, self.read, self.rejected)
+        yield beam.pvalue.TaggedOutput(COUNTS, (path, count))
 
 
 def _route(item: RawSample | Reject, read_counter, reject_counter) -> Iterator:
@@ -198,16 +211,23 @@ def _route(item: RawSample | Reject, read_counter, reject_counter) -> Iterator:
 
 
 class _ReadCaptions(beam.DoFn):
-    """captions.jsonl -> entries (main) and Rejects (tagged)."""
+    """captions.jsonl -> entries (main), Rejects and per-unit counts (tagged); units in `skip` are left out."""
+
+    def __init__(self, skip: frozenset[str]) -> None:
+        self.skip = skip
 
     def process(self, path: str) -> Iterator:
+        counts: dict[str, int] = {}
         with FileSystems.open(path) as handle:
             lines = (raw.decode("utf-8", errors="replace") for raw in handle)
             for item in iter_caption_lines(lines, path):
-                if isinstance(item, Reject):
-                    yield beam.pvalue.TaggedOutput(REJECTS, item)
-                else:
-                    yield item
+                unit = item.source if isinstance(item, Reject) else item["unit"]
+                if unit in self.skip:
+                    continue
+                counts[unit] = counts.get(unit, 0) + 1
+                yield beam.pvalue.TaggedOutput(REJECTS, item) if isinstance(item, Reject) else item
+        for unit, count in counts.items():
+            yield beam.pvalue.TaggedOutput(COUNTS, (unit, count))
 
 
 class _LoadFolderEntry(beam.DoFn):
@@ -223,14 +243,18 @@ class _LoadFolderEntry(beam.DoFn):
 
 
 class ReadCorpus(beam.PTransform):
-    """Read a corpus; returns {"samples": PCollection[RawSample], "rejects": PCollection[Reject]}."""
+    """Read a corpus; returns {"samples": RawSamples, "rejects": Rejects, "counts": (unit source, items read)}.
 
-    def __init__(self, pattern: str, input_format: str = "auto") -> None:
+    Units (tars, or chunks of captions.jsonl) whose source is in `skip` — completed by an earlier run — are not read.
+    """
+
+    def __init__(self, pattern: str, input_format: str = "auto", skip: Iterable[str] = ()) -> None:
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"--input-format must be one of {INPUT_FORMATS}, got {input_format!r}")
         self.pattern = pattern
         self.input_format = detect_format(pattern) if input_format == "auto" else input_format
+        self.skip = frozenset(skip)
 
     def expand(self, pbegin):
         if self.input_format == "webdataset":
@@ -239,18 +263,18 @@ class ReadCorpus(beam.PTransform):
                 raise ValueError(f"--input {self.pattern!r} matches no file")
             read = (
                 pbegin
-                | "ListTars" >> beam.Create(files)
+                | "ListTars" >> beam.Create([f for f in files if f not in self.skip])
                 | "SpreadTars" >> beam.Reshuffle()
-                | "ReadTars" >> beam.ParDo(_ReadTar()).with_outputs(REJECTS, main="samples")
+                | "ReadTars" >> beam.ParDo(_ReadTar()).with_outputs(REJECTS, COUNTS, main="samples")
             )
-            return {"samples": read.samples, REJECTS: read[REJECTS]}
+            return {"samples": read.samples, REJECTS: read[REJECTS], COUNTS: read[COUNTS]}
         root = self.pattern.rstrip("/")
         if root.endswith(CAPTIONS_FILE):
             root = posixpath.dirname(root)
         entries = (
             pbegin
             | "ListCaptions" >> beam.Create([FileSystems.join(root, CAPTIONS_FILE)])
-            | "ReadCaptions" >> beam.ParDo(_ReadCaptions()).with_outputs(REJECTS, main="entries")
+            | "ReadCaptions" >> beam.ParDo(_ReadCaptions(self.skip)).with_outputs(REJECTS, COUNTS, main="entries")
         )
         loaded = (
             entries.entries
@@ -258,7 +282,7 @@ class ReadCorpus(beam.PTransform):
             | "LoadImages" >> beam.ParDo(_LoadFolderEntry(root)).with_outputs(REJECTS, main="samples")
         )
         rejects = (entries[REJECTS], loaded[REJECTS]) | "MergeReadRejects" >> beam.Flatten()
-        return {"samples": loaded.samples, REJECTS: rejects}
+        return {"samples": loaded.samples, REJECTS: rejects, COUNTS: entries[COUNTS]}
 
 
 def has_annotations(pattern: str, input_format: str, probe_members: int = 64) -> bool:

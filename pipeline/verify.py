@@ -150,6 +150,8 @@ def _verify_counts(output: str, shards: list[str], report: VerifyReport) -> None
     if counts.get("read") != report.rows + report.rejects:
         report.add(output, "", f"count_read: manifest read {counts.get('read')} != accepted + rejected "
                    f"{report.rows + report.rejects}")
+    for source in counts.get("unit_count_mismatches", []):
+        report.add(output, source, "count_unit: a unit's read count differs from its accepted + rejected")
     listed = sorted(manifest.get("shards", []))
     present = sorted(FileSystems.split(p)[1] for p in shards)
     if listed != present:

@@ -1,14 +1,25 @@
-"""Write stage: Parquet shards, the rejects table and manifest.json — and the one home of the output layout."""
+"""Write stage and the one home of the output layout: per-unit Parquet shards, rejects, markers, manifest.
+
+The unit of work is one input unit (a tar, or a chunk of a folder's captions.jsonl): its rows, its rejects and its
+read count meet in a CoGroupByKey and are written together — shards split by target bytes, then a marker file in
+`_units/`. A unit with a marker is complete, which is what `--resume` relies on: a killed run loses only the units
+it had not finished, and file names are deterministic, so a retried or resumed unit rewrites the same files.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
+import re
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from spatext.pipeline.records import Reject
@@ -18,71 +29,130 @@ logger = logging.getLogger(__name__)
 
 SHARDS_DIR = "shards"
 REJECTS_DIR = "rejects"
+UNITS_DIR = "_units"
 MANIFEST = "manifest.json"
-SHARD_PREFIX = "part"
-SHARD_SUFFIX = ".parquet"
+BUILD_CONFIG = "build_config.json"
+SUFFIX = ".parquet"
+TMP_SUFFIX = ".tmp"
 
 
-def shard_pattern(output: str, table: str = SHARDS_DIR) -> str:
-    """Glob of a build's Parquet files (table: 'shards' or 'rejects')."""
-    return FileSystems.join(output, table, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}")
+def unit_name(source: str) -> str:
+    """A safe, stable file stem for an input unit: its readable basename plus a hash of the full source."""
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.rstrip("/").rsplit("/", 1)[-1])[-48:].strip("._") or "unit"
+    return f"{base}-{hashlib.sha1(source.encode()).hexdigest()[:10]}"
 
 
-def list_parquet(output: str, table: str = SHARDS_DIR) -> list[str]:
-    """The build's Parquet files of one table, sorted."""
-    results = FileSystems.match([shard_pattern(output, table)])
+def list_files(output: str, table: str = SHARDS_DIR, suffix: str = SUFFIX) -> list[str]:
+    """The build's files of one table (shards, rejects, _units), sorted."""
+    results = FileSystems.match([FileSystems.join(output, table, f"*{suffix}")])
     return sorted(m.path for r in results for m in r.metadata_list)
 
 
+def list_parquet(output: str, table: str = SHARDS_DIR) -> list[str]:
+    """The build's Parquet files of one table ('shards' or 'rejects'), sorted."""
+    return list_files(output, table, SUFFIX)
+
+
+def read_json(path: str) -> dict:
+    """Load a JSON file from any Beam filesystem."""
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read())
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write bytes to `path` through a temporary name, so a reader never sees a partial file."""
+    tmp = path + TMP_SUFFIX
+    with FileSystems.create(tmp) as handle:
+        handle.write(data)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+def read_markers(output: str) -> list[dict]:
+    """The markers of all completed units of a build."""
+    return [read_json(p) for p in list_files(output, UNITS_DIR, ".json")]
+
+
+def existing_build(output: str) -> bool:
+    """Whether `output` already holds (part of) a build."""
+    return bool(list_files(output, UNITS_DIR, ".json") or list_parquet(output)) or FileSystems.exists(
+        FileSystems.join(output, MANIFEST)
+    )
+
+
 def clear_output(output: str) -> None:
-    """Delete a previous build's shards, rejects and manifest in `output` (for --overwrite)."""
-    stale = list_parquet(output, SHARDS_DIR) + list_parquet(output, REJECTS_DIR)
-    manifest = FileSystems.join(output, MANIFEST)
-    if FileSystems.exists(manifest):
-        stale.append(manifest)
+    """Delete a previous build in `output` (for --overwrite)."""
+    stale = [p for table in (SHARDS_DIR, REJECTS_DIR) for p in list_files(output, table, "")]
+    stale += list_files(output, UNITS_DIR, "")
+    singles = [FileSystems.join(output, name) for name in (MANIFEST, BUILD_CONFIG)]
+    stale += [path for path in singles if FileSystems.exists(path)]
     if stale:
         FileSystems.delete(stale)
 
 
-def existing_build(output: str) -> bool:
-    """Whether `output` already holds a build."""
-    return bool(list_parquet(output)) or FileSystems.exists(FileSystems.join(output, MANIFEST))
+def row_bytes(row: dict) -> int:
+    """Approximate stored size of a row: encoded image and map plus float16 embeddings."""
+    dims = len(row["image_embedding"]) * (2 + len(row["segments"]))
+    return len(row["image"]) + len(row["segment_map"]) + 2 * dims + len(row["caption"]) + 64
 
 
-class WriteTable(beam.PTransform):
-    """Rows (dicts) -> zstd Parquet files under output/table/; returns the written file names."""
-
-    def __init__(self, output: str, table: str, schema: pa.Schema, rows_per_group: int, num_shards: int = 0) -> None:
-        super().__init__()
-        self.prefix = FileSystems.join(output, table, SHARD_PREFIX)
-        self.schema, self.rows_per_group, self.num_shards = schema, rows_per_group, num_shards
-
-    def expand(self, rows):
-        return rows | beam.io.WriteToParquet(
-            self.prefix,
-            schema=self.schema,
-            codec="zstd",
-            # Beam's documented way to get row groups of N rows: a 1-byte buffer and N-row record batches.
-            row_group_buffer_size=1,
-            record_batch_size=self.rows_per_group,
-            file_name_suffix=SHARD_SUFFIX,
-            num_shards=self.num_shards,
-        )
+def split_by_bytes(rows: list[dict], target_bytes: int) -> list[list[dict]]:
+    """Consecutive groups of rows, each at most `target_bytes` (estimated) unless a single row is larger."""
+    groups: list[list[dict]] = [[]]
+    size = 0
+    for row in rows:
+        nbytes = row_bytes(row)
+        if groups[-1] and size + nbytes > target_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(row)
+        size += nbytes
+    return [g for g in groups if g]
 
 
-class WriteRejects(beam.PTransform):
-    """Rejects -> output/rejects/*.parquet (key, source, stage, reason)."""
+def _parquet_bytes(rows: list[dict], schema: pa.Schema, rows_per_group: int) -> bytes:
+    """Rows -> a zstd Parquet file's bytes (row groups of `rows_per_group` rows)."""
+    buffer = io.BytesIO()
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, buffer, compression="zstd", row_group_size=rows_per_group)
+    return buffer.getvalue()
 
-    def __init__(self, output: str) -> None:
-        super().__init__()
-        self.output = output
 
-    def expand(self, rejects):
-        return (
-            rejects
-            | "RejectRows" >> beam.Map(reject_to_row)
-            | "WriteRejectParquet" >> WriteTable(self.output, REJECTS_DIR, REJECT_SCHEMA, rows_per_group=4096)
-        )
+class _WriteUnit(beam.DoFn):
+    """(source, {rows, rejects, read}) -> shard files, a rejects file, and the unit's marker (also yielded)."""
+
+    def __init__(self, output: str, schema: pa.Schema, target_bytes: int, rows_per_group: int) -> None:
+        self.output, self.schema = output, schema
+        self.target_bytes, self.rows_per_group = target_bytes, rows_per_group
+        self.units = beam.metrics.Metrics.counter("spatext_write", "units_written")
+        self.shards = beam.metrics.Metrics.counter("spatext_write", "shards_written")
+        self.mismatches = beam.metrics.Metrics.counter("spatext_write", "unit_count_mismatches")
+
+    def process(self, element: tuple[str, dict]) -> Iterator[dict]:
+        source, grouped = element
+        name = unit_name(source)
+        rows = sorted(grouped["rows"], key=lambda r: r["key"])
+        rejects = sorted(grouped["rejects"], key=lambda r: (r.key, r.stage))
+        shard_names = []
+        for i, group in enumerate(split_by_bytes(rows, self.target_bytes)):
+            shard_names.append(f"{name}-{i:05d}{SUFFIX}")
+            path = FileSystems.join(self.output, SHARDS_DIR, shard_names[-1])
+            write_atomic(path, _parquet_bytes(group, self.schema, self.rows_per_group))
+        reject_name = None
+        if rejects:
+            reject_name = f"{name}{SUFFIX}"
+            data = _parquet_bytes([reject_to_row(r) for r in rejects], REJECT_SCHEMA, 4096)
+            write_atomic(FileSystems.join(self.output, REJECTS_DIR, reject_name), data)
+        marker = unit_marker(source, sum(grouped["read"]), len(rows), rejects, shard_names, reject_name)
+        if marker["read"] != marker["accepted"] + marker["rejected"]:
+            self.mismatches.inc()
+            logger.error("unit %s: read %d != accepted %d + rejected %d", source, marker["read"],
+                         marker["accepted"], marker["rejected"])
+        write_atomic(FileSystems.join(self.output, UNITS_DIR, f"{name}.json"), json.dumps(marker).encode())
+        self.units.inc()
+        self.shards.inc(len(shard_names))
+        yield marker
 
 
 def reason_code(reject: Reject) -> str:
@@ -90,40 +160,68 @@ def reason_code(reject: Reject) -> str:
     return f"{reject.stage}/{reject.reason.split(':', 1)[0]}"
 
 
-def write_manifest(
-    _: object,
-    output: str,
-    config: dict,
-    lineage: dict,
-    read: int,
-    accepted: int,
-    rejected: Iterable[tuple[str, int]],
-    files: Iterable[str],
-    started_at: float,
-) -> str:
-    """Write manifest.json (runs once, after the shards are final); returns its path."""
-    by_reason = dict(sorted(rejected))
-    manifest = {
+def unit_marker(
+    source: str, read: int, accepted: int, rejects: list[Reject], shards: list[str], rejects_file: str | None
+) -> dict:
+    """What a completed unit records: its counts and its files."""
+    return {
+        "source": source,
+        "read": read,
+        "accepted": accepted,
+        "rejected": len(rejects),
+        "rejected_by_reason": dict(sorted(Counter(reason_code(r) for r in rejects).items())),
+        "shards": shards,
+        "rejects": rejects_file,
+    }
+
+
+class WriteUnits(beam.PTransform):
+    """Join rows, rejects and read counts by unit and write each unit; returns the markers written."""
+
+    def __init__(self, output: str, schema: pa.Schema, target_bytes: int, rows_per_group: int) -> None:
+        super().__init__()
+        self.write = _WriteUnit(output, schema, target_bytes, rows_per_group)
+
+    def expand(self, keyed: dict):
+        return keyed | "GroupByUnit" >> beam.CoGroupByKey() | "WriteUnit" >> beam.ParDo(self.write)
+
+
+def summarize(markers: Iterable[dict]) -> dict:
+    """Build-wide counts and files from unit markers."""
+    markers = list(markers)
+    by_reason: Counter = Counter()
+    for marker in markers:
+        by_reason.update(marker["rejected_by_reason"])
+    mismatched = [m["source"] for m in markers if m["read"] != m["accepted"] + m["rejected"]]
+    return {
         "counts": {
-            "read": read,
-            "accepted": accepted,
-            "rejected": sum(by_reason.values()),
-            "rejected_by_reason": by_reason,
+            "units": len(markers),
+            "read": sum(m["read"] for m in markers),
+            "accepted": sum(m["accepted"] for m in markers),
+            "rejected": sum(m["rejected"] for m in markers),
+            "rejected_by_reason": dict(sorted(by_reason.items())),
+            "unit_count_mismatches": mismatched,
         },
-        "shards": sorted(FileSystems.split(f)[1] for f in files),
+        "shards": sorted(s for m in markers for s in m["shards"]),
+    }
+
+
+def write_manifest(_: object, output: str, config: dict, lineage: dict, started_at: float, this_run: list) -> str:
+    """Write manifest.json from every completed unit (this run's and, on --resume, earlier ones)."""
+    manifest = summarize(read_markers(output))
+    manifest.update({
         "config": config,
         "lineage": lineage,
+        "units_this_run": len(this_run),
         "started_at": started_at,
         "finished_at": time.time(),
         "wall_time_s": round(time.time() - started_at, 3),
-    }
+    })
     path = FileSystems.join(output, MANIFEST)
-    with FileSystems.create(path) as handle:
-        handle.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+    write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return path
 
 
 def read_manifest(output: str) -> dict:
     """Load a build's manifest.json."""
-    with FileSystems.open(FileSystems.join(output, MANIFEST)) as handle:
-        return json.loads(handle.read())
+    return read_json(FileSystems.join(output, MANIFEST))

@@ -52,6 +52,6 @@ def demo_shards(tmp_path_factory):
     write_corpus(str(root / "corpus"), 12, seed=11, fmt="webdataset", samples_per_shard=6)
     build.run([
         "--input", str(root / "corpus" / "shard-*.tar"), "--output", str(root / "build"), "--image-format", "png",
-        "--clip-model", "spatext-tiny", "--clip-pretrained", "none", "--num-shards", "2", "--image-size", "256",
+        "--clip-model", "spatext-tiny", "--clip-pretrained", "none", "--image-size", "256",
     ])
     return root / "build"

@@ -1,0 +1,115 @@
+"""Restartability: per-unit markers, --resume after a killed run, target shard sizes, --overwrite / --resume rules."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from spatext.pipeline import build, verify
+from spatext.pipeline.demo_corpus import write_corpus
+from spatext.pipeline.write import UNITS_DIR, list_files, list_parquet, read_markers, row_bytes, unit_name
+
+TINY = ["--clip-model", "spatext-tiny", "--clip-pretrained", "none", "--image-size", "128"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume_corpus")
+    write_corpus(str(root), 24, seed=5, fmt="webdataset", samples_per_shard=2)  # 12 units
+    return root
+
+
+def _argv(corpus, out, *extra):
+    return ["--input", str(corpus / "shard-*.tar"), "--output", str(out), *TINY, *extra]
+
+
+def _keys(out) -> list[str]:
+    tables = [pq.read_table(p, columns=["key"]) for p in list_parquet(str(out))]
+    return sorted(k for t in tables for k in t.column("key").to_pylist())
+
+
+@pytest.fixture(scope="module")
+def full(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return out, build.run(_argv(corpus, out))
+
+
+def test_units_have_markers_and_counts(full):
+    out, manifest = full
+    markers = read_markers(str(out))
+    assert len(markers) == 12 and manifest["counts"]["units"] == 12
+    assert all(m["read"] == m["accepted"] + m["rejected"] == 2 for m in markers)
+    assert {m["source"].rsplit("/", 1)[1] for m in markers} == {f"shard-{i:05d}.tar" for i in range(12)}
+    assert unit_name("/a/b/shard-00001.tar").startswith("shard-00001.tar-")
+    assert unit_name("/a/b/shard-00001.tar") != unit_name("/c/shard-00001.tar")  # same basename, other folder
+
+
+def test_resume_of_a_complete_build_does_nothing(full, corpus):
+    out, manifest = full
+    again = build.run(_argv(corpus, out, "--resume"))
+    assert again["units_this_run"] == 0
+    assert again["counts"] == manifest["counts"] and again["shards"] == manifest["shards"]
+
+
+def test_resume_redoes_only_missing_units(full, corpus, tmp_path):
+    out, _ = full
+    partial = tmp_path / "partial"
+    build.run(_argv(corpus, partial))
+    lost = read_markers(str(partial))[3]
+    os.remove(os.path.join(partial, UNITS_DIR, unit_name(lost["source"]) + ".json"))
+    for shard in lost["shards"]:
+        os.remove(os.path.join(partial, "shards", shard))
+    resumed = build.run(_argv(corpus, partial, "--resume"))
+    assert resumed["units_this_run"] == 1
+    assert _keys(partial) == _keys(out)
+    assert verify.verify_build(str(partial), progress=False).ok
+
+
+def test_killed_run_resumes_to_the_same_keys(full, corpus, tmp_path):
+    """Kill a real build process as soon as it has completed some units, then --resume it."""
+    out, _ = full
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "spatext.pipeline.build", *_argv(corpus, killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list_files(str(killed), UNITS_DIR, ".json"):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list_files(str(killed), UNITS_DIR, ".json"))
+    assert 0 < done < 12, f"the kill should land mid-write ({done} of 12 units done)"
+    assert not os.path.exists(killed / "manifest.json")
+    resumed = build.run(_argv(corpus, killed, "--resume"))
+    assert resumed["units_this_run"] == 12 - done
+    keys = _keys(killed)
+    assert keys == _keys(out) and len(keys) == len(set(keys))  # none missing, no duplicates
+    assert verify.verify_build(str(killed), progress=False).ok
+
+
+def test_existing_output_needs_a_flag_and_resume_needs_the_same_settings(full, corpus):
+    out, _ = full
+    with pytest.raises(FileExistsError, match="--resume"):
+        build.run(_argv(corpus, out))
+    with pytest.raises(ValueError, match="min_area"):
+        build.run(_argv(corpus, out, "--resume", "--min-area", "0.1"))
+    with pytest.raises(ValueError, match="exclude"):
+        build.run(_argv(corpus, out, "--resume", "--overwrite"))
+
+
+def test_target_shard_size_splits_units(corpus, tmp_path):
+    out = tmp_path / "small_shards"
+    manifest = build.run(["--input", str(corpus / "shard-0000[0-2].tar"), "--output", str(out), *TINY,
+                          "--target-shard-mb", "0.005"])
+    shards = list_parquet(str(out))
+    assert len(shards) > 3  # three units, some split
+    target = 0.005 * 2**20
+    for path in shards:
+        rows = pq.read_table(path).to_pylist()
+        assert len(rows) == 1 or sum(row_bytes(r) for r in rows) <= target
+    assert sum(pq.read_metadata(p).num_rows for p in shards) == manifest["counts"]["accepted"] == 6
