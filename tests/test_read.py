@@ -66,8 +66,9 @@ def test_caption_lines_parse_dedupe_and_reject(tmp_path):
         json.dumps({"key": "a", "image": "images/a2.jpg", "caption": "A again"}),
         "",
     ]
-    items = list(read.iter_caption_lines(lines, "captions.jsonl"))
-    assert items[0] == {"key": "a", "image": "images/a.jpg", "caption": "A"}
+    items = list(read.iter_caption_lines(lines, "captions.jsonl", unit_lines=2))
+    assert items[0] == {"key": "a", "image": "images/a.jpg", "caption": "A", "unit": "captions.jsonl#000000"}
+    assert items[2]["unit"] == "captions.jsonl#000001" and items[3].source == "captions.jsonl#000001"
     assert isinstance(items[1], Reject) and items[1].reason == "malformed_caption_line"
     assert items[2]["key"] == "images/b"
     assert isinstance(items[3], Reject) and items[3].reason == "duplicate_key"
