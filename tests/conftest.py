@@ -10,8 +10,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a missing-weights path must fail in second
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from spatext.pipeline.write import list_parquet  # noqa: E402
 
 
 def jpeg_bytes(width: int = 64, height: int = 48, seed: int = 0, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
@@ -31,6 +34,32 @@ def write_tar(path: str, members: list[tuple[str, bytes]]) -> str:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def read_rows(out) -> list[dict]:
+    """All shard rows of a build, sorted by key."""
+    rows = [r for path in list_parquet(str(out)) for r in pq.read_table(path).to_pylist()]
+    return sorted(rows, key=lambda r: r["key"])
+
+
+def assert_same_rows(a: list[dict], b: list[dict]) -> None:
+    """Rows equal column by column; embeddings equal up to float16 rounding.
+
+    A CPU matmul's summation order depends on the batch it runs in, and batches differ between runners, so an
+    embedding can land one float16 step away; everything else (keys, pixels, masks, selection) must be identical.
+    """
+    assert [r["key"] for r in a] == [r["key"] for r in b]
+    embedding_columns = ("image_embedding", "caption_embedding")
+    for ra, rb in zip(a, b, strict=True):
+        assert {k: v for k, v in ra.items() if k not in (*embedding_columns, "segments")} == {
+            k: v for k, v in rb.items() if k not in (*embedding_columns, "segments")
+        }
+        for column in embedding_columns:
+            np.testing.assert_allclose(ra[column], rb[column], atol=1e-3)
+        strip = [[{k: v for k, v in s.items() if k != "embedding"} for s in r["segments"]] for r in (ra, rb)]
+        assert strip[0] == strip[1]
+        for sa, sb in zip(ra["segments"], rb["segments"], strict=True):
+            np.testing.assert_allclose(sa["embedding"], sb["embedding"], atol=1e-3)
 
 
 @pytest.fixture

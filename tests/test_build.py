@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import jpeg_bytes, write_tar
+from conftest import assert_same_rows, jpeg_bytes, read_rows, write_tar
 from spatext.pipeline import build, verify
 from spatext.pipeline.clip import ClipSpec, embed_images, embed_texts, load_clip
 from spatext.pipeline.crop import segment_crop
@@ -56,31 +56,6 @@ def _build(corpus, out, *extra):
                       "--segmenter", "auto", *TINY_CLIP, *extra])
 
 
-def _rows(out) -> list[dict]:
-    rows = [r for path in list_parquet(str(out)) for r in pq.read_table(path).to_pylist()]
-    return sorted(rows, key=lambda r: r["key"])
-
-
-def _assert_same_rows(a: list[dict], b: list[dict]) -> None:
-    """Rows equal column by column; embeddings equal up to float16 rounding.
-
-    A CPU matmul's summation order depends on the batch it runs in, and batches differ between runners, so an
-    embedding can land one float16 step away; everything else (keys, pixels, masks, selection) must be identical.
-    """
-    assert [r["key"] for r in a] == [r["key"] for r in b]
-    embedding_columns = ("image_embedding", "caption_embedding")
-    for ra, rb in zip(a, b, strict=True):
-        assert {k: v for k, v in ra.items() if k not in (*embedding_columns, "segments")} == {
-            k: v for k, v in rb.items() if k not in (*embedding_columns, "segments")
-        }
-        for column in embedding_columns:
-            np.testing.assert_allclose(ra[column], rb[column], atol=1e-3)
-        strip = [[{k: v for k, v in s.items() if k != "embedding"} for s in r["segments"]] for r in (ra, rb)]
-        assert strip[0] == strip[1]
-        for sa, sb in zip(ra["segments"], rb["segments"], strict=True):
-            np.testing.assert_allclose(sa["embedding"], sb["embedding"], atol=1e-3)
-
-
 @pytest.fixture(scope="module")
 def built(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("build")
@@ -120,7 +95,7 @@ def test_shards_are_valid_and_labelled(built):
 def test_rows_match_ground_truth_and_clip(built, corpus):
     """Labels come from the corpus ground truth; stored embeddings equal open_clip on the stored pixels."""
     out, _ = built
-    rows = _rows(out)
+    rows = read_rows(out)
     assert [r["key"] for r in rows] == [f"demo-{i:06d}" for i in range(NUM)]
     truth = json.loads((corpus / "folder" / "panoptic" / "demo-000000.json").read_text())
     categories = {s["category"] for s in truth["segments_info"]}
@@ -136,13 +111,6 @@ def test_rows_match_ground_truth_and_clip(built, corpus):
     np.testing.assert_allclose(sample.caption_embedding, embed_texts(clip, [sample.caption])[0], atol=2e-3)
 
 
-def test_same_rows_across_runs_and_multiprocessing(built, corpus, tmp_path):
-    out, _ = built
-    again = tmp_path / "again"
-    _build(corpus, again, "--direct_num_workers=2", "--direct_running_mode=multi_processing")
-    _assert_same_rows(_rows(again), _rows(out))
-
-
 def test_folder_format_gives_the_same_samples(built, corpus, tmp_path):
     out, _ = built
     folder_out = tmp_path / "folder"
@@ -150,7 +118,7 @@ def test_folder_format_gives_the_same_samples(built, corpus, tmp_path):
                           *TINY_CLIP])
     assert manifest["counts"]["accepted"] == NUM and manifest["counts"]["rejected"] == 0
     # The same corpus in two formats: the same JPEG bytes, so the same pixels and the same rows.
-    _assert_same_rows(_rows(folder_out), _rows(out))
+    assert_same_rows(read_rows(folder_out), read_rows(out))
 
 
 def test_existing_output_needs_overwrite(built, corpus):
@@ -219,5 +187,5 @@ def test_build_with_mask2former(corpus, tmp_path):
     assert report.ok, report.format()
     meta = read_metadata(pq.read_schema(list_parquet(str(out))[0]))
     assert meta["segmenter"] == "mask2former" and meta["segmenter_weights"] == "none (random init)"
-    labels = {s["label"] for r in _rows(out) for s in r["segments"]}
+    labels = {s["label"] for r in read_rows(out) for s in r["segments"]}
     assert labels <= {"person", "dog", "tree", "grass", "sky", "road"}  # the tiny config's id2label

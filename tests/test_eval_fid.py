@@ -1,0 +1,223 @@
+"""FID: the Fréchet distance against an independent scipy float64 computation, state merging, both extractors."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from spatext.eval.fid import (
+    ClipFeatureExtractor,
+    feature_statistics,
+    fid_summary,
+    fid_update,
+    frechet_distance,
+    frechet_distance_from_features,
+    make_fid,
+)
+from spatext.pipeline.clip import TINY_MODEL, ClipSpec, load_clip
+
+HAS_FIDELITY = importlib.util.find_spec("torch_fidelity") is not None
+
+
+def scipy_frechet(x: np.ndarray, y: np.ndarray) -> float:
+    """Reference FID in float64: np.cov statistics and scipy.linalg.sqrtm of the covariance product."""
+    mu1, mu2 = x.mean(axis=0), y.mean(axis=0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def random_features(seed: int, n: int = 300, d: int = 24, shift: float = 0.0) -> np.ndarray:
+    """Correlated Gaussian features (a random linear mix), float64."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    return rng.normal(size=(n, d)) @ mix + shift
+
+
+class Identity(torch.nn.Module):
+    """A 'feature extractor' that returns its input: lets the FID class run on given features."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.num_features = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def fid_on_features(d: int):
+    """torchmetrics' FID class with the identity extractor."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    return FrechetInceptionDistance(feature=Identity(d))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny CLIP with random weights (seeded)."""
+    return load_clip(ClipSpec(model=TINY_MODEL, pretrained="none"))
+
+
+def demo_images(n: int, seed: int, size: tuple[int, int] = (48, 40)) -> list[np.ndarray]:
+    """Random uint8 RGB images."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5, 3.0])
+def test_frechet_distance_matches_scipy(shift: float) -> None:
+    x, y = random_features(0), random_features(1, shift=shift)
+    expected = scipy_frechet(x, y)
+    got = frechet_distance_from_features(torch.from_numpy(x), torch.from_numpy(y))
+    assert got.dtype == torch.float64
+    assert float(got) == pytest.approx(expected, rel=1e-6, abs=1e-8)
+    mu1, s1 = feature_statistics(torch.from_numpy(x))
+    np.testing.assert_allclose(s1.numpy(), np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
+    assert float(frechet_distance(mu1, s1, *feature_statistics(torch.from_numpy(y)))) == pytest.approx(expected)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero() -> None:
+    x = torch.from_numpy(random_features(2))
+    assert abs(float(frechet_distance_from_features(x, x))) < 1e-8
+
+
+def test_fid_class_matches_scipy() -> None:
+    x, y = random_features(3), random_features(4, shift=1.0)
+    metric = fid_on_features(x.shape[1])
+    metric.update(torch.from_numpy(x), real=True)
+    metric.update(torch.from_numpy(y), real=False)
+    assert float(metric.compute()) == pytest.approx(scipy_frechet(x, y), rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")  # the summed metric itself saw no update
+def test_fid_states_merge_like_distributed_reduction() -> None:
+    x, y = random_features(5), random_features(6, shift=0.3)
+    whole, first, second = (fid_on_features(x.shape[1]) for _ in range(3))
+    whole.update(torch.from_numpy(x), real=True)
+    whole.update(torch.from_numpy(y), real=False)
+    for part, rows in ((first, slice(0, 170)), (second, slice(170, None))):
+        part.update(torch.from_numpy(x[rows]), real=True)
+        part.update(torch.from_numpy(y[rows]), real=False)
+    # What a distributed "sum" reduction does: add the states of the two workers into a third metric.
+    summed = fid_on_features(x.shape[1])
+    for name, value in first.metric_state.items():
+        setattr(summed, name, value + second.metric_state[name])
+    summed.orig_dtype = torch.float64
+    first.merge_state(second)
+    expected = float(whole.compute())
+    assert float(first.compute()) == pytest.approx(expected, rel=1e-9)
+    assert float(summed.compute()) == pytest.approx(expected, rel=1e-9)
+
+
+def test_clip_extractor_describes_itself_and_scores(tiny) -> None:
+    metric, description = make_fid("clip", clip=tiny)
+    assert description["extractor"].startswith(f"clip:{TINY_MODEL}")
+    assert description["weights"] == "none (random init)"
+    assert description["feature_dim"] == tiny.embed_dim
+    assert "Resize" in description["resize"] and "CenterCrop" in description["resize"]
+    assert description["versions"]["torchmetrics"] and description["versions"]["torch"]
+    reference = demo_images(6, 0) + demo_images(3, 1, size=(30, 70))  # two sizes: batched per size
+    fid_update(metric, reference, real=True)
+    fid_update(metric, reference[::-1], real=False)
+    summary = fid_summary(metric, description)
+    assert summary["num_real"] == summary["num_generated"] == 9
+    assert abs(summary["fid"]) < 1e-4  # the same images on both sides
+    metric.reset()
+    fid_update(metric, reference, real=True)
+    fid_update(metric, [np.full_like(im, 255) for im in reference], real=False)
+    assert float(metric.compute()) > 1e-3
+
+
+def test_clip_extractor_matches_the_model_transform(tiny) -> None:
+    """On tensors, the extractor reproduces the pipeline's PIL transform + forward (up to resampling differences)."""
+    from spatext.pipeline.clip import embed_images
+
+    images = demo_images(4, 7, size=(64, 64))  # already the model's size: the resize is the identity
+    got = ClipFeatureExtractor(tiny)(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
+    from PIL import Image
+
+    want = embed_images(tiny, [Image.fromarray(im) for im in images])
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+
+
+def test_clip_extractor_rejects_float_input(tiny) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        ClipFeatureExtractor(tiny)(torch.rand(2, 3, 8, 8))
+
+
+def test_make_fid_errors(tiny, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--fid-extractor.*inception, clip"):
+        make_fid("dino")
+    with pytest.raises(ValueError, match="CLIP model"):
+        make_fid("clip")
+    with pytest.raises(ValueError, match="uint8"):
+        fid_update(make_fid("clip", clip=tiny)[0], [np.zeros((4, 4), dtype=np.uint8)], real=True)
+    if not HAS_FIDELITY:
+        with pytest.raises(ModuleNotFoundError, match="torch-fidelity.*--fid-extractor clip"):
+            make_fid("inception", inception_weights=str(tmp_path / "missing.pt"))
+    else:
+        with pytest.raises(ValueError, match="--inception-weights.*not a file"):
+            make_fid("inception", inception_weights=str(tmp_path / "missing.pt"))
+
+
+# ------------------------------------------------------------------ the standard Inception path (torch-fidelity)
+
+
+def random_inception_state() -> dict[str, torch.Tensor]:
+    """A random-init state dict of torch-fidelity's FID Inception (its constructor always loads weights: skip that)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fe, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state, *args, **kwargs: None)
+        torch.manual_seed(0)
+        module = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.skipif(not HAS_FIDELITY, reason="torch-fidelity is not installed (torchmetrics[image])")
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_inception_weights_from_a_local_file(tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    state = random_inception_state()
+    path = tmp_path / f"inception{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: pytest.fail("must not download"))
+    metric, description = make_fid("inception", inception_weights=str(path))
+    assert description["weights"] == str(path) and description["feature_dim"] == 2048
+    assert "299x299" in description["resize"]
+    images = demo_images(3, 0, size=(40, 40))
+    fid_update(metric, images, real=True)
+    fid_update(metric, images, real=False)
+    assert fid_summary(metric, description)["num_real"] == 3
+
+
+@pytest.mark.skipif(not HAS_FIDELITY, reason="torch-fidelity is not installed (torchmetrics[image])")
+def test_inception_weights_with_arbitrary_objects_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Identity(3)}, path)
+    with pytest.raises(ValueError, match="--inception-weights.*cannot read a state dict"):
+        make_fid("inception", inception_weights=str(path))
+
+
+@pytest.mark.skipif(not HAS_FIDELITY, reason="torch-fidelity is not installed (torchmetrics[image])")
+def test_inception_without_weights_offline_says_what_to_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="--inception-weights PATH.*--fid-extractor clip"):
+        make_fid("inception")

@@ -1,0 +1,63 @@
+"""The same command on three runners — DirectRunner, its multi_processing mode, and the portable runner API through
+Beam's local job service (the path Spark and Flink job servers take) — gives the same rows."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import assert_same_rows, read_rows
+from spatext.pipeline import build
+from spatext.pipeline.demo_corpus import write_corpus
+
+TINY = ["--clip-model", "spatext-tiny", "--clip-pretrained", "none", "--image-format", "png"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def job_service():
+    """Beam's local job service on a free loopback port, stopped after the tests."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the local job service did not start within 60 s")
+    yield f"localhost:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_three_runners_give_the_same_rows(tmp_path, job_service):
+    write_corpus(str(tmp_path / "corpus"), 8, seed=9, fmt="webdataset", samples_per_shard=3)
+    runs = {
+        "direct": [],
+        "multi_processing": ["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+        "portable": ["--runner", "PortableRunner", "--job_endpoint", job_service, "--environment_type", "LOOPBACK"],
+    }
+    rows = {}
+    for name, beam_args in runs.items():
+        out = tmp_path / name
+        manifest = build.run(["--input", str(tmp_path / "corpus" / "*.tar"), "--output", str(out), *TINY, *beam_args])
+        assert manifest["counts"]["accepted"] == 8, name
+        rows[name] = read_rows(out)
+    assert_same_rows(rows["multi_processing"], rows["direct"])
+    assert_same_rows(rows["portable"], rows["direct"])
