@@ -18,6 +18,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
+from spatext.pipeline.clip import RANDOM_INIT_LABEL as CLIP_RANDOM_INIT_LABEL
 from spatext.pipeline.clip import ClipEmbedder, ClipSpec, clip_embed_dim
 from spatext.pipeline.config import BuildConfig, parse_args
 from spatext.pipeline.decode import Decode, DecodeOptions
@@ -25,7 +26,7 @@ from spatext.pipeline.read import COUNTS, REJECTS, ReadCorpus, has_annotations
 from spatext.pipeline.records import Reject, rejects_from_failed_batch
 from spatext.pipeline.schema import sample_to_row, shard_schema
 from spatext.pipeline.segment import SegmenterModelHandler
-from spatext.pipeline.segmenters.base import GROUND_TRUTH_LABEL, RANDOM_INIT_LABEL, SegmenterSpec
+from spatext.pipeline.segmenters.base import SegmenterSpec, weights_label
 from spatext.pipeline.selection import Select, SelectOptions
 from spatext.pipeline.write import (
     BUILD_CONFIG,
@@ -74,16 +75,12 @@ def clip_spec(config: BuildConfig) -> ClipSpec:
 
 def shard_metadata(config: BuildConfig, segmenter: str) -> dict[str, object]:
     """The key-value metadata every shard carries (DESIGN.md: what made these rows)."""
-    if segmenter == "annotations":
-        seg_weights = GROUND_TRUTH_LABEL
-    else:
-        seg_weights = RANDOM_INIT_LABEL if config.segmenter_weights == "none" else config.segmenter_weights
     return {
         "clip_model": config.clip_model,
-        "clip_pretrained": RANDOM_INIT_LABEL if config.clip_pretrained == "none" else config.clip_pretrained,
+        "clip_pretrained": CLIP_RANDOM_INIT_LABEL if config.clip_pretrained == "none" else config.clip_pretrained,
         "embed_dim": clip_embed_dim(config.clip_model),
         "segmenter": segmenter,
-        "segmenter_weights": seg_weights,
+        "segmenter_weights": weights_label(segmenter_spec(config, segmenter)),
         "min_area": config.min_area,
         "k_min": config.k_min,
         "k_max": config.k_max,

@@ -11,7 +11,6 @@ from spatext.pipeline.schema import IMAGE_FORMATS
 from spatext.pipeline.segmenters import available_segmenters
 
 SEGMENTERS = ("auto", *available_segmenters())
-DEFAULT_SEGMENTER_WEIGHTS = "facebook/mask2former-swin-large-coco-panoptic"
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,7 @@ class BuildConfig:
     jpeg_quality: int = 95
     max_pixels: int = 64_000_000
     segmenter: str = "auto"
-    segmenter_weights: str = DEFAULT_SEGMENTER_WEIGHTS
+    segmenter_weights: str | None = None
     segmenter_config: str | None = None
     segmenter_threshold: float = 0.8
     segmenter_mask_threshold: float = 0.5
@@ -94,9 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="reject images above this many pixels")
     p.add_argument("--segmenter", default=d.segmenter, choices=SEGMENTERS,
                    help="segmentation backend; auto = the corpus's ground truth when it has some, else mask2former")
-    p.add_argument("--segmenter-weights", default=d.segmenter_weights,
-                   help="hub name or local directory of the segmenter; 'none' = random init (testing only)")
-    p.add_argument("--segmenter-config", default=None, help="JSON architecture config for a random-init segmenter")
+    p.add_argument("--segmenter-weights", default=None,
+                   help="mask2former: hub name or local directory (default facebook/mask2former-swin-large-coco-"
+                   "panoptic); detectron2: checkpoint path or URL (default: the model zoo's for --segmenter-config); "
+                   "'none' = random init (testing only, labelled)")
+    p.add_argument("--segmenter-config", default=None,
+                   help="mask2former: JSON architecture for random init (e.g. mask2former-tiny); detectron2: a model "
+                   "zoo config (default COCO-PanopticSegmentation/panoptic_fpn_R_101_3x.yaml) or a local .yaml")
     p.add_argument("--segmenter-threshold", type=float, default=d.segmenter_threshold, help="panoptic score threshold")
     p.add_argument("--segmenter-mask-threshold", type=float, default=d.segmenter_mask_threshold,
                    help="mask probability threshold of the panoptic post-processing")

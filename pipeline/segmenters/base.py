@@ -17,6 +17,10 @@ from spatext.pipeline.records import Sample, Segment, Segmentation
 
 RANDOM_INIT_LABEL = "none (random init)"  # weights_label of randomly initialised models; also in logs and metadata
 GROUND_TRUTH_LABEL = "ground truth"  # weights_label of the annotations segmenter
+DEFAULT_WEIGHTS = {  # what a backend loads when --segmenter-weights is not given
+    "mask2former": "facebook/mask2former-swin-large-coco-panoptic",
+    "detectron2": "model zoo checkpoint of --segmenter-config",
+}
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ def _lazy(module: str, cls: str) -> SegmenterFactory:
 SEGMENTERS: dict[str, SegmenterFactory] = {
     "annotations": _lazy("spatext.pipeline.segmenters.annotations", "AnnotationSegmenter"),
     "mask2former": _lazy("spatext.pipeline.segmenters.mask2former", "Mask2FormerSegmenter"),
+    "detectron2": _lazy("spatext.pipeline.segmenters.detectron2_backend", "Detectron2Segmenter"),
 }
 
 
@@ -91,6 +96,15 @@ def create_segmenter(spec: SegmenterSpec) -> Segmenter:
     if factory is None:
         raise ValueError(f"unknown --segmenter {spec.name!r}; valid choices: {', '.join(available_segmenters())}")
     return factory(spec)
+
+
+def weights_label(spec: SegmenterSpec) -> str:
+    """What a build's metadata records as the segmenter's weights, before any model is loaded."""
+    if spec.name == "annotations":
+        return GROUND_TRUTH_LABEL
+    if spec.weights == "none":
+        return RANDOM_INIT_LABEL
+    return spec.weights or DEFAULT_WEIGHTS.get(spec.name, "default")
 
 
 def clean_segmentation(

@@ -19,11 +19,12 @@ import torch
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
 from spatext.pipeline.records import Sample, Segment, Segmentation
+from spatext.pipeline.segmenters.base import DEFAULT_WEIGHTS as BACKEND_DEFAULTS
 from spatext.pipeline.segmenters.base import RANDOM_INIT_LABEL, Segmenter, SegmenterSpec, clean_segmentation
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS = "facebook/mask2former-swin-large-coco-panoptic"
+DEFAULT_WEIGHTS = BACKEND_DEFAULTS["mask2former"]
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # packaged configs, e.g. mask2former-tiny.json
 RANDOM_INIT_SEED = 0  # random init is a pure function of the config: identical on every worker
 _DEFAULT_SHORT, _DEFAULT_LONG = 800, 1333  # the image processor's default size; processor_size keeps this ratio
