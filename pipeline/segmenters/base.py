@@ -6,12 +6,14 @@ optional backend (detectron2) is only imported when asked for. Add a backend wit
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from spatext.pipeline.records import Sample, Segment, Segmentation
 
@@ -36,6 +38,7 @@ class SegmenterSpec:
     processor_size: int | None = None  # shortest edge fed to the model; None = the processor's default
     device: str = "cpu"
     batch_size: int = 4
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for the model forward, on cuda only
 
     def __post_init__(self) -> None:
         """Reject values that no backend can use."""
@@ -43,6 +46,8 @@ class SegmenterSpec:
             value = getattr(self, field_name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"SegmenterSpec.{field_name} must lie in [0, 1], got {value}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be one of fp32, bf16, fp16; got {self.precision!r}")
         if self.batch_size < 1:
             raise ValueError(f"SegmenterSpec.batch_size must be >= 1, got {self.batch_size}")
         if self.processor_size is not None and self.processor_size < 1:
@@ -96,6 +101,13 @@ def create_segmenter(spec: SegmenterSpec) -> Segmenter:
     if factory is None:
         raise ValueError(f"unknown --segmenter {spec.name!r}; valid choices: {', '.join(available_segmenters())}")
     return factory(spec)
+
+
+def autocast(spec: SegmenterSpec) -> contextlib.AbstractContextManager:
+    """bf16 / fp16 autocast on cuda when the spec asks for it; a no-op otherwise."""
+    if spec.device.startswith("cuda") and spec.precision != "fp32":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if spec.precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
 
 
 def weights_label(spec: SegmenterSpec) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from spatext.pipeline.records import Sample, Segment, Segmentation
-from spatext.pipeline.segmenters.base import RANDOM_INIT_LABEL, Segmenter, SegmenterSpec, clean_segmentation
+from spatext.pipeline.segmenters.base import RANDOM_INIT_LABEL, Segmenter, SegmenterSpec, autocast, clean_segmentation
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Detectron2Segmenter(Segmenter):
             resized = self.resize.get_transform(image).apply_image(np.ascontiguousarray(image))
             tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
             inputs.append({"image": tensor, "height": height, "width": width})
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.spec):
             outputs = self.model(inputs)
         results = []
         for output in outputs:

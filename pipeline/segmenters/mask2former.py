@@ -20,7 +20,13 @@ from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
 
 from spatext.pipeline.records import Sample, Segment, Segmentation
 from spatext.pipeline.segmenters.base import DEFAULT_WEIGHTS as BACKEND_DEFAULTS
-from spatext.pipeline.segmenters.base import RANDOM_INIT_LABEL, Segmenter, SegmenterSpec, clean_segmentation
+from spatext.pipeline.segmenters.base import (
+    RANDOM_INIT_LABEL,
+    Segmenter,
+    SegmenterSpec,
+    autocast,
+    clean_segmentation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +125,8 @@ class Mask2FormerSegmenter(Segmenter):
                 raise ValueError(f"sample {sample.key!r}: image must be H x W x 3, got shape {image.shape}")
         inputs = self.processor(images=images, return_tensors="pt", input_data_format="channels_last")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        outputs = self.model(**inputs)
+        with autocast(self.spec):
+            outputs = self.model(**inputs)
         sizes = [image.shape[:2] for image in images]
         results = self.processor.post_process_panoptic_segmentation(
             outputs,
