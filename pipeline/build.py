@@ -62,6 +62,7 @@ def segmenter_spec(config: BuildConfig, name: str) -> SegmenterSpec:
         processor_size=config.segmenter_processor_size,
         device=config.device,
         batch_size=config.segmenter_batch_size,
+        precision=config.precision,
     )
 
 
@@ -69,7 +70,7 @@ def clip_spec(config: BuildConfig) -> ClipSpec:
     """The CLIP part of the config."""
     return ClipSpec(
         model=config.clip_model, pretrained=config.clip_pretrained, device=config.device,
-        batch_size=config.clip_batch_size,
+        batch_size=config.clip_batch_size, precision=config.precision,
     )
 
 
@@ -128,7 +129,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, started_at: float, ski
     select_options = SelectOptions(config.min_area, config.k_min, config.k_max, config.seed)
     schema = shard_schema(shard_metadata(config, segmenter))
 
-    read = p | "Read" >> ReadCorpus(config.input, config.input_format, skip)
+    read = p | "Read" >> ReadCorpus(config.input, config.read_options(), skip)
     decoded = read["samples"] | "Decode" >> beam.ParDo(Decode(decode_options)).with_outputs(REJECTS, main="ok")
     segmented, seg_failed = decoded.ok | "Segment" >> RunInference(
         SegmenterModelHandler(segmenter_spec(config, segmenter))

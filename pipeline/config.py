@@ -6,11 +6,12 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from spatext.pipeline.read import INPUT_FORMATS
+from spatext.pipeline.read import INPUT_FORMATS, ReadOptions
 from spatext.pipeline.schema import IMAGE_FORMATS
 from spatext.pipeline.segmenters import available_segmenters
 
 SEGMENTERS = ("auto", *available_segmenters())
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,10 @@ class BuildConfig:
     input: str
     output: str
     input_format: str = "auto"
+    image_column: str | None = None  # parquet; None = detect
+    caption_column: str | None = None  # parquet; None = detect
+    key_column: str | None = None  # parquet; None = detect, else '{file stem}/{row}'
+    coco_split: str | None = None  # coco; None = the only annotations/panoptic_*.json
     image_size: int = 512
     image_format: str = "jpeg"
     jpeg_quality: int = 95
@@ -40,6 +45,7 @@ class BuildConfig:
     clip_pretrained: str = "openai"
     clip_batch_size: int = 16
     device: str = "cpu"
+    precision: str = "fp32"
     rows_per_group: int = 256
     target_shard_mb: float = 128.0
     overwrite: bool = False
@@ -49,6 +55,7 @@ class BuildConfig:
         _check_choice("--input-format", self.input_format, INPUT_FORMATS)
         _check_choice("--image-format", self.image_format, IMAGE_FORMATS)
         _check_choice("--segmenter", self.segmenter, SEGMENTERS)
+        _check_choice("--precision", self.precision, PRECISIONS)
         if self.image_size < 16:
             raise ValueError(f"--image-size must be >= 16, got {self.image_size}")
         if self.overwrite and self.resume:
@@ -64,10 +71,18 @@ class BuildConfig:
         """A JSON-ready copy."""
         return dataclasses.asdict(self)
 
+    def read_options(self) -> ReadOptions:
+        """The read stage's part of the config."""
+        return ReadOptions(self.input_format, self.image_column, self.caption_column, self.key_column, self.coco_split)
+
     def output_defining(self) -> dict:
         """The settings that determine the rows: a resumed build must match them exactly."""
         volatile = ("overwrite", "resume", "device", "segmenter_batch_size", "clip_batch_size")
-        return {k: v for k, v in self.to_dict().items() if k not in volatile}
+        unset = {k for k in _READ_FLAGS if getattr(self, k) is None}  # kept out: builds made before these flags
+        return {k: v for k, v in self.to_dict().items() if k not in volatile and k not in unset}
+
+
+_READ_FLAGS = ("image_column", "caption_column", "key_column", "coco_split")
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -83,10 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
         "passed to Apache Beam (e.g. --runner DataflowRunner --project P --region R --setup_file ./setup.py).",
     )
     d = BuildConfig("", "")
-    p.add_argument("--input", required=True, help="corpus: webdataset tar pattern (globs, {000..009} ranges) or a "
-                   "folder with captions.jsonl; local or any Beam filesystem path (gs://, s3://)")
+    p.add_argument("--input", required=True, help="corpus: webdataset tar pattern (globs, {000..009} ranges), "
+                   "parquet file pattern, a folder with captions.jsonl, or a COCO root (annotations/panoptic_*.json); "
+                   "local or any Beam filesystem path (gs://, s3://)")
     p.add_argument("--output", required=True, help="output directory: shards/, rejects/, manifest.json")
-    p.add_argument("--input-format", default=d.input_format, choices=INPUT_FORMATS, help="corpus format")
+    p.add_argument("--input-format", default=d.input_format, choices=INPUT_FORMATS,
+                   help="corpus format; auto = detected from --input")
+    p.add_argument("--image-column", default=None,
+                   help="parquet: image column (bytes or {bytes, path} struct); default: first of jpg, image, img, "
+                   "image_bytes, png, webp")
+    p.add_argument("--caption-column", default=None,
+                   help="parquet: caption column; default: first of caption, txt, text, prompt")
+    p.add_argument("--key-column", default=None,
+                   help="parquet: key column; default: key or id, else '{file stem}/{row index}'")
+    p.add_argument("--coco-split", default=None,
+                   help="coco: split to read (e.g. val2017); default: the only annotations/panoptic_{split}.json")
     p.add_argument("--image-size", type=int, default=d.image_size, help="longest side of stored images (px)")
     p.add_argument("--image-format", default=d.image_format, choices=IMAGE_FORMATS, help="stored image encoding")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of stored images")
@@ -117,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open_clip pretrained tag, local checkpoint file, or 'none' = random init (testing only)")
     p.add_argument("--clip-batch-size", type=int, default=d.clip_batch_size, help="samples per CLIP batch")
     p.add_argument("--device", default=d.device, help="torch device for the models: cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="model forwards in fp32, or with bf16 / fp16 autocast (on cuda only)")
     p.add_argument("--rows-per-group", type=int, default=d.rows_per_group, help="Parquet row group size (rows)")
     p.add_argument("--target-shard-mb", type=float, default=d.target_shard_mb,
                    help="max size of an output shard (MB); each input unit (tar) writes one or more shards")

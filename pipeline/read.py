@@ -1,8 +1,9 @@
-"""Read stage: corpus files -> RawSample (or Reject), for webdataset tars and image folders + captions.jsonl.
+"""Read stage: corpus files -> RawSample (or Reject); the one entry point (`ReadCorpus`) and format detection.
 
-Paths go through Beam's FileSystems, so local paths, gs://, s3:// (and any registered filesystem) work. Tar members
-are read in memory and never extracted, so member names cannot escape anywhere (no path traversal); oversized
-members are rejected before they are read.
+Formats: webdataset tars and image folders + captions.jsonl (here), parquet (`read_parquet`: img2dataset, Hugging
+Face datasets) and COCO panoptic (`read_coco`). Paths go through Beam's FileSystems, so local paths, gs://, s3://
+(and any registered filesystem) work. Tar members are read in memory and never extracted, so member names cannot
+escape anywhere (no path traversal); oversized members are rejected before they are read.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import logging
 import posixpath
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import IO
 
 import apache_beam as beam
@@ -22,15 +25,46 @@ from spatext.pipeline.records import RawSample, Reject
 
 logger = logging.getLogger(__name__)
 
-INPUT_FORMATS = ("auto", "webdataset", "folder")
+INPUT_FORMATS = ("auto", "webdataset", "folder", "parquet", "coco")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 CAPTIONS_FILE = "captions.jsonl"
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
 FOLDER_UNIT_LINES = 1000  # a folder's captions.jsonl is read in units of this many lines (the resume granularity)
+COCO_UNIT_IMAGES = 1000  # a COCO split is read in units of this many images (the resume granularity)
 REJECTS = "rejects"
 COUNTS = "counts"  # (unit source, number of inputs read from it): the independent side of accepted + rejected = read
 
+FILE_FORMATS = {".tar": "webdataset", ".parquet": "parquet"}  # what a matched file's extension says
+VALID_INPUTS = (
+    "webdataset: .tar files (a glob or {000..099} range); parquet: .parquet files; "
+    f"folder: a directory with {CAPTIONS_FILE}; coco: a COCO root with annotations/panoptic_{{split}}.json"
+)
+
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read the corpus: its format and the format-specific choices (None = detect)."""
+
+    input_format: str = "auto"
+    image_column: str | None = None  # parquet
+    caption_column: str | None = None  # parquet
+    key_column: str | None = None  # parquet
+    coco_split: str | None = None  # coco
+    coco_unit_images: int = COCO_UNIT_IMAGES  # coco: images per unit of work
+
+    def __post_init__(self) -> None:
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}; got {self.input_format!r}")
+
+    def check_applies_to(self, input_format: str) -> None:
+        """ValueError when a format-specific flag is set for another format (a flag is never silently ignored)."""
+        flags = {"--image-column": (self.image_column, "parquet"), "--caption-column": (self.caption_column, "parquet"),
+                 "--key-column": (self.key_column, "parquet"), "--coco-split": (self.coco_split, "coco")}
+        for flag, (value, fmt) in flags.items():
+            if value is not None and input_format != fmt:
+                raise ValueError(f"{flag} applies to {fmt} input only; --input is {input_format}")
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -57,18 +91,32 @@ def match_files(pattern: str) -> list[str]:
 
 
 def detect_format(pattern: str) -> str:
-    """'webdataset' for tar patterns, 'folder' for a directory holding captions.jsonl; else ValueError."""
+    """The format `--input` is in: folder, coco, webdataset or parquet; ValueError naming an odd file otherwise."""
     if pattern.rstrip("/").endswith(CAPTIONS_FILE) or FileSystems.exists(FileSystems.join(pattern, CAPTIONS_FILE)):
         return "folder"
+    from spatext.pipeline.read_coco import coco_splits  # lazy: read_coco builds on this module
+
+    if coco_splits(pattern):
+        return "coco"
     files = match_files(pattern)
     if not files:
-        raise ValueError(f"--input {pattern!r} matches no file")
-    if all(f.endswith(".tar") for f in files):
-        return "webdataset"
-    odd = next(f for f in files if not f.endswith(".tar"))
+        raise ValueError(f"--input {pattern!r} matches no file; valid inputs: {VALID_INPUTS}")
+    kinds = {f: FILE_FORMATS.get(posixpath.splitext(f)[1].lower()) for f in files}
+    found = Counter(k for k in kinds.values() if k)
+    odd = next((f for f in files if kinds[f] is None), None)
+    if odd is None and len(found) == 1:
+        return next(iter(found))
+    if odd is not None and odd == pattern.rstrip("/"):
+        why = f"a directory without {CAPTIONS_FILE} or annotations/panoptic_*.json; for its files pass a glob"
+    elif odd is not None:
+        why = "not a .tar or .parquet file"
+    else:
+        majority = found.most_common(1)[0][0]
+        odd = next(f for f in files if kinds[f] != majority)
+        why = f"mixed input: a {kinds[odd]} file among {found[majority]} {majority} file(s)"
     raise ValueError(
-        f"--input {pattern!r}: cannot detect the format from {odd!r}; pass a pattern of .tar files (webdataset) "
-        f"or a folder containing {CAPTIONS_FILE}, or set --input-format"
+        f"--input {pattern!r}: cannot detect the format from {odd!r} ({why}); valid inputs: {VALID_INPUTS}; "
+        "or set --input-format"
     )
 
 
@@ -162,7 +210,7 @@ def iter_caption_lines(
         yield {"key": key, "image": image, "caption": entry.get("caption"), "unit": unit}
 
 
-def _read_optional(path: str) -> bytes | None:
+def read_optional(path: str) -> bytes | None:
     """A file's bytes, or None if it does not exist."""
     if not FileSystems.exists(path):
         return None
@@ -175,9 +223,9 @@ def load_folder_entry(entry: dict, root: str) -> RawSample | Reject:
     key, source = entry["key"], entry.get("unit") or FileSystems.join(root, CAPTIONS_FILE)
     image_path = FileSystems.join(root, entry["image"]) if entry.get("image") else None
     try:
-        image = _read_optional(image_path) if image_path else None
-        panoptic_png = _read_optional(FileSystems.join(root, "panoptic", f"{key}.png"))
-        panoptic_json = _read_optional(FileSystems.join(root, "panoptic", f"{key}.json"))
+        image = read_optional(image_path) if image_path else None
+        panoptic_png = read_optional(FileSystems.join(root, "panoptic", f"{key}.png"))
+        panoptic_json = read_optional(FileSystems.join(root, "panoptic", f"{key}.json"))
     except OSError as exc:
         return Reject(key, source, "read", f"unreadable_file: {exc}")
     annotation = _parse_json(panoptic_json)
@@ -196,11 +244,11 @@ class _ReadTar(beam.DoFn):
         with FileSystems.open(path) as handle:
             for item in iter_webdataset(handle, path):
                 count += 1
-                yield from _route(item, self.read, self.rejected)
+                yield from route_item(item, self.read, self.rejected)
         yield beam.pvalue.TaggedOutput(COUNTS, (path, count))
 
 
-def _route(item: RawSample | Reject, read_counter, reject_counter) -> Iterator:
+def route_item(item: RawSample | Reject, read_counter, reject_counter) -> Iterator:
     """Send Rejects to the tagged output, everything else to the main one."""
     if isinstance(item, Reject):
         reject_counter.inc()
@@ -239,35 +287,57 @@ class _LoadFolderEntry(beam.DoFn):
         self.rejected = beam.metrics.Metrics.counter("spatext_read", "rejected")
 
     def process(self, entry: dict) -> Iterator:
-        yield from _route(load_folder_entry(entry, self.root), self.read, self.rejected)
+        yield from route_item(load_folder_entry(entry, self.root), self.read, self.rejected)
 
 
 class ReadCorpus(beam.PTransform):
     """Read a corpus; returns {"samples": RawSamples, "rejects": Rejects, "counts": (unit source, items read)}.
 
-    Units (tars, or chunks of captions.jsonl) whose source is in `skip` — completed by an earlier run — are not read.
+    `options` is a ReadOptions (or just the format's name). Units (tars, parquet files, chunks of captions.jsonl or of
+    a COCO split) whose source is in `skip` — completed by an earlier run — are not read.
     """
 
-    def __init__(self, pattern: str, input_format: str = "auto", skip: Iterable[str] = ()) -> None:
+    def __init__(self, pattern: str, options: ReadOptions | str = "auto", skip: Iterable[str] = ()) -> None:
         super().__init__()
-        if input_format not in INPUT_FORMATS:
-            raise ValueError(f"--input-format must be one of {INPUT_FORMATS}, got {input_format!r}")
+        self.options = ReadOptions(input_format=options) if isinstance(options, str) else options
         self.pattern = pattern
-        self.input_format = detect_format(pattern) if input_format == "auto" else input_format
+        fmt = self.options.input_format
+        self.input_format = detect_format(pattern) if fmt == "auto" else fmt
         self.skip = frozenset(skip)
+        self.options.check_applies_to(self.input_format)
 
     def expand(self, pbegin):
-        if self.input_format == "webdataset":
+        if self.input_format == "parquet":
+            from spatext.pipeline.read_parquet import ReadParquet  # lazy: read_parquet builds on this module
+
             files = match_files(self.pattern)
             if not files:
                 raise ValueError(f"--input {self.pattern!r} matches no file")
-            read = (
-                pbegin
-                | "ListTars" >> beam.Create([f for f in files if f not in self.skip])
-                | "SpreadTars" >> beam.Reshuffle()
-                | "ReadTars" >> beam.ParDo(_ReadTar()).with_outputs(REJECTS, COUNTS, main="samples")
-            )
-            return {"samples": read.samples, REJECTS: read[REJECTS], COUNTS: read[COUNTS]}
+            return pbegin | "Parquet" >> ReadParquet(files, self.options, self.skip)
+        if self.input_format == "coco":
+            from spatext.pipeline.read_coco import ReadCoco, find_coco
+
+            layout = find_coco(self.pattern, self.options.coco_split)
+            return pbegin | "Coco" >> ReadCoco(layout, self.skip, self.options.coco_unit_images)
+        if self.input_format == "webdataset":
+            return self._expand_webdataset(pbegin)
+        return self._expand_folder(pbegin)
+
+    def _expand_webdataset(self, pbegin) -> dict:
+        """Tars -> samples, one unit per tar."""
+        files = match_files(self.pattern)
+        if not files:
+            raise ValueError(f"--input {self.pattern!r} matches no file")
+        read = (
+            pbegin
+            | "ListTars" >> beam.Create([f for f in files if f not in self.skip])
+            | "SpreadTars" >> beam.Reshuffle()
+            | "ReadTars" >> beam.ParDo(_ReadTar()).with_outputs(REJECTS, COUNTS, main="samples")
+        )
+        return {"samples": read.samples, REJECTS: read[REJECTS], COUNTS: read[COUNTS]}
+
+    def _expand_folder(self, pbegin) -> dict:
+        """captions.jsonl (in units of lines) -> entries -> images read after a Reshuffle."""
         root = self.pattern.rstrip("/")
         if root.endswith(CAPTIONS_FILE):
             root = posixpath.dirname(root)
@@ -286,8 +356,10 @@ class ReadCorpus(beam.PTransform):
 
 
 def has_annotations(pattern: str, input_format: str, probe_members: int = 64) -> bool:
-    """Whether the corpus carries panoptic ground truth (looks at the first tar, or the folder's panoptic/)."""
+    """Whether the corpus carries panoptic ground truth: coco always, parquet never, else a look at the files."""
     fmt = detect_format(pattern) if input_format == "auto" else input_format
+    if fmt in ("coco", "parquet"):
+        return fmt == "coco"
     if fmt == "folder":
         root = pattern.rstrip("/")
         root = posixpath.dirname(root) if root.endswith(CAPTIONS_FILE) else root

@@ -1,0 +1,225 @@
+"""Parquet corpora (img2dataset's parquet output, Hugging Face datasets): one RawSample per row, streamed.
+
+Columns, resolved per file from its schema: an explicit name (``--image-column``, ``--caption-column``,
+``--key-column``) wins; otherwise the first present of IMAGE_COLUMNS / CAPTION_COLUMNS / KEY_COLUMNS (exact name
+first, then case-insensitively). The launcher checks the first file (fail fast); a later file whose columns cannot be
+resolved becomes one ``unusable_columns`` reject. An image cell is
+bytes or a Hugging Face Image struct ``{bytes, path}``. Keys: the key column's value, else ``"{file stem}/{row}"``.
+
+Rows are rejected at read only for what the reader knows and decode cannot: img2dataset's failed downloads
+(``status`` != "success" -> ``download_failed: <error_message>``) and rows with a URL but no image bytes
+(``url_only``: downloading is img2dataset's job). A row with neither image nor URL flows on and decode rejects it as
+``missing_image``, like the other readers. The unit of work is one file: its path is every row's source.
+Files are read through Beam's FileSystems, row batch by row batch, with only the needed columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from spatext.pipeline.read import COUNTS, REJECTS, ReadOptions, route_item
+from spatext.pipeline.records import RawSample, Reject
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("jpg", "image", "img", "image_bytes", "png", "webp")
+CAPTION_COLUMNS = ("caption", "txt", "text", "prompt")
+KEY_COLUMNS = ("key", "id")
+URL_COLUMNS = ("url", "image_url")
+STATUS_COLUMN, ERROR_COLUMN = "status", "error_message"  # img2dataset's download outcome
+BATCH_ROWS = 64  # rows decoded at a time: memory stays at a few MB of images per file being read
+URL_ONLY = "url_only: download images first (e.g. with img2dataset)"
+
+
+@dataclass(frozen=True)
+class ParquetColumns:
+    """The columns one parquet corpus is read from (None = the corpus has no such column)."""
+
+    image: str
+    caption: str
+    key: str | None = None
+    url: str | None = None
+    status: str | None = None
+    error: str | None = None
+
+    def names(self) -> list[str]:
+        """The columns to read, each once."""
+        fields = (self.image, self.caption, self.key, self.url, self.status, self.error)
+        return list(dict.fromkeys(c for c in fields if c))
+
+
+def _pick(names: Sequence[str], candidates: Sequence[str]) -> str | None:
+    """The first candidate present in `names`: exact match first, then case-insensitive."""
+    for candidate in candidates:
+        if candidate in names:
+            return candidate
+    folded = {name.casefold(): name for name in reversed(names)}
+    return next((folded[c.casefold()] for c in candidates if c.casefold() in folded), None)
+
+
+def _is_image_type(kind: pa.DataType) -> bool:
+    """Binary, or a struct with a binary `bytes` field (Hugging Face's Image feature)."""
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return True
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        return _is_image_type(kind.field("bytes").type)
+    return False
+
+
+def resolve_columns(schema: pa.Schema, path: str, options: ReadOptions) -> ParquetColumns:
+    """The columns to read from a file with `schema`; ValueError naming the file and listing its columns if unusable."""
+    names = list(schema.names)
+    listing = f"its columns: {', '.join(f'{n} ({schema.field(n).type})' for n in names)}"
+    for flag, value in (("--image-column", options.image_column), ("--caption-column", options.caption_column),
+                        ("--key-column", options.key_column)):
+        if value is not None and value not in names:
+            raise ValueError(f"{flag} {value!r} is not a column of {path!r}; {listing}")
+    url = _pick(names, URL_COLUMNS)
+    image = options.image_column or _pick(names, IMAGE_COLUMNS)
+    if image is None:
+        hint = ("it has URLs but no image bytes: download images first (e.g. with img2dataset)" if url
+                else "pass --image-column")
+        raise ValueError(f"{path!r}: no image column (looked for {', '.join(IMAGE_COLUMNS)}); {hint}; {listing}")
+    if not _is_image_type(schema.field(image).type):
+        raise ValueError(f"{path!r}: image column {image!r} must hold bytes or a {{bytes, path}} struct, "
+                         f"not {schema.field(image).type}; {listing}")
+    caption = options.caption_column or _pick(names, CAPTION_COLUMNS)
+    if caption is None:
+        raise ValueError(f"{path!r}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}); "
+                         f"pass --caption-column; {listing}")
+    status = STATUS_COLUMN if STATUS_COLUMN in names else None
+    return ParquetColumns(
+        image=image, caption=caption, key=options.key_column or _pick(names, KEY_COLUMNS), url=url, status=status,
+        error=ERROR_COLUMN if status and ERROR_COLUMN in names else None,
+    )
+
+
+def open_parquet(path: str) -> IO[bytes]:
+    """A seekable handle on a parquet file from any Beam filesystem."""
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def columns_for(path: str, options: ReadOptions) -> ParquetColumns:
+    """Resolve the columns from one file's footer (the launcher's fail-fast check); ValueError if unusable."""
+    try:
+        with open_parquet(path) as handle:
+            schema = pq.ParquetFile(handle).schema_arrow
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"--input: {path!r} is not a readable parquet file: {exc}") from exc
+    return resolve_columns(schema, path, options)
+
+
+def _image_cell(value: object) -> tuple[bytes | None, str | None]:
+    """(image bytes, path) of a cell holding bytes or a {bytes, path} struct; empty bytes count as none."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value) or None, None
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        return (bytes(data) or None) if data is not None else None, path if isinstance(path, str) else None
+    return None, None
+
+
+def _caption_cell(value: object) -> str | None:
+    """A caption cell as text: a string, the first string of a list, or None."""
+    if isinstance(value, list | tuple):
+        value = next((v for v in value if isinstance(v, str)), None)
+    return None if value is None else str(value)
+
+
+def row_to_item(row: dict, key: str, source: str, columns: ParquetColumns) -> RawSample | Reject:
+    """One parquet row -> RawSample, or a Reject for a failed download or a URL-only row."""
+    status = row.get(columns.status) if columns.status else None
+    if status is not None and status != "success":
+        detail = (row.get(columns.error) if columns.error else None) or status
+        return Reject(key, source, "read", f"download_failed: {detail}")
+    image, path = _image_cell(row.get(columns.image))
+    url = row.get(columns.url) if columns.url else None
+    if not url and path and path.startswith(("http://", "https://")):
+        url = path
+    if image is None and url:
+        return Reject(key, source, "read", URL_ONLY)
+    return RawSample(key, source, image, _caption_cell(row.get(columns.caption)))
+
+
+def _row_key(row: dict, stem: str, index: int, columns: ParquetColumns) -> str:
+    """The key column's value, else '{file stem}/{row index}'."""
+    value = row.get(columns.key) if columns.key else None
+    return f"{stem}/{index}" if value is None or value == "" else str(value)
+
+
+def iter_parquet(
+    fileobj: IO[bytes], source: str, options: ReadOptions, batch_rows: int = BATCH_ROWS
+) -> Iterator[RawSample | Reject]:
+    """Stream one parquet file: one item per row; duplicate keys, unusable columns or a broken file become Rejects."""
+    stem = posixpath.basename(source)
+    stem = stem[: -len(".parquet")] if stem.endswith(".parquet") else stem
+    seen: set[str] = set()
+    index = 0
+    try:
+        parquet = pq.ParquetFile(fileobj)
+        try:
+            columns = resolve_columns(parquet.schema_arrow, source, options)
+        except ValueError as exc:
+            yield Reject(f"{source}#file", source, "read", f"unusable_columns: {exc}")
+            return
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns.names()):
+            for row in batch.to_pylist():
+                key = _row_key(row, stem, index, columns)
+                index += 1
+                if key in seen:
+                    yield Reject(key, source, "read", "duplicate_key")
+                    continue
+                seen.add(key)
+                yield row_to_item(row, key, source, columns)
+    except (pa.ArrowException, OSError) as exc:
+        yield Reject(f"{source}#{index if index else 'file'}", source, "read", f"unreadable_parquet: {exc}")
+
+
+class _ReadParquetFile(beam.DoFn):
+    """One parquet file -> RawSamples, with Rejects on 'rejects' and (file, rows read) on 'counts'."""
+
+    def __init__(self, options: ReadOptions, batch_rows: int = BATCH_ROWS) -> None:
+        self.options, self.batch_rows = options, batch_rows
+        self.read = beam.metrics.Metrics.counter("spatext_read", "samples_read")
+        self.rejected = beam.metrics.Metrics.counter("spatext_read", "rejected")
+
+    def process(self, path: str) -> Iterator:
+        count = 0
+        with open_parquet(path) as handle:
+            for item in iter_parquet(handle, path, self.options, self.batch_rows):
+                count += 1
+                yield from route_item(item, self.read, self.rejected)
+        yield beam.pvalue.TaggedOutput(COUNTS, (path, count))
+
+
+class ReadParquet(beam.PTransform):
+    """Parquet files -> {"samples", "rejects", "counts"}; each file's columns are resolved from its own schema.
+
+    The first file is checked here, on the launcher, so a corpus whose columns cannot be resolved fails fast.
+    """
+
+    def __init__(self, files: Sequence[str], options: ReadOptions, skip: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        if not files:
+            raise ValueError("--input matches no parquet file")
+        self.files, self.options, self.skip = list(files), options, skip
+        logger.info("parquet input: %d file(s); %s: %s", len(files), files[0], columns_for(files[0], options))
+
+    def expand(self, pbegin) -> dict:
+        read = (
+            pbegin
+            | "ListParquet" >> beam.Create([f for f in self.files if f not in self.skip])
+            | "SpreadParquet" >> beam.Reshuffle()
+            | "ReadParquet" >> beam.ParDo(_ReadParquetFile(self.options)).with_outputs(REJECTS, COUNTS, main="samples")
+        )
+        return {"samples": read.samples, REJECTS: read[REJECTS], COUNTS: read[COUNTS]}
