@@ -219,7 +219,8 @@ def execute(
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry: run the build and print a one-line summary."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: importing Beam has already configured the root logger, which would make a plain basicConfig a no-op
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     manifest = run(argv)
     if manifest is not None:
         counts = manifest["counts"]

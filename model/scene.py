@@ -1,0 +1,297 @@
+"""Scenes: a global prompt plus regions, each a mask with a local prompt; their file forms and rasterisation.
+
+File forms (coordinates are fractions of the image, x to the right, y down, both in [0, 1]):
+
+- scene JSON: ``{"prompt": "...", "regions": [{"prompt": "...", "box": [x0, y0, x1, y1]},
+  {"prompt": "...", "polygon": [[x, y], ...]}, {"prompt": "...", "mask": "m.png"}]}``; a mask PNG is relative to the
+  JSON file, inside where its grey level is >= 128 (and, with an alpha channel, where it is opaque);
+- painted scene: a colour-painted PNG + ``{"prompt": "...", "colors": {"#rrggbb": "local prompt", ...},
+  "background": ["#000000", "#ffffff"]}``; ``background`` is optional (default black, white and transparent pixels,
+  unless ``colors`` maps them); any other colour is an error (paint without anti-aliasing).
+
+A pixel belongs to a box or polygon when its centre lies inside. Overlaps resolve in list order: a later region is
+drawn on top of an earlier one. A region with no pixel at a given size is an error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+SHAPE_KEYS = ("box", "polygon", "mask")
+DEFAULT_BACKGROUND = ("#000000", "#ffffff")
+
+
+class Region(NamedTuple):
+    """One region: a mask (H x W, bool, or float in [0, 1] with > 0.5 inside) and its local prompt."""
+
+    mask: np.ndarray
+    prompt: str
+
+
+@dataclass
+class Scene:
+    """A global prompt and regions in list order (later regions on top of earlier ones where they overlap)."""
+
+    prompt: str = ""
+    regions: list[Region] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """Normalise (mask, prompt) pairs into boolean-mask ``Region``s and check them."""
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"scene prompt must be a string, got {type(self.prompt).__name__}")
+        regions = []
+        for i, region in enumerate(self.regions):
+            if not isinstance(region, (tuple, list)) or len(region) != 2:
+                raise ValueError(f"regions[{i}] must be a (mask, prompt) pair, got {type(region).__name__}")
+            mask, prompt = region
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"regions[{i}]: the local prompt must be a non-empty string, got {prompt!r}")
+            regions.append(Region(_as_bool_mask(mask, f"regions[{i}] ({prompt!r})"), prompt))
+        self.regions = regions
+
+    @property
+    def prompts(self) -> list[str]:
+        """The local prompts, in region order."""
+        return [r.prompt for r in self.regions]
+
+
+def _as_bool_mask(mask: Any, label: str) -> np.ndarray:
+    """A 2-D boolean mask from a bool / float / int array or tensor (float: > 0.5 is inside)."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or 0 in mask.shape:
+        raise ValueError(f"{label}: the mask must be a non-empty H x W array, got shape {mask.shape}")
+    if mask.dtype == bool:
+        return mask
+    if np.issubdtype(mask.dtype, np.floating):
+        return mask > 0.5
+    if np.issubdtype(mask.dtype, np.integer):
+        return mask != 0
+    raise ValueError(f"{label}: the mask must be bool, float or int, got {mask.dtype}")
+
+
+def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a boolean mask to ``size`` (height, width)."""
+    if mask.shape == tuple(size):
+        return mask
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)) >= 128
+
+
+def rasterise(scene: Scene, size: tuple[int, int]) -> np.ndarray:
+    """The index map (height x width, int64) of ``scene``: 0 = no region, i = ``scene.regions[i - 1]``, later on top.
+
+    Masks of another size are resized (nearest). Raises ValueError when a region has no pixel in the map.
+    """
+    height, width = _check_size(size)
+    index_map = np.zeros((height, width), dtype=np.int64)
+    for i, region in enumerate(scene.regions, start=1):
+        index_map[_resize_mask(region.mask, (height, width))] = i
+    check_regions_visible(index_map, scene, f"{height}x{width}")
+    return index_map
+
+
+def check_regions_visible(index_map: np.ndarray | torch.Tensor, scene: Scene, resolution: str) -> None:
+    """Raise ValueError naming the first region of ``scene`` with no pixel in ``index_map``."""
+    values = index_map.unique().tolist() if isinstance(index_map, torch.Tensor) else np.unique(index_map).tolist()
+    present = set(values)
+    for i, region in enumerate(scene.regions, start=1):
+        if i not in present:
+            raise ValueError(
+                f"scene: regions[{i - 1}] ({region.prompt!r}) has no pixel at {resolution} "
+                "(too small, or covered by later regions); enlarge or reorder it"
+            )
+
+
+def _check_size(size: Sequence[int]) -> tuple[int, int]:
+    """``size`` as (height, width) of positive ints."""
+    if len(size) != 2 or min(int(s) for s in size) < 1:
+        raise ValueError(f"size must be (height, width) with positive values, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _fractions(values: Any, count: int | None, label: str) -> list[float]:
+    """A flat list of numbers in [0, 1] (``count`` of them when given)."""
+    if not isinstance(values, list) or (count is not None and len(values) != count):
+        raise ValueError(f"{label}: expected a list of {count or 'some'} numbers, got {values!r}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{label}: expected numbers, got {v!r}")
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{label}: coordinates are fractions of the image in [0, 1], got {v}")
+    return [float(v) for v in values]
+
+
+def _pixel_centres(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The x and y fractions of the pixel centres (broadcastable H x W)."""
+    height, width = size
+    xs = (np.arange(width) + 0.5) / width
+    ys = (np.arange(height) + 0.5) / height
+    return xs[None, :], ys[:, None]
+
+
+def box_mask(box: Sequence[float], size: tuple[int, int]) -> np.ndarray:
+    """Pixels whose centre lies in [x0, x1) x [y0, y1)."""
+    x0, y0, x1, y1 = box
+    xs, ys = _pixel_centres(size)
+    return (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+
+
+def polygon_mask(points: Sequence[Sequence[float]], size: tuple[int, int]) -> np.ndarray:
+    """Pixels whose centre lies inside the polygon (even-odd rule)."""
+    xs, ys = _pixel_centres(size)
+    inside = np.zeros(size, dtype=bool)
+    for (xa, ya), (xb, yb) in zip(points, [*points[1:], points[0]], strict=True):
+        if ya == yb:
+            continue
+        crosses = (ys >= min(ya, yb)) & (ys < max(ya, yb))
+        x_at = xa + (ys - ya) * (xb - xa) / (yb - ya)
+        inside ^= crosses & (xs < x_at)
+    return inside
+
+
+def _image_mask(path: str, size: tuple[int, int], label: str) -> np.ndarray:
+    """A mask PNG (grey >= 128 is inside; transparent pixels are outside) resized to ``size`` (nearest)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{label}: mask file {path!r} not found")
+    with Image.open(path) as image:
+        image.load()
+        resized = image.resize((size[1], size[0]), Image.Resampling.NEAREST)
+    mask = np.asarray(resized.convert("L")) >= 128
+    if "A" in resized.getbands() or "transparency" in resized.info:
+        mask &= np.asarray(resized.convert("RGBA"))[..., 3] >= 128
+    return mask
+
+
+def _region_mask(spec: Any, base_dir: str, size: tuple[int, int], label: str) -> tuple[np.ndarray, str]:
+    """The mask and prompt of one region of a scene JSON."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{label}: expected an object, got {spec!r}")
+    unknown = sorted(set(spec) - {"prompt", *SHAPE_KEYS})
+    if unknown:
+        raise ValueError(f"{label}: unknown keys {unknown}; a region has 'prompt' and one of {', '.join(SHAPE_KEYS)}")
+    shapes = [k for k in SHAPE_KEYS if k in spec]
+    if len(shapes) != 1:
+        raise ValueError(f"{label}: give exactly one of {', '.join(SHAPE_KEYS)}, got {shapes or 'none'}")
+    prompt = spec.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{label}: 'prompt' must be a non-empty string, got {prompt!r}")
+    label = f"{label} ({prompt!r})"
+    value = spec[shapes[0]]
+    if shapes[0] == "box":
+        x0, y0, x1, y1 = _fractions(value, 4, f"{label}.box")
+        if not (x0 < x1 and y0 < y1):
+            raise ValueError(f"{label}.box: expected x0 < x1 and y0 < y1, got {value}")
+        return box_mask((x0, y0, x1, y1), size), prompt
+    if shapes[0] == "polygon":
+        if not isinstance(value, list) or len(value) < 3:
+            raise ValueError(f"{label}.polygon: expected a list of at least 3 [x, y] points, got {value!r}")
+        points = [_fractions(p, 2, f"{label}.polygon[{j}]") for j, p in enumerate(value)]
+        return polygon_mask(points, size), prompt
+    if not isinstance(value, str):
+        raise ValueError(f"{label}.mask: expected a PNG path relative to the scene file, got {value!r}")
+    return _image_mask(os.path.join(base_dir, value), size, label), prompt
+
+
+def _read_json(path: str, allowed: set[str]) -> dict:
+    """A JSON object from ``path`` with only ``allowed`` top-level keys."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a scene from it ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; expected {', '.join(sorted(allowed))}")
+    if not isinstance(data.get("prompt", ""), str):
+        raise ValueError(f"{path}: 'prompt' must be a string")
+    return data
+
+
+def load_scene(path: str, size: tuple[int, int]) -> Scene:
+    """Read a scene JSON (boxes, polygons, mask PNGs) with masks at ``size`` (height, width)."""
+    size = _check_size(size)
+    data = _read_json(path, {"prompt", "regions"})
+    regions = data.get("regions", [])
+    if not isinstance(regions, list):
+        raise ValueError(f"{path}: 'regions' must be a list")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    masks = [_region_mask(spec, base_dir, size, f"{path}: regions[{i}]") for i, spec in enumerate(regions)]
+    scene = Scene(data.get("prompt", ""), [Region(mask, prompt) for mask, prompt in masks])
+    for i, region in enumerate(scene.regions):
+        if not region.mask.any():
+            raise ValueError(f"{path}: regions[{i}] ({region.prompt!r}) has no pixel at {size[0]}x{size[1]}")
+    return scene
+
+
+def parse_color(value: Any, label: str) -> tuple[int, int, int]:
+    """``"#rrggbb"`` → (r, g, b)."""
+    text = value.strip().lower() if isinstance(value, str) else ""
+    if len(text) != 7 or text[0] != "#" or any(c not in "0123456789abcdef" for c in text[1:]):
+        raise ValueError(f"{label}: colours are written '#rrggbb', got {value!r}")
+    return int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16)
+
+
+def _painted_colors(data: dict, path: str) -> tuple[list[tuple[tuple[int, int, int], str]], set]:
+    """The (colour, prompt) pairs in order and the background colours of a painted-scene mapping."""
+    colors = data.get("colors")
+    if not isinstance(colors, dict) or not colors:
+        raise ValueError(f"{path}: 'colors' must be a non-empty object mapping '#rrggbb' to a local prompt")
+    pairs = []
+    for key, prompt in colors.items():
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}: colors[{key!r}] must be a non-empty prompt, got {prompt!r}")
+        pairs.append((parse_color(key, f"{path}: colors"), prompt))
+    background = data.get("background", list(DEFAULT_BACKGROUND))
+    background = [background] if isinstance(background, str) else background
+    if not isinstance(background, list):
+        raise ValueError(f"{path}: 'background' must be a colour or a list of colours")
+    mapped = {c for c, _ in pairs}
+    explicit = "background" in data
+    bg = {parse_color(c, f"{path}: background") for c in background}
+    return pairs, (bg if explicit else bg - mapped)
+
+
+def load_painted_scene(png: str, mapping_json: str, size: tuple[int, int]) -> Scene:
+    """Read a colour-painted PNG and its colour → prompt JSON as a scene with masks at ``size`` (height, width)."""
+    size = _check_size(size)
+    data = _read_json(mapping_json, {"prompt", "colors", "background"})
+    pairs, background = _painted_colors(data, mapping_json)
+    try:
+        with Image.open(png) as image:
+            image.load()
+            rgba = np.asarray(image.convert("RGBA").resize((size[1], size[0]), Image.Resampling.NEAREST))
+    except OSError as e:
+        raise ValueError(f"{png}: cannot read the painted scene ({e})") from e
+    rgb = rgba[..., :3].astype(np.int64)
+    codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    known = np.zeros(size, dtype=bool) | (rgba[..., 3] < 128)
+    for r, g, b in background:
+        known |= codes == (r << 16 | g << 8 | b)
+    regions = []
+    for (r, g, b), prompt in pairs:
+        mask = (codes == (r << 16 | g << 8 | b)) & (rgba[..., 3] >= 128)
+        if not mask.any():
+            raise ValueError(f"{png}: colour #{r:02x}{g:02x}{b:02x} ({prompt!r}) has no pixel at {size[0]}x{size[1]}")
+        known |= mask
+        regions.append(Region(mask, prompt))
+    if not known.all():
+        values, counts = np.unique(codes[~known], return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        worst = [f"#{int(values[i]):06x} ({int(counts[i])} px)" for i in order]
+        raise ValueError(
+            f"{png}: colours not in {mapping_json} nor background: {', '.join(worst[:5])}"
+            f"{' …' if len(worst) > 5 else ''} (paint with exact colours, without anti-aliasing)"
+        )
+    return Scene(data.get("prompt", ""), regions)

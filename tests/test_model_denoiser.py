@@ -1,0 +1,201 @@
+"""Denoiser configs, the ST-extended UNets (latent and pixel), schedulers and the tiny base model."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTokenizer
+
+from spatext.model.config import DenoiserConfig, get_config, list_configs
+from spatext.model.denoiser import (
+    build_latent_denoiser,
+    build_pixel_denoiser,
+    build_scheduler,
+    extend_conv_in,
+    predict,
+)
+from spatext.model.tiny_base import tiny_vocab, write_tiny_base_model
+
+SD15_UNET_PARAMETERS = 859_520_964  # the Stable Diffusion 1.x UNet, without the ST channels
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> str:
+    """The tiny Stable-Diffusion-like base model (latent-tiny sizes), written once for this module."""
+    return write_tiny_base_model(str(tmp_path_factory.mktemp("base") / "tiny-sd"), seed=0)
+
+
+def _inputs(config: DenoiserConfig, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random sample, ST, text tokens and image embedding of the config's sizes."""
+    g = torch.Generator().manual_seed(seed)
+    size = config.sample_size
+    return {
+        "sample": torch.randn(batch, config.sample_channels, size, size, generator=g),
+        "st": torch.randn(batch, config.embed_dim, size, size, generator=g),
+        "text": torch.randn(batch, 7, config.text_embed_dim, generator=g),
+        "image": torch.randn(batch, config.embed_dim, generator=g),
+    }
+
+
+def test_bundled_configs_are_listed_and_returned_as_copies():
+    assert {"latent-tiny", "latent-sd15", "pixel-tiny", "pixel-64"} <= set(list_configs())
+    config = get_config("latent-tiny")
+    config.unet["block_out_channels"].append(999)
+    config.embed_dim = 1
+    fresh = get_config("latent-tiny")
+    assert fresh.unet["block_out_channels"] == [32, 64] and fresh.embed_dim == 64
+
+
+def test_unknown_config_names_the_flag_and_the_choices():
+    with pytest.raises(ValueError, match=r"--config 'nope'.*latent-sd15.*latent-tiny.*pixel-64.*pixel-tiny"):
+        get_config("nope")
+
+
+def test_config_from_a_json_file_and_its_errors(tmp_path):
+    data = get_config("pixel-tiny").to_dict()
+    data.pop("name")
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(data))
+    config = get_config(str(path))
+    assert config.name == "mine" and config.variant == "pixel" and config.in_channels == 3 + 64
+    path.write_text(json.dumps({**data, "colour": "red"}))
+    with pytest.raises(ValueError, match=r"--config 'mine': unknown keys \['colour'\]"):
+        get_config(str(path))
+    path.write_text(json.dumps({**data, "variant": "audio"}))
+    with pytest.raises(ValueError, match="variant must be one of latent, pixel"):
+        get_config(str(path))
+    path.write_text(json.dumps({**data, "unet": {"in_channels": 5}}))
+    with pytest.raises(ValueError, match="unet must not set"):
+        get_config(str(path))
+
+
+def test_sd15_config_is_the_stable_diffusion_unet_plus_st_channels():
+    config = get_config("latent-sd15")
+    assert (config.sample_size, config.sample_channels, config.embed_dim, config.in_channels) == (64, 4, 768, 772)
+    with torch.device("meta"):  # shapes only: no memory, no time
+        unet = UNet2DConditionModel(**config.unet_kwargs())
+        assert sum(p.numel() for p in unet.parameters()) == SD15_UNET_PARAMETERS
+        extend_conv_in(unet, config.embed_dim)
+    assert list(unet.config.block_out_channels) == [320, 640, 1280, 1280]
+    assert unet.config.cross_attention_dim == 768 and unet.conv_in.in_channels == 772
+
+
+def test_pixel64_config_takes_the_clip_image_embedding():
+    config = get_config("pixel-64")
+    kwargs = config.unet_kwargs()
+    assert config.resolution == config.sample_size == 64 and config.in_channels == 3 + 768
+    assert kwargs["class_embed_type"] == "projection" and kwargs["projection_class_embeddings_input_dim"] == 768
+
+
+def test_extend_conv_in_keeps_old_weights_and_zeroes_new_ones():
+    unet = UNet2DConditionModel(**get_config("latent-tiny").unet_kwargs())
+    old = copy.deepcopy(unet.conv_in)
+    extend_conv_in(unet, 10)
+    assert unet.conv_in.in_channels == 14 and unet.config.in_channels == 14
+    assert torch.equal(unet.conv_in.weight[:, :4], old.weight)
+    assert torch.equal(unet.conv_in.weight[:, 4:], torch.zeros_like(unet.conv_in.weight[:, 4:]))
+    assert torch.equal(unet.conv_in.bias, old.bias)
+    with pytest.raises(ValueError, match="extra_channels"):
+        extend_conv_in(unet, 0)
+
+
+def test_step_zero_equals_the_base_model_for_any_st(tiny_base):
+    config = get_config("latent-tiny")
+    base = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").eval()
+    spatext = build_latent_denoiser(config, tiny_base).eval()
+    assert spatext.config.in_channels == 4 + 64
+    x = _inputs(config)
+    with torch.no_grad():
+        expected = base(x["sample"], 500, encoder_hidden_states=x["text"]).sample
+        for seed in (1, 2):
+            st = torch.randn(x["st"].shape, generator=torch.Generator().manual_seed(seed)) * 10
+            got = predict(spatext, x["sample"], st, 500, x["text"])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # the check can fail: once an ST weight is non-zero, ST changes the output
+        spatext.conv_in.weight[:, 4:] += 0.01
+        changed = predict(spatext, x["sample"], x["st"], 500, x["text"])
+    assert (changed - expected).abs().max() > 1e-3
+
+
+def test_latent_denoiser_rejects_a_base_model_that_does_not_fit(tiny_base):
+    config = get_config("latent-tiny")
+    config.text_embed_dim = 48
+    with pytest.raises(ValueError, match="--base-model.*cross_attention_dim 32"):
+        build_latent_denoiser(config, tiny_base)
+    with pytest.raises(ValueError, match="not a latent one"):
+        build_latent_denoiser(get_config("pixel-tiny"))
+
+
+def test_random_denoisers_are_seeded():
+    config = get_config("latent-tiny")
+    a, b = build_latent_denoiser(config, seed=3), build_latent_denoiser(config, seed=3)
+    c = build_latent_denoiser(config, seed=4)
+    assert torch.equal(a.conv_out.weight, b.conv_out.weight)
+    assert not torch.equal(a.conv_out.weight, c.conv_out.weight)
+
+
+def test_pixel_denoiser_is_conditioned_on_the_clip_image_embedding_and_st():
+    config = get_config("pixel-tiny")
+    unet = build_pixel_denoiser(config).eval()
+    assert unet.config.in_channels == 3 + 64 and unet.config.out_channels == 3
+    x = _inputs(config)
+    with torch.no_grad():
+        unet.conv_in.weight[:, 3:].normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+        out = predict(unet, x["sample"], x["st"], 10, x["text"], x["image"])
+        other_image = predict(unet, x["sample"], x["st"], 10, x["text"], -x["image"])
+        other_st = predict(unet, x["sample"], -x["st"], 10, x["text"], x["image"])
+    assert out.shape == x["sample"].shape
+    assert (out - other_image).abs().max() > 1e-4 and (out - other_st).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="image embedding required"):
+        predict(unet, x["sample"], x["st"], 10, x["text"])
+    with pytest.raises(ValueError, match="st must be"):
+        predict(unet, x["sample"], x["st"][:, :, :4], 10, x["text"], x["image"])
+
+
+def test_schedulers_come_from_the_base_model_or_the_config(tiny_base):
+    latent = build_scheduler(get_config("latent-tiny"), tiny_base)
+    assert isinstance(latent, DDIMScheduler) and latent.config.beta_schedule == "scaled_linear"
+    pixel = build_scheduler(get_config("pixel-tiny"), tiny_base)
+    assert pixel.config.beta_schedule == "squaredcos_cap_v2" and pixel.config.prediction_type == "epsilon"
+
+
+def _digests(path: str) -> dict[str, str]:
+    """md5 of every file under ``path``."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), path)] = hashlib.md5(f.read()).hexdigest()
+    return out
+
+
+def test_tiny_base_model_is_a_loadable_seeded_stable_diffusion(tiny_base, tmp_path):
+    with open(os.path.join(tiny_base, "model_index.json")) as f:
+        index = json.load(f)
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["safety_checker"] == [None, None]
+    assert os.path.isfile(os.path.join(tiny_base, "tokenizer", "vocab.json"))
+    assert os.path.isfile(os.path.join(tiny_base, "tokenizer", "merges.txt"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red ball", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    assert _digests(write_tiny_base_model(str(tmp_path / "again"), seed=0)) == _digests(tiny_base)
+    other = _digests(write_tiny_base_model(str(tmp_path / "other"), seed=1))
+    assert other["unet/diffusion_pytorch_model.safetensors"] != _digests(tiny_base)[
+        "unet/diffusion_pytorch_model.safetensors"
+    ]
+
+
+def test_tiny_tokenizer_works_offline_from_vocab_and_merges(tiny_base):
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_base, subfolder="tokenizer")
+    vocab, _ = tiny_vocab()
+    ids = tokenizer("a red ball").input_ids
+    assert ids[0] == vocab["<|startoftext|>"] and ids[-1] == vocab["<|endoftext|>"]
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "a red ball"
+    assert len(tokenizer("word " * 100, truncation=True).input_ids) == 77

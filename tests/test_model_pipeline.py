@@ -1,0 +1,200 @@
+"""SpaTextPipeline end to end with the tiny base model, a random prior and the spatext-tiny CLIP (D=64).
+
+The denoisers are untrained; their ST input weights are set to small random values here (a fresh SpaText UNet has
+them at zero, so ST would have no effect) so that the tests can see the scene reach the image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from spatext.model.pipeline import LocalPromptEncoder, PriorModel, SpaTextPipeline, build_pipeline
+from spatext.model.prior import save_prior
+from spatext.model.scene import Scene
+from spatext.model.tiny_base import write_tiny_base_model
+from spatext.pipeline.clip import ClipSpec, embed_texts, load_clip
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> dict:
+    """The tiny base model, the spatext-tiny CLIP, its local-prompt encoder and a random prior."""
+    base = write_tiny_base_model(str(tmp_path_factory.mktemp("base") / "tiny-sd"))
+    clip = load_clip(ClipSpec(model="spatext-tiny", pretrained="none"))
+    prior = PriorModel(prior_config={"embed_dim": 64, "hidden_dim": 32, "num_layers": 1})
+    with torch.no_grad():  # random weights everywhere (an untrained prior is the identity)
+        prior.prior.proj_out.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return {"base": base, "clip": clip, "encoder": LocalPromptEncoder.from_clip(clip), "prior": prior.eval()}
+
+
+def _pipeline(parts: dict, config: str) -> SpaTextPipeline:
+    pipe = build_pipeline(config, parts["base"], parts["encoder"], parts["prior"])
+    with torch.no_grad():
+        channels = pipe.sample_channels
+        pipe.unet.conv_in.weight[:, channels:].normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def latent(parts) -> SpaTextPipeline:
+    return _pipeline(parts, "latent-tiny")
+
+
+@pytest.fixture(scope="module")
+def pixel(parts) -> SpaTextPipeline:
+    return _pipeline(parts, "pixel-tiny")
+
+
+def _scene(size: int, prompt: str = "a red ball on grass") -> Scene:
+    ball = np.zeros((size, size), bool)
+    ball[: size // 2, : size // 2] = True
+    grass = np.zeros((size, size), bool)
+    grass[size // 2 :] = True
+    return Scene(prompt, [(ball, "a red ball"), (grass, "green grass")])
+
+
+def _run(pipe: SpaTextPipeline, seed: int = 0, **kwargs) -> np.ndarray:
+    kwargs.setdefault("scene", _scene(32))
+    kwargs.setdefault("output_type", "np")
+    return pipe(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def test_latent_pipeline_makes_images_of_the_model_size_deterministically(latent):
+    images = latent(scene=_scene(32), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0)).images
+    assert len(images) == 1 and images[0].size == (32, 32) and images[0].mode == "RGB"
+    first = _run(latent)
+    assert first.shape == (1, 32, 32, 3) and np.array_equal(first, _run(latent))
+    assert not np.array_equal(first, _run(latent, seed=1))
+
+
+def test_the_scene_and_the_guidance_form_change_the_image(latent):
+    joint = _run(latent)
+    regions = _scene(32).regions
+    swapped = Scene("a red ball on grass", [(regions[0].mask, "green grass"), (regions[1].mask, "a red ball")])
+    assert not np.allclose(joint, _run(latent, scene=swapped))
+    per_condition = _run(latent, text_guidance_scale=5.0, st_guidance_scale=2.0)
+    assert per_condition.shape == joint.shape and not np.allclose(joint, per_condition)
+    # zero scales: the unconditional prediction in both forms, whatever the scene
+    unconditional = _run(latent, guidance_scale=0.0)
+    np.testing.assert_allclose(_run(latent, text_guidance_scale=0.0, st_guidance_scale=0.0), unconditional, atol=1e-5)
+    np.testing.assert_allclose(_run(latent, scene=swapped, guidance_scale=0.0), unconditional, atol=1e-5)
+
+
+def test_pixel_pipeline_is_conditioned_on_the_prompt_through_the_prior(pixel):
+    assert pixel.vae is None and pixel.unet.config.class_embed_type == "projection"
+    images = _run(pixel, scene=_scene(16))
+    assert images.shape == (1, 16, 16, 3) and np.array_equal(images, _run(pixel, scene=_scene(16)))
+    assert not np.array_equal(images, _run(pixel, scene=_scene(16), prompt="a blue cube"))
+
+
+def test_batches_prompts_from_scenes_and_images_per_prompt(latent):
+    with_prompt = _run(latent, prompt="a red ball on grass")
+    assert np.array_equal(with_prompt, _run(latent))  # prompt=None takes the scene's prompt
+    empty = Scene("a quiet sky", [])  # no regions: ST is all zero
+    images = _run(latent, scene=[_scene(32), empty], num_images_per_prompt=2)
+    assert images.shape == (4, 32, 32, 3) and not np.array_equal(images[0], images[1])
+    pairs = [(r.mask, r.prompt) for r in _scene(32).regions]
+    assert np.array_equal(_run(latent, prompt="a red ball on grass", scene=pairs), with_prompt)
+
+
+def test_st_holds_the_prior_embeddings_of_the_local_prompts(latent):
+    scene = _scene(32)
+    embeddings = latent.segment_embeddings([scene], torch.device("cpu"))
+    st = latent.prepare_st([scene], embeddings, (32, 32), torch.device("cpu"))
+    assert st.shape == (1, 64, 8, 8)
+    expected = latent.embed_prompts(["a red ball", "green grass"])
+    torch.testing.assert_close(st[0, :, 0, 0], expected[0])
+    torch.testing.assert_close(st[0, :, 7, 7], expected[1])
+    assert not st[0, :, 0, 7].any()  # top right: no region
+
+
+def test_local_prompt_encoder_matches_the_clip_text_embeddings(parts):
+    prompts = ["a red ball", "green grass", ""]
+    got = parts["encoder"].encode(prompts)
+    torch.testing.assert_close(got, torch.from_numpy(embed_texts(parts["clip"], prompts)), rtol=1e-5, atol=1e-6)
+    assert parts["encoder"].config.pretrained == "none (random init)"
+
+
+def test_prior_component_wraps_a_saved_prior(parts, tmp_path):
+    save_prior(parts["prior"].prior, str(tmp_path / "prior"))
+    loaded = PriorModel.from_file(str(tmp_path / "prior"))
+    assert loaded.embed_dim == 64 and loaded.config.prior_config["hidden_dim"] == 32
+    text = torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(text), parts["prior"](text))
+        assert torch.allclose(loaded(text).norm(dim=-1), torch.ones(3))
+
+
+def test_save_pretrained_from_pretrained_round_trip(latent, pixel, tmp_path):
+    for name, pipe, size in (("latent", latent, 32), ("pixel", pixel, 16)):
+        directory = str(tmp_path / name)
+        pipe.save_pretrained(directory)
+        with open(os.path.join(directory, "model_index.json")) as f:
+            index = json.load(f)
+        assert index["local_encoder"] == ["spatext.model.pipeline", "LocalPromptEncoder"]
+        assert index["prior"] == ["spatext.model.pipeline", "PriorModel"]
+        assert (index["vae"][0] is None) == (name == "pixel")
+        loaded = SpaTextPipeline.from_pretrained(directory)
+        loaded.set_progress_bar_config(disable=True)
+        for component in ("unet", "text_encoder", "local_encoder", "prior", "vae"):
+            if getattr(pipe, component) is not None:  # every weight comes back bit for bit
+                saved, back = getattr(pipe, component).state_dict(), getattr(loaded, component).state_dict()
+                assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
+        public = [k for k in pipe.scheduler.config if not k.startswith("_")]
+        assert all(loaded.scheduler.config[k] == pipe.scheduler.config[k] for k in public)
+        # same images; not bit-exact: weights read through mmap sit at other memory alignments, and BLAS kernels
+        # may then sum in another order (~1e-7 per op; diffusers' own save/load tests allow 1e-4)
+        np.testing.assert_allclose(_run(loaded, scene=_scene(size)), _run(pipe, scene=_scene(size)), atol=1e-4)
+
+
+def test_a_region_that_vanishes_at_the_model_resolution_is_an_error(latent):
+    dot = np.zeros((32, 32), bool)
+    dot[5, 5] = True  # one pixel of 32 x 32; the latent is 8 x 8 (a cell is 4 x 4 pixels)
+    scene = Scene("a sky", [(np.ones((32, 32), bool), "sky"), (dot, "a distant bird")])
+    message = r"regions\[1\] \('a distant bird'\) has no pixel at the model's resolution 8x8"
+    with pytest.raises(ValueError, match=message):
+        _run(latent, scene=scene)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt": 3}, "prompt must be a string"),
+        ({"prompt": []}, "prompt: the list is empty"),
+        ({"scene": "a cat"}, "scene must be a Scene"),
+        ({"scene": [(np.ones((32, 32)), "")]}, r"scene: regions\[0\]: the local prompt"),
+        ({"prompt": ["a", "b", "c"], "scene": [_scene(32), _scene(32)]}, "scene: got 2 scenes for 3 prompts"),
+        ({"scene": Scene("", [])}, "prompt: give a prompt"),
+        ({"height": 30}, "height must be a positive multiple of 4"),
+        ({"width": 0}, "width must be a positive multiple of 4"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+        ({"output_type": "jpeg"}, "output_type must be one of"),
+        ({"text_guidance_scale": 3.0}, "text_guidance_scale and st_guidance_scale"),
+        ({"latents": torch.zeros(1, 4, 4, 4)}, r"latents must have shape \(1, 4, 8, 8\)"),
+        ({"generator": [torch.Generator(), torch.Generator()]}, "generator: got 2 generators for 1 images"),
+    ],
+)
+def test_bad_inputs_raise_value_errors_naming_the_argument(latent, kwargs, message):
+    kwargs = {"scene": _scene(32), "num_inference_steps": 1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        latent(**kwargs)
+
+
+def test_components_that_do_not_fit_are_rejected(parts, latent):
+    small_prior = PriorModel(prior_config={"embed_dim": 32, "hidden_dim": 16, "num_layers": 0})
+    with pytest.raises(ValueError, match="prior: embed_dim 32"):
+        SpaTextPipeline(latent.unet, latent.scheduler, latent.text_encoder, latent.tokenizer, latent.local_encoder,
+                        small_prior, latent.vae)
+    with pytest.raises(ValueError, match="vae: a latent denoiser needs a VAE"):
+        SpaTextPipeline(latent.unet, latent.scheduler, latent.text_encoder, latent.tokenizer, latent.local_encoder,
+                        latent.prior, None)
+    with pytest.raises(ValueError, match="--clip-model 'spatext-tiny': embed_dim 64 != 768"):
+        build_pipeline("latent-sd15", parts["base"], parts["encoder"], parts["prior"])

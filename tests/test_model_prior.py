@@ -1,0 +1,156 @@
+"""Prior P: configs, identity at init, training beats the identity baseline on correlated pairs, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+from spatext.model.prior import (
+    Prior,
+    PriorConfig,
+    heldout_mask,
+    list_prior_configs,
+    load_embedding_pairs,
+    load_prior,
+    load_prior_config,
+    train_prior,
+)
+from spatext.pipeline.schema import encode_image, encode_segment_map, shard_schema
+
+D = 32
+TINY = PriorConfig(name="test", hidden_dim=128, num_layers=2, expansion=2)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _write_pairs(folder, rows: int, seed: int = 0, files: int = 2) -> None:
+    """Synthetic shards through the real schema: image = normalize(A @ text + noise) for a fixed random A."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(D, D)) / np.sqrt(D)
+    text = _unit(rng.normal(size=(rows, D)))
+    image = _unit(text @ mixing.T + 0.15 * rng.normal(size=(rows, D)) / np.sqrt(D))
+    png, seg = encode_image(np.zeros((2, 2, 3), np.uint8), "png"), encode_segment_map(np.ones((2, 2), np.uint8))
+    segment = {"index": 1, "area": 1.0, "bbox": [0, 0, 2, 2], "embedding": np.zeros(D, np.float16), "label": None,
+               "score": None}
+    schema = shard_schema({"embed_dim": D, "clip_model": "synthetic", "clip_pretrained": "none (random init)"})
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, idx in enumerate(np.array_split(np.arange(rows), files)):
+        table = pa.Table.from_pylist([
+            {"key": f"s{i:06d}", "caption": "c", "image": png, "width": 2, "height": 2, "segment_map": seg,
+             "segments": [segment], "image_embedding": image[i].astype(np.float16),
+             "caption_embedding": text[i].astype(np.float16)} for i in idx
+        ], schema=schema)
+        pq.write_table(table, folder / f"part-{part}.parquet", row_group_size=500)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A tiny MLP gains nothing from more threads, and on a busy 2-core machine they cost 10x (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prior") / "build" / "shards"
+    _write_pairs(folder, 3000)
+    return folder.parent
+
+
+def test_bundled_configs_load_as_fresh_copies(tmp_path):
+    assert {"prior-tiny", "prior-base"} <= set(list_prior_configs())
+    tiny = load_prior_config("prior-tiny")
+    assert tiny.name == "prior-tiny" and tiny.embed_dim is None
+    tiny.hidden_dim = 7
+    assert load_prior_config("prior-tiny").hidden_dim != 7
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"hidden_dim": 64, "num_layers": 1}))
+    assert load_prior_config(str(path)).hidden_dim == 64
+    path.write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_prior_config(str(path))
+    with pytest.raises(ValueError, match="prior-tiny"):
+        load_prior_config("prior-huge")
+    with pytest.raises(ValueError, match="dropout"):
+        PriorConfig(dropout=1.5)
+
+
+def test_untrained_prior_is_the_identity():
+    prior = Prior(PriorConfig(embed_dim=D, hidden_dim=64))
+    text = torch.randn(5, D)
+    torch.testing.assert_close(prior(text), F.normalize(text, dim=-1))
+    with pytest.raises(ValueError, match="embed_dim"):
+        Prior(PriorConfig())
+
+
+def test_heldout_split_is_a_function_of_the_key():
+    keys = [f"k{i}" for i in range(4000)]
+    mask = heldout_mask(keys, 0.1)
+    assert 0.08 < mask.mean() < 0.12
+    flipped = heldout_mask(keys[::-1], 0.1)[::-1]
+    np.testing.assert_array_equal(mask, flipped)
+
+
+def test_reads_only_the_embedding_pairs(pairs_dir):
+    pairs = load_embedding_pairs(str(pairs_dir))
+    assert len(pairs.keys) == 3000 and pairs.text.shape == (3000, D) and pairs.text.dtype == np.float16
+    assert pairs.metadata["clip_model"] == "synthetic"
+
+
+def test_trained_prior_beats_identity_on_held_out_rows(pairs_dir, tmp_path):
+    out = tmp_path / "prior"
+    metrics = train_prior(str(pairs_dir), str(out), TINY, steps=300, batch_size=256, lr=2e-3, seed=0)
+    assert metrics["num_heldout"] > 200 and metrics["num_train"] + metrics["num_heldout"] == 3000
+    assert abs(metrics["heldout_identity_cosine"]) < 0.1  # A is random: text alone says little
+    assert metrics["heldout_prior_cosine"] > 0.8
+    assert metrics["heldout_prior_cosine"] > metrics["heldout_mean_image_cosine"] + 0.5
+    assert metrics["config"]["embed_dim"] == D and metrics["lineage"]["clip_model"] == "synthetic"
+    assert json.loads((out / "prior_metrics.json").read_text())["heldout_prior_cosine"] == metrics[
+        "heldout_prior_cosine"]
+    assert json.loads((out / "prior_config.json").read_text())["hidden_dim"] == 128
+
+    loaded = load_prior(str(out))
+    text = torch.randn(4, D)
+    again = load_prior(str(out / "prior.safetensors"))
+    torch.testing.assert_close(loaded(text), again(text))
+    assert not loaded.training
+    state = safetensors.torch.load_file(str(out / "prior.safetensors"))  # plain tensors, no pickle
+    assert set(state) == set(loaded.state_dict())
+
+
+def test_training_is_deterministic_given_seed(pairs_dir, tmp_path):
+    first = train_prior(str(pairs_dir), str(tmp_path / "a"), TINY, steps=20, batch_size=64, seed=1)
+    second = train_prior(str(pairs_dir), str(tmp_path / "b"), TINY, steps=20, batch_size=64, seed=1)
+    assert first["heldout_prior_cosine"] == second["heldout_prior_cosine"]
+    assert first["num_heldout"] == second["num_heldout"]
+
+
+def test_bad_arguments(pairs_dir, tmp_path):
+    with pytest.raises(ValueError, match="embed_dim=16"):
+        train_prior(str(pairs_dir), str(tmp_path), PriorConfig(embed_dim=16), steps=1)
+    with pytest.raises(ValueError, match="val_fraction"):
+        train_prior(str(pairs_dir), str(tmp_path), TINY, steps=1, val_fraction=1.0)
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="prior config"):
+        load_prior(str(plain))
+
+
+def test_command_line_entry_writes_the_outputs(pairs_dir, tmp_path):
+    from spatext.model.prior import main
+
+    argv = ["--data", str(pairs_dir), "--output", str(tmp_path / "cli"), "--steps", "5", "--batch-size", "32"]
+    assert main(argv) == 0
+    assert {p.name for p in (tmp_path / "cli").iterdir()} == {"prior.safetensors", "prior_config.json",
+                                                             "prior_metrics.json"}
