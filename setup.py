@@ -30,6 +30,11 @@ setup(
         "torchvision",
         "open_clip_torch>=2.24",
         "transformers>=4.40",
+        "diffusers>=0.30",
+        "accelerate",
+        "safetensors",
+        "torchmetrics>=1.4",
+        "scipy",
         "pyarrow>=14",
         "fsspec",
         "numpy",
@@ -37,7 +42,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff", "scipy", "duckdb"],
+        "fid": ["torch-fidelity"],
+        "test": ["pytest", "pytest-timeout", "ruff", "duckdb", "datasets"],
     },
     entry_points={"console_scripts": ["spatext = spatext.cli:main"]},
 )

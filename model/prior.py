@@ -343,7 +343,9 @@ def load_prior(output_or_file: str, device: str = "cpu") -> Prior:
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """Flags of `python -m spatext.model.prior` (a future `spatext train-prior`)."""
-    parser = argparse.ArgumentParser(description="Train the prior P (CLIP text -> image embedding) on spatext shards")
+    parser = argparse.ArgumentParser(
+        prog="spatext train-prior", description="Train the prior P (CLIP text -> image embedding) on spatext shards"
+    )
     parser.add_argument("--data", required=True, help="build dir, glob or Parquet file (any fsspec path)")
     parser.add_argument("--output", required=True, help="folder for prior.safetensors, prior_config.json, metrics")
     parser.add_argument("--config", default="prior-tiny",

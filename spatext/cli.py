@@ -11,6 +11,8 @@ COMMANDS = {
     "build": ("spatext.pipeline.build", "build Parquet shards from a corpus (Apache Beam job)"),
     "verify": ("spatext.pipeline.verify", "check a build's shards against the schema and invariants"),
     "inspect": ("spatext.pipeline.inspect_shards", "draw samples of a build with their segments"),
+    "train-prior": ("spatext.model.prior", "train the prior P (CLIP text -> image embedding) on shards"),
+    "eval": ("spatext.eval.cli", "evaluation: make-benchmark (benchmark sets from shards)"),
     "demo": ("spatext.demo", "run the offline end-to-end demo"),
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -145,9 +146,14 @@ def test_clip_extractor_matches_the_model_transform(tiny) -> None:
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
 
 
-def test_clip_extractor_rejects_float_input(tiny) -> None:
+def test_clip_extractor_input_types(tiny) -> None:
+    extractor = ClipFeatureExtractor(tiny)
+    images = torch.from_numpy(np.stack(demo_images(2, 8, size=(50, 70)))).permute(0, 3, 1, 2)
+    pixels = extractor.preprocess(images)
+    assert pixels.dtype == torch.float32 and tuple(pixels.shape) == (2, 3, 64, 64)
+    torch.testing.assert_close(extractor(pixels), extractor(images))  # preprocessed floats pass straight through
     with pytest.raises(ValueError, match="uint8"):
-        ClipFeatureExtractor(tiny)(torch.rand(2, 3, 8, 8))
+        extractor(images.to(torch.int16))
 
 
 def test_make_fid_errors(tiny, tmp_path: Path) -> None:
@@ -168,10 +174,10 @@ def test_make_fid_errors(tiny, tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the standard Inception path (torch-fidelity)
 
 
-def random_inception_state() -> dict[str, torch.Tensor]:
+@pytest.fixture(scope="module")
+def inception_state() -> dict[str, torch.Tensor]:
     """A random-init state dict of torch-fidelity's FID Inception (its constructor always loads weights: skip that)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fe, "load_state_dict_from_url", lambda *args, **kwargs: {})
         patch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state, *args, **kwargs: None)
@@ -182,25 +188,27 @@ def random_inception_state() -> dict[str, torch.Tensor]:
 
 @pytest.mark.skipif(not HAS_FIDELITY, reason="torch-fidelity is not installed (torchmetrics[image])")
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_inception_weights_from_a_local_file(tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inception_weights_from_a_local_file(
+    inception_state, tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
-    state = random_inception_state()
     path = tmp_path / f"inception{suffix}"
     if suffix == ".pt":
-        torch.save(state, path)
+        torch.save(inception_state, path)
     else:
         from safetensors.torch import save_file
 
-        save_file(state, str(path))
+        save_file(inception_state, str(path))
     monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: pytest.fail("must not download"))
     metric, description = make_fid("inception", inception_weights=str(path))
     assert description["weights"] == str(path) and description["feature_dim"] == 2048
-    assert "299x299" in description["resize"]
-    images = demo_images(3, 0, size=(40, 40))
-    fid_update(metric, images, real=True)
-    fid_update(metric, images, real=False)
-    assert fid_summary(metric, description)["num_real"] == 3
+    assert "299x299" in description["resize"] and description["versions"]["torch-fidelity"]
+    loaded = metric.inception.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in inception_state.items())
+    if suffix == ".pt":  # one forward (slow on 2 cores: Inception at 299 px); the FID math is tested above
+        fid_update(metric, demo_images(2, 0, size=(40, 40)), real=True)
+        assert int(metric.real_features_num_samples) == 2
 
 
 @pytest.mark.skipif(not HAS_FIDELITY, reason="torch-fidelity is not installed (torchmetrics[image])")
@@ -221,3 +229,19 @@ def test_inception_without_weights_offline_says_what_to_pass(monkeypatch: pytest
     monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match="--inception-weights PATH.*--fid-extractor clip"):
         make_fid("inception")
+
+
+def test_throughput_benchmark_runs_and_agrees(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/eval_throughput.py end to end with tiny settings (in-process): table, JSON, scipy == torch."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_throughput.py"
+    spec = importlib.util.spec_from_file_location("eval_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--num-images", "3", "--batch", "2", "--clip-model", TINY_MODEL, "--fd-dim", "16", "--fd-samples", "60",
+            "--repeats", "1", "--out", str(tmp_path)]
+    assert module.main(argv) == 0
+    assert "all four" in capsys.readouterr().out
+    record = json.loads((tmp_path / "eval_throughput.json").read_text())
+    assert set(record["scoring"]) == {"global_distance", "local_distance", "local_iou", "fid", "all four"}
+    assert record["metric_values"]["local_iou"] == 1.0  # mirrored ground truth against mirrored masks
+    assert record["frechet"]["rel_diff"] < 1e-9

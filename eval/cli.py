@@ -1,0 +1,108 @@
+"""`spatext eval SUBCOMMAND ...`: the evaluation commands (benchmark sets now; generate and score to come).
+
+    spatext eval make-benchmark --shards build/ --protocol few --num 500 --seed 0 --out bench/coco-few
+
+Each subcommand is one entry of ``SUBCOMMANDS``: a name, a help line, a function that adds its flags to its parser
+and a function ``run(args) -> int``. Add a subcommand by appending an entry; ``main`` needs no change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from spatext.eval.masks import PERTURB_FLAG, PERTURB_FORMS, MaskPerturbation, parse_perturb
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One `spatext eval` subcommand."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def perturb_type(value: str) -> MaskPerturbation:
+    """argparse ``type=`` for ``--mask-perturb`` (the error names the flag and the valid forms)."""
+    try:
+        return parse_perturb(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def add_mask_perturb_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--mask-perturb`` (mask sensitivity) to a subcommand's parser."""
+    parser.add_argument(
+        PERTURB_FLAG, type=perturb_type, default=None, metavar="KIND:PX",
+        help=f"perturb the input masks to measure mask sensitivity: {PERTURB_FORMS}",
+    )
+
+
+def _add_make_benchmark(parser: argparse.ArgumentParser) -> None:
+    """Flags of `make-benchmark`."""
+    from spatext.eval.benchmark_set import PROTOCOLS
+
+    parser.add_argument("--shards", required=True, help="a build folder (with shards/) or a folder of shard files")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="filtered",
+                        help="all: every labelled segment; filtered: segments >= 5%% of the image; "
+                             "few: 1-3 such segments chosen by (seed, key)")
+    parser.add_argument("--num", type=int, default=None, help="number of samples (default: every eligible sample)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample ranking and of the `few` choice")
+    parser.add_argument("--out", required=True, help="output folder of the benchmark set")
+    parser.add_argument("--overwrite", action="store_true", help="replace a benchmark set already in --out")
+
+
+def _run_make_benchmark(args: argparse.Namespace) -> int:
+    """Write a benchmark set and print one summary line."""
+    from spatext.eval.benchmark_set import BenchmarkSpec, make_benchmark
+
+    spec = BenchmarkSpec(shards=args.shards, out=args.out, protocol=args.protocol, num=args.num, seed=args.seed,
+                         overwrite=args.overwrite)
+    logger.info("make-benchmark: %s", spec)
+    info = make_benchmark(spec)
+    skipped = ", ".join(f"{k} {v}" for k, v in info["skipped"].items())
+    print(f"benchmark {info['protocol']}: {info['num_samples']} samples, {info['num_regions']} regions "
+          f"(eligible {info['eligible']}; skipped: {skipped}) -> {args.out}")
+    return 0
+
+
+SUBCOMMANDS: list[Subcommand] = [
+    Subcommand("make-benchmark", "make a benchmark set (prompts, masks, reference images) from shards",
+               _add_make_benchmark, _run_make_benchmark),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `spatext eval` parser with one subparser per entry of SUBCOMMANDS."""
+    parser = argparse.ArgumentParser(prog="spatext eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+    for sub in SUBCOMMANDS:
+        sub_parser = commands.add_parser(sub.name, help=sub.help, description=sub.help)
+        sub.add_arguments(sub_parser)
+        sub_parser.set_defaults(run=sub.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run the subcommand; a ValueError (bad input) becomes a one-line error and exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except ValueError as e:
+        print(f"spatext eval {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+r"""FID between generated and reference images: torchmetrics ``FrechetInceptionDistance`` with a named extractor.
+
+.. math:: FID = \|\mu_r - \mu_g\|^2 + tr(\Sigma_r + \Sigma_g - 2(\Sigma_r \Sigma_g)^{1/2})
+
+Two feature extractors, and every report names the one used (``make_fid`` returns a description with the extractor,
+its weights, the resize mode, the feature dimension and the library versions; ``fid_summary`` adds the image counts):
+
+- ``inception`` (the standard): torchmetrics' FID Inception-v3 (2048-d pool features; needs ``torch-fidelity``).
+  Offline, pass the standard weights file with ``--inception-weights PATH`` (torch-fidelity's
+  ``weights-inception-2015-12-05-6726825d.pth`` or a ``.safetensors`` of the same state dict). Without a path,
+  torch-fidelity downloads them (or finds them in the torch hub cache). Images are resized to 299 x 299 by
+  torchmetrics: bilinear with antialiasing by default, ``antialias=False`` = the original TF1 bilinear.
+- ``clip``: L2-normalised CLIP image embeddings (``ClipFeatureExtractor``), for when the Inception weights are
+  absent. Values are not comparable with Inception FID and the report says so via its ``extractor`` field.
+
+The Fréchet distance itself is torchmetrics' own ``_compute_fid`` (the function its class uses), exposed here as
+``frechet_distance``; the tests compare it with an independent scipy float64 computation.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+from torchvision import transforms as T
+from torchvision.transforms import v2
+
+from spatext.pipeline.clip import ClipModel, encode_pixels
+
+logger = logging.getLogger(__name__)
+
+EXTRACTORS = ("inception", "clip")
+INCEPTION_FEATURES = 2048
+INCEPTION_SIZE = 299
+_CONVERSIONS = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb")  # PIL-only steps, skipped
+
+
+def _version(package: str) -> str | None:
+    """The installed version of ``package``, or None."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class ClipFeatureExtractor(torch.nn.Module):
+    """FID features from CLIP: uint8 N x 3 x H x W in, L2-normalised image embeddings (N x D, float64) out.
+
+    The model's own eval transform, applied to tensors: its Resize / CenterCrop / Normalize after scaling to [0, 1].
+    The CLIP model stays where its spec put it (it is not a submodule, so ``metric.to`` does not move it).
+    """
+
+    def __init__(self, clip: ClipModel) -> None:
+        """Keep the CLIP model and the tensor steps of its transform."""
+        super().__init__()
+        self.clip = clip
+        self.num_features = int(clip.embed_dim)
+        steps = getattr(clip.preprocess, "transforms", [clip.preprocess])
+        self.steps = []
+        for step in steps:
+            name = getattr(step, "__name__", type(step).__name__)
+            if isinstance(step, (T.Resize, T.CenterCrop, T.Normalize, v2.Resize, v2.CenterCrop, v2.Normalize)):
+                self.steps.append(step)
+            elif name not in _CONVERSIONS:
+                raise ValueError(f"ClipFeatureExtractor: cannot apply transform step {step!r} to tensors")
+
+    @property
+    def resize_mode(self) -> str:
+        """The tensor transform in words (for reports)."""
+        steps = [step for step in self.steps if not isinstance(step, (T.Normalize, v2.Normalize))]
+        return " -> ".join(repr(step).replace("\n", "") for step in steps)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's transform of uint8 RGB images (N x 3 x H x W): float N x 3 x S x S."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 N x 3 x H x W images, got {images.dtype} {tuple(images.shape)}")
+        pixels = images.detach().to(torch.float32) / 255.0
+        for step in self.steps:
+            pixels = step(pixels)
+        return pixels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Embed uint8 RGB images (N x 3 x H x W), or float ones already through ``preprocess`` (N x 3 x S x S)."""
+        pixels = images.detach() if images.is_floating_point() and images.ndim == 4 else self.preprocess(images)
+        # float64 so that torchmetrics returns the FID in float64 (it casts the result to the features' dtype).
+        return torch.from_numpy(encode_pixels(self.clip, pixels)).to(images.device, torch.float64)
+
+
+def _safe_inception_file(path: str, directory: str) -> str:
+    """Re-save the state dict at ``path`` as a plain tensor file (torch-fidelity unpickles with weights_only=False)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--inception-weights {path!r}: cannot read a state dict from it ({e})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--inception-weights {path!r}: expected a state dict of tensors")
+    safe = os.path.join(directory, "inception.pt")
+    torch.save(state, safe)
+    return safe
+
+
+def _inception_fid(weights: str | None, antialias: bool) -> FrechetInceptionDistance:
+    """torchmetrics' FID with the FID Inception-v3, weights from ``weights`` or torch-fidelity's download."""
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ModuleNotFoundError(
+            "the inception FID extractor needs torch-fidelity: `pip install torch-fidelity` (torchmetrics[image]); "
+            "or use the CLIP extractor (--fid-extractor clip)"
+        )
+    if weights is not None and not os.path.isfile(weights):
+        raise ValueError(f"--inception-weights {weights!r} is not a file")
+    if weights is None:
+        try:
+            return FrechetInceptionDistance(feature=INCEPTION_FEATURES, antialias=antialias)
+        except Exception as e:
+            raise RuntimeError(
+                "the standard FID Inception weights are not available (no network and not in the torch hub cache). "
+                "Pass a local file with --inception-weights PATH, or use --fid-extractor clip. "
+                f"Cause: {type(e).__name__}: {e}"
+            ) from e
+    with tempfile.TemporaryDirectory() as directory:
+        safe = _safe_inception_file(weights, directory)
+        try:
+            return FrechetInceptionDistance(
+                feature=INCEPTION_FEATURES, feature_extractor_weights_path=safe, antialias=antialias
+            )
+        except RuntimeError as e:
+            raise ValueError(f"--inception-weights {weights!r} does not fit the FID Inception-v3: {e}") from e
+
+
+def make_fid(
+    extractor: str = "inception",
+    inception_weights: str | None = None,
+    clip: ClipModel | None = None,
+    device: str = "cpu",
+    antialias: bool = True,
+) -> tuple[FrechetInceptionDistance, dict]:
+    """A configured FID metric (on ``device``) and the description every report must carry."""
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"--fid-extractor {extractor!r} is not valid; choose one of {', '.join(EXTRACTORS)}")
+    versions = {name: _version(name) for name in ("torchmetrics", "torch", "torch-fidelity", "open_clip_torch")}
+    if extractor == "inception":
+        metric = _inception_fid(inception_weights, antialias)
+        resize = (
+            f"bilinear{' antialiased' if antialias else ' (TF1-compatible)'} to {INCEPTION_SIZE}x{INCEPTION_SIZE}"
+        )
+        description = {
+            "extractor": "inception-v3 (FID, torchmetrics / torch-fidelity)",
+            "weights": inception_weights or "torch-fidelity FID Inception weights (download / torch hub cache)",
+            "resize": resize,
+            "feature_dim": INCEPTION_FEATURES,
+        }
+    else:
+        if clip is None:
+            raise ValueError("--fid-extractor clip needs a CLIP model (clip=load_clip(...))")
+        features = ClipFeatureExtractor(clip)
+        metric = FrechetInceptionDistance(feature=features)
+        description = {
+            "extractor": f"clip:{clip.spec.model} (L2-normalised image embeddings; not comparable to Inception FID)",
+            "weights": clip.pretrained_label,
+            "resize": features.resize_mode,
+            "feature_dim": features.num_features,
+        }
+    description.update({"input": "uint8 RGB", "versions": versions})
+    logger.info("FID: %s, weights %s", description["extractor"], description["weights"])
+    return metric.to(device), description
+
+
+def fid_update(metric: FrechetInceptionDistance, images: Sequence[np.ndarray], real: bool) -> None:
+    """Add H x W x 3 uint8 images (any sizes) to the real or the generated side."""
+    # CLIP: each image through the model's transform, then one batch. Inception: images of equal size are batched
+    # together and torchmetrics resizes them (images of many sizes mean many small batches).
+    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for i, image in enumerate(images):
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            got = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise ValueError(f"images[{i}] must be an H x W x 3 uint8 array, got {got}")
+        by_shape.setdefault(image.shape, []).append(image)
+    batches = [torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2).to(metric.device) for group in by_shape.values()]
+    if isinstance(metric.inception, ClipFeatureExtractor) and batches:
+        batches = [torch.cat([metric.inception.preprocess(batch) for batch in batches])]
+    for batch in batches:
+        metric.update(batch.contiguous(), real=real)
+
+
+def fid_summary(metric: FrechetInceptionDistance, description: dict) -> dict:
+    """The FID value with its description and the image counts on each side (what a report prints)."""
+    return {
+        "fid": float(metric.compute()),
+        "num_real": int(metric.real_features_num_samples),
+        "num_generated": int(metric.fake_features_num_samples),
+        **description,
+    }
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): torchmetrics' ``_compute_fid``, the class's math."""
+    return _compute_fid(mu1, sigma1, mu2, sigma2)
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance (float64) of N x d features, as ``FrechetInceptionDistance.compute`` forms them."""
+    features = features.double()
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"features must be N x d with N >= 2, got shape {tuple(features.shape)}")
+    n = features.shape[0]
+    mean = features.sum(dim=0) / n
+    cov = (features.t().mm(features) - n * torch.outer(mean, mean)) / (n - 1)
+    return mean, cov
+
+
+def frechet_distance_from_features(features1: torch.Tensor, features2: torch.Tensor) -> torch.Tensor:
+    """Functional FID on precomputed features: statistics of each set, then ``frechet_distance``."""
+    return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))

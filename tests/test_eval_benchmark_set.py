@@ -1,0 +1,184 @@
+"""Benchmark sets: protocols, determinism, the on-disk format and `spatext eval make-benchmark`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spatext.eval import cli
+from spatext.eval.benchmark_set import (
+    FEW_K,
+    MIN_AREA,
+    BenchmarkSpec,
+    file_stem,
+    load_benchmark,
+    make_benchmark,
+    read_benchmark_info,
+)
+from spatext.pipeline.crop import mask_bbox
+from spatext.pipeline.records import Embeddings, Sample, SelectedSegment
+from spatext.pipeline.schema import sample_to_row, shard_schema
+
+SIZE = 40  # images are SIZE x SIZE: a 9 x 9 square is 5.06% of the image, an 8 x 8 one 4%
+
+
+def shard_sample(n: int) -> tuple[Sample, Embeddings]:
+    """Sample n: five squares of sides 20, 12, 9, 8, 4 (areas 25%, 9%, 5.06%, 4%, 1%); the 12 one is unlabelled."""
+    rng = np.random.default_rng(n)
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    segment_map = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    corners = [(0, 0, 20), (0, 22, 12), (22, 0, 9), (22, 12, 8), (30, 30, 4)]
+    labels = ["sky", None, "dog", "cat", "ball"]
+    if n % 5 == 4:  # every fifth sample: only the small squares (no segment >= 5%)
+        corners, labels = corners[3:], labels[3:]
+    segments = []
+    for index, ((y, x, side), label) in enumerate(zip(corners, labels, strict=True), start=1):
+        segment_map[y : y + side, x : x + side] = index
+        mask = segment_map == index
+        segments.append(SelectedSegment(index, float(mask.mean()), mask_bbox(mask), label, None))
+    sample = Sample(key=f"s{n:03d}", source="test", caption=f"caption {n}", image=image,
+                    segment_map=segment_map, segments=tuple(segments))
+    k = len(segments)
+    return sample, Embeddings(np.ones((k, 4), np.float32) / 2, np.ones(4, np.float32) / 2, np.ones(4, np.float32) / 2)
+
+
+def write_shards(folder: Path, samples: range, parts: int) -> Path:
+    """Write the samples as `parts` Parquet shards (the build's layout: folder/shards/*.parquet)."""
+    rows = [sample_to_row(*shard_sample(n), image_format="png") for n in samples]
+    (folder / "shards").mkdir(parents=True)
+    schema = shard_schema({"segmenter": "annotations", "min_area": 0.05, "k_max": 3, "clip_model": "test"})
+    for p in range(parts):
+        table = pa.Table.from_pylist(rows[p::parts], schema=schema)
+        pq.write_table(table, folder / "shards" / f"part-{p:05d}.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("src"), range(20), parts=2)
+
+
+def build(shards: Path, out: Path, protocol: str, **kwargs) -> tuple[dict, list]:
+    info = make_benchmark(BenchmarkSpec(shards=str(shards), out=str(out), protocol=protocol, **kwargs))
+    return info, load_benchmark(str(out))
+
+
+def prompts_of(samples) -> dict[str, list[str]]:
+    return {s.key: s.local_prompts for s in samples}
+
+
+def test_protocols_keep_the_right_regions(shards: Path, tmp_path: Path) -> None:
+    info, samples = build(shards, tmp_path / "all", "all")
+    assert len(samples) == 20 and info["skipped"] == {"no_region": 0, "unlabelled_regions": 16}
+    prompts = prompts_of(samples)
+    assert prompts["s000"] == ["sky", "dog", "cat", "ball"] and prompts["s004"] == ["cat", "ball"]
+    info, samples = build(shards, tmp_path / "filtered", "filtered")
+    assert len(samples) == 16 and info["skipped"]["no_region"] == 4  # s004, s009, ... hold only squares < 5%
+    assert all(s.local_prompts == ["sky", "dog"] for s in samples)
+    assert all(r.area >= MIN_AREA for s in samples for r in s.regions)
+    info, samples = build(shards, tmp_path / "few", "few", seed=1)
+    assert len(samples) == 16 and all(FEW_K[0] <= len(s.regions) <= FEW_K[1] for s in samples)
+    assert {len(s.regions) for s in samples} == {1, 2}  # K ~ U[1, 3] capped by the 2 candidates
+    assert all(set(s.local_prompts) <= {"sky", "dog"} for s in samples)
+
+
+def test_masks_and_reference_round_trip(shards: Path, tmp_path: Path) -> None:
+    _, samples = build(shards, tmp_path / "b", "all")
+    sample = {s.key: s for s in samples}["s000"]
+    source, _ = shard_sample(0)
+    np.testing.assert_array_equal(sample.reference, source.image)
+    assert [r.source_index for r in sample.regions] == [1, 3, 4, 5]  # the unlabelled segment 2 is left out
+    for region in sample.regions:
+        np.testing.assert_array_equal(sample.masks == region.index, source.segment_map == region.source_index)
+        assert region.area == pytest.approx((sample.masks == region.index).mean(), abs=1e-6)
+    assert sample.prompt == "caption 0" and sample.masks.dtype == np.uint8
+
+
+def data_files(folder: Path) -> list[Path]:
+    """Every file of a benchmark folder but benchmark.json (which holds the creation time), relative, sorted."""
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name != "benchmark.json")
+
+
+def test_deterministic_and_independent_of_sharding(shards: Path, tmp_path: Path) -> None:
+    resharded = write_shards(tmp_path / "resharded", range(20), parts=3)
+    outputs = []
+    for name, source in (("a", shards), ("b", shards), ("c", resharded)):
+        build(source, tmp_path / name, "few", num=7, seed=5)
+        outputs.append(tmp_path / name)
+    files = data_files(outputs[0])
+    assert len(files) == 1 + 2 * 7
+    for other in outputs[1:]:
+        assert data_files(other) == files
+        for f in files:
+            assert (other / f).read_bytes() == (outputs[0] / f).read_bytes(), f
+    build(shards, tmp_path / "seed6", "few", num=7, seed=6)
+    assert (tmp_path / "seed6" / "samples.jsonl").read_bytes() != (outputs[0] / "samples.jsonl").read_bytes()
+
+
+def test_benchmark_json_describes_the_set(shards: Path, tmp_path: Path) -> None:
+    build(shards, tmp_path / "b", "filtered", num=5, seed=2)
+    info = read_benchmark_info(str(tmp_path / "b"))
+    assert info["format"] == "spatext-benchmark" and info["format_version"] == 1
+    assert (info["protocol"], info["seed"], info["num_requested"], info["num_samples"]) == ("filtered", 2, 5, 5)
+    assert info["num_regions"] == 10 and info["eligible"] == 16
+    assert info["source"]["rows"] == 20 and len(info["source"]["files"]) == 2
+    assert info["source"]["metadata"]["segmenter"] == "annotations" and info["source"]["metadata_consistent"]
+    lines = (tmp_path / "b" / "samples.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    assert set(record) == {"key", "prompt", "width", "height", "regions", "masks", "reference"}
+    assert [json.loads(line)["key"] for line in lines] == sorted(json.loads(line)["key"] for line in lines)
+
+
+def test_existing_output_needs_overwrite(shards: Path, tmp_path: Path) -> None:
+    build(shards, tmp_path / "b", "all", num=3)
+    with pytest.raises(ValueError, match="--overwrite"):
+        build(shards, tmp_path / "b", "all", num=3)
+    info, samples = build(shards, tmp_path / "b", "filtered", num=2, overwrite=True)
+    assert len(samples) == 2 and len(list((tmp_path / "b" / "masks").iterdir())) == 2
+
+
+def test_spec_and_input_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--protocol.*all, filtered, few"):
+        BenchmarkSpec(shards="x", out="y", protocol="some")
+    with pytest.raises(ValueError, match="--num"):
+        BenchmarkSpec(shards="x", out="y", num=0)
+    with pytest.raises(ValueError, match="--shards.*no shards"):
+        make_benchmark(BenchmarkSpec(shards=str(tmp_path), out=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="benchmark.json is missing"):
+        load_benchmark(str(tmp_path))
+
+
+def test_file_stem() -> None:
+    assert file_stem("demo-000001") == "demo-000001"
+    odd = file_stem("../a b/c")
+    assert "/" not in odd and odd.startswith("a_b_c-") and odd != file_stem("../a b/d")
+
+
+def test_cli_on_the_demo_shards(demo_shards, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bench"
+    argv = ["make-benchmark", "--shards", str(demo_shards), "--protocol", "few", "--num", "5", "--seed", "3",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.strip().startswith("benchmark few: 5 samples")
+    samples = load_benchmark(str(out))
+    assert len(samples) == 5 and all(1 <= len(s.regions) <= 3 for s in samples)
+    assert read_benchmark_info(str(out))["source"]["metadata"]["clip_model"] == "spatext-tiny"
+    assert cli.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["make-benchmark", "--shards", str(demo_shards), "--protocol", "most", "--out", str(out)])
+
+
+def test_cli_mask_perturb_argument() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_mask_perturb_argument(parser)
+    assert str(parser.parse_args(["--mask-perturb", "dilate:4"]).mask_perturb) == "dilate:4"
+    assert parser.parse_args([]).mask_perturb is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mask-perturb", "grow:4"])
