@@ -1,4 +1,4 @@
-"""`spatext eval SUBCOMMAND ...`: the evaluation commands (benchmark sets now; generate and score to come).
+"""`spatext eval SUBCOMMAND ...`: the evaluation commands (benchmark sets, generation, scoring).
 
     spatext eval make-benchmark --shards build/ --protocol few --num 500 --seed 0 --out bench/coco-few
 
@@ -73,9 +73,51 @@ def _run_make_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(parser: argparse.ArgumentParser) -> None:
+    """Flags of `generate`."""
+    from spatext.eval.generate import add_arguments
+
+    add_arguments(parser)
+    add_mask_perturb_argument(parser)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    """Generate one image per benchmark sample and print one summary line."""
+    from spatext.eval.generate import generate, spec_from_args
+
+    spec = spec_from_args(args)
+    logger.info("generate: %s", spec)
+    info = generate(spec)
+    print(f"generate {info['method']}: {len(info['images'])} images -> {args.out}")
+    return 0
+
+
+def _add_score(parser: argparse.ArgumentParser) -> None:
+    """Flags of `score`."""
+    from spatext.eval.score import add_arguments
+
+    add_arguments(parser)
+    add_mask_perturb_argument(parser)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    """Score generations folders, write the report and print one summary line."""
+    from spatext.eval.score import score, spec_from_args
+
+    spec = spec_from_args(args)
+    logger.info("score: %s", spec)
+    result = score(spec)
+    print(f"score: {len(result['methods'])} methods on {result['benchmark']['num_samples']} samples -> {args.out}")
+    return 0
+
+
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand("make-benchmark", "make a benchmark set (prompts, masks, reference images) from shards",
                _add_make_benchmark, _run_make_benchmark),
+    Subcommand("generate", "generate one image per benchmark sample with a method (spatext or a baseline)",
+               _add_generate, _run_generate),
+    Subcommand("score", "score generations against a benchmark and write a report (md, json, csv, PNG)",
+               _add_score, _run_score),
 ]
 
 

@@ -1,0 +1,205 @@
+"""Report files of ``spatext eval score``: report.json, report.csv, report.md and PNG charts and image grids.
+
+- ``report.json``: everything ``score`` measured (settings, FID description, per-method summaries, per-sample values).
+- ``report.csv``: one row per method (``kind`` = measured) with mean, ci_low, ci_high per metric and the FID, then
+  the published SpaText rows (``kind`` = "published, not measured").
+- ``report.md``: the same table, the published rows marked, the notes on comparability and on random weights, and
+  a mask-sensitivity table when ``--mask-perturb`` was given.
+- ``bars_METRIC.png`` (one per metric, 95% intervals as error bars) and ``grid.png`` (rows = samples; columns = the
+  scene masks coloured, with their prompts, then each method's image).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from spatext.eval.benchmark_set import BenchmarkSample, file_stem  # noqa: E402
+
+PUBLISHED_NOTE = "published, not measured"
+# ZestGuide (ICCV 2023), COCO-Stuff val, "SD w/ SpaText" (DESIGN.md, "Metrics").
+PUBLISHED = [
+    {"method": "SpaText (ZestGuide ICCV 2023)", "protocol": protocol, "fid": fid, "miou_percent": miou,
+     "clip_score_x100": clip}
+    for protocol, fid, miou, clip in (("all", 19.8, 16.8, 30.0), ("filtered", 18.9, 19.2, 30.1),
+                                      ("few", 16.2, 23.8, 30.2))
+]
+COMPARABILITY = ("Published numbers come from other models, other data (COCO-Stuff val) and other metric scales "
+                 "(CLIP score x100 = cosine similarity, not distance; mIoU in % from another segmenter; FID with "
+                 "the standard Inception); they are not directly comparable with the measured rows.")
+METRICS = ("global_distance", "local_distance", "local_iou")
+TITLES = {"global_distance": "Global distance (lower is better)", "local_distance": "Local distance (lower is better)",
+          "local_iou": "Local IoU (higher is better)", "fid": "FID (lower is better)"}
+
+
+def csv_rows(result: dict) -> list[dict]:
+    """One row per measured method, then the published rows."""
+    rows = []
+    for method in result["methods"]:
+        row = {"kind": "measured", "method": method["label"], "protocol": result["benchmark"]["protocol"],
+               "num_images": method["num_images"], "fid": method["fid"].get("fid")}
+        for name in METRICS:
+            summary = method["metrics"].get(name) or {}
+            for field in ("mean", "ci_low", "ci_high"):
+                row[f"{name}_{field}" if field != "mean" else name] = summary.get(field)
+        rows.append(row)
+    for published in PUBLISHED:
+        rows.append({"kind": PUBLISHED_NOTE, **published})
+    return rows
+
+
+def write_csv(result: dict, path: str) -> None:
+    """Write report.csv."""
+    rows = csv_rows(result)
+    fields = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fmt(summary: dict | None) -> str:
+    """``mean [low, high]`` or a dash when not measured."""
+    if not summary or summary.get("mean") is None:
+        return "not measured"
+    return f"{summary['mean']:.4f} [{summary['ci_low']:.4f}, {summary['ci_high']:.4f}]"
+
+
+def markdown(result: dict) -> str:
+    """The text of report.md."""
+    settings = result["settings"]
+    lines = [f"# spatext evaluation: {result['benchmark']['path']}", "",
+             f"- protocol: {result['benchmark']['protocol']}, samples: {result['benchmark']['num_samples']}",
+             f"- CLIP: {settings['clip']}; segmenter: {settings['segmenter']['name']} "
+             f"({settings['segmenter']['weights']})",
+             f"- FID extractor: {result['fid']['extractor']}; weights: {result['fid']['weights']}; "
+             f"resize: {result['fid']['resize']}",
+             f"- intervals: {settings['interval']}; {settings['bootstrap']} resamples, seed {settings['seed']}",
+             f"- versions: {json.dumps(result['fid'].get('versions', {}), sort_keys=True)}"]
+    if result["random_weights"]:
+        lines.append(f"- **random weights**: {', '.join(result['random_weights'])} — pretrained: none (random init); "
+                     "the values test the code path, not the methods")
+    lines += ["", "## Generations", "", *_generation_lines(result)]
+    lines += ["", "## Results", "", "| method | kind | images | FID | Global distance | Local distance | Local IoU |",
+              "|---|---|---|---|---|---|---|"]
+    for method in result["methods"]:
+        fid = method["fid"].get("fid")
+        lines.append(f"| {method['label']} | measured | {method['num_images']} | "
+                     f"{'n/a' if fid is None else f'{fid:.4f}'} (no interval) | "
+                     + " | ".join(_fmt(method["metrics"].get(name)) for name in METRICS) + " |")
+    for p in PUBLISHED:
+        lines.append(f"| {p['method']}, eval-{p['protocol']} | *{PUBLISHED_NOTE}* | — | {p['fid']} | "
+                     f"CLIP score {p['clip_score_x100']} (x100 similarity) | — | mIoU {p['miou_percent']}% |")
+    lines += ["", f"Note: {COMPARABILITY}", ""]
+    lines += _sensitivity_lines(result)
+    lines += ["## Figures", "", *[f"![{name}](bars_{name}.png)" for name in ("fid", *METRICS)], "",
+              "![grid](grid.png)", ""]
+    return "\n".join(lines)
+
+
+def _generation_lines(result: dict) -> list[str]:
+    """One line per method: where its images come from (weights, sizes, sampling settings, versions)."""
+    lines = []
+    for method in result["methods"]:
+        info = method["generation"]
+        model, settings = info.get("model", {}), info.get("settings", {})
+        sampling = "" if info["method"] == "reference" else (
+            f"; seed {info.get('seed')}, {settings.get('steps')} steps, guidance {settings.get('guidance')}, "
+            f"generated at {model.get('generated_size')} (height, width), resized: {info.get('resize')}")
+        perturb = f"; masks perturbed: {info['mask_perturb']}" if info.get("mask_perturb") else ""
+        lines.append(f"- {method['label']}: weights {model.get('weights')}{sampling}{perturb}; "
+                     f"versions {json.dumps(info.get('versions', {}), sort_keys=True)}")
+    return lines
+
+
+def _sensitivity_lines(result: dict) -> list[str]:
+    """The mask-sensitivity table (perturbed minus unperturbed), when measured."""
+    if not result["settings"].get("mask_perturb"):
+        return []
+    lines = [f"## Mask sensitivity ({result['settings']['mask_perturb']})", "",
+             "| method | vanished regions | Local distance (perturbed) | delta | Local IoU (perturbed) | delta |",
+             "|---|---|---|---|---|---|"]
+    for method in result["methods"]:
+        s = method["mask_sensitivity"]
+        cells = []
+        for name in ("local_distance", "local_iou"):
+            delta = s[name]["delta"]
+            cells += [_fmt(s[name]["perturbed"]), "n/a" if delta is None else f"{delta:+.4f}"]
+        lines.append(f"| {method['label']} | {s['vanished_regions']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def bar_chart(result: dict, name: str, path: str) -> None:
+    """One bar per method with its 95% interval as error bars (FID: no error bar)."""
+    labels, values, errors = [], [], []
+    for method in result["methods"]:
+        summary = {"mean": method["fid"].get("fid")} if name == "fid" else (method["metrics"].get(name) or {})
+        mean = summary.get("mean")
+        labels.append(method["label"])
+        values.append(math.nan if mean is None else mean)
+        low, high = summary.get("ci_low"), summary.get("ci_high")
+        errors.append((0.0, 0.0) if low is None or mean is None else (mean - low, high - mean))
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 3))
+    ax.bar(labels, np.nan_to_num(values), yerr=np.array(errors).T, capsize=4, color="tab:blue")
+    ax.set_title(TITLES[name])
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def scene_image(sample: BenchmarkSample) -> np.ndarray:
+    """The index map coloured (region i gets tab10 colour i - 1; unconditioned pixels black)."""
+    colours = (np.array(plt.get_cmap("tab10").colors) * 255).astype(np.uint8)
+    out = np.zeros((*sample.masks.shape, 3), dtype=np.uint8)
+    for region in sample.regions:
+        out[sample.masks == region.index] = colours[(region.index - 1) % len(colours)]
+    return out
+
+
+def image_grid(result: dict, samples: list[BenchmarkSample], count: int, path: str) -> None:
+    """Rows = the first ``count`` samples; columns = the coloured scene masks, then each method's image."""
+    from PIL import Image
+
+    rows = samples[:count]
+    methods = result["methods"]
+    fig, axes = plt.subplots(len(rows), 1 + len(methods), figsize=(2.2 * (1 + len(methods)), 2.4 * len(rows)),
+                             squeeze=False)
+    for r, sample in enumerate(rows):
+        axes[r][0].imshow(scene_image(sample))
+        axes[r][0].set_title("\n".join(f"{g.index}: {g.prompt}" for g in sample.regions)[:120], fontsize=6)
+        for c, method in enumerate(methods, start=1):
+            image_path = os.path.join(method["generations"], "images", f"{file_stem(sample.key)}.png")
+            with Image.open(image_path) as picture:
+                axes[r][c].imshow(np.array(picture.convert("RGB")))
+            if r == 0:
+                axes[r][c].set_title(method["label"], fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(result: dict, out: str, samples: list[BenchmarkSample], grid_samples: int = 4) -> None:
+    """Write report.json, report.csv, report.md, the bar charts and the image grid into ``out``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as handle:
+        json.dump({**result, "published": [{**p, "kind": PUBLISHED_NOTE} for p in PUBLISHED],
+                   "comparability": COMPARABILITY}, handle, indent=2, sort_keys=True, allow_nan=False)
+    write_csv(result, os.path.join(out, "report.csv"))
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as handle:
+        handle.write(markdown(result))
+    for name in ("fid", *METRICS):
+        bar_chart(result, name, os.path.join(out, f"bars_{name}.png"))
+    image_grid(result, samples, grid_samples, os.path.join(out, "grid.png"))

@@ -1,0 +1,166 @@
+"""`spatext eval generate`: baselines (concat prompt, ntlb attention guidance), seeding, and the generations folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spatext.eval import cli
+from spatext.eval.baselines import (
+    AttentionRecorder,
+    concat_prompt,
+    fit_prompt,
+    load_base_pipeline,
+    optimise_latents,
+    recording_attention,
+    token_positions,
+)
+from spatext.eval.benchmark_set import BenchmarkSpec, file_stem, load_benchmark, make_benchmark
+from spatext.eval.generate import GenerateSpec, read_generations, sample_seed
+from spatext.model.pipeline import LocalPromptEncoder, PriorModel, build_pipeline
+from spatext.model.tiny_base import write_tiny_base_model
+from spatext.pipeline.clip import ClipSpec, load_clip
+
+STEPS = ["--steps", "2", "--guidance", "3.0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these tiny models run ~100x slower when 2 threads compete with a busy core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench(demo_shards, tmp_path_factory) -> Path:
+    """A 2-sample `few` benchmark of the demo corpus."""
+    out = tmp_path_factory.mktemp("bench") / "few"
+    make_benchmark(BenchmarkSpec(shards=str(demo_shards), out=str(out), protocol="few", num=2, seed=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    """The tiny random SD-like base model, written in diffusers layout."""
+    return write_tiny_base_model(str(tmp_path_factory.mktemp("base") / "tiny-sd"))
+
+
+def test_concat_prompt_and_token_positions(base) -> None:
+    assert concat_prompt("a street", ["car", "blue sky"]) == "a street, car, blue sky"
+    assert concat_prompt("a street", []) == "a street"
+    tokenizer = load_base_pipeline(base).tokenizer
+    prompt = concat_prompt("a car on a street", ["car", "blue sky"])
+    positions = token_positions(tokenizer, "a car on a street", ["car", "blue sky"])
+    ids = tokenizer(prompt).input_ids
+    for local, where in zip(["car", "blue sky"], positions, strict=True):
+        assert [ids[i] for i in where] == tokenizer(local, add_special_tokens=False).input_ids
+    assert positions[0][0] > 4  # the local "car", not the one inside the global prompt
+    long = "a street " * 40
+    fitted = fit_prompt(tokenizer, long, ["car", "blue sky"])
+    assert long.startswith(fitted) and len(tokenizer(concat_prompt(fitted, ["car", "blue sky"])).input_ids) <= 77
+    assert fit_prompt(tokenizer, "a street", ["car"]) == "a street"
+    with pytest.raises(ValueError, match="ntlb"):
+        token_positions(tokenizer, "a street " * 40, ["zebra"])  # cut off by the 77-token limit
+
+
+def test_ntlb_loss_decreases_and_processors_are_restored(base) -> None:
+    """Gradient steps on the latents move the local prompts' attention into their masks (tiny random model)."""
+    pipe = load_base_pipeline(base)
+    before = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    prompt = concat_prompt("a photo", ["dog", "sky"])
+    positions = token_positions(pipe.tokenizer, "a photo", ["dog", "sky"])
+    cond, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    masks = torch.zeros(2, 32, 32)
+    masks[0, :, :16], masks[1, :, 16:] = 1, 1
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500)
+    with torch.no_grad():
+        _, losses = optimise_latents(pipe, latents, t, cond, masks, positions, step_size=50.0, iterations=6)
+    assert len(losses) == 7 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 1e-4
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == before
+    with pytest.raises(RuntimeError), recording_attention(pipe.unet):
+        assert all(isinstance(p, AttentionRecorder) for p in pipe.unet.attn_processors.values())
+        raise RuntimeError("boom")
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == before
+
+
+def test_sample_seed_depends_on_seed_and_key_only() -> None:
+    assert sample_seed(0, "a") == sample_seed(0, "a") != sample_seed(0, "b")
+    assert sample_seed(0, "a") != sample_seed(1, "a")
+    assert 0 <= sample_seed(5, "x") < 2**63
+
+
+def test_spec_errors_name_the_flag(bench) -> None:
+    with pytest.raises(ValueError, match="--method"):
+        GenerateSpec(benchmark=str(bench), method="nope", out="x")
+    with pytest.raises(ValueError, match="--base-model"):
+        GenerateSpec(benchmark=str(bench), method="ntlb", out="x")
+    with pytest.raises(ValueError, match="--run"):
+        GenerateSpec(benchmark=str(bench), method="spatext", out="x")
+
+
+def _check_folder(folder: Path, bench: Path, method: str) -> dict:
+    """generation.json is complete and every image is at its reference size."""
+    info = read_generations(str(folder))
+    samples = load_benchmark(str(bench))
+    assert info["method"] == method and info["benchmark"]["num_samples"] == len(samples) == 2
+    assert len(info["benchmark"]["sha256"]) == 64
+    for sample in samples:
+        assert info["images"][sample.key] == f"images/{file_stem(sample.key)}.png"
+        with Image.open(folder / info["images"][sample.key]) as image:
+            assert image.mode == "RGB" and image.size == sample.reference.shape[1::-1]
+    return info
+
+
+def test_generate_reference_and_baselines_through_the_cli(bench, base, tmp_path) -> None:
+    assert cli.main(["generate", "--benchmark", str(bench), "--method", "reference", "--out",
+                     str(tmp_path / "reference")]) == 0
+    info = _check_folder(tmp_path / "reference", bench, "reference")
+    sample = load_benchmark(str(bench))[0]
+    with Image.open(tmp_path / "reference" / info["images"][sample.key]) as image:
+        np.testing.assert_array_equal(np.array(image), sample.reference)
+    for method in ("global-only", "concat", "ntlb"):
+        out = tmp_path / method
+        argv = ["generate", "--benchmark", str(bench), "--method", method, "--base-model", base, "--out", str(out),
+                "--weights-label", "none (random init)", *STEPS, "--ntlb-steps", "1"]
+        assert cli.main(argv) == 0
+        info = _check_folder(out, bench, method)
+        assert info["model"]["weights"] == "none (random init)" and info["model"]["generated_size"] == [32, 32]
+        assert info["concat_rule"] is (None if method == "global-only" else info["concat_rule"])
+    # Same seed and key: the same image, whatever else was generated (concat and ntlb with 0 ntlb steps agree).
+    argv = ["generate", "--benchmark", str(bench), "--method", "ntlb", "--base-model", base, *STEPS,
+            "--ntlb-steps", "0", "--out", str(tmp_path / "ntlb0")]
+    assert cli.main(argv) == 0
+    name = info["images"][sample.key]
+    with Image.open(tmp_path / "concat" / name) as a, Image.open(tmp_path / "ntlb0" / name) as b:
+        assert np.abs(np.array(a).astype(int) - np.array(b).astype(int)).max() <= 2
+    # An existing folder is refused without --overwrite (exit status 2, named flag).
+    assert cli.main(["generate", "--benchmark", str(bench), "--method", "reference", "--out",
+                     str(tmp_path / "reference")]) == 2
+
+
+def test_generate_with_perturbed_masks_records_it(bench, base, tmp_path) -> None:
+    argv = ["generate", "--benchmark", str(bench), "--method", "ntlb", "--base-model", base, *STEPS,
+            "--ntlb-steps", "1", "--mask-perturb", "dilate:3", "--out", str(tmp_path / "ntlb-dilated")]
+    assert cli.main(argv) == 0
+    assert _check_folder(tmp_path / "ntlb-dilated", bench, "ntlb")["mask_perturb"] == "dilate:3"
+
+
+def test_generate_spatext_run(bench, base, tmp_path) -> None:
+    """A SpaText pipeline built from the tiny base (random ST weights), saved as a run, generated through the CLI."""
+    clip = load_clip(ClipSpec(model="spatext-tiny", pretrained="none"))
+    prior = PriorModel(prior_config={"embed_dim": 64, "hidden_dim": 32, "num_layers": 1})
+    pipe = build_pipeline("latent-tiny", base, LocalPromptEncoder.from_clip(clip), prior.eval())
+    pipe.save_pretrained(str(tmp_path / "run" / "pipeline"), safe_serialization=True)
+    out = tmp_path / "spatext"
+    assert cli.main(["generate", "--benchmark", str(bench), "--method", "spatext", "--run", str(tmp_path / "run"),
+                     "--out", str(out), "--steps", "1"]) == 0
+    info = _check_folder(out, bench, "spatext")
+    assert info["model"]["weights"] == "unknown (no run.json)" and info["model"]["generated_size"] == [32, 32]
