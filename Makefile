@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo eval-demo test test-all bench lint clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,25 @@ $(STAMP): requirements.txt constraints.txt setup.py
 
 demo: $(STAMP)
 	$(PY) -m spatext.demo --out demo_output
+
+# Score the demo: a benchmark set from the demo shards, the real images and three training-free baselines on a tiny
+# random SD-like base model, then a report (random weights everywhere: it exercises the code, not the methods).
+EVAL := demo_output/eval
+SCORE_FLAGS := --clip-model ViT-B-32 --clip-pretrained none --fid-extractor clip --segmenter mask2former \
+	--segmenter-weights none --segmenter-config mask2former-tiny --segmenter-threshold 0 \
+	--segmenter-mask-threshold 0 --segmenter-overlap-threshold 0
+eval-demo: $(STAMP)
+	test -f demo_output/build/manifest.json || $(MAKE) demo
+	$(VENV)/bin/spatext eval make-benchmark --shards demo_output/build --protocol few --num 8 --seed 0 \
+		--out $(EVAL)/bench --overwrite
+	$(VENV)/bin/spatext tiny-base-model $(EVAL)/tiny-sd
+	$(VENV)/bin/spatext eval generate --benchmark $(EVAL)/bench --method reference --out $(EVAL)/gen/reference --overwrite
+	for m in global-only concat ntlb; do \
+		$(VENV)/bin/spatext eval generate --benchmark $(EVAL)/bench --method $$m --base-model $(EVAL)/tiny-sd \
+			--steps 10 --out $(EVAL)/gen/$$m --overwrite || exit 1; done
+	$(VENV)/bin/spatext eval score --benchmark $(EVAL)/bench --generations $(EVAL)/gen/reference \
+		$(EVAL)/gen/global-only $(EVAL)/gen/concat $(EVAL)/gen/ntlb --out $(EVAL)/report $(SCORE_FLAGS)
+	@echo "report: $(EVAL)/report/report.md"
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -120,3 +120,21 @@ def write_tiny_base_model(path: str, seed: int = 0, config: str | DenoiserConfig
     pipeline.save_pretrained(path, safe_serialization=True)
     logger.warning("tiny base model written to %s: pretrained: none (random init), seed %d", path, seed)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`spatext tiny-base-model DIR`: write the tiny offline base model (random weights) for demos and tests."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="spatext tiny-base-model", description=main.__doc__.split(": ", 1)[1])
+    parser.add_argument("out", help="folder to write the diffusers-layout model to")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed")
+    parser.add_argument("--config", default="latent-tiny", help="latent config whose sizes the base model takes")
+    args = parser.parse_args(argv)
+    path = write_tiny_base_model(args.out, seed=args.seed, config=args.config)
+    print(f"wrote a tiny Stable-Diffusion-like base model (random weights) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,8 +11,11 @@ COMMANDS = {
     "build": ("spatext.pipeline.build", "build Parquet shards from a corpus (Apache Beam job)"),
     "verify": ("spatext.pipeline.verify", "check a build's shards against the schema and invariants"),
     "inspect": ("spatext.pipeline.inspect_shards", "draw samples of a build with their segments"),
+    "train": ("spatext.model.train", "train a SpaText denoiser (or, with a prior config, the prior P) on shards"),
+    "sample": ("spatext.model.sample", "generate images from a trained run: global prompt + scene"),
     "train-prior": ("spatext.model.prior", "train the prior P (CLIP text -> image embedding) on shards"),
-    "eval": ("spatext.eval.cli", "evaluation: make-benchmark (benchmark sets from shards)"),
+    "tiny-base-model": ("spatext.model.tiny_base", "write a tiny offline SD-like base model (random weights)"),
+    "eval": ("spatext.eval.cli", "evaluation: make-benchmark, generate (methods + baselines), score (reports)"),
     "demo": ("spatext.demo", "run the offline end-to-end demo"),
 }
 

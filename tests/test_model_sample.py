@@ -1,0 +1,133 @@
+"""`spatext sample` end to end on a tiny trained run (latent-tiny, tiny base model, spatext-tiny CLIP, random weights),
+and the pictures the trainer draws (scene view, validation scenes from shards)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from PIL import Image
+
+from spatext.model import sample, train
+from spatext.model.data import ShardDataset
+from spatext.model.scene import Scene
+from spatext.model.tiny_base import write_tiny_base_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread (two spin against other processes on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(demo_shards, tmp_path_factory) -> str:
+    """A latent-tiny run trained for 2 steps."""
+    root = tmp_path_factory.mktemp("sample")
+    base = write_tiny_base_model(str(root / "base"))
+    out = root / "run"
+    try:
+        assert train.main(["--data", str(demo_shards), "--config", "latent-tiny", "--base-model", base,
+                           "--output", str(out), "--max-train-steps", "2", "--train-batch-size", "2"]) == 0
+    finally:
+        AcceleratorState._reset_state()
+    return str(out)
+
+
+@pytest.fixture
+def scene_files(tmp_path) -> dict[str, str]:
+    """A scene JSON (a box and a polygon) and the same layout painted, with its colour mapping."""
+    scene = {"prompt": "a red ball on grass", "regions": [
+        {"prompt": "green grass", "box": [0, 0.5, 1, 1]},
+        {"prompt": "a red ball", "polygon": [[0.1, 0.1], [0.5, 0.1], [0.5, 0.5], [0.1, 0.5]]},
+    ]}
+    (tmp_path / "scene.json").write_text(json.dumps(scene))
+    painted = np.zeros((32, 32, 3), np.uint8)
+    painted[16:] = (0, 255, 0)
+    painted[3:16, 3:16] = (255, 0, 0)
+    Image.fromarray(painted).save(tmp_path / "painted.png")
+    colors = {"prompt": "a red ball on grass", "colors": {"#00ff00": "green grass", "#ff0000": "a red ball"}}
+    (tmp_path / "colors.json").write_text(json.dumps(colors))
+    return {name: str(tmp_path / name) for name in ("scene.json", "painted.png", "colors.json")}
+
+
+def _sample(run: str, out, *extra: str) -> np.ndarray:
+    assert sample.main(["--run", run, "--out", str(out), "--steps", "3", *extra]) == 0
+    return np.asarray(Image.open(out))
+
+
+def test_sample_writes_the_image_and_the_scene_view(run, scene_files, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="spatext.model.sample"):
+        image = _sample(run, tmp_path / "a.png", "--scene", scene_files["scene.json"], "--prompt", "a ball")
+    assert image.shape == (32, 32, 3)
+    assert "random weights in this run: local_encoder" in caplog.text
+    view = Image.open(tmp_path / "a.scene.png")
+    assert view.width > 2 * 256 - 1 and view.height >= 256  # scene tile + image tile, each >= 256 wide
+    again = _sample(run, tmp_path / "b.png", "--scene", scene_files["scene.json"], "--prompt", "a ball")
+    assert np.array_equal(image, again)  # same seed, same image
+    other = _sample(run, tmp_path / "c.png", "--scene", scene_files["scene.json"], "--prompt", "a ball", "--seed", "1")
+    assert not np.array_equal(image, other)
+
+
+def test_painted_scene_per_condition_guidance_and_several_images(run, scene_files, tmp_path):
+    out = tmp_path / "p.png"
+    assert sample.main(["--run", run, "--out", str(out), "--steps", "2", "--painted", scene_files["painted.png"],
+                        "--colors", scene_files["colors.json"], "--text-scale", "5", "--st-scale", "2",
+                        "--num-images", "2"]) == 0  # the prompt comes from the colour mapping
+    first, second = (np.asarray(Image.open(tmp_path / f"p-{i}.png")) for i in (0, 1))
+    assert first.shape == second.shape == (32, 32, 3) and not np.array_equal(first, second)
+    assert (tmp_path / "p.scene.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--scene", "S", "--painted", "P", "--colors", "C"], "exactly one of --scene and --painted"),
+        (["--painted", "P"], "--painted needs --colors"),
+        (["--scene", "NOPROMPT"], "no global prompt"),
+        (["--scene", "S", "--num-images", "0"], "--num-images"),
+    ],
+)
+def test_bad_sample_flags_raise_clear_errors(run, scene_files, tmp_path, extra, message):
+    no_prompt = tmp_path / "np.json"
+    no_prompt.write_text(json.dumps({"regions": [{"prompt": "a ball", "box": [0, 0, 0.5, 0.5]}]}))
+    names = {"S": scene_files["scene.json"], "P": scene_files["painted.png"], "C": scene_files["colors.json"],
+             "NOPROMPT": str(no_prompt)}
+    with pytest.raises(ValueError, match=message):
+        sample.main(["--run", run, "--out", str(tmp_path / "x.png"), "--steps", "1",
+                     *[names.get(a, a) for a in extra]])
+
+
+def test_a_dir_without_a_pipeline_is_refused(tmp_path, scene_files):
+    with pytest.raises(ValueError, match="holds no pipeline"):
+        sample.main(["--run", str(tmp_path), "--out", str(tmp_path / "x.png"), "--scene", scene_files["scene.json"]])
+
+
+def test_shard_scenes_use_segment_labels_and_the_model_resolution(demo_shards):
+    dataset = ShardDataset(str(demo_shards), 32, shuffle_buffer=0)
+    scenes = sample.shard_scenes(dataset, 3, model_size=8)
+    assert len(scenes) == 3
+    for scene, image in scenes:
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and scene.prompt
+        assert scene.regions and all(not r.prompt.startswith("segment ") for r in scene.regions)  # real labels
+        for region in scene.regions:  # whole 4x4 cells of the 8x8 model grid
+            cells = region.mask.reshape(8, 4, 8, 4)
+            assert (cells.all(axis=(1, 3)) == cells.any(axis=(1, 3))).all()
+    assert scenes[0][0].regions[0].prompt == "sand"
+
+
+def test_draw_scene_colours_each_region_and_lists_the_prompts():
+    top = np.zeros((8, 8), bool)
+    top[:4] = True
+    scene = Scene("two halves", [(top, "sky"), (~top, "sea")])
+    plain = np.asarray(sample.draw_scene(scene, (8, 8), legend=False))
+    assert tuple(plain[0, 0]) == sample.PALETTE[0] and tuple(plain[7, 7]) == sample.PALETTE[1]
+    with_legend = sample.draw_scene(scene, (64, 64))
+    assert with_legend.size == (64, 64 + 3 * sample.LINE + 4)
