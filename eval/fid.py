@@ -33,6 +33,7 @@ from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from spatext.pipeline.clip import ClipModel, encode_pixels
+from spatext.pipeline.weights import read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -95,17 +96,7 @@ class ClipFeatureExtractor(torch.nn.Module):
 
 def _safe_inception_file(path: str, directory: str) -> str:
     """Re-save the state dict at ``path`` as a plain tensor file (torch-fidelity unpickles with weights_only=False)."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--inception-weights {path!r}: cannot read a state dict from it ({e})") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"--inception-weights {path!r}: expected a state dict of tensors")
+    state = read_state_dict(path, "--inception-weights")
     safe = os.path.join(directory, "inception.pt")
     torch.save(state, safe)
     return safe

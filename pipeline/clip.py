@@ -26,6 +26,7 @@ from PIL import Image
 
 from .crop import segment_crop
 from .records import Embeddings, Sample
+from .weights import read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -86,20 +87,7 @@ def _check_model_name(name: str) -> dict:
 
 def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read a checkpoint's state dict without unpickling arbitrary objects (safetensors or weights_only)."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--clip-pretrained {path!r}: cannot read a state dict from it ({e})") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"--clip-pretrained {path!r}: expected a non-empty state dict, got {type(state).__name__}")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return read_state_dict(path, "--clip-pretrained")
 
 
 def _create(spec: ClipSpec) -> tuple[torch.nn.Module, Callable, str]:

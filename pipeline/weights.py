@@ -1,0 +1,27 @@
+"""Reading weight files safely: the one home of "a checkpoint file -> a state dict of tensors, nothing unpickled"."""
+
+from __future__ import annotations
+
+import torch
+
+
+def read_state_dict(path: str, flag: str) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch file loaded with weights_only=True.
+
+    Unwraps a {"state_dict": ...} checkpoint and strips DataParallel's "module." prefix. Errors name `flag`, the
+    command-line option the path came from.
+    """
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any reader failure means the same thing to the user: not a usable weights file
+        raise ValueError(f"{flag} {path!r}: cannot read a state dict from it ({e})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{flag} {path!r}: expected a non-empty state dict of tensors, got {type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
