@@ -7,7 +7,6 @@ them); ``ClipEmbedder`` is the pipeline's embed stage. Importing this module reg
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -51,14 +50,14 @@ class ClipSpec:
     pretrained: str = "openai"  # an open_clip tag, a local checkpoint file (.safetensors / .pt / .bin), or "none"
     device: str = "cpu"
     batch_size: int = 16  # samples per RunInference batch
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16 / fp16 = autocast, on cuda only)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (half-precision weights, on cuda only)
 
     def __post_init__(self) -> None:
         """Reject invalid settings with the flag that sets them."""
         if self.batch_size < 1:
             raise ValueError(f"--clip-batch-size must be >= 1, got {self.batch_size}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"--clip-precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,8 @@ def load_clip(spec: ClipSpec) -> ClipModel:
         logger.info("CLIP precision %s applies on cuda only; running fp32 on %s", spec.precision, spec.device)
     elif spec.precision != "fp32":
         # Half-precision weights, not autocast: ViT-L/14 on an H100 ran 2,660 img/s this way vs 1,819 under
-        # autocast (benchmarks/pipeline_gpu.py). Embeddings are normalised in float32 either way.
+        # autocast, which also keeps LayerNorm in float32 (benchmarks/pipeline_gpu.py). Embeddings are normalised
+        # in float32 either way.
         model = model.to(torch.bfloat16 if spec.precision == "bf16" else torch.float16)
     logger.info("CLIP loaded: model=%s pretrained=%s device=%s", spec.model, label, spec.device)
     tokenizer = open_clip.get_tokenizer(spec.model)
@@ -150,14 +150,6 @@ def load_clip(spec: ClipSpec) -> ClipModel:
 def _dtype(model: ClipModel) -> torch.dtype:
     """The dtype of the model's weights (what its inputs must be cast to)."""
     return next(model.model.parameters()).dtype
-
-
-def _autocast(spec: ClipSpec) -> contextlib.AbstractContextManager:
-    """bf16 / fp16 autocast on cuda when the spec asks for it; otherwise a no-op."""
-    if spec.device.startswith("cuda") and spec.precision != "fp32":
-        dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 def _unit(features: torch.Tensor) -> np.ndarray:
@@ -175,7 +167,7 @@ def encode_pixels(model: ClipModel, pixels: torch.Tensor) -> np.ndarray:
     if not len(pixels):
         return np.zeros((0, model.embed_dim), dtype=np.float32)
     chunks = []
-    with torch.inference_mode(), _autocast(model.spec):
+    with torch.inference_mode():
         for start in range(0, len(pixels), MAX_IMAGES_PER_FORWARD):
             chunk = pixels[start : start + MAX_IMAGES_PER_FORWARD].to(model.spec.device, dtype=_dtype(model))
             chunks.append(_unit(model.model.encode_image(chunk)))
@@ -194,7 +186,7 @@ def embed_texts(model: ClipModel, texts: Sequence[str]) -> np.ndarray:
     if not texts:
         return np.zeros((0, model.embed_dim), dtype=np.float32)
     tokens = model.tokenizer(list(texts)).to(model.spec.device)
-    with torch.inference_mode(), _autocast(model.spec):
+    with torch.inference_mode():
         return _unit(model.model.encode_text(tokens))
 
 

@@ -185,7 +185,7 @@ def test_checkpoint_for_another_architecture_is_refused(tmp_path: Path) -> None:
 def test_spec_validation() -> None:
     with pytest.raises(ValueError, match="--clip-batch-size"):
         ClipSpec(batch_size=0)
-    with pytest.raises(ValueError, match="--clip-precision"):
+    with pytest.raises(ValueError, match="--precision"):
         ClipSpec(precision="fp8")
 
 
