@@ -24,19 +24,16 @@ The run directory (``--output``):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
 import platform
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -46,6 +43,16 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from spatext.model.checkpoint import (
+    RUN_FILE,
+    append_loss,
+    load_checkpoint,
+    reset_loss_log,
+    resolve_resume,
+    save_checkpoint,
+    save_run,
+    write_json,
+)
 from spatext.model.config import DenoiserConfig, get_config, list_configs
 from spatext.model.data import ShardDataset, collate
 from spatext.model.denoiser import uses_image_embedding
@@ -58,12 +65,7 @@ from spatext.pipeline.clip import RANDOM_INIT, RANDOM_INIT_LABEL, ClipSpec, clip
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-STATE_FILE = "training_state.json"
-EMA_FILE = "ema.safetensors"
-CHECKPOINT_PREFIX = "checkpoint-"
 UNTRAINED_PRIOR = "untrained (identity)"
-LOSS_FIELDS = ("step", "loss", "lr", "epoch", "elapsed_s")
 DEFAULTS = {"denoiser": {"steps": 1000, "batch": 16, "lr": 1e-4}, "prior": {"steps": 500, "batch": 256, "lr": 1e-3}}
 PACKAGES = ("spatext", "torch", "diffusers", "transformers", "accelerate", "open_clip_torch", "safetensors", "pyarrow")
 
@@ -177,14 +179,6 @@ def package_versions() -> dict[str, str]:
         except importlib_metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
 
 
 def train_prior_run(args: argparse.Namespace) -> dict:
@@ -318,102 +312,6 @@ def training_loss(
     clean, text, st, image = encode_batch(pipe, batch, device, dtype, generators[1])
     cond = drop_conditions(text, st, args.p_drop_text, args.p_drop_st, null_text, generators[0], image)
     return denoising_loss(unet, noise_scheduler, clean, cond.text, cond.st, cond.image, generators[1])
-
-
-def checkpoint_dirs(output: str) -> list[str]:
-    """OUTPUT/checkpoints/checkpoint-N dirs, by increasing N."""
-    root = os.path.join(output, "checkpoints")
-    found = [d for d in os.listdir(root) if d.startswith(CHECKPOINT_PREFIX)] if os.path.isdir(root) else []
-    return [os.path.join(root, d) for d in sorted(found, key=lambda d: int(d[len(CHECKPOINT_PREFIX):]))]
-
-
-def resolve_resume(args: argparse.Namespace) -> str | None:
-    """The checkpoint dir to resume from, or None (fresh start); refuses to overwrite a run by accident."""
-    if args.resume_from_checkpoint is None:
-        if os.path.exists(os.path.join(args.output, RUN_FILE)):
-            raise ValueError(f"--output {args.output!r} already holds a run; pass --resume-from-checkpoint latest "
-                             "to continue it, or choose another --output")
-        return None
-    if args.resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(args.output)
-        if not found:
-            logger.info("--resume-from-checkpoint latest: no checkpoint in %s; starting fresh", args.output)
-        return found[-1] if found else None
-    if not os.path.isfile(os.path.join(args.resume_from_checkpoint, STATE_FILE)):
-        raise ValueError(f"--resume-from-checkpoint {args.resume_from_checkpoint!r} is not a checkpoint dir "
-                         f"(no {STATE_FILE})")
-    return args.resume_from_checkpoint
-
-
-def save_checkpoint(accelerator: Accelerator, unet: torch.nn.Module, ema: EMAModel | None, state: dict,
-                    args: argparse.Namespace) -> str:
-    """Write checkpoints/checkpoint-N (accelerate state with safetensors weights, EMA, counters); prune old ones."""
-    path = os.path.join(args.output, "checkpoints", f"{CHECKPOINT_PREFIX}{state['global_step']}")
-    accelerator.save_state(path, safe_serialization=True)
-    if ema is not None:
-        names = [n for n, _ in accelerator.unwrap_model(unet).named_parameters()]
-        tensors = {n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params, strict=True)}
-        meta = {k: json.dumps(v) for k, v in ema.state_dict().items() if k != "shadow_params"}
-        safetensors.torch.save_file(tensors, os.path.join(path, EMA_FILE), metadata=meta)
-    write_json(os.path.join(path, STATE_FILE), state)
-    if args.checkpoints_total_limit:
-        for old in checkpoint_dirs(args.output)[: -args.checkpoints_total_limit]:
-            shutil.rmtree(old)
-    logger.info("checkpoint written: %s", path)
-    return path
-
-
-def load_checkpoint(accelerator: Accelerator, unet: torch.nn.Module, ema: EMAModel | None, path: str) -> dict:
-    """Restore a checkpoint (weights, optimizer, lr schedule, RNG, EMA); return its counters."""
-    accelerator.load_state(path)
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        state = json.load(f)
-    if ema is not None:
-        ema_path = os.path.join(path, EMA_FILE)
-        if not os.path.isfile(ema_path):
-            raise ValueError(f"--ema-decay {ema.decay} but {path!r} holds no EMA weights (trained with EMA off)")
-        tensors = safetensors.torch.load_file(ema_path)
-        with safetensors.safe_open(ema_path, "pt") as f:
-            meta = {k: json.loads(v) for k, v in f.metadata().items()}
-        names = [n for n, _ in accelerator.unwrap_model(unet).named_parameters()]
-        shadow = [tensors[n].to(accelerator.device) for n in names]
-        ema.load_state_dict({**meta, "decay": ema.decay, "shadow_params": shadow})
-    logger.info("resumed from %s at step %d", path, state["global_step"])
-    return state
-
-
-def save_run(pipe: SpaTextPipeline, unet: torch.nn.Module, ema: EMAModel | None, run: dict, output: str) -> None:
-    """Write OUTPUT/pipeline (EMA weights when EMA is on) and OUTPUT/run.json."""
-    params = list(unet.parameters())
-    if ema is not None:
-        ema.store(params)
-        ema.copy_to(params)
-    try:
-        pipe.save_pretrained(os.path.join(output, "pipeline"), safe_serialization=True)
-    finally:
-        if ema is not None:
-            ema.restore(params)
-    write_json(os.path.join(output, RUN_FILE), run)
-
-
-def reset_loss_log(output: str, resume_step: int) -> None:
-    """Start logs/loss.csv; on resume keep the rows up to the resumed step (later ones are redone)."""
-    path = os.path.join(output, "logs", "loss.csv")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    rows = []
-    if resume_step and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, LOSS_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def append_loss(output: str, **row: float) -> None:
-    """Append one step's row to logs/loss.csv."""
-    with open(os.path.join(output, "logs", "loss.csv"), "a", encoding="utf-8", newline="") as f:
-        csv.DictWriter(f, LOSS_FIELDS).writerow(row)
 
 
 def write_sample_grid(s: Session, scenes: list, step: int) -> None:

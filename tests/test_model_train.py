@@ -21,6 +21,7 @@ from accelerate.utils import load as accelerate_load
 from PIL import Image
 
 from spatext.model import train
+from spatext.model.checkpoint import STATE_FILE
 from spatext.model.config import get_config
 from spatext.model.data import resolve_files
 from spatext.model.denoiser import build_denoiser, predict
@@ -156,11 +157,11 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(demo_s
     assert [step for step, _ in _losses(resumed)] == [1, 2, 3, 4, 5, 6]
     names = sorted(os.listdir(resumed / "checkpoints"))
     assert names == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    state = json.loads((resumed / "checkpoints" / "checkpoint-6" / train.STATE_FILE).read_text())
+    state = json.loads((resumed / "checkpoints" / "checkpoint-6" / STATE_FILE).read_text())
     assert state == {"global_step": 6, "epoch": 1, "batch_in_epoch": 3, "micro_step": 6}
     checkpoint = resumed / "checkpoints" / "checkpoint-6"
     assert sorted(os.listdir(checkpoint)) == ["ema.safetensors", "model.safetensors", "optimizer.bin",
-                                              "random_states_0.pkl", "scheduler.bin", train.STATE_FILE]
+                                              "random_states_0.pkl", "scheduler.bin", STATE_FILE]
     for name in ("optimizer.bin", "scheduler.bin"):  # nothing in a checkpoint needs unsafe unpickling
         torch.load(checkpoint / name, weights_only=True)
     assert accelerate_load(checkpoint / "random_states_0.pkl")["step"] == 6  # weights_only + numpy allowlist
@@ -178,7 +179,7 @@ def test_gradient_accumulation_counts_optimizer_steps(four_rows, base, tmp_path)
     argv = _argv(four_rows, base, out, "pixel-tiny", 2, "--gradient-accumulation-steps", "2", "--ema-decay", "0",
                  "--train-batch-size", "2")  # the last --train-batch-size wins
     assert run_train(argv) == 0
-    state = json.loads((out / "checkpoints" / "checkpoint-2" / train.STATE_FILE).read_text())
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / STATE_FILE).read_text())
     assert state["global_step"] == 2 and state["micro_step"] == 4
     assert len(_losses(out)) == 2
 
