@@ -84,3 +84,15 @@ def demo_shards(tmp_path_factory):
         "--clip-model", "spatext-tiny", "--clip-pretrained", "none", "--image-size", "256",
     ])
     return root / "build"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a test module of tiny models: on a busy 2-core machine two threads spinning
+    against another process made them 10-100x slower (measured). Use with pytest.mark.usefixtures."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,13 +28,7 @@ from spatext.pipeline.clip import ClipSpec, load_clip
 STEPS = ["--steps", "2", "--guidance", "3.0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these tiny models run ~100x slower when 2 threads compete with a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

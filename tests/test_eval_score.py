@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from spatext.eval import cli
 from spatext.eval.benchmark_set import BenchmarkSpec, load_benchmark, make_benchmark
@@ -26,13 +25,7 @@ MASK2FORMER = ["--segmenter", "mask2former", "--segmenter-weights", "none", "--s
 METHODS = ("reference", "global-only", "concat", "ntlb")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these tiny models run ~100x slower when 2 threads compete with a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -52,13 +52,7 @@ def _write_pairs(folder, rows: int, seed: int = 0, files: int = 2) -> None:
         pq.write_table(table, folder / f"part-{part}.parquet", row_group_size=500)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny MLP gains nothing from more threads, and on a busy 2-core machine they cost 10x (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

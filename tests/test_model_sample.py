@@ -8,7 +8,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 from accelerate.state import AcceleratorState
 from PIL import Image
 
@@ -17,14 +16,7 @@ from spatext.model.data import ShardDataset
 from spatext.model.scene import Scene
 from spatext.model.tiny_base import write_tiny_base_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread (two spin against other processes on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,7 @@ from spatext.model.tiny_base import write_tiny_base_model
 OVERFIT_STEPS = 60
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine two threads spin against other processes (measured 40x slower
-    training steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
