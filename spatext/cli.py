@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 # subcommand -> (module with a `main(argv) -> int`, one-line help)
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"spatext: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    # Beam warns at import that its GCP clients are missing; they are optional (apache-beam[gcp], for Dataflow).
+    logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
     module = importlib.import_module(COMMANDS[command][0])
     return int(module.main(rest) or 0)
 
