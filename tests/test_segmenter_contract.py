@@ -75,3 +75,14 @@ def test_weights_labels():
     assert weights_label(SegmenterSpec("mask2former")) == "facebook/mask2former-swin-large-coco-panoptic"
     assert weights_label(SegmenterSpec("mask2former", weights="none")) == "none (random init)"
     assert weights_label(SegmenterSpec("detectron2", weights="/w/model.pkl")) == "/w/model.pkl"
+
+
+@pytest.mark.parametrize("high", [50, 5_931_152])  # small ids (bincount) and COCO-panoptic-sized ids (unique)
+def test_present_ids_matches_numpy_unique(high):
+    from spatext.pipeline.segmenters.base import present_ids
+
+    ids = np.random.default_rng(high).integers(0, high, (40, 50)).astype(np.int32)
+    ids[ids % 7 == 0] = 0
+    expected = np.unique(ids)
+    np.testing.assert_array_equal(present_ids(ids), expected[expected > 0])
+    assert present_ids(np.zeros((0, 3), np.int32)).size == 0
