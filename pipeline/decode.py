@@ -16,11 +16,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from spatext.pipeline.panoptic import decode_id_map
-from spatext.pipeline.records import RawSample, Reject, Sample, Segment, Segmentation
+from spatext.pipeline.records import REJECTS, RawSample, Reject, Sample, Segment, Segmentation
 
 logger = logging.getLogger(__name__)
 
-REJECTS = "rejects"
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: far above any training image, far below a bomb
 MIN_SIDE = 16
 

@@ -21,7 +21,7 @@ from typing import IO
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from spatext.pipeline.records import RawSample, Reject
+from spatext.pipeline.records import REJECTS, RawSample, Reject
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ CAPTIONS_FILE = "captions.jsonl"
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
 FOLDER_UNIT_LINES = 1000  # a folder's captions.jsonl is read in units of this many lines (the resume granularity)
 COCO_UNIT_IMAGES = 1000  # a COCO split is read in units of this many images (the resume granularity)
-REJECTS = "rejects"
 COUNTS = "counts"  # (unit source, number of inputs read from it): the independent side of accepted + rejected = read
 
 FILE_FORMATS = {".tar": "webdataset", ".parquet": "parquet"}  # what a matched file's extension says

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+REJECTS = "rejects"  # the tagged output every stage sends its Rejects to
+
 
 @dataclass(frozen=True)
 class RawSample:

@@ -15,9 +15,8 @@ import apache_beam as beam
 import numpy as np
 
 from spatext.pipeline.crop import mask_bbox
-from spatext.pipeline.records import Reject, Sample, Segmentation, SelectedSegment
+from spatext.pipeline.records import REJECTS, Reject, Sample, Segmentation, SelectedSegment
 
-REJECTS = "rejects"
 MAX_K = 255  # the segment map is uint8
 
 
