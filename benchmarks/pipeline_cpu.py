@@ -2,7 +2,8 @@
 
 In one run: the build (DirectRunner, in-process) with its Beam metrics — CLIP forward time vs crop/transform time vs
 everything else (read, decode, select, Parquet) — and the bare CLIP forward on the same number of images outside the
-pipeline (the ceiling). Prints a table and writes JSON.
+pipeline (the ceiling); plus the non-model CPU cost per sample (per core), measured as the marginal CPU time between
+a quarter-size and the full build less the CLIP forwards' own CPU time. Prints a table and writes JSON.
 
     python benchmarks/pipeline_cpu.py --num-samples 128 --out bench_output
 """
@@ -15,6 +16,7 @@ import logging
 import os
 import platform
 import time
+import warnings
 
 import torch
 from apache_beam.metrics.metric import MetricsFilter
@@ -52,36 +54,69 @@ def bare_forward_s(clip_model: str, images: int, captions: int, batch: int) -> f
     return time.perf_counter() - started
 
 
+def _build(args: argparse.Namespace, pattern: str, output: str):
+    """Run one build; returns (result, manifest, wall seconds, process CPU seconds)."""
+    config = BuildConfig(
+        input=pattern, output=output, overwrite=True, segmenter="annotations", clip_model=args.clip_model,
+        clip_pretrained="none", image_size=args.image_size, clip_batch_size=args.clip_batch_size,
+    )
+    started, cpu = time.perf_counter(), time.process_time()
+    result, manifest = build.execute(config, [])
+    return result, manifest, time.perf_counter() - started, time.process_time() - cpu
+
+
+def _subset(corpus: str, fraction: float) -> str:
+    """A folder of links to the first `fraction` of the corpus's tar files (a smaller build of the same kind)."""
+    files = sorted(f for f in os.listdir(corpus) if f.endswith(".tar"))
+    folder = os.path.join(corpus, "subset")
+    os.makedirs(folder, exist_ok=True)
+    for name in files[: max(1, round(len(files) * fraction))]:
+        link = os.path.join(folder, name)
+        if not os.path.exists(link):
+            os.symlink(os.path.join(os.path.abspath(corpus), name), link)
+    return os.path.join(folder, "shard-*.tar")
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Generate the corpus, run the build, measure the ceiling; returns the JSON record."""
+    """Generate the corpus, run a quarter-size and a full build, measure the ceiling; returns the JSON record.
+
+    The per-core figure is the marginal CPU cost of a sample: (CPU of the full build - CPU of the quarter build) /
+    (the samples between them), minus the CLIP forward's own CPU time (a Beam metric). Start-up (model load,
+    pipeline construction) cancels out, as it does at scale.
+    """
+    torch.set_num_threads(args.torch_threads)
     corpus = os.path.join(args.out, f"corpus-{args.num_samples}")
     if not os.path.exists(os.path.join(corpus, "corpus.json")):
         write_corpus(corpus, args.num_samples, seed=0, fmt="webdataset")
-    config = BuildConfig(
-        input=os.path.join(corpus, "shard-*.tar"), output=os.path.join(args.out, "build"), overwrite=True,
-        segmenter="annotations", clip_model=args.clip_model, clip_pretrained="none", image_size=args.image_size,
-        clip_batch_size=args.clip_batch_size,
-    )
-    started = time.perf_counter()
-    result, manifest = build.execute(config, [])
-    wall = time.perf_counter() - started
-    samples = manifest["counts"]["accepted"]
-    forward = _distribution_sum(result, "spatext_embed", "forward_ms") / 1000
-    preprocess = _distribution_sum(result, "spatext_embed", "preprocess_ms") / 1000
-    images = _counter(result, "spatext_embed", "images_embedded")
-    ceiling = bare_forward_s(args.clip_model, images, samples, batch=args.clip_batch_size * 3)
+    runs = {}
+    for name, pattern in (("quarter", _subset(corpus, 0.25)), ("full", os.path.join(corpus, "shard-*.tar"))):
+        result, manifest, wall, cpu = _build(args, pattern, os.path.join(args.out, f"build-{name}"))
+        runs[name] = {
+            "samples": manifest["counts"]["accepted"], "wall_s": wall, "cpu_s": cpu,
+            "forward_s": _distribution_sum(result, "spatext_embed", "forward_ms") / 1000,
+            "forward_cpu_s": _distribution_sum(result, "spatext_embed", "forward_cpu_ms") / 1000,
+            "preprocess_s": _distribution_sum(result, "spatext_embed", "preprocess_ms") / 1000,
+            "images": _counter(result, "spatext_embed", "images_embedded"),
+        }
+    full, quarter = runs["full"], runs["quarter"]
+    samples, wall, forward, preprocess = full["samples"], full["wall_s"], full["forward_s"], full["preprocess_s"]
+    ceiling = bare_forward_s(args.clip_model, full["images"], samples, batch=args.clip_batch_size * 3)
+    marginal_samples = full["samples"] - quarter["samples"]
+    marginal_cpu = (full["cpu_s"] - full["forward_cpu_s"]) - (quarter["cpu_s"] - quarter["forward_cpu_s"])
     other = wall - forward - preprocess
-    cores = os.cpu_count() or 1
     return {
-        "benchmark": "pipeline_cpu", "machine": platform.processor() or platform.machine(), "cores": cores,
+        "benchmark": "pipeline_cpu", "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "clip_model": args.clip_model, "pretrained": "none (random init)",
-        "segmenter": "annotations", "image_size": args.image_size, "samples": samples, "images_embedded": images,
-        "wall_s": round(wall, 2), "samples_per_s": round(samples / wall, 2),
+        "segmenter": "annotations", "image_size": args.image_size, "samples": samples,
+        "images_embedded": full["images"], "wall_s": round(wall, 2), "cpu_s": round(full["cpu_s"], 2),
+        "samples_per_s": round(samples / wall, 2),
         "clip_forward_s": round(forward, 2), "clip_preprocess_s": round(preprocess, 2), "other_s": round(other, 2),
         "forward_share": round(forward / wall, 3), "preprocess_share": round(preprocess / wall, 3),
         "other_share": round(other / wall, 3), "bare_forward_s": round(ceiling, 2),
         "end_to_end_vs_ceiling": round(ceiling / wall, 3),
-        "non_model_samples_per_s_per_core": round(samples / max(wall - forward, 1e-9) / cores, 1),
+        "quarter_build": {k: round(v, 3) if isinstance(v, float) else v for k, v in quarter.items()},
+        "non_model_cpu_ms_per_sample": round(1000 * marginal_cpu / marginal_samples, 2),
+        "non_model_samples_per_s_per_core": round(marginal_samples / marginal_cpu, 1),
     }
 
 
@@ -92,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture (random weights)")
     parser.add_argument("--clip-batch-size", type=int, default=16, help="samples per CLIP batch")
     parser.add_argument("--image-size", type=int, default=512, help="stored image size")
-    parser.add_argument("--out", default="bench_output", help="folder for corpus, build and pipeline_cpu.json")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (1: CPU time is exact)")
+    parser.add_argument("--out", default="bench_output", help="folder for corpus, builds and pipeline_cpu.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", message="Polyfit may be poorly conditioned")  # Beam's batch-size estimator
     os.makedirs(args.out, exist_ok=True)
     record = run(args)
     rows = [
@@ -105,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         ("everything else (s, share)", f"{record['other_s']} ({record['other_share']:.0%})"),
         ("bare CLIP forwards, same inputs (s)", record["bare_forward_s"]),
         ("end-to-end / ceiling", record["end_to_end_vs_ceiling"]),
+        ("non-model CPU per sample (ms, marginal)", record["non_model_cpu_ms_per_sample"]),
         ("non-model samples/s per core", record["non_model_samples_per_s_per_core"]),
     ]
     print(f"pipeline_cpu: {record['clip_model']} (random init), {record['cores']} cores, {record['image_size']} px")

@@ -10,6 +10,7 @@ import json
 import logging
 import platform
 import time
+import warnings
 from importlib import metadata
 
 import apache_beam as beam
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry: run the build and print a one-line summary."""
     # force: importing Beam has already configured the root logger, which would make a plain basicConfig a no-op
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # Beam's batch-size estimator fits a line to a handful of timings and numpy warns on every fit: noise, not news
+    warnings.filterwarnings("ignore", message="Polyfit may be poorly conditioned")
     manifest = run(argv)
     if manifest is not None:
         counts = manifest["counts"]

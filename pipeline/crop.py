@@ -1,8 +1,9 @@
 """The segment crop: the one home of "segment -> square image" for CLIP (used by the embed stage and Local distance).
 
 DESIGN.md: crop the tightest square around the segment's mask (clamped to the image; pad if the square leaves the
-image), black out pixels outside the mask, then apply the CLIP model's own image transform. ``segment_crop`` does
-everything but the transform, which belongs to the model (see ``spatext.pipeline.clip``).
+image), black out pixels outside the mask, then apply the CLIP model's own image transform. ``segment_crop`` (a PIL
+image) and ``segment_crop_array`` (a uint8 array) do everything but the transform, which belongs to the model (see
+``spatext.pipeline.clip``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def _square_box(mask: np.ndarray) -> tuple[int, int, int]:
 
 def segment_crop(image: np.ndarray, mask: np.ndarray) -> Image.Image:
     """Return the square RGB crop around ``mask`` with pixels outside the mask (and any padding) black."""
+    return Image.fromarray(segment_crop_array(image, mask))
+
+
+def segment_crop_array(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``segment_crop`` as a side x side x 3 uint8 array (what the tensor CLIP transform takes)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be H x W x 3 uint8, got shape {image.shape} dtype {image.dtype}")
     if mask.shape != image.shape[:2] or mask.dtype != np.bool_:
@@ -50,4 +56,4 @@ def segment_crop(image: np.ndarray, mask: np.ndarray) -> Image.Image:
     out = np.zeros((side, side, 3), dtype=np.uint8)
     window = image[iy0:iy1, ix0:ix1] * mask[iy0:iy1, ix0:ix1, None]
     out[iy0 - sy : iy1 - sy, ix0 - sx : ix1 - sx] = window
-    return Image.fromarray(out)
+    return out

@@ -1,7 +1,9 @@
 """Decode stage: RawSample -> Sample (RGB array, resized) or Reject, safely.
 
 Safe means: the pixel count is checked before any pixel is decoded (decompression bombs), EXIF orientation is
-applied, any PIL mode becomes RGB, and a ground-truth id map must match the image it annotates.
+applied, any PIL mode becomes RGB, and a ground-truth id map must match the image it annotates. Downscaling is
+JPEG DCT scaling (``draft``) where the reduction allows it, then an antialiased bicubic resize
+(``spatext.pipeline.resize``: PIL's BICUBIC to within one grey level, several times faster).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from PIL import Image, ImageOps
 
 from spatext.pipeline.panoptic import decode_id_map
 from spatext.pipeline.records import REJECTS, RawSample, Reject, Sample, Segment, Segmentation
+from spatext.pipeline.resize import resize_image
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +65,9 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIX
                 im = im.convert("RGBA")
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(background, im)
-            rgb = im.convert("RGB")
-            size = target_size(*rgb.size, image_size)
-            if rgb.size != size:
-                rgb = rgb.resize(size, Image.Resampling.LANCZOS)
-            return np.array(rgb, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
+            rgb = np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
+        size = target_size(rgb.shape[1], rgb.shape[0], image_size)
+        return resize_image(rgb, size) if size != (rgb.shape[1], rgb.shape[0]) else rgb
     except DecodeError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
@@ -88,7 +89,7 @@ def decode_annotation(png: bytes | None, annotation: dict | None, size: tuple[in
     if abs(map_aspect - image_aspect) > 0.02 * image_aspect:
         raise DecodeError("bad_annotation", f"panoptic map {id_map.shape[1]}x{id_map.shape[0]} vs image {size}")
     if (id_map.shape[1], id_map.shape[0]) != size:
-        id_map = np.asarray(Image.fromarray(id_map.astype(np.int32)).resize(size, Image.Resampling.NEAREST))
+        id_map = np.array(Image.fromarray(id_map).resize(size, Image.Resampling.NEAREST), dtype=np.int32)
     segments = []
     for info in infos:
         try:
@@ -96,7 +97,7 @@ def decode_annotation(png: bytes | None, annotation: dict | None, size: tuple[in
             segments.append(Segment(id=int(info["id"]), label=None if label is None else str(label)))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DecodeError("bad_annotation", f"bad segments_info entry: {exc}") from exc
-    return Segmentation(id_map=id_map.astype(np.int32), segments=tuple(segments))
+    return Segmentation(id_map=id_map.astype(np.int32, copy=False), segments=tuple(segments))
 
 
 def decode_sample(raw: RawSample, options: DecodeOptions) -> Sample:

@@ -1,0 +1,89 @@
+"""The CLIP model's own eval transform, run on uint8 tensors instead of PIL images (fast, and on any device).
+
+open_clip's transform is a torchvision ``Compose`` (Resize to the short side, bicubic, antialiased -> CenterCrop ->
+RGB -> ToTensor -> Normalize). ``PixelTransform`` runs the same steps with the same parameters on uint8 tensors:
+the resize goes through ``spatext.pipeline.resize`` (torch's uint8 antialiased kernel, within one grey level of
+PIL's), the rest are the very same torchvision transforms. A transform with a step it does not know is not
+translated (``from_compose`` returns None) and callers use the PIL path, so no model is silently preprocessed
+differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from open_clip.transform import MaybeConvertMode
+from torchvision import transforms as T
+
+from spatext.pipeline.resize import as_chw_tensor, resize_chw
+
+_MODES = {T.InterpolationMode.BICUBIC: "bicubic", T.InterpolationMode.BILINEAR: "bilinear"}
+
+
+def _resized_size(height: int, width: int, size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) after torchvision's ``Resize(size)`` (an int resizes the short side; the long side truncates)."""
+    if isinstance(size, int) or len(size) == 1:
+        short_target = size if isinstance(size, int) else size[0]
+        short, long = min(height, width), max(height, width)
+        new_short, new_long = short_target, int(short_target * long / short)
+        return (new_short, new_long) if height <= width else (new_long, new_short)
+    return int(size[0]), int(size[1])
+
+
+def _resize_step(resize: T.Resize) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A uint8-tensor twin of a torchvision Resize, or None when it uses settings this module does not translate."""
+    mode = _MODES.get(resize.interpolation)
+    if mode is None or resize.max_size is not None or resize.antialias is False:
+        return None
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return resize_chw(x, _resized_size(x.shape[-2], x.shape[-1], resize.size), mode)
+
+    return step
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    """ToTensor's scaling of uint8 to [0, 1] float32."""
+    return x.float().div_(255)
+
+
+class PixelTransform:
+    """A CLIP eval transform as steps over 1 x 3 x H x W uint8 tensors; build it with ``from_compose``."""
+
+    def __init__(self, steps: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        """Keep the translated steps (in order)."""
+        self.steps = list(steps)
+
+    @classmethod
+    def from_compose(cls, compose: Callable) -> PixelTransform | None:
+        """Translate an open_clip / torchvision ``Compose``; None if any step is not one this module knows."""
+        steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        for t in getattr(compose, "transforms", [None]):
+            if isinstance(t, T.Resize):
+                step = _resize_step(t)
+                if step is None:
+                    return None
+                steps.append(step)
+            elif isinstance(t, T.CenterCrop | T.Normalize):
+                steps.append(t)  # torchvision's own, tensor-capable
+            elif isinstance(t, T.ToTensor):  # includes open_clip's MaybeToTensor
+                steps.append(_to_float)
+            elif isinstance(t, MaybeConvertMode) and t.mode == "RGB":
+                continue  # inputs are RGB already
+            else:
+                return None
+        if _to_float not in steps:
+            return None
+        return cls(steps)
+
+    def __call__(self, images: Sequence[np.ndarray], device: torch.device | str | None = None) -> torch.Tensor:
+        """H x W x 3 uint8 arrays -> N x 3 x S x S float32 model input, computed on ``device`` (default CPU)."""
+        outputs = []
+        for image in images:
+            x = as_chw_tensor(image, device)
+            for step in self.steps:
+                x = step(x)
+            outputs.append(x[0])
+        return torch.stack(outputs).contiguous()

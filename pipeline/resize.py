@@ -1,0 +1,53 @@
+"""Fast antialiased resizing of uint8 RGB images: the one home of "downscale an image" for the build.
+
+PIL (without SIMD) spends 2-7 ms on a 512-px bicubic or Lanczos resize; torch's uint8 antialiased kernels (AVX2 on
+CPU, and the same call runs on a GPU) do it in 0.3-1.4 ms and match PIL's BICUBIC to within one grey level
+(tests/test_resize.py checks that against PIL). The build uses these for the stored image (decode stage) and for
+the CLIP eval transform (``spatext.pipeline.clip_preprocess``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MODES = ("bicubic", "bilinear")
+
+
+def as_chw_tensor(image: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """An H x W x 3 uint8 array (or tensor) as a 1 x 3 x H x W uint8 view in channels-last memory (no copy on CPU).
+
+    Channels-last is the layout torch's fast uint8 resize kernels take, and it is how decoded images already lie.
+    """
+    tensor = torch.as_tensor(image) if isinstance(image, torch.Tensor) else torch.from_numpy(_writable(image))
+    if tensor.ndim != 3 or tensor.shape[2] != 3 or tensor.dtype != torch.uint8:
+        raise ValueError(f"image must be H x W x 3 uint8, got shape {tuple(tensor.shape)} dtype {tensor.dtype}")
+    if device is not None:
+        tensor = tensor.to(device, non_blocking=True)
+    return tensor.permute(2, 0, 1).unsqueeze(0)
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """The array itself when torch may share it, else a copy (torch refuses to wrap read-only memory quietly)."""
+    return array if array.flags.writeable else array.copy()
+
+
+def resize_chw(batch: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Resize a N x 3 x H x W uint8 tensor to ``size`` = (height, width), antialiased; uint8 out (rounded, clamped)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if tuple(batch.shape[-2:]) == tuple(size):
+        return batch
+    return F.interpolate(batch, size=size, mode=mode, antialias=True, align_corners=False)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int], mode: str = "bicubic") -> np.ndarray:
+    """Resize an H x W x 3 uint8 array to ``size`` = (width, height) as PIL's ``resize`` would; returns a new array."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    if (image.shape[1], image.shape[0]) == (width, height):
+        return image.copy()
+    out = resize_chw(as_chw_tensor(image), (height, width), mode)
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())

@@ -1,0 +1,68 @@
+"""Fast uint8 resizing and the tensor CLIP transform, against PIL and open_clip's own PIL transform."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from spatext.pipeline.clip_preprocess import PixelTransform
+from spatext.pipeline.resize import as_chw_tensor, resize_image
+
+
+def _photo(height: int, width: int, seed: int) -> np.ndarray:
+    """A smooth gradient with noise and a hard edge: enough structure for resampling differences to show."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    base = np.stack([255 * x, 255 * y, 255 * (1 - x) * y], axis=-1) + rng.normal(0, 20, (height, width, 3))
+    base[height // 3 : height // 2, width // 4 :] = [250, 10, 40]
+    return base.clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((640, 480), (512, 384)), ((583, 501), (224, 192)), ((300, 900), (171, 57)), ((40, 30), (90, 120))],
+)
+def test_resize_image_matches_pil_bicubic_within_one_level(shape, size) -> None:
+    image = _photo(*shape, seed=sum(shape))
+    ours = resize_image(image, size)
+    pil = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+    assert ours.shape == pil.shape == (size[1], size[0], 3) and ours.dtype == np.uint8
+    diff = np.abs(ours.astype(int) - pil.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.05
+
+
+def test_resize_image_same_size_is_a_copy_and_bad_input_fails() -> None:
+    image = _photo(20, 30, seed=1)
+    out = resize_image(image, (30, 20))
+    assert np.array_equal(out, image) and not np.shares_memory(out, image)
+    with pytest.raises(ValueError, match="H x W x 3 uint8"):
+        as_chw_tensor(image.astype(np.float32))
+    with pytest.raises(ValueError, match="positive"):
+        resize_image(image, (0, 5))
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (583, 501), (300, 900), (17, 9), (224, 224)])
+def test_pixel_transform_matches_open_clip_pil_transform(shape) -> None:
+    compose = open_clip.image_transform(224, is_train=False)
+    transform = PixelTransform.from_compose(compose)
+    assert transform is not None
+    image = _photo(*shape, seed=shape[0])
+    ours = transform([image])[0]
+    reference = compose(Image.fromarray(image))
+    assert ours.shape == reference.shape == (3, 224, 224) and ours.dtype == torch.float32
+    # one grey level, after the Normalize step's division by the smallest std
+    one_level = 1 / 255 / min(compose.transforms[-1].std) + 1e-6
+    diff = (ours - reference).abs()
+    assert diff.max().item() <= one_level and diff.mean().item() < 0.05 * one_level
+
+
+def test_pixel_transform_refuses_steps_it_cannot_translate() -> None:
+    compose = T.Compose([T.Resize(32), T.Lambda(lambda im: im), T.ToTensor()])
+    assert PixelTransform.from_compose(compose) is None
+    assert PixelTransform.from_compose(T.Compose([T.Resize(32, interpolation=T.InterpolationMode.NEAREST),
+                                                  T.ToTensor()])) is None
+    assert PixelTransform.from_compose(T.Compose([T.Resize(32)])) is None  # no ToTensor: not a model input
