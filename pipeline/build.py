@@ -132,12 +132,13 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, started_at: float, ski
 
     read = p | "Read" >> ReadCorpus(config.input, config.read_options(), skip)
     decoded = read["samples"] | "Decode" >> beam.ParDo(Decode(decode_options)).with_outputs(REJECTS, main="ok")
+    share, copies = config.share_models(), config.model_copies
     segmented, seg_failed = decoded.ok | "Segment" >> RunInference(
-        SegmenterModelHandler(segmenter_spec(config, segmenter))
+        SegmenterModelHandler(segmenter_spec(config, segmenter), share, copies)
     ).with_exception_handling()
     selected = segmented | "Select" >> beam.ParDo(Select(select_options)).with_outputs(REJECTS, main="ok")
     embedded, embed_failed = selected.ok | "Embed" >> RunInference(
-        ClipEmbedder(clip_spec(config))
+        ClipEmbedder(clip_spec(config), share, copies)
     ).with_exception_handling()
     rows = embedded | "ToRows" >> beam.Map(_keyed_row, config.image_format, config.jpeg_quality)
     rejects = (

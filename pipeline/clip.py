@@ -7,6 +7,7 @@ them); ``ClipEmbedder`` is the pipeline's embed stage. Importing this module reg
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -36,6 +37,8 @@ RANDOM_INIT = "none"
 RANDOM_INIT_LABEL = "none (random init)"
 PRECISIONS = ("fp32", "bf16", "fp16")
 METRICS_NAMESPACE = "spatext_embed"
+# wall and this thread's CPU milliseconds (torch's intra-op threads excluded: exact with one torch thread)
+TIMINGS = ("preprocess_ms", "preprocess_cpu_ms", "forward_ms", "forward_cpu_ms")
 MAX_IMAGES_PER_FORWARD = 256  # encode_image chunk size; a batch of samples with their crops is split into chunks
 
 
@@ -72,6 +75,31 @@ class ClipModel:
     pretrained_label: str  # the tag or checkpoint path, or exactly "none (random init)"
     spec: ClipSpec
     pixel_transform: PixelTransform | None = None  # ``preprocess`` on uint8 tensors; None: use the PIL path
+
+    def embed_samples(self, samples: Sequence[Sample]) -> tuple[list[Embeddings], dict[str, float]]:
+        """The embed stage's work on a batch: every segment crop and whole image through the image tower in one
+        pass, every caption through the text tower; also the wall / thread-CPU milliseconds of preprocessing and of
+        the forwards (``TIMINGS``). A method, so that it runs in the model's process behind Beam's model proxy."""
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        crops = [segment_crops(sample) for sample in samples]
+        images = [crop for sample_crops in crops for crop in sample_crops] + [sample.image for sample in samples]
+        pixels = preprocess_images(self, images)
+        preprocessed, preprocessed_cpu = time.perf_counter(), time.thread_time()
+        vectors = encode_pixels(self, pixels)
+        captions = embed_texts(self, [sample.caption for sample in samples])
+        timings = {
+            "preprocess_ms": 1000 * (preprocessed - started),
+            "preprocess_cpu_ms": 1000 * (preprocessed_cpu - started_cpu),
+            "forward_ms": 1000 * (time.perf_counter() - preprocessed),
+            "forward_cpu_ms": 1000 * (time.thread_time() - preprocessed_cpu),
+        }
+        whole = vectors[len(vectors) - len(samples) :]
+        results, start = [], 0
+        for i, sample_crops in enumerate(crops):
+            segments = vectors[start : start + len(sample_crops)].copy()
+            results.append(Embeddings(segments=segments, image=whole[i].copy(), caption=captions[i].copy()))
+            start += len(sample_crops)
+        return results, timings
 
 
 def _check_model_name(name: str) -> dict:
@@ -203,6 +231,11 @@ def embed_texts(model: ClipModel, texts: Sequence[str]) -> np.ndarray:
         return _unit(model.model.encode_text(tokens))
 
 
+def _embed_fields(sample: Sample) -> Sample:
+    """The sample without what the embed step does not read (the segmenter's full-size id maps)."""
+    return dataclasses.replace(sample, annotation=None, segmentation=None)
+
+
 def segment_crops(sample: Sample) -> list[np.ndarray]:
     """Return the square crops (uint8 arrays) of a sample's selected segments, in index order."""
     if sample.segment_map is None:
@@ -214,16 +247,19 @@ def segment_crops(sample: Sample) -> list[np.ndarray]:
 class ClipEmbedder(ModelHandler[Sample, tuple[Sample, Embeddings], ClipModel]):
     """The embed stage: CLIP image embeddings of segment crops and whole image, text embedding of the caption."""
 
-    def __init__(self, spec: ClipSpec) -> None:
-        """Keep the spec; the model is loaded on the worker by ``load_model``."""
-        super().__init__(min_batch_size=1, max_batch_size=spec.batch_size)
+    def __init__(self, spec: ClipSpec, share_across_processes: bool = False, model_copies: int | None = None) -> None:
+        """Keep the spec; the model is loaded on the worker by ``load_model``.
+
+        ``share_across_processes``: one model server per machine for all worker processes (Beam's ``large_model``),
+        ``model_copies``: that many servers (implies sharing); the default is one model per worker process.
+        """
+        super().__init__(
+            min_batch_size=1, max_batch_size=spec.batch_size, large_model=share_across_processes,
+            model_copies=model_copies,
+        )
         self.spec = spec
-        # Where the stage's time goes: crop + transform on the CPU vs the model forwards (image and text towers).
-        self._preprocess_ms = Metrics.distribution(METRICS_NAMESPACE, "preprocess_ms")
-        self._forward_ms = Metrics.distribution(METRICS_NAMESPACE, "forward_ms")
-        # CPU time of this thread (torch's intra-op threads excluded: exact with one torch thread, as benchmarks run)
-        self._preprocess_cpu_ms = Metrics.distribution(METRICS_NAMESPACE, "preprocess_cpu_ms")
-        self._forward_cpu_ms = Metrics.distribution(METRICS_NAMESPACE, "forward_cpu_ms")
+        # Where the stage's time goes (see ClipModel.embed_samples): wall and thread-CPU milliseconds per batch.
+        self._timings = {name: Metrics.distribution(METRICS_NAMESPACE, name) for name in TIMINGS}
         self._images = Metrics.counter(METRICS_NAMESPACE, "images_embedded")
 
     def load_model(self) -> ClipModel:
@@ -234,27 +270,13 @@ class ClipEmbedder(ModelHandler[Sample, tuple[Sample, Embeddings], ClipModel]):
         self, batch: Sequence[Sample], model: ClipModel, inference_args: dict[str, Any] | None = None
     ) -> Iterable[tuple[Sample, Embeddings]]:
         """Embed a batch: all crops and whole images in one encode_image pass, all captions in one encode_text."""
-        started, started_cpu = time.perf_counter(), time.thread_time()
-        crops = [segment_crops(sample) for sample in batch]
-        images = [crop for sample_crops in crops for crop in sample_crops]
-        images += [sample.image for sample in batch]
-        pixels = preprocess_images(model, images)
-        preprocessed, preprocessed_cpu = time.perf_counter(), time.thread_time()
-        vectors = encode_pixels(model, pixels)
-        captions = embed_texts(model, [sample.caption for sample in batch])
-        self._preprocess_ms.update(round(1000 * (preprocessed - started)))
-        self._preprocess_cpu_ms.update(round(1000 * (preprocessed_cpu - started_cpu)))
-        self._forward_ms.update(round(1000 * (time.perf_counter() - preprocessed)))
-        self._forward_cpu_ms.update(round(1000 * (time.thread_time() - preprocessed_cpu)))
-        self._images.inc(len(images))
-        whole = vectors[len(vectors) - len(batch) :]
-        results, start = [], 0
-        for i, sample in enumerate(batch):
-            count = len(crops[i])
-            segments = vectors[start : start + count].copy()
-            results.append((sample, Embeddings(segments=segments, image=whole[i].copy(), caption=captions[i].copy())))
-            start += count
-        return results
+        # Only a method call on `model`: with --model-sharing machine it is a proxy to a model server process, and
+        # the samples travel there without the fields the embed step does not read.
+        embeddings, timings = model.embed_samples([_embed_fields(sample) for sample in batch])
+        for name, value in timings.items():
+            self._timings[name].update(round(value))
+        self._images.inc(sum(len(sample.segments) + 1 for sample in batch))
+        return list(zip(batch, embeddings, strict=True))
 
     def get_num_bytes(self, batch: Sequence[Sample]) -> int:
         """Bytes of the arrays and captions in a batch (cheaper than Beam's default of pickling it)."""

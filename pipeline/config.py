@@ -12,6 +12,7 @@ from spatext.pipeline.segmenters import available_segmenters
 
 SEGMENTERS = ("auto", *available_segmenters())
 PRECISIONS = ("fp32", "bf16", "fp16")
+MODEL_SHARING = ("auto", "process", "machine")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class BuildConfig:
     clip_batch_size: int = 16
     device: str = "cpu"
     precision: str = "fp32"
+    model_sharing: str = "auto"  # process | machine (one model server shared by a machine's worker processes)
+    model_copies: int | None = None  # with machine sharing: model servers per machine
     rows_per_group: int = 256
     target_shard_mb: float = 128.0
     overwrite: bool = False
@@ -56,6 +59,12 @@ class BuildConfig:
         _check_choice("--image-format", self.image_format, IMAGE_FORMATS)
         _check_choice("--segmenter", self.segmenter, SEGMENTERS)
         _check_choice("--precision", self.precision, PRECISIONS)
+        _check_choice("--model-sharing", self.model_sharing, MODEL_SHARING)
+        if self.model_copies is not None and self.model_copies < 1:
+            raise ValueError(f"--model-copies must be >= 1, got {self.model_copies}")
+        if self.model_copies is not None and self.model_sharing == "process":
+            raise ValueError("--model-copies needs --model-sharing machine (or auto): it counts model servers "
+                             "per machine")
         if self.image_size < 16:
             raise ValueError(f"--image-size must be >= 16, got {self.image_size}")
         if self.overwrite and self.resume:
@@ -71,13 +80,21 @@ class BuildConfig:
         """A JSON-ready copy."""
         return dataclasses.asdict(self)
 
+    def share_models(self) -> bool:
+        """Whether worker processes share model servers: asked for, or auto on a GPU (a copy per process would not fit
+        many times into its memory, and one copy fed by every process keeps it busy)."""
+        if self.model_sharing == "auto":
+            return self.device.startswith("cuda") or self.model_copies is not None
+        return self.model_sharing == "machine"
+
     def read_options(self) -> ReadOptions:
         """The read stage's part of the config."""
         return ReadOptions(self.input_format, self.image_column, self.caption_column, self.key_column, self.coco_split)
 
     def output_defining(self) -> dict:
         """The settings that determine the rows: a resumed build must match them exactly."""
-        volatile = ("overwrite", "resume", "device", "segmenter_batch_size", "clip_batch_size")
+        volatile = ("overwrite", "resume", "device", "segmenter_batch_size", "clip_batch_size", "model_sharing",
+                    "model_copies")
         unset = {k for k in _READ_FLAGS if getattr(self, k) is None}  # kept out: builds made before these flags
         return {k: v for k, v in self.to_dict().items() if k not in volatile and k not in unset}
 
@@ -145,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="torch device for the models: cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="model forwards in fp32, or with bf16 / fp16 autocast (on cuda only)")
+    p.add_argument("--model-sharing", default=d.model_sharing, choices=MODEL_SHARING,
+                   help="process = each worker process loads its own models; machine = one model server per "
+                   "machine that all its worker processes send batches to (Beam's large_model: decode overlaps "
+                   "the GPU, one copy in GPU memory); auto = machine when --device is cuda, else process")
+    p.add_argument("--model-copies", type=int, default=None,
+                   help="model servers per machine with machine sharing (e.g. one per GPU); default 1")
     p.add_argument("--rows-per-group", type=int, default=d.rows_per_group, help="Parquet row group size (rows)")
     p.add_argument("--target-shard-mb", type=float, default=d.target_shard_mb,
                    help="max size of an output shard (MB); each input unit (tar) writes one or more shards")

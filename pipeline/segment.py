@@ -24,9 +24,18 @@ METRICS_NAMESPACE = "spatext_segment"
 class SegmenterModelHandler(ModelHandler[Sample, Sample, Segmenter]):
     """Loads the segmenter that a ``SegmenterSpec`` names and fills ``Sample.segmentation`` batch by batch."""
 
-    def __init__(self, spec: SegmenterSpec) -> None:
-        """Keep the spec; the model is loaded on the worker by ``load_model``."""
-        super().__init__(min_batch_size=1, max_batch_size=spec.batch_size)
+    def __init__(
+        self, spec: SegmenterSpec, share_across_processes: bool = False, model_copies: int | None = None
+    ) -> None:
+        """Keep the spec; the model is loaded on the worker by ``load_model``.
+
+        ``share_across_processes``: one model server per machine for all worker processes (Beam's ``large_model``),
+        ``model_copies``: that many servers (implies sharing); the default is one model per worker process.
+        """
+        super().__init__(
+            min_batch_size=1, max_batch_size=spec.batch_size, large_model=share_across_processes,
+            model_copies=model_copies,
+        )
         self.spec = spec
         self._images = Metrics.counter(METRICS_NAMESPACE, "images_segmented")
         self._segments = Metrics.counter(METRICS_NAMESPACE, "segments_found")
@@ -80,7 +89,3 @@ class SegmenterModelHandler(ModelHandler[Sample, Sample, Segmenter]):
     def get_metrics_namespace(self) -> str:
         """RunInference's own metrics (latency, counts) share the stage's namespace."""
         return METRICS_NAMESPACE
-
-    def share_model_across_processes(self) -> bool:
-        """One model per machine on a GPU (several worker processes would each hold a copy); per process on CPU."""
-        return self.spec.device.startswith("cuda")

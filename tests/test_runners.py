@@ -1,5 +1,6 @@
-"""The same command on three runners — DirectRunner, its multi_processing mode, and the portable runner API through
-Beam's local job service (the path Spark and Flink job servers take) — gives the same rows."""
+"""The same command on three runners — DirectRunner, its multi_processing mode (with models shared across the worker
+processes), and the portable runner API through Beam's local job service (the path Spark and Flink job servers take)
+— gives the same rows."""
 
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ def test_three_runners_give_the_same_rows(tmp_path, job_service):
     write_corpus(str(tmp_path / "corpus"), 8, seed=9, fmt="webdataset", samples_per_shard=3)
     runs = {
         "direct": [],
-        "multi_processing": ["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+        # worker processes sending their batches to one model server (the GPU set-up; here on the CPU)
+        "multi_processing": ["--direct_num_workers=2", "--direct_running_mode=multi_processing",
+                             "--model-sharing", "machine"],
         "portable": ["--runner", "PortableRunner", "--job_endpoint", job_service, "--environment_type", "LOOPBACK"],
     }
     rows = {}
