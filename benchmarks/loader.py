@@ -2,9 +2,13 @@
 
 Builds (or reuses) a demo-corpus build with JPEG images (longest side 512, tiny random CLIP), then measures, interleaved
 so that machine noise hits all of them alike: (a) bare decoding of the stored JPEG bytes with PIL (`decode_image`,
-one core), and (b) the full loader — Parquet read, shuffle buffer, JPEG + PNG decode, crop/resize, renumbering,
-collate — through a DataLoader at each resolution and worker count, in steady state (after a warm-up epoch; the time
-to the first batch is reported apart). Prints a table and writes JSON.
+one core: the reference of every ratio), (b) the same full decode with torchvision (what the loader decodes with;
+shown for context), and (c) the full loader — Parquet read, shuffle buffer, JPEG + PNG decode, crop/resize,
+renumbering, collate — through a DataLoader for each output mode (float32 [-1, 1] pixels, or uint8 pixels and label
+maps converted later on the device), resolution and worker count, in steady state (after a warm-up epoch; the time to
+the first batch is reported apart). The "DCT-reduced" column is the share of samples the loader decodes at a reduced
+JPEG scale (PIL's draft; only where the crop is >= ~4R pixels across): at those resolutions it decodes less than bare
+decoding does. Prints a table and writes JSON.
 
     python benchmarks/loader.py --num-samples 256 --out bench_output
 """
@@ -19,10 +23,12 @@ import platform
 import statistics
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 
-from spatext.model.data import ShardDataset, collate, resolve_files
+from spatext.model.data import MIN_DCT_SCALE, ShardDataset, collate, crop_box, dct_scale, is_jpeg, resolve_files
 from spatext.pipeline import build
 from spatext.pipeline.demo_corpus import write_corpus
 from spatext.pipeline.schema import decode_image
@@ -52,13 +58,28 @@ def bare_decode_s(images: list[bytes]) -> tuple[float, float]:
     return time.perf_counter() - started, time.process_time() - cpu
 
 
+def torchvision_decode_s(images: list[bytes]) -> tuple[float, float]:
+    """Wall and CPU seconds to decode every image once with torchvision (to a uint8 RGB tensor), on this core."""
+    started, cpu = time.perf_counter(), time.process_time()
+    for data in images:
+        decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
+def reduced_share(images: list[bytes], sizes: list[tuple[int, int]], resolution: int) -> float:
+    """The share of images the loader decodes at a reduced JPEG DCT scale at `resolution` (its own rule)."""
+    reduced = [is_jpeg(data) and dct_scale(size, crop_box(*size), resolution) >= MIN_DCT_SCALE
+               for data, size in zip(images, sizes, strict=True)]
+    return sum(reduced) / len(reduced)
+
+
 def loader_rate(
-    data: str, resolution: int, workers: int, batch_size: int, epochs: int
+    data: str, resolution: int, workers: int, batch_size: int, epochs: int, uint8: bool = False
 ) -> tuple[float, float, int, float]:
     """Steady-state samples/s over `epochs` epochs after a warm-up epoch (persistent workers), the warm-up's
     time to its first batch (worker start-up + filling the shuffle buffer), the samples per epoch, and this
     process's CPU seconds per sample (all of the work when workers=0)."""
-    dataset = ShardDataset(data, resolution, shuffle_buffer=256, seed=0)
+    dataset = ShardDataset(data, resolution, shuffle_buffer=256, seed=0, uint8=uint8)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                                          persistent_workers=workers > 0)
     started = time.perf_counter()
@@ -72,36 +93,55 @@ def loader_rate(
     return timed / wall, first, count, cpu / timed
 
 
+def measure(args: argparse.Namespace, data: str, images: list[bytes], variants: list[tuple]) -> dict:
+    """Interleaved repeats of the two bare decoders and every loader variant (mode, R, workers): lists of samples/s,
+    CPU s/sample and time to the first batch, keyed by "pil", "torchvision" and the variants."""
+    runs: dict = {key: {"rate": [], "cpu": [], "first": []} for key in ["pil", "torchvision", *variants]}
+    bare_decode_s(images[:8])  # warm-up
+    torchvision_decode_s(images[:8])
+    count = len(images) * args.epochs
+    for _ in range(args.repeats):
+        for key, decode in (("pil", bare_decode_s), ("torchvision", torchvision_decode_s)):
+            wall, seconds = decode(images * args.epochs)
+            runs[key]["rate"].append(count / wall)
+            runs[key]["cpu"].append(seconds / count)
+        for mode, resolution, workers in variants:
+            rate, first, seen, per_sample = loader_rate(data, resolution, workers, args.batch_size, args.epochs,
+                                                        uint8=mode == "uint8")
+            if seen != len(images):
+                raise RuntimeError(f"loader produced {seen} samples for {len(images)} rows")
+            for name, value in (("rate", rate), ("first", first), ("cpu", per_sample)):
+                runs[(mode, resolution, workers)][name].append(value)
+    return runs
+
+
+def summary_row(variant: tuple, got: dict, bare_rate: float, bare_ms: float, reduced: float) -> dict:
+    """One loader variant's medians and ratios to bare PIL decoding."""
+    mode, resolution, workers = variant
+    rate = statistics.median(got["rate"])
+    row = {"mode": mode, "resolution": resolution, "num_workers": workers, "samples_per_s": round(rate, 1),
+           "vs_bare_decode": round(rate / bare_rate, 3), "runs": [round(r, 1) for r in got["rate"]],
+           "first_batch_s": round(statistics.median(got["first"]), 2), "dct_reduced_share": round(reduced, 3)}
+    if workers == 0:  # CPU time is robust to other load on a shared machine
+        row["cpu_ms_per_sample"] = round(1000 * statistics.median(got["cpu"]), 3)
+        row["cpu_vs_bare_decode"] = round(bare_ms / row["cpu_ms_per_sample"], 3)
+    return row
+
+
 def run(args: argparse.Namespace) -> dict:
     """Build or reuse the data, then time bare decoding and the loader variants, interleaved; returns the record."""
     data = make_build(args.out, args.num_samples, args.image_size, args.rows_per_group)
     files = resolve_files(data)
-    images = [b for f in files for b in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
-    variants = [(r, w) for r in args.resolutions for w in args.workers]
-    bare, bare_cpu, timed, startup, cpu = [], [], {v: [] for v in variants}, {v: [] for v in variants}, {}
-    bare_decode_s(images[:8])  # warm-up
-    for _ in range(args.repeats):
-        wall, seconds = bare_decode_s(images * args.epochs)
-        bare.append(len(images) * args.epochs / wall)
-        bare_cpu.append(seconds / (len(images) * args.epochs))
-        for resolution, workers in variants:
-            rate, first, count, per_sample = loader_rate(data, resolution, workers, args.batch_size, args.epochs)
-            if count != len(images):
-                raise RuntimeError(f"loader produced {count} samples for {len(images)} rows")
-            timed[(resolution, workers)].append(rate)
-            startup[(resolution, workers)].append(first)
-            cpu.setdefault((resolution, workers), []).append(per_sample)
-    bare_rate, bare_ms = statistics.median(bare), 1000 * statistics.median(bare_cpu)
-    rows = []
-    for (resolution, workers), rates in timed.items():
-        rate = statistics.median(rates)
-        row = {"resolution": resolution, "num_workers": workers, "samples_per_s": round(rate, 1),
-               "vs_bare_decode": round(rate / bare_rate, 3), "runs": [round(r, 1) for r in rates],
-               "first_batch_s": round(statistics.median(startup[(resolution, workers)]), 2)}
-        if workers == 0:  # CPU time is robust to other load on a shared machine
-            row["cpu_ms_per_sample"] = round(1000 * statistics.median(cpu[(resolution, workers)]), 3)
-            row["cpu_vs_bare_decode"] = round(bare_ms / row["cpu_ms_per_sample"], 3)
-        rows.append(row)
+    table = pa.concat_tables([pq.read_table(f, columns=["image", "width", "height"]) for f in files])
+    images = table.column("image").to_pylist()
+    sizes = list(zip(table.column("width").to_pylist(), table.column("height").to_pylist(), strict=True))
+    variants = [(m, r, w) for m in args.modes for r in args.resolutions for w in args.workers]
+    runs = measure(args, data, images, variants)
+    bare_rate, bare_ms = statistics.median(runs["pil"]["rate"]), 1000 * statistics.median(runs["pil"]["cpu"])
+    tv_rate = statistics.median(runs["torchvision"]["rate"])
+    tv_ms = 1000 * statistics.median(runs["torchvision"]["cpu"])
+    rows = [summary_row(variant, runs[variant], bare_rate, bare_ms, reduced_share(images, sizes, variant[1]))
+            for variant in variants]
     mean_bytes = sum(map(len, images)) / len(images)
     return {
         "benchmark": "loader", "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -109,13 +149,37 @@ def run(args: argparse.Namespace) -> dict:
         "image_format": "jpeg", "mean_image_kib": round(mean_bytes / 1024, 1), "files": len(files),
         "rows_per_group": args.rows_per_group, "batch_size": args.batch_size, "repeats": args.repeats,
         "epochs_timed": args.epochs,
-        "bare_decode_samples_per_s": round(bare_rate, 1), "bare_runs": [round(r, 1) for r in bare],
-        "bare_cpu_ms_per_sample": round(bare_ms, 3), "loader": rows,
-        "note": "bare = PIL decode of the stored JPEG bytes to RGB arrays on one core; loader = ShardDataset + "
-                "DataLoader + collate, steady state (persistent workers, after a warm-up epoch); medians of the "
-                "interleaved repeats; where the shorter side is >= 2R the loader decodes JPEGs at a reduced DCT "
-                "scale (PIL draft), which bare decoding does not",
+        "bare_decode_samples_per_s": round(bare_rate, 1), "bare_runs": [round(r, 1) for r in runs["pil"]["rate"]],
+        "bare_cpu_ms_per_sample": round(bare_ms, 3),
+        "torchvision_decode_samples_per_s": round(tv_rate, 1), "torchvision_cpu_ms_per_sample": round(tv_ms, 3),
+        "loader": rows,
+        "note": "bare = PIL decode of the stored JPEG bytes to RGB arrays on one core (the reference of every ratio); "
+                "torchvision = the same full decode by the decoder the loader uses (context only); loader = "
+                "ShardDataset + DataLoader + collate, steady state (persistent workers, after a warm-up epoch); "
+                "medians of the interleaved repeats; mode uint8 leaves the [-1, 1] conversion to the training "
+                "device (to_model_input); dct_reduced_share = samples the loader decodes at 1/4 or 1/8 JPEG scale "
+                "(PIL draft), which bare decoding does not",
     }
+
+
+def print_table(record: dict) -> None:
+    """The record as a table on stdout."""
+    print(f"loader: {record['samples']} samples, JPEG stored at <= {record['stored_image_size']} px "
+          f"(mean {record['mean_image_kib']} KiB), {record['cores']} cores, torch threads {record['torch_threads']}")
+    print(f"  {'':<40} {'samples/s':>9} {'x bare':>7} {'first batch':>12} {'CPU ms/sample':>14} {'CPU x bare':>11} "
+          f"{'DCT-reduced':>12}")
+    print(f"  {'bare PIL JPEG decode (1 core)':<40} {record['bare_decode_samples_per_s']:>9} {1:>7.2f} {'':>12} "
+          f"{record['bare_cpu_ms_per_sample']:>14} {1:>11.2f}")
+    tv_rate, tv_ms = record["torchvision_decode_samples_per_s"], record["torchvision_cpu_ms_per_sample"]
+    print(f"  {'(torchvision JPEG decode, 1 core)':<40} {tv_rate:>9} "
+          f"{tv_rate / record['bare_decode_samples_per_s']:>7.2f} {'':>12} {tv_ms:>14} "
+          f"{record['bare_cpu_ms_per_sample'] / tv_ms:>11.2f}")
+    for row in record["loader"]:
+        name = f"ShardDataset {row['mode']} R={row['resolution']}, workers={row['num_workers']}"
+        cpu = (f"{row['cpu_ms_per_sample']:>14} {row['cpu_vs_bare_decode']:>11.2f}" if "cpu_ms_per_sample" in row
+               else f"{'':>14} {'':>11}")
+        print(f"  {name:<40} {row['samples_per_s']:>9} {row['vs_bare_decode']:>7.2f} {row['first_batch_s']:>10} s "
+              f"{cpu} {row['dct_reduced_share']:>12.0%}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=256, help="demo corpus size")
     parser.add_argument("--image-size", type=int, default=512, help="stored image size (longest side)")
     parser.add_argument("--rows-per-group", type=int, default=32, help="Parquet row-group size of the build")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="loader output sizes")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 256, 512],
+                        help="loader output sizes (64: DCT-reduced decoding; 512: the stored longest side)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
+    parser.add_argument("--modes", nargs="+", default=["uint8", "float32"], choices=["uint8", "float32"],
+                        help="loader output: uint8 (what training uses) and/or float32 [-1, 1] pixels")
     parser.add_argument("--batch-size", type=int, default=32, help="DataLoader batch size")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (median reported)")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per loader measurement")
@@ -134,17 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     os.makedirs(args.out, exist_ok=True)
     record = run(args)
-    print(f"loader: {record['samples']} samples, JPEG stored at <= {record['stored_image_size']} px "
-          f"(mean {record['mean_image_kib']} KiB), {record['cores']} cores")
-    print(f"  {'':<34} {'samples/s':>9} {'x bare':>7} {'first batch':>12} {'CPU ms/sample':>14} {'CPU x bare':>11}")
-    print(f"  {'bare JPEG decode (1 core)':<34} {record['bare_decode_samples_per_s']:>9} {1:>7.2f} {'':>12} "
-          f"{record['bare_cpu_ms_per_sample']:>14} {1:>11.2f}")
-    for row in record["loader"]:
-        name = f"ShardDataset R={row['resolution']}, workers={row['num_workers']}"
-        cpu = (f"{row['cpu_ms_per_sample']:>14} {row['cpu_vs_bare_decode']:>11.2f}" if "cpu_ms_per_sample" in row
-               else f"{'':>14} {'':>11}")
-        print(f"  {name:<34} {row['samples_per_s']:>9} {row['vs_bare_decode']:>7.2f} {row['first_batch_s']:>10} s "
-              f"{cpu}")
+    print_table(record)
     path = os.path.join(args.out, "loader.json")
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2)

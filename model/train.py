@@ -54,7 +54,7 @@ from spatext.model.checkpoint import (
     write_json,
 )
 from spatext.model.config import DenoiserConfig, get_config, list_configs
-from spatext.model.data import ShardDataset, collate
+from spatext.model.data import ShardDataset, collate, to_model_input
 from spatext.model.denoiser import uses_image_embedding
 from spatext.model.guidance import drop_conditions
 from spatext.model.pipeline import LocalPromptEncoder, PriorModel, SpaTextPipeline, build_pipeline
@@ -290,7 +290,7 @@ def encode_batch(
     pipe: SpaTextPipeline, batch: dict, device: torch.device, dtype: torch.dtype, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(clean sample, text tokens, ST, image embedding or None) of a batch, on the device (frozen encoders)."""
-    pixels = batch["pixel_values"].to(device, dtype, non_blocking=True)
+    pixels = to_model_input(batch["pixel_values"], device, dtype)  # uint8 -> [-1, 1] on the device
     if pipe.vae is not None:
         latents = pipe.vae.encode(pixels).latent_dist.sample(generator=generator)
         clean = (latents * pipe.vae.config.scaling_factor).float()
@@ -365,7 +365,7 @@ def setup(args: argparse.Namespace) -> Session:
         logging.getLogger("spatext").setLevel(logging.ERROR)
     dataset = ShardDataset(args.data, args.resolution or config.resolution, shuffle_buffer=args.shuffle_buffer,
                            seed=args.seed, resample_segments=args.resample_segments, max_segments=args.max_segments,
-                           rank=accelerator.process_index, world_size=accelerator.num_processes)
+                           rank=accelerator.process_index, world_size=accelerator.num_processes, uint8=True)
     pipe, lineage = build_training_pipeline(args, config, dataset.metadata)
     shard_meta = {k: dataset.metadata.get(k) for k in ("schema_version", "clip_model", "clip_pretrained", "embed_dim",
                                                         "segmenter", "segmenter_weights", "created", "package_version")}

@@ -1,4 +1,5 @@
-"""ShardDataset: exact split over ranks x workers, shuffling, crop alignment, segment re-sampling, fsspec paths."""
+"""ShardDataset: exact split over ranks x workers, shuffling, crop alignment, segment re-sampling, fsspec paths,
+the decode / resize / renumber fast path against PIL and brute-force references, uint8 output + to_model_input."""
 
 from __future__ import annotations
 
@@ -13,13 +14,20 @@ import torch
 from PIL import Image
 
 from spatext.model.data import (
+    MIN_DCT_SCALE,
     ShardDataset,
     WorkUnit,
     assign_units,
     collate,
     crop_box,
+    dct_scale,
+    decode_rgb,
     load_image_crop,
+    renumber,
+    resize_crop,
     resolve_files,
+    single_thread,
+    to_model_input,
 )
 from spatext.pipeline.schema import encode_image, encode_segment_map, row_to_sample, shard_schema
 
@@ -141,7 +149,10 @@ def test_jpeg_reduced_decoding_stays_aligned():
     image[(yy > 100) & (yy < 200) & (xx > 200) & (xx < 330)] = 255  # a bright block off-centre
     data = encode_image(image, "jpeg")
     box = crop_box(450, 300)
+    assert dct_scale((450, 300), box, 64) == 4 >= MIN_DCT_SCALE
     fast = load_image_crop(data, box, 64, (450, 300))  # draft: decoded at 1/4 scale
+    assert fast.shape == (3, 64, 64) and fast.dtype == torch.uint8 and fast.is_contiguous()
+    fast = fast.permute(1, 2, 0).numpy()
     with Image.open(io.BytesIO(data)) as im:
         full = np.asarray(im.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR, box=box))
     assert np.abs(fast.astype(float) - full).mean() < 6.0
@@ -223,3 +234,141 @@ def test_memory_url_and_bad_paths(demo_shards):
         ShardDataset("memory://spatext-test/nothing", 16)
     with pytest.raises(ValueError, match="rank"):
         ShardDataset(str(demo_shards), 16, rank=2, world_size=2)
+
+
+def _smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A photo-like RGB image: smooth gradients plus mild noise (JPEG keeps it close)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(seed).normal(0, 8, (height, width, 3))
+    image = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) % 97 * 2.5], axis=-1) + noise
+    return image.clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_decode_rgb_matches_pil(mode):
+    image = Image.fromarray(_smooth_image(70, 90)).convert(mode)
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        got = decode_rgb(buf.getvalue())
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            ref = np.asarray(im.convert("RGB")).astype(int)
+        assert got.shape == (3, 70, 90) and got.dtype == torch.uint8
+        # torchvision and PIL both wrap libjpeg-turbo: the same pixels (1 level of slack for a library update)
+        assert np.abs(got.permute(1, 2, 0).numpy().astype(int) - ref).max() <= (1 if fmt == "JPEG" else 0)
+
+
+@pytest.mark.parametrize("resolution", [16, 37, 64, 90, 150])
+def test_resize_crop_matches_pil_bilinear(resolution):
+    image = np.random.default_rng(1).integers(0, 256, (90, 130, 3), dtype=np.uint8)  # noise: the hardest case
+    box = crop_box(130, 90)
+    got = resize_crop(torch.from_numpy(image).permute(2, 0, 1), box, resolution)
+    assert got.shape == (3, resolution, resolution) and got.dtype == torch.uint8 and got.is_contiguous()
+    got = got.permute(1, 2, 0).numpy().astype(int)
+    cropped = Image.fromarray(image).crop(box)
+    ref = np.asarray(cropped.resize((resolution, resolution), Image.Resampling.BILINEAR)).astype(int)
+    assert np.abs(got - ref).max() <= 1  # torch's uint8 antialiased bilinear is a port of PIL's filter
+    # the old path resized with box= and PIL then reads pixels just outside the box: only the border ring may differ
+    boxed = np.asarray(Image.fromarray(image).resize((resolution, resolution), Image.Resampling.BILINEAR, box=box))
+    assert np.abs(got - boxed.astype(int))[1:-1, 1:-1].max() <= 1
+    assert np.abs(got - boxed).mean() < 0.5
+    if resolution == 90:  # box already R across: a plain crop, pixel for pixel
+        assert np.array_equal(got, np.asarray(cropped))
+
+
+def test_resize_runs_on_one_thread_and_restores_the_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with single_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_dct_scale_follows_pils_draft_rule():
+    data = encode_image(_smooth_image(300, 450), "jpeg")
+    for resolution in (8, 20, 37, 64, 100, 150, 299, 300, 400):
+        box = crop_box(450, 300)
+        with Image.open(io.BytesIO(data)) as im:
+            want = (max(1, 450 * resolution // 300), max(1, 300 * resolution // 300))
+            drafted = im.draft("RGB", want) if resolution < 300 else None
+            expected = 1 if drafted is None else round(450 / drafted[1][2])
+        assert dct_scale((450, 300), box, resolution) == expected
+
+
+def test_full_decode_path_stays_close_to_pil_with_box():
+    image = _smooth_image(300, 450)
+    data = encode_image(image, "jpeg")
+    box = crop_box(450, 300)
+    with Image.open(io.BytesIO(data)) as im:
+        decoded = im.convert("RGB")
+    for resolution in (100, 150, 256):  # dct_scale 2 or 1: full decode + torch resize
+        assert dct_scale((450, 300), box, resolution) < MIN_DCT_SCALE
+        got = load_image_crop(data, box, resolution, (450, 300)).permute(1, 2, 0).numpy().astype(float)
+        ref = np.asarray(decoded.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box))
+        assert np.abs(got - ref).mean() < 0.5  # uint8 levels
+    with pytest.raises(ValueError, match="segment map is 400x300"):
+        load_image_crop(data, box, 100, (400, 300))
+
+
+def test_renumber_matches_a_brute_force_loop():
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        labels = rng.choice([0, 3, 7, 8, 200, 255], size=(13, 17)).astype(np.uint8)
+        present = np.unique(labels)
+        keep = np.sort(rng.choice(present, size=int(rng.integers(0, len(present) + 1)), replace=False))
+        got = renumber(labels, keep)
+        expected = np.zeros_like(labels)
+        for y in range(labels.shape[0]):
+            for x in range(labels.shape[1]):
+                for new, old in enumerate(keep, 1):
+                    if labels[y, x] == old:
+                        expected[y, x] = new
+        assert got.dtype == np.uint8 and np.array_equal(got, expected)
+        for new, old in enumerate(keep, 1):  # every kept segment keeps all of its pixels
+            assert int((got == new).sum()) == int((labels == old).sum())
+
+
+def test_uint8_samples_convert_on_the_device_to_the_float_path(demo_shards):
+    floats = list(ShardDataset(str(demo_shards), 40, shuffle_buffer=0))
+    raw = list(ShardDataset(str(demo_shards), 40, shuffle_buffer=0, uint8=True))
+    assert [s["key"] for s in raw] == [s["key"] for s in floats]
+    for s, f in zip(raw, floats, strict=True):
+        assert s["pixel_values"].dtype == torch.uint8 and s["pixel_values"].shape == (3, 40, 40)
+        assert s["label_map"].dtype == torch.uint8 and torch.equal(s["label_map"].long(), f["label_map"])
+        assert int(s["pixel_values"].max()) > 128  # 0..255 levels, not a [-1, 1] float cast to uint8
+        torch.testing.assert_close(s["segment_embeddings"], f["segment_embeddings"], rtol=0, atol=0)
+    batch = collate(raw)
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (12, 3, 40, 40)
+    pixels = to_model_input(batch["pixel_values"], "cpu")
+    reference = batch["pixel_values"].numpy().astype(np.float64) / 127.5 - 1.0  # independent float64 formula
+    assert pixels.dtype == torch.float32 and -1.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0
+    np.testing.assert_allclose(pixels.numpy(), reference, rtol=0, atol=1e-6)
+    old = collate(floats)["pixel_values"]
+    torch.testing.assert_close(pixels, old, rtol=0, atol=0)  # the same float32 arithmetic as the dataset's
+    half = to_model_input(batch["pixel_values"], "cpu", torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, old.to(torch.bfloat16))
+    assert to_model_input(old, "cpu", torch.float16).dtype == torch.float16  # float input: moved and cast
+    with pytest.raises(ValueError, match="pixel_values"):
+        to_model_input(batch["label_map"].long())
+
+
+def test_every_segment_survives_a_crop_that_keeps_it(tmp_path):
+    rng = np.random.default_rng(3)
+    seg_map = np.zeros((48, 64), np.uint8)
+    seg_map[:, :8] = 4  # only in the left margin the centred crop removes
+    for index in (1, 2, 3, 5, 6):
+        y, x = rng.integers(0, 44), rng.integers(8, 52)
+        seg_map[y : y + 1 + index % 3, x : x + 1 + index % 4] = index  # tiny segments, one 1 x 1 px
+    image = _smooth_image(48, 64)
+    _write_shard(tmp_path / "a.parquet", [_row("x", image, seg_map)])
+    (s,) = list(ShardDataset(str(tmp_path), 48, shuffle_buffer=0, uint8=True))  # box 48 px across = R: no resize
+    cropped = seg_map[:, 8:56]
+    kept = [i for i in range(1, 256) if (cropped == i).any()]
+    assert 4 not in kept and int(s["num_segments"]) == len(kept)
+    for new, old in enumerate(kept, 1):
+        assert s["segment_embeddings"][new - 1, 0] == old
+        assert torch.equal(s["label_map"] == new, torch.from_numpy(cropped == old))
+    assert np.array_equal(s["pixel_values"].permute(1, 2, 0).numpy(), image[:, 8:56])  # PNG + no-op resize: exact
