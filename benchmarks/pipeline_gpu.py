@@ -3,7 +3,11 @@
 Random weights at real sizes: Mask2Former with a Swin-L backbone (configs/mask2former-swin-large.json, 216 M params)
 and CLIP ViT-L/14. Sections:
   clip       ViT-L/14 image tower on random pixels: our encode_pixels in fp32 and bf16, and bare bf16 weights (img/s)
-  segmenter  Mask2Former alone on a preprocessed batch (the ceiling) and through our segmenter (+ pre/post-processing)
+  segmenter  Mask2Former alone on a preprocessed batch (bare, the ceiling) and through our segmenter (ours: device-side
+             preprocessing + forward + batched panoptic merge), each stage on its own (pre, post) next to what it
+             replaced (pre_cpu: the processor on the CPU; post_transformers: transformers' post-processing), all
+             interleaved, medians (img/s); checks: device preprocessing vs the CPU processor (max |difference|, one
+             grey level for scale) and the merge vs transformers on the same logits (identical maps / segments)
   build      the real Beam job (DirectRunner) on the demo corpus at 512 px, models on the GPU; its images/s and the
              ceiling for the same work (images / segmenter rate + crops / CLIP rate)
 Prints a table, writes JSON. `--smoke` runs tiny models on the CPU to check the script itself.
@@ -19,8 +23,11 @@ import json
 import logging
 import os
 import platform
+import statistics
 import time
 import traceback
+from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -28,6 +35,7 @@ import torch
 from spatext.pipeline.clip import ClipSpec, encode_pixels, load_clip
 from spatext.pipeline.records import Sample
 from spatext.pipeline.segmenters import SegmenterSpec, create_segmenter
+from spatext.pipeline.segmenters.panoptic_merge import panoptic_merge
 
 
 def _sync(device: str) -> None:
@@ -71,28 +79,94 @@ def _images(num: int, size: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(num)]
 
 
+def _median_seconds(stages: dict[str, Callable[[], object]], device: str, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each stage; the stages take turns in every round (after one warm-up round), so
+    a noisy neighbour slows them alike."""
+    times: dict[str, list[float]] = {name: [] for name in stages}
+    for round_ in range(repeats + 1):
+        for name, fn in stages.items():
+            _sync(device)
+            started = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def _float_outputs(outputs) -> SimpleNamespace:
+    """The logits the segmenter merges (float32 on the device), for transformers' post-processing too."""
+    return SimpleNamespace(class_queries_logits=outputs.class_queries_logits.float(),
+                           masks_queries_logits=outputs.masks_queries_logits.float())
+
+
+def _transformers_post(segmenter, outputs, sizes) -> list[dict]:
+    """The reference: transformers' panoptic post-processing (a Python loop per image and per query)."""
+    return segmenter.processor.post_process_panoptic_segmentation(
+        outputs, threshold=segmenter.spec.threshold, mask_threshold=segmenter.spec.mask_threshold,
+        overlap_mask_area_threshold=segmenter.spec.overlap_threshold, label_ids_to_fuse=set(), target_sizes=sizes)
+
+
+def segmenter_checks(segmenter, outputs, sizes) -> dict:
+    """Device path vs reference: preprocessing of non-square images (which the processor resizes) vs the processor on
+    the CPU (max |pixel difference|, and one grey level after normalising for scale); the merge vs transformers'
+    post-processing on the same logits (identical maps / segment lists, out of the batch)."""
+    rng = np.random.default_rng(1)
+    short = segmenter.spec.processor_size or 800
+    shapes = [(short * 3 // 4, short), (short, short * 3 // 4), (short // 2, short * 2 // 3)]
+    samples = [Sample(f"c{i}", "s", "c", rng.integers(0, 256, (*hw, 3), dtype=np.uint8)) for i, hw in enumerate(shapes)]
+    cpu = segmenter.processor(images=[s.image for s in samples], return_tensors="pt", input_data_format="channels_last")
+    device_inputs, _ = segmenter.preprocess(samples)
+    reference = _transformers_post(segmenter, _float_outputs(outputs), sizes)
+    ours = panoptic_merge(outputs.class_queries_logits.float(), outputs.masks_queries_logits.float(), sizes,
+                          segmenter.spec.threshold, segmenter.spec.mask_threshold, segmenter.spec.overlap_threshold)
+    same_maps = same_segments = 0
+    for ref, our in zip(reference, ours, strict=True):
+        same_maps += torch.equal(ref["segmentation"].cpu().to(torch.int32), our.id_map)
+        expected = [(i["id"], i["label_id"], i["score"]) for i in ref["segments_info"]]
+        same_segments += expected == [(g.id, g.label_id, g.score) for g in our.segments]
+    return {
+        "segmenter_check_pre_max_abs": float((device_inputs["pixel_values"].cpu() - cpu["pixel_values"]).abs().max()),
+        "segmenter_check_pre_one_level": 1 / (255 * min(segmenter.processor.image_std)),
+        "segmenter_check_pre_mask_equal": bool(torch.equal(device_inputs["pixel_mask"].cpu(), cpu["pixel_mask"])),
+        "segmenter_check_merge_same_maps": f"{same_maps}/{len(ours)}",
+        "segmenter_check_merge_same_segments": f"{same_segments}/{len(ours)}",
+        "segmenter_check_segments_per_image": round(sum(len(o.segments) for o in ours) / len(ours), 1),
+    }
+
+
 def bench_segmenter(args) -> dict:
-    """Mask2Former alone (the ceiling) and through our segmenter (processor + post-processing)."""
+    """Mask2Former alone (the ceiling) and through our segmenter; each stage of the segmenter, and the stages it
+    replaced (the processor on the CPU, transformers' post-processing), timed interleaved; then the checks."""
     spec = SegmenterSpec("mask2former", weights="none", config=args.segmenter_config, threshold=0.0,
                          mask_threshold=0.0, overlap_threshold=0.0, processor_size=args.image_size,
                          device=args.device, precision="bf16" if args.device.startswith("cuda") else "fp32")
     segmenter = create_segmenter(spec)
     samples = [Sample(f"k{i}", "s", "c", im) for i, im in enumerate(_images(args.segmenter_batch, args.image_size))]
-    inputs = segmenter.processor(images=[s.image for s in samples], return_tensors="pt",
-                                 input_data_format="channels_last")
-    inputs = {k: v.to(args.device) for k, v in inputs.items()}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else torch.no_grad()
+    inputs, sizes = segmenter.preprocess(samples)
+    outputs = segmenter.forward(inputs)
+    float_outputs = _float_outputs(outputs)
 
-    def bare():
-        with torch.inference_mode(), autocast:
-            segmenter.model(**inputs)
+    def cpu_pre():  # what the segmenter did before: the processor on the CPU, then a copy to the device
+        cpu = segmenter.processor(images=[s.image for s in samples], return_tensors="pt",
+                                  input_data_format="channels_last")
+        return {k: v.to(args.device) for k, v in cpu.items()}
 
-    return {
-        "segmenter_params_m": round(sum(p.numel() for p in segmenter.model.parameters()) / 1e6, 1),
-        "segmenter_bare_img_s": _rate(bare, args.segmenter_batch, args.device, args.repeats),
-        "segmenter_ours_img_s": _rate(lambda: segmenter.segment(samples), args.segmenter_batch, args.device,
-                                      args.repeats),
+    stages = {
+        "pre_cpu": cpu_pre,
+        "pre": lambda: segmenter.preprocess(samples),
+        "bare": lambda: segmenter.forward(inputs),
+        "post_transformers": lambda: _transformers_post(segmenter, float_outputs, sizes),
+        "post": lambda: segmenter.postprocess(outputs, sizes),
+        "ours": lambda: segmenter.segment(samples),
     }
+    seconds = _median_seconds(stages, args.device, args.repeats)
+    record = {"segmenter_params_m": round(sum(p.numel() for p in segmenter.model.parameters()) / 1e6, 1),
+              "segmenter_batch": args.segmenter_batch, "segmenter_queries": segmenter.model.config.num_queries}
+    record.update({f"segmenter_{name}_img_s": args.segmenter_batch / s for name, s in seconds.items()})
+    record["segmenter_ours_vs_bare"] = round(seconds["bare"] / seconds["ours"], 3)
+    record.update(segmenter_checks(segmenter, outputs, sizes))
+    return record
 
 
 def bench_build(args, rates: dict) -> dict:
@@ -123,13 +197,22 @@ def bench_build(args, rates: dict) -> dict:
 
         table = pq.read_table(os.path.join(config.output, "shards", path), columns=["segments"])
         crops += sum(len(s) for s in table.column("segments").to_pylist())
-    clip_rate = rates.get("clip_bf16_ours_img_s") or rates["clip_fp32_ours_img_s"]
-    ceiling_s = images / rates["segmenter_bare_img_s"] + (crops + counts["accepted"]) / clip_rate
-    return {
+    record = {
         "build_images": images, "build_accepted": counts["accepted"], "build_crops": crops,
         "build_wall_s": round(wall, 2), "build_img_s": round(images / wall, 2),
-        "build_ceiling_s": round(ceiling_s, 2), "build_vs_ceiling": round(ceiling_s / wall, 3),
     }
+    clip_rate = rates.get("clip_bf16_ours_img_s") or rates.get("clip_fp32_ours_img_s")
+    if clip_rate and rates.get("segmenter_bare_img_s"):  # the ceiling needs the clip and segmenter sections
+        ceiling_s = images / rates["segmenter_bare_img_s"] + (crops + counts["accepted"]) / clip_rate
+        record.update({"build_ceiling_s": round(ceiling_s, 2), "build_vs_ceiling": round(ceiling_s / wall, 3)})
+    return record
+
+
+def _rounded(key: str, value):
+    """Rates to 0.1 img/s, other floats (ratios, pixel differences) to 4 significant digits."""
+    if not isinstance(value, float):
+        return value
+    return round(value, 1) if key.endswith("_img_s") else float(f"{value:.4g}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script itself")
     parser.add_argument("--num-samples", type=int, default=512, help="demo corpus size for the build section")
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement")
+    parser.add_argument("--sections", default="clip,segmenter,build",
+                        help="comma-separated sections to run (clip, segmenter, build; build uses the others' rates)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     smoke = args.smoke
@@ -152,17 +237,24 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     record: dict = {"benchmark": "pipeline_gpu", "smoke": smoke, "torch": torch.__version__,
                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()}
+    sections = {name.strip() for name in args.sections.split(",")}
+    unknown = sections - {"clip", "segmenter", "build"}
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))}; valid choices: clip, segmenter, build")
     for name, section in (("clip", bench_clip), ("segmenter", bench_segmenter)):
+        if name not in sections:
+            continue
         try:
-            record.update({k: round(v, 1) if isinstance(v, float) else v for k, v in section(args).items()})
+            record.update({k: _rounded(k, v) for k, v in section(args).items()})
         except Exception as exc:  # noqa: BLE001 - a benchmark reports a failing section and runs the rest
             record[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
-    try:
-        record.update(bench_build(args, record))
-    except Exception as exc:  # noqa: BLE001 - as above
-        record["build_error"] = f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
+    if "build" in sections:
+        try:
+            record.update(bench_build(args, record))
+        except Exception as exc:  # noqa: BLE001 - as above
+            record["build_error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
     with open(os.path.join(args.out, "pipeline_gpu.json"), "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2)
     print(f"pipeline_gpu on {record['device']} (torch {record['torch']}), random weights")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import apache_beam as beam
 import numpy as np
 import pytest
+import torch
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
@@ -26,6 +27,7 @@ from spatext.pipeline.segmenters import (
     Segmenter,
     SegmenterSpec,
     available_segmenters,
+    clean_segmentation,
     create_segmenter,
 )
 
@@ -176,6 +178,73 @@ def test_mask2former_missing_weights_fail_fast(weights: str, monkeypatch) -> Non
 def test_mask2former_unknown_config_names_the_flag() -> None:
     with pytest.raises(ValueError, match="--segmenter-config"):
         create_segmenter(SegmenterSpec(name="mask2former", weights="none", config="no-such-config"))
+
+
+def _transformers_segmentations(segmenter: Segmenter, samples: list[Sample]) -> list[Segmentation]:
+    """The independent reference: transformers' own panoptic post-processing of the same forward pass, converted
+    the way the segmenter converted it before its merge moved to the device (void -> 0, ids > 0, id2label)."""
+    inputs, sizes = segmenter.preprocess(samples)
+    results = segmenter.processor.post_process_panoptic_segmentation(
+        segmenter.forward(inputs),
+        threshold=segmenter.spec.threshold,
+        mask_threshold=segmenter.spec.mask_threshold,
+        overlap_mask_area_threshold=segmenter.spec.overlap_threshold,
+        label_ids_to_fuse=set(),
+        target_sizes=sizes,
+    )
+    return [
+        clean_segmentation(
+            result["segmentation"].numpy(),
+            [Segment(int(i["id"]), segmenter.id2label[int(i["label_id"])], float(i["score"]))
+             for i in result["segments_info"] if int(i["id"]) > 0],
+            shape=size,
+        )
+        for result, size in zip(results, sizes, strict=True)
+    ]
+
+
+# Random tiny scores lie in ~0.15-0.18 and weighted mask probabilities in ~0.07-0.11: (0.16, 0.08, 0.5) keeps some
+# queries and drops others; the defaults (0.8, 0.5, 0.8) keep none (-1 maps, which become all-0 maps).
+@pytest.mark.parametrize("thresholds", [(0.0, 0.0, 0.0), (0.16, 0.08, 0.5), (0.8, 0.5, 0.8)])
+def test_mask2former_equals_transformers_post_processing(tiny, thresholds, monkeypatch) -> None:
+    threshold, mask_threshold, overlap = thresholds
+    spec = dataclasses.replace(TINY, threshold=threshold, mask_threshold=mask_threshold, overlap_threshold=overlap)
+    monkeypatch.setattr(tiny, "spec", spec)
+    samples = [_sample("a", 100, 150, seed=1), _sample("b", 130, 90, seed=2), _sample("c", 100, 150, seed=3)]
+    ours = tiny.segment(samples)
+    for seg, ref, sample in zip(ours, _transformers_segmentations(tiny, samples), samples, strict=True):
+        _check_segmentation(seg, sample.image.shape[:2])
+        np.testing.assert_array_equal(seg.id_map, ref.id_map)
+        assert seg.segments == ref.segments
+    if threshold == 0.8:
+        assert not any(seg.segments for seg in ours)
+
+
+def test_mask2former_preprocess_within_one_grey_level_of_a_float_resize(tiny, two_samples, monkeypatch) -> None:
+    """On cuda, torchvision resizes uint8 images in float32 and rounds back (the CPU has a native uint8 kernel); the
+    CPU's float path stands in for it here: pixel values within one grey level (1 / 255 / std once normalised)."""
+    import torchvision.transforms.v2.functional._geometry as geometry
+
+    images = [s.image for s in two_samples]
+    plain = tiny.processor(images=images, return_tensors="pt", input_data_format="channels_last")
+    native, sizes = tiny.preprocess(two_samples)
+    assert sizes == [s.image.shape[:2] for s in two_samples]
+    for name in ("pixel_values", "pixel_mask"):  # on the CPU: exactly the processor's own output
+        assert torch.equal(native[name], plain[name])
+    if not hasattr(geometry, "_do_native_uint8_resize_on_cpu"):
+        pytest.skip("this torchvision has no switch for its native uint8 resize")
+    monkeypatch.setattr(geometry, "_do_native_uint8_resize_on_cpu", lambda interpolation: False)
+    float_path, _ = tiny.preprocess(two_samples)
+    one_level = 1 / (255 * min(tiny.processor.image_std))
+    difference = (float_path["pixel_values"] - native["pixel_values"]).abs().max().item()
+    assert 0 < difference <= one_level * (1 + 1e-5)  # > 0: the float path did run
+    assert torch.equal(float_path["pixel_mask"], native["pixel_mask"])
+
+
+def test_mask2former_rejects_non_uint8_images(tiny) -> None:
+    sample = _sample("f", 8, 8)
+    with pytest.raises(ValueError, match="uint8"):
+        tiny.segment([dataclasses.replace(sample, image=sample.image.astype(np.float32))])
 
 
 # ---------------------------------------------------------------- the Beam ModelHandler

@@ -1,9 +1,9 @@
 """The ``mask2former`` segmenter: transformers' Mask2Former (universal segmentation) in panoptic mode.
 
-Weights load the normal way (``from_pretrained`` of a hub name or a local directory, never remote code). The
-literal weights ``none`` builds a randomly initialised model from a config (for tests and the offline demo); it is
-seeded, so every worker builds the same random model, and it is never silent: the log and ``weights_label`` say
-``none (random init)``.
+Pre- and post-processing run on the model's device (see ``Mask2FormerSegmenter``). Weights load the normal way
+(``from_pretrained`` of a hub name or a local directory, never remote code). The literal weights ``none`` builds a
+randomly initialised model from a config (for tests and the offline demo); it is seeded, so every worker builds the
+same random model, and it is never silent: the log and ``weights_label`` say ``none (random init)``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from spatext.pipeline.segmenters.base import (
     autocast,
     clean_segmentation,
 )
+from spatext.pipeline.segmenters.panoptic_merge import PanopticResult, panoptic_merge
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,12 @@ def _pretrained(weights: str, spec: SegmenterSpec) -> tuple[Mask2FormerForUniver
 
 
 class Mask2FormerSegmenter(Segmenter):
-    """Panoptic segmentation with ``Mask2FormerForUniversalSegmentation``, batched over the given images."""
+    """Panoptic segmentation with ``Mask2FormerForUniversalSegmentation``, batched over the given images.
+
+    ``segment`` = ``preprocess`` (the processor's torchvision path on ``spec.device``) -> ``forward`` ->
+    ``postprocess`` (``panoptic_merge``: transformers' panoptic post-processing, batched on the device); only uint8
+    images go to the device and only int32 id maps and segment lists come back.
+    """
 
     name = "mask2former"
 
@@ -116,38 +122,61 @@ class Mask2FormerSegmenter(Segmenter):
 
     @torch.inference_mode()
     def segment(self, samples: Sequence[Sample]) -> list[Segmentation]:
-        """One forward pass over all images, then panoptic post-processing at each image's own size."""
+        """Preprocess on the device, one forward pass over all images, then the panoptic merge on the device."""
         if not samples:
             return []
+        inputs, sizes = self.preprocess(samples)
+        outputs = self.forward(inputs)
+        return self.postprocess(outputs, sizes)
+
+    @torch.inference_mode()
+    def preprocess(self, samples: Sequence[Sample]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+        """Model inputs (``pixel_values``, ``pixel_mask``) on the device and each image's (height, width).
+
+        The processor's own torchvision path does the work (resize to its shortest/longest edge, rescale, normalise,
+        pad to the batch maximum) on ``self.device``: only the uint8 images cross to the device. On cuda its
+        antialiased bilinear resize runs in float32 and rounds to uint8, where the CPU has a native uint8 kernel: the
+        two differ by at most one grey level before normalisation (tested on the CPU's float path).
+        """
         images = [np.ascontiguousarray(s.image) for s in samples]
         for sample, image in zip(samples, images, strict=True):
-            if image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"sample {sample.key!r}: image must be H x W x 3, got shape {image.shape}")
-        inputs = self.processor(images=images, return_tensors="pt", input_data_format="channels_last")
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(
+                    f"sample {sample.key!r}: image must be uint8 H x W x 3, got {image.dtype} of shape {image.shape}"
+                )
+        inputs = self.processor(
+            images=images, return_tensors="pt", input_data_format="channels_last", device=self.device
+        )
+        return {k: v.to(self.device) for k, v in inputs.items()}, [image.shape[:2] for image in images]
+
+    @torch.inference_mode()
+    def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
+        """The model's forward pass under the spec's autocast (its output keeps the logits on the device)."""
         with autocast(self.spec):
-            outputs = self.model(**inputs)
-        sizes = [image.shape[:2] for image in images]
-        results = self.processor.post_process_panoptic_segmentation(
-            outputs,
+            return self.model(**inputs)
+
+    @torch.inference_mode()
+    def postprocess(self, outputs: Any, sizes: Sequence[tuple[int, int]]) -> list[Segmentation]:
+        """transformers' panoptic post-processing (no fusing), batched on the device; one Segmentation per image.
+
+        The logits are merged in float32 even when the forward ran in bf16 / fp16: the merge's argmax over
+        score-weighted probabilities would otherwise tie often. On float32 logits the result equals
+        ``Mask2FormerImageProcessor.post_process_panoptic_segmentation`` (tests/test_panoptic_merge.py).
+        """
+        results = panoptic_merge(
+            outputs.class_queries_logits.float(),
+            outputs.masks_queries_logits.float(),
+            target_sizes=sizes,
             threshold=self.spec.threshold,
             mask_threshold=self.spec.mask_threshold,
-            overlap_mask_area_threshold=self.spec.overlap_threshold,
-            label_ids_to_fuse=set(),  # no fusing: one segment per query (the config carries no thing/stuff split)
-            target_sizes=sizes,
+            overlap_threshold=self.spec.overlap_threshold,
         )
         return [self._to_segmentation(result, size) for result, size in zip(results, sizes, strict=True)]
 
-    def _to_segmentation(self, result: dict, size: tuple[int, int]) -> Segmentation:
-        """Convert one post-processed result: void (-1 or 0) -> 0, ids from 1, labels from the model's id2label."""
-        id_map = result["segmentation"].to("cpu").numpy()
+    def _to_segmentation(self, result: PanopticResult, size: tuple[int, int]) -> Segmentation:
+        """Convert one merged result: void (-1 or 0) -> 0, ids from 1, labels from the model's id2label."""
         segments = [
-            Segment(
-                id=int(info["id"]),
-                label=self.id2label.get(int(info["label_id"]), str(info["label_id"])),
-                score=float(info["score"]),
-            )
-            for info in result["segments_info"]
-            if int(info["id"]) > 0
+            Segment(id=seg.id, label=self.id2label.get(seg.label_id, str(seg.label_id)), score=seg.score)
+            for seg in result.segments
         ]
-        return clean_segmentation(id_map, segments, shape=size)
+        return clean_segmentation(result.id_map.numpy(), segments, shape=size)
