@@ -21,6 +21,7 @@ import warnings
 import torch
 from apache_beam.metrics.metric import MetricsFilter
 
+from corpus_subset import corpus_subset
 from spatext.pipeline import build
 from spatext.pipeline.clip import ClipSpec, embed_texts, encode_pixels, load_clip
 from spatext.pipeline.config import BuildConfig
@@ -65,18 +66,6 @@ def _build(args: argparse.Namespace, pattern: str, output: str):
     return result, manifest, time.perf_counter() - started, time.process_time() - cpu
 
 
-def _subset(corpus: str, fraction: float) -> str:
-    """A folder of links to the first `fraction` of the corpus's tar files (a smaller build of the same kind)."""
-    files = sorted(f for f in os.listdir(corpus) if f.endswith(".tar"))
-    folder = os.path.join(corpus, "subset")
-    os.makedirs(folder, exist_ok=True)
-    for name in files[: max(1, round(len(files) * fraction))]:
-        link = os.path.join(folder, name)
-        if not os.path.exists(link):
-            os.symlink(os.path.join(os.path.abspath(corpus), name), link)
-    return os.path.join(folder, "shard-*.tar")
-
-
 def run(args: argparse.Namespace) -> dict:
     """Generate the corpus, run a quarter-size and a full build, measure the ceiling; returns the JSON record.
 
@@ -89,7 +78,7 @@ def run(args: argparse.Namespace) -> dict:
     if not os.path.exists(os.path.join(corpus, "corpus.json")):
         write_corpus(corpus, args.num_samples, seed=0, fmt="webdataset")
     runs = {}
-    for name, pattern in (("quarter", _subset(corpus, 0.25)), ("full", os.path.join(corpus, "shard-*.tar"))):
+    for name, pattern in (("quarter", corpus_subset(corpus, 0.25)), ("full", os.path.join(corpus, "shard-*.tar"))):
         result, manifest, wall, cpu = _build(args, pattern, os.path.join(args.out, f"build-{name}"))
         runs[name] = {
             "samples": manifest["counts"]["accepted"], "wall_s": wall, "cpu_s": cpu,

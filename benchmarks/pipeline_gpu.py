@@ -8,7 +8,8 @@ and CLIP ViT-L/14. Sections:
              replaced (pre_cpu: the processor on the CPU; post_transformers: transformers' post-processing), all
              interleaved, medians (img/s); checks: device preprocessing vs the CPU processor (max |difference|, one
              grey level for scale) and the merge vs transformers on the same logits (identical maps / segments)
-  build      the real Beam job (DirectRunner) on the demo corpus at 512 px, models on the GPU; its images/s and the
+  build      the real Beam job (DirectRunner) on the demo corpus at 512 px, models on the GPU, in each --build-modes
+             set-up (in one process; N worker processes feeding one shared model server); its images/s and the
              ceiling for the same work (images / segmenter rate + crops / CLIP rate)
 Prints a table, writes JSON. `--smoke` runs tiny models on the CPU to check the script itself.
 
@@ -19,6 +20,7 @@ Prints a table, writes JSON. `--smoke` runs tiny models on the CPU to check the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +34,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from corpus_subset import corpus_subset
 from spatext.pipeline.clip import ClipSpec, encode_pixels, load_clip
 from spatext.pipeline.records import Sample
 from spatext.pipeline.segmenters import SegmenterSpec, create_segmenter
@@ -169,42 +172,80 @@ def bench_segmenter(args) -> dict:
     return record
 
 
+def _build_mode(mode: str) -> tuple[list[str], str]:
+    """`in_process` (DirectRunner, one process, models loaded in it) or `processes:N` (N worker processes, one model
+    server shared by all of them: --model-sharing machine) -> (Beam args, model sharing)."""
+    if mode == "in_process":
+        return [], "process"
+    name, _, workers = mode.partition(":")
+    if name != "processes" or not workers.isdigit() or int(workers) < 1:
+        raise ValueError(f"--build-modes: {mode!r} is neither in_process nor processes:N")
+    return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"], "machine"
+
+
 def bench_build(args, rates: dict) -> dict:
-    """The real job on the demo corpus; its ceiling from the section rates above."""
+    """The real job on the demo corpus in each of --build-modes; its ceiling from the section rates above."""
+    import pyarrow.parquet as pq
+
     from spatext.pipeline import build
     from spatext.pipeline.config import BuildConfig
     from spatext.pipeline.demo_corpus import write_corpus
 
     corpus = os.path.join(args.out, "corpus")
-    write_corpus(corpus, args.num_samples, seed=0, fmt="webdataset", samples_per_shard=64)
-    config = BuildConfig(
-        input=os.path.join(corpus, "shard-*.tar"), output=os.path.join(args.out, "build"), overwrite=True,
-        segmenter="mask2former", segmenter_weights="none", segmenter_config=args.segmenter_config,
-        segmenter_threshold=0.0, segmenter_mask_threshold=0.0, segmenter_overlap_threshold=0.0,
-        segmenter_processor_size=args.image_size, segmenter_batch_size=args.segmenter_batch,
-        clip_model=args.clip_model, clip_pretrained="none", clip_batch_size=args.build_clip_batch,
-        device=args.device, precision="bf16" if args.device.startswith("cuda") else "fp32",
-        image_size=args.image_size, min_area=0.01,
-    )
-    started = time.perf_counter()
-    _, manifest = build.execute(config, [])
-    wall = time.perf_counter() - started
-    counts = manifest["counts"]
-    images = counts["read"]
-    crops = 0
-    for path in manifest["shards"]:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(os.path.join(config.output, "shards", path), columns=["segments"])
-        crops += sum(len(s) for s in table.column("segments").to_pylist())
-    record = {
-        "build_images": images, "build_accepted": counts["accepted"], "build_crops": crops,
-        "build_wall_s": round(wall, 2), "build_img_s": round(images / wall, 2),
-    }
-    clip_rate = rates.get("clip_bf16_ours_img_s") or rates.get("clip_fp32_ours_img_s")
-    if clip_rate and rates.get("segmenter_bare_img_s"):  # the ceiling needs the clip and segmenter sections
-        ceiling_s = images / rates["segmenter_bare_img_s"] + (crops + counts["accepted"]) / clip_rate
-        record.update({"build_ceiling_s": round(ceiling_s, 2), "build_vs_ceiling": round(ceiling_s / wall, 3)})
+    write_corpus(corpus, args.num_samples, seed=0, fmt="webdataset", samples_per_shard=max(1, args.num_samples // 16))
+    record: dict = {}
+    warm = True  # the first build of a process pays one-time costs (imports, CUDA kernels): run one untimed first
+    for mode in args.build_modes.split(","):
+        beam_args, sharing = _build_mode(mode.strip())
+        key = "build_" + mode.strip().replace(":", "")
+        config = BuildConfig(
+            input=os.path.join(corpus, "shard-*.tar"), output=os.path.join(args.out, key), overwrite=True,
+            segmenter="mask2former", segmenter_weights="none", segmenter_config=args.segmenter_config,
+            segmenter_threshold=0.0, segmenter_mask_threshold=0.0, segmenter_overlap_threshold=0.0,
+            segmenter_processor_size=args.image_size, segmenter_batch_size=args.segmenter_batch,
+            clip_model=args.clip_model, clip_pretrained="none", clip_batch_size=args.build_clip_batch,
+            device=args.device, precision="bf16" if args.device.startswith("cuda") else "fp32",
+            image_size=args.image_size, min_area=0.01, model_sharing=sharing,
+        )
+        try:
+            if warm:
+                warm_up = dataclasses.replace(config, input=corpus_subset(corpus, 1 / 16), model_sharing="process",
+                                              output=config.output + "-warm-up")
+                build.execute(warm_up, [])
+                warm = False
+            quarter = dataclasses.replace(config, input=corpus_subset(corpus, 0.25), output=config.output + "-quarter")
+            started = time.perf_counter()
+            _, quarter_manifest = build.execute(quarter, beam_args)
+            quarter_wall = time.perf_counter() - started
+            started = time.perf_counter()
+            _, manifest = build.execute(config, beam_args)
+            wall = time.perf_counter() - started
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports a failing mode and runs the rest
+            record[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            continue
+        counts = manifest["counts"]
+        images = counts["read"]
+        # steady state: the images between the quarter and the full build over the time between them
+        marginal = (images - quarter_manifest["counts"]["read"]) / (wall - quarter_wall) if wall > quarter_wall else 0.0
+        record[f"{key}_quarter_wall_s"] = round(quarter_wall, 2)
+        record[f"{key}_marginal_img_s"] = round(marginal, 2)  # 0.0: the full build was not slower (noise)
+        crops = sum(
+            len(segments)
+            for path in manifest["shards"]
+            for segments in pq.read_table(os.path.join(config.output, "shards", path), columns=["segments"])
+            .column("segments").to_pylist()
+        )
+        record.update({
+            f"{key}_images": images, f"{key}_accepted": counts["accepted"], f"{key}_crops": crops,
+            f"{key}_wall_s": round(wall, 2), f"{key}_img_s": round(images / wall, 2),
+        })
+        clip_rate = rates.get("clip_bf16_ours_img_s") or rates.get("clip_fp32_ours_img_s")
+        if clip_rate and rates.get("segmenter_bare_img_s"):  # the ceiling needs the clip and segmenter sections
+            ceiling_s = images / rates["segmenter_bare_img_s"] + (crops + counts["accepted"]) / clip_rate
+            record[f"{key}_ceiling_s"] = round(ceiling_s, 2)
+            record[f"{key}_vs_ceiling"] = round(ceiling_s / wall, 3)
+            record[f"{key}_marginal_vs_ceiling"] = round(marginal * ceiling_s / images, 3)
     return record
 
 
@@ -220,8 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_output/gpu", help="folder for corpus, build and pipeline_gpu.json")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script itself")
-    parser.add_argument("--num-samples", type=int, default=512, help="demo corpus size for the build section")
+    parser.add_argument("--num-samples", type=int, default=1024,
+                        help="demo corpus size for the build section (a quarter-size build runs too: the difference "
+                        "is the steady-state rate, start-up excluded)")
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement")
+    parser.add_argument("--build-modes", default=None,
+                        help="comma-separated build set-ups: in_process, processes:N (N worker processes sharing one "
+                        "model server); default in_process,processes:8 (smoke: in_process,processes:2)")
     parser.add_argument("--sections", default="clip,segmenter,build",
                         help="comma-separated sections to run (clip, segmenter, build; build uses the others' rates)")
     args = parser.parse_args(argv)
@@ -232,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     args.segmenter_config = "mask2former-tiny" if smoke else "mask2former-swin-large"
     args.image_size, args.segmenter_batch = (128, 2) if smoke else (512, 8)
     args.build_clip_batch = 8 if smoke else 64
+    args.build_modes = args.build_modes or ("in_process,processes:2" if smoke else "in_process,processes:8")
     if smoke:
-        args.num_samples, args.repeats = min(args.num_samples, 8), 1
+        args.num_samples, args.repeats = min(args.num_samples, 16), 1
     os.makedirs(args.out, exist_ok=True)
     record: dict = {"benchmark": "pipeline_gpu", "smoke": smoke, "torch": torch.__version__,
                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()}
