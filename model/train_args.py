@@ -1,0 +1,115 @@
+"""Flags of ``spatext train``: the parser, the per-kind defaults (denoiser or prior P) and their validation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+
+from spatext.model.config import list_configs
+from spatext.model.prior import list_prior_configs
+
+DEFAULTS = {"denoiser": {"steps": 1000, "batch": 16, "lr": 1e-4}, "prior": {"steps": 500, "batch": 256, "lr": 1e-3}}
+
+
+def _io_flags(p: argparse.ArgumentParser) -> None:
+    """Data, model and run-directory flags."""
+    denoisers = ", ".join(c for c in list_configs() if not c.startswith("prior-"))
+    p.add_argument("--data", required=True, help="build dir, folder, glob or Parquet file of shards (any fsspec path)")
+    p.add_argument("--config", required=True, help=f"denoiser config ({denoisers}) or JSON file; a prior config "
+                   f"({', '.join(list_prior_configs())}) or prior JSON trains the prior P instead")
+    p.add_argument("--output", required=True, help="run dir: run.json, pipeline/, checkpoints/, logs/, samples/")
+    p.add_argument("--base-model", default=None, help="diffusers-layout dir: text encoder, tokenizer, scheduler, "
+                   "VAE and (latent configs) the UNet; required for denoiser configs")
+    p.add_argument("--prior", default=None, help="trained prior (a prior run dir or .safetensors) saved with the "
+                   "pipeline; default: an untrained (identity) prior, logged as such")
+    p.add_argument("--clip-model", default=None, help="open_clip model of the local-prompt encoder; default (and "
+                   "only value allowed): the shards' CLIP")
+    p.add_argument("--clip-pretrained", default=None, help="its weights: tag, local file or 'none'; default: the "
+                   "shards' ('none' when they were random)")
+    p.add_argument("--resolution", type=int, default=None, help="training image size in pixels; default: the config's")
+    p.add_argument("--max-segments", type=int, default=8, help="segments per sample (padded)")
+    p.add_argument("--resample-segments", action="store_true", help="a random non-empty subset of segments per sample")
+    p.add_argument("--shuffle-buffer", type=int, default=256, help="rows in the loader's shuffle buffer (0: in order)")
+    p.add_argument("--dataloader-num-workers", type=int, default=0, help="DataLoader worker processes per rank")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, noise and dropout")
+    p.add_argument("--log-sample-keys", action="store_true", help="lineage/debugging: each rank appends the key of "
+                   "every sample it trains on to logs/keys-rank-R.csv (step, epoch, key)")
+
+
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    """Optimisation, conditioning dropout, EMA, checkpoint and sample-grid flags."""
+    p.add_argument("--train-batch-size", type=int, default=None, help="samples per device per micro-batch; "
+                   f"default {DEFAULTS['denoiser']['batch']} (prior: {DEFAULTS['prior']['batch']} rows)")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--learning-rate", type=float, default=None, help=f"AdamW learning rate; default "
+                   f"{DEFAULTS['denoiser']['lr']} (prior: {DEFAULTS['prior']['lr']})")
+    p.add_argument("--lr-scheduler", default="constant", help="diffusers schedule: constant, linear, cosine, ...")
+    p.add_argument("--lr-warmup-steps", type=int, default=0, help="warm-up steps of the lr schedule")
+    p.add_argument("--adam-weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: none)")
+    p.add_argument("--max-train-steps", type=int, default=None, help="total optimizer steps, resumed ones included; "
+                   f"default {DEFAULTS['denoiser']['steps']} (prior: {DEFAULTS['prior']['steps']})")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                   help="accelerate mixed precision; the frozen VAE and text encoder run in that dtype")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade UNet compute for memory")
+    p.add_argument("--p-drop-text", type=float, default=0.1,
+                   help="chance that a sample's global text (and image embedding) is replaced by the null one")
+    p.add_argument("--p-drop-st", type=float, default=0.1, help="chance, independent of --p-drop-text, that a "
+                   "sample's ST is zeroed")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the UNet weights (0: no EMA)")
+    p.add_argument("--checkpointing-steps", type=int, default=500,
+                   help="checkpoint (and pipeline) every N steps; the last step always gets one (0: only that)")
+    p.add_argument("--checkpoints-total-limit", type=int, default=None, help="keep only the newest N checkpoints")
+    p.add_argument("--resume-from-checkpoint", default=None,
+                   help="'latest' (newest in OUTPUT/checkpoints; none there: start fresh) or a checkpoint dir")
+    p.add_argument("--sample-every", type=int, default=0, help="samples/step-N.png every N steps and at the end "
+                   "(0: never)")
+    p.add_argument("--num-validation", type=int, default=4, help="scenes in a sample grid: the first shard samples")
+    p.add_argument("--sample-steps", type=int, default=25, help="denoising steps of the sample grid")
+    p.add_argument("--sample-guidance-scale", type=float, default=7.5, help="joint guidance scale of the sample grid")
+
+
+def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags of ``spatext train`` (``python -m spatext.model.train``)."""
+    p = argparse.ArgumentParser(prog="spatext train", description="Train a SpaText denoiser (or the prior P) on "
+                                "spatext shards", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _io_flags(p)
+    _training_flags(p)
+    return p.parse_args(input_args)
+
+
+def is_prior_config(name: str) -> bool:
+    """Whether ``--config`` names a prior config (bundled ``prior-*`` or a JSON file with prior keys)."""
+    if name in list_prior_configs():
+        return True
+    if name.endswith(".json") and os.path.isfile(name):
+        with open(name, encoding="utf-8") as f:
+            data = json.load(f)
+        return isinstance(data, dict) and "hidden_dim" in data and "unet" not in data
+    return False
+
+
+def check_args(args: argparse.Namespace, prior: bool) -> None:
+    """Fill per-kind defaults and reject bad values, naming the flag."""
+    kind = DEFAULTS["prior" if prior else "denoiser"]
+    args.max_train_steps = kind["steps"] if args.max_train_steps is None else args.max_train_steps
+    args.train_batch_size = kind["batch"] if args.train_batch_size is None else args.train_batch_size
+    args.learning_rate = kind["lr"] if args.learning_rate is None else args.learning_rate
+    for flag in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_validation",
+                 "sample_steps", "max_segments"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("checkpointing_steps", "sample_every", "dataloader_num_workers", "lr_warmup_steps", "shuffle_buffer"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("p_drop_text", "p_drop_st", "ema_decay"):
+        if not 0.0 <= getattr(args, flag) <= 1.0 or (flag == "ema_decay" and args.ema_decay == 1.0):
+            raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1{']' if flag != 'ema_decay' else ')'}, "
+                             f"got {getattr(args, flag)}")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
+    if not prior and args.base_model is None:
+        raise ValueError("--base-model is required for a denoiser config: its text encoder, tokenizer and scheduler "
+                         "(and, for latent configs, VAE and UNet); tests use spatext.model.tiny_base")

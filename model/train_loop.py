@@ -1,0 +1,192 @@
+"""The training loop of a ``spatext train`` denoiser run: epochs of micro-steps, per-step outputs, the end of the run.
+
+Data parallel: every rank reads its own part of each epoch (``ShardDataset`` splits the shards' row groups across
+ranks) and all ranks train on the same number of batches per epoch, the fewest any rank's part makes; a rank with
+more (uneven shards) skips the rest of its part in that epoch, and the main process says so. Epoch counters, and so
+the checkpoints' ``training_state.json``, are the same on every rank. Files are written by the main process; every
+rank adds its RNG state to a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from spatext.model.checkpoint import (
+    CHECKPOINT_PREFIX,
+    append_loss,
+    load_checkpoint,
+    reset_loss_log,
+    save_checkpoint,
+    save_run,
+)
+from spatext.model.data import ShardDataset, collate
+from spatext.model.sample import sample_grid, shard_scenes
+from spatext.model.train_record import SampleLedger, rank_report, run_record
+from spatext.model.train_setup import Session, setup
+from spatext.model.train_step import micro_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Loop:
+    """The moving parts of a run: the counters saved in checkpoints, the loss being accumulated, per-step outputs."""
+
+    state: dict
+    started: float
+    ledger: SampleLedger
+    bar: tqdm
+    scenes: list = field(default_factory=list)  # validation scenes of the sample grid (main process)
+    loss_sum: float = 0.0
+    last_loss: float | None = None
+
+
+def write_sample_grid(s: Session, scenes: list, step: int) -> None:
+    """samples/step-N.png of the current weights on the validation scenes."""
+    with s.accelerator.autocast():
+        grid = sample_grid(s.pipe, scenes, s.args.sample_steps, s.args.sample_guidance_scale, s.args.seed)
+    os.makedirs(os.path.join(s.args.output, "samples"), exist_ok=True)
+    grid.save(os.path.join(s.args.output, "samples", f"step-{step}.png"))
+
+
+def save_rank_checkpoint(s: Session, state: dict) -> None:
+    """checkpoints/checkpoint-N: the main process writes it (accelerate state, EMA, counters; prunes old ones), the
+    other ranks add their RNG state (``random_states_R.pkl``) through the same ``save_state``."""
+    acc = s.accelerator
+    if acc.is_main_process:
+        save_checkpoint(acc, s.unet, s.ema, state, s.args)
+    else:
+        path = os.path.join(s.args.output, "checkpoints", f"{CHECKPOINT_PREFIX}{state['global_step']}")
+        acc.save_state(path, safe_serialization=True)
+
+
+def rank_batches(dataset: ShardDataset, batch_size: int, num_workers: int) -> int:
+    """Batches this rank's DataLoader yields in the dataset's current epoch (each worker batches its own rows)."""
+    workers = max(num_workers, 1)
+    rows = [sum(u.num_rows for u in dataset.my_units(w, workers)) for w in range(workers)]
+    return sum(math.ceil(n / batch_size) for n in rows)
+
+
+def epoch_batches(s: Session, announce: bool) -> int:
+    """Batches every rank trains on in the current epoch: the fewest any rank has (a collective over the ranks)."""
+    acc, args, epoch = s.accelerator, s.args, s.dataset.epoch
+    mine = rank_batches(s.dataset, args.train_batch_size, args.dataloader_num_workers)
+    counts = [int(n) for n in acc.gather(torch.tensor([mine], device=acc.device)).tolist()]
+    fewest = min(counts)
+    if fewest == 0:
+        raise ValueError(f"--data {args.data!r}: rank {counts.index(0)} got no batch in epoch {epoch} "
+                         "(fewer rows than processes?)")
+    if fewest < max(counts):
+        logger.log(logging.WARNING if announce else logging.DEBUG, "epoch %d: batches per rank %s (uneven shards); "
+                   "every rank trains on %d, the rest is skipped this epoch", epoch, counts, fewest)
+    return fewest
+
+
+def after_step(s: Session, loop: Loop) -> None:
+    """Per optimizer step: EMA, progress, loss log, checkpoint + pipeline, sample grid (files: main process)."""
+    args, acc, state = s.args, s.accelerator, loop.state
+    if s.ema is not None:
+        s.ema.step(s.unet.parameters())
+    state["global_step"] += 1
+    step = state["global_step"]
+    loop.bar.update(1)
+    loop.bar.set_postfix(loss=f"{loop.last_loss:.4f}")
+    checkpoint = bool(args.checkpointing_steps and step % args.checkpointing_steps == 0)
+    if not acc.is_main_process:
+        if checkpoint:
+            save_rank_checkpoint(s, state)
+        return
+    append_loss(args.output, step=step, loss=round(loop.last_loss, 6), lr=s.lr_scheduler.get_last_lr()[0],
+                epoch=state["epoch"], elapsed_s=round(time.perf_counter() - loop.started, 3))
+    if checkpoint:
+        save_rank_checkpoint(s, state)
+        save_run(s.pipe, s.unet, s.ema, run_record(s, state, "in progress", loop.started, loop.last_loss),
+                 args.output)
+    if args.sample_every and step % args.sample_every == 0:
+        write_sample_grid(s, loop.scenes, step)
+
+
+def run_epoch(s: Session, loop: Loop, loader: torch.utils.data.DataLoader, null_text: torch.Tensor,
+              announce: bool) -> None:
+    """The current epoch (its rest when resuming mid-epoch), up to ``--max-train-steps``."""
+    args, state = s.args, loop.state
+    s.dataset.set_epoch(state["epoch"])
+    batches = epoch_batches(s, announce)
+    seen = 0
+    for i, batch in enumerate(itertools.islice(loader, batches)):
+        seen += 1
+        if i < state["batch_in_epoch"]:
+            continue  # resuming mid-epoch: the same order, the batches already trained on are skipped
+        loop.ledger.add(state["global_step"] + 1, state["epoch"], batch["key"])
+        loop.loss_sum += float(micro_step(s, batch, null_text, state["micro_step"])) / args.gradient_accumulation_steps
+        state["batch_in_epoch"], state["micro_step"] = i + 1, state["micro_step"] + 1
+        if s.accelerator.sync_gradients:
+            loop.last_loss, loop.loss_sum = loop.loss_sum, 0.0
+            after_step(s, loop)
+            if state["global_step"] >= args.max_train_steps:
+                return
+    if seen < batches:
+        raise RuntimeError(f"rank {s.accelerator.process_index}: the loader yielded {seen} batches in epoch "
+                           f"{state['epoch']}, {batches} were planned")
+    state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train a denoiser per ``args``; return the final run record (also in OUTPUT/run.json)."""
+    started = time.perf_counter()
+    s = setup(args)
+    acc = s.accelerator
+    state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "micro_step": 0}
+    if s.resume is not None:
+        state = load_checkpoint(acc, s.unet, s.ema, s.resume)
+    bar = tqdm(total=args.max_train_steps, initial=state["global_step"], desc="steps",
+               disable=not acc.is_local_main_process)
+    loop = Loop(state, started, SampleLedger(args.output, acc.process_index, args.log_sample_keys,
+                                             state["global_step"]), bar)
+    if acc.is_main_process:
+        reset_loss_log(args.output, state["global_step"])
+        size = s.dataset.resolution // s.pipe.vae_scale_factor
+        loop.scenes = shard_scenes(s.dataset, args.num_validation, size) if args.sample_every else []
+    null_text = s.pipe.encode_prompt([""], acc.device).to(s.dtype)
+    loader = torch.utils.data.DataLoader(s.dataset, batch_size=args.train_batch_size, collate_fn=collate,
+                                         num_workers=args.dataloader_num_workers,
+                                         pin_memory=acc.device.type == "cuda")
+    logger.info("training %s on %d rows from step %d to %d (batch %d x %d accumulation x %d processes)",
+                s.config.name, s.dataset.num_rows, state["global_step"], args.max_train_steps,
+                args.train_batch_size, args.gradient_accumulation_steps, acc.num_processes)
+    first_epoch = state["epoch"]
+    while state["global_step"] < args.max_train_steps:
+        run_epoch(s, loop, loader, null_text, announce=state["epoch"] == first_epoch)
+    bar.close()
+    return finish(s, loop)
+
+
+def finish(s: Session, loop: Loop) -> dict:
+    """Final checkpoint (unless the last step wrote one), sample grid and pipeline + run.json; then check that the
+    ranks' replicas ended identical."""
+    args, acc, state = s.args, s.accelerator, loop.state
+    acc.wait_for_everyone()
+    ranks = rank_report(acc, s.unet, loop.ledger.count)
+    run = run_record(s, state, "finished", loop.started, loop.last_loss, ranks)
+    step = state["global_step"]
+    if not (args.checkpointing_steps and step % args.checkpointing_steps == 0):
+        save_rank_checkpoint(s, state)
+    if acc.is_main_process:
+        if args.sample_every and step % args.sample_every:
+            write_sample_grid(s, loop.scenes, step)
+        save_run(s.pipe, s.pipe.unet, s.ema, run, args.output)  # pipe.unet: the module inside any DDP wrapper
+        logger.info("run written to %s (step %d, last loss %s)", args.output, step, loop.last_loss)
+    acc.end_training()
+    if ranks["weights_in_sync"] is False:
+        raise RuntimeError(f"the ranks' weights differ after training (SHA-256 {ranks['weights_sha256']}): the "
+                           f"data-parallel replicas diverged; {args.output} holds rank 0's")
+    return run
