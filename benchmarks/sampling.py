@@ -1,25 +1,32 @@
 """Sampling time: plain two-pass CFG vs SpaText's accelerated joint guidance vs per-condition guidance, one run.
 
-The three modes, same UNet body and size, same scheduler (DDIM), same number of steps, same image size:
+The modes, same UNet body and size, same scheduler (DDIM), same number of steps, same image size:
   plain          diffusers' own ``StableDiffusionPipeline`` with the base UNet (latent channels in, no ST), global
                  prompt only, classifier-free guidance: 2 passes (uncond, text) batched into one forward per step;
   joint          ``SpaTextPipeline`` with ``guidance_scale`` (ε(∅) + s·(ε(text, ST) − ε(∅))): 2 passes batched, plus
                  the once-per-image work SpaText adds (local prompts through CLIP text + prior, rasterising, ST);
-  per-condition  ``SpaTextPipeline`` with ``text_guidance_scale`` + ``st_guidance_scale``: 3 passes batched.
+  per-condition  ``SpaTextPipeline`` with ``text_guidance_scale`` + ``st_guidance_scale``: 3 passes batched;
+  *-concat       the same two SpaText modes the way they ran before conv_in's ST term was cached: [sample; ST] through
+                 the full conv_in at every step (reference modes; ``--modes`` leaves them out).
 The SpaText UNet is the plain UNet's copy with D input channels added to ``conv_in``. Every call ends at the latents
-(``output_type="latent"``; the VAE decode, identical in all three, is left out). Text encoder, tokenizer and VAE come
+(``output_type="latent"``; the VAE decode, identical in all modes, is left out). Text encoder, tokenizer and VAE come
 from ``write_tiny_base_model`` (a 2-layer text encoder of the right width); the local encoder is the open_clip text
-tower of a CLIP with that D, random weights. Timings are medians of interleaved calls after a warm-up call.
+tower of a CLIP with that D, random weights. Every (images per call, mode) pair gets a warm-up call, then ``--repeats``
+rounds of interleaved calls in rotating order; times are medians.
 
 Default shape (CPU): the SD-1.x UNet layout at half width on 32x32 latents (256 px), D=384 (ViT-S-32), text width
-384 (see train_step.py for why). Prints a table, writes JSON.
+384 (see train_step.py for why). ``--sd15`` is the SD-1.x UNet + 768 ST channels at 512 px, local prompts through
+ViT-L/14's text tower (for a GPU: ``--sd15 --device cuda --dtype bfloat16 --steps 50``). Prints a table per
+images-per-call setting, writes ``sampling.json``.
 
-    python benchmarks/sampling.py --out bench_output
+    python benchmarks/sampling.py --threads 1 --num-images 1,4 --out bench_output
+    python benchmarks/sampling.py --sd15 --device cuda --dtype bfloat16 --steps 50 --num-images 1,4 --out $OUT
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -38,13 +45,16 @@ from transformers import CLIPTextModel, CLIPTokenizer
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import bench_config  # noqa: E402
 
-from spatext.model.config import DenoiserConfig  # noqa: E402
-from spatext.model.denoiser import extend_conv_in  # noqa: E402
+from spatext.model.config import DenoiserConfig, get_config  # noqa: E402
+from spatext.model.denoiser import extend_conv_in, predict  # noqa: E402
 from spatext.model.pipeline import LocalPromptEncoder, PriorModel, SpaTextPipeline  # noqa: E402
 from spatext.model.scene import Scene, box_mask  # noqa: E402
 from spatext.model.tiny_base import write_tiny_base_model  # noqa: E402
 
-MODES = ("plain", "joint", "per-condition")
+MODES = ("plain", "joint", "per-condition", "joint-concat", "per-condition-concat")
+GOALS = {"joint": 1.05, "per-condition": 1.55}  # time / plain, issue 4
+PASSES = {"plain": 2, "joint": 2, "per-condition": 3}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT = "a red ball and a blue cube on green grass under a cloudy sky"
 
 
@@ -64,9 +74,18 @@ def base_parts(config: DenoiserConfig, folder: str) -> dict:
     }
 
 
+class ConcatSTPipeline(SpaTextPipeline):
+    """Reference: ``SpaTextPipeline`` with [sample; ST] through the full ``conv_in`` every step (no cached ST term)."""
+
+    @contextlib.contextmanager
+    def prepare_denoiser(self, st: torch.Tensor):
+        """``predict`` on the concatenated input, as the pipeline ran before ``cached_st``."""
+        yield lambda sample, t, text, image: predict(self.unet, sample, st, t, text, image)
+
+
 def build_pipelines(config: DenoiserConfig, clip_model: str, device: str, dtype: torch.dtype, folder: str,
-                    seed: int = 0) -> tuple[StableDiffusionPipeline, SpaTextPipeline]:
-    """The plain SD pipeline and the SpaText pipeline: same UNet body, same text encoder, VAE and scheduler."""
+                    seed: int = 0) -> dict[str, StableDiffusionPipeline | SpaTextPipeline]:
+    """The plain SD pipeline, the SpaText pipeline and its concat reference: same UNet body, text encoder, VAE."""
     parts = base_parts(config, folder)
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device (an SD-sized UNet initialises slowly on a CPU)
@@ -86,8 +105,10 @@ def build_pipelines(config: DenoiserConfig, clip_model: str, device: str, dtype:
                               local_encoder=encoder, prior=prior, vae=parts["vae"])
     for pipe in (plain, spatext):
         pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+    concat = ConcatSTPipeline(**spatext.components)  # the same modules (moved above), called sequentially
+    for pipe in (plain, spatext, concat):
         pipe.set_progress_bar_config(disable=True)
-    return plain, spatext
+    return {"plain": plain, "spatext": spatext, "concat": concat}
 
 
 def make_scene(size: int) -> Scene:
@@ -97,23 +118,25 @@ def make_scene(size: int) -> Scene:
     return Scene(PROMPT, [(box_mask(box, (size, size)), prompt) for box, prompt in boxes])
 
 
-def sampler(plain: StableDiffusionPipeline, spatext: SpaTextPipeline, mode: str, steps: int, size: int,
-            images: int, device: str):
+def sampler(pipes: dict, mode: str, steps: int, size: int, images: int, device: str):
     """A zero-argument callable running one sampling call of ``mode``."""
     generator = torch.Generator(device).manual_seed(0)
     common = {"num_inference_steps": steps, "height": size, "width": size, "num_images_per_prompt": images,
-              "output_type": "latent"}
-    scene = make_scene(size)
+              "output_type": "latent", "generator": generator}
     if mode == "plain":
-        return lambda: plain(PROMPT, guidance_scale=7.5, generator=generator, **common)
-    if mode == "joint":
-        return lambda: spatext(PROMPT, scene=scene, guidance_scale=7.5, generator=generator, **common)
-    return lambda: spatext(PROMPT, scene=scene, text_guidance_scale=7.5, st_guidance_scale=3.0,
-                           generator=generator, **common)
+        return lambda: pipes["plain"](PROMPT, guidance_scale=7.5, **common)
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose from {', '.join(MODES)}")
+    pipe = pipes["concat" if mode.endswith("-concat") else "spatext"]
+    guidance = {"guidance_scale": 7.5}
+    if mode.startswith("per-condition"):
+        guidance = {"text_guidance_scale": 7.5, "st_guidance_scale": 3.0}
+    scene = make_scene(size)
+    return lambda: pipe(PROMPT, scene=scene, **guidance, **common)
 
 
-def time_modes(calls: dict, repeats: int, device: str) -> dict[str, list[float]]:
-    """Seconds per call of each mode: one warm-up call each, then ``repeats`` rounds in rotating order."""
+def time_calls(calls: dict, repeats: int, device: str) -> dict:
+    """Seconds per call of each key: one warm-up call each, then ``repeats`` rounds in rotating order."""
     def timed(fn) -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -125,50 +148,83 @@ def time_modes(calls: dict, repeats: int, device: str) -> dict[str, list[float]]
 
     for fn in calls.values():
         timed(fn)
-    times: dict[str, list[float]] = {mode: [] for mode in calls}
+    times: dict = {key: [] for key in calls}
     names = list(calls)
     for r in range(repeats):
-        for mode in names[r % len(names):] + names[: r % len(names)]:
-            times[mode].append(timed(calls[mode]))
+        for key in names[r % len(names):] + names[: r % len(names)]:
+            times[key].append(timed(calls[key]))
     return times
 
 
-def count_flops(calls: dict) -> dict[str, int]:
-    """FLOPs of one call of each mode (torch's FLOP counter: matmuls and convolutions; no timing noise)."""
+def count_flops(calls: dict) -> dict:
+    """FLOPs of one call of each key (torch's FLOP counter: matmuls and convolutions; no timing noise)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     out = {}
-    for mode, fn in calls.items():
+    for key, fn in calls.items():
         with FlopCounterMode(display=False) as counter:
             fn()
-        out[mode] = counter.get_total_flops()
+        out[key] = counter.get_total_flops()
+    return out
+
+
+def _paired(times: list[float], reference: list[float]) -> float:
+    """Median over rounds of the per-round ratio (each round times every mode within minutes: robust to slow drifts)."""
+    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
+
+
+def summarize(times: dict[str, list[float]], flops: dict[str, int]) -> dict:
+    """Medians, ratios to plain (time and FLOPs) and, per SpaText mode, the concat reference's time over its own.
+
+    ``ratio_to_plain`` divides medians; ``paired_ratio_to_plain`` is the median of the per-round ratios.
+    """
+    med = {mode: statistics.median(v) for mode, v in times.items()}
+    result = {"median_s": med, "ratio_to_plain": {m: med[m] / med["plain"] for m in med},
+              "paired_ratio_to_plain": {m: _paired(times[m], times["plain"]) for m in med}, "times_s": times,
+              "flops": flops, "flop_ratio_to_plain": {m: flops[m] / flops["plain"] for m in flops}}
+    concat = [m for m in GOALS if m in med and f"{m}-concat" in med]
+    result["concat_over_cached"] = {m: med[f"{m}-concat"] / med[m] for m in concat}
+    result["paired_concat_over_cached"] = {m: _paired(times[f"{m}-concat"], times[m]) for m in concat}
+    return result
+
+
+def run_sampling_sets(config: DenoiserConfig, clip_model: str, steps: int, repeats: int, images: list[int],
+                      device: str, dtype: torch.dtype, modes: tuple[str, ...] = MODES) -> dict[str, dict]:
+    """Build the pipelines once, time every (images per call, mode) pair interleaved; a result per ``images_N``."""
+    if "plain" not in modes:
+        raise ValueError("modes: the ratios need 'plain'")
+    with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
+        pipes = build_pipelines(config, clip_model, device, dtype, folder)
+        size = config.resolution
+        calls = {(n, mode): sampler(pipes, mode, steps, size, n, device) for n in images for mode in modes}
+        times = time_calls(calls, repeats, device)
+        flops = count_flops(calls)
+    out = {}
+    for n in images:
+        result = summarize({m: times[n, m] for m in modes}, {m: flops[n, m] for m in modes})
+        result.update(steps=steps, images_per_call=n, size=size, dtype=str(dtype).removeprefix("torch."))
+        out[f"images_{n}"] = result
     return out
 
 
 def run_sampling(config: DenoiserConfig, clip_model: str, steps: int, repeats: int, images: int, device: str,
-                 dtype: torch.dtype) -> dict:
-    """Build both pipelines, time the three modes, return medians and ratios to plain."""
-    with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
-        plain, spatext = build_pipelines(config, clip_model, device, dtype, folder)
-        size = config.resolution
-        calls = {mode: sampler(plain, spatext, mode, steps, size, images, device) for mode in MODES}
-        times = time_modes(calls, repeats, device)
-        flops = count_flops(calls)
-    med = {mode: statistics.median(v) for mode, v in times.items()}
-    return {"median_s": med, "ratio_to_plain": {m: med[m] / med["plain"] for m in MODES}, "times_s": times,
-            "flops": flops, "flop_ratio_to_plain": {m: flops[m] / flops["plain"] for m in MODES},
-            "steps": steps, "images_per_call": images, "size": size, "dtype": str(dtype).removeprefix("torch.")}
+                 dtype: torch.dtype, modes: tuple[str, ...] = MODES) -> dict:
+    """Build the pipelines, time the modes at ``images`` per call, return medians and ratios to plain."""
+    return run_sampling_sets(config, clip_model, steps, repeats, [images], device, dtype, modes)[f"images_{images}"]
 
 
 def print_table(result: dict) -> None:
-    """The markdown table of one sampling result."""
-    goals = {"plain": "", "joint": "<= 1.05", "per-condition": "<= 1.55"}
-    passes = {"plain": 2, "joint": 2, "per-condition": 3}
-    print("| mode | passes | median call (s) | time / plain | FLOPs / plain | goal |")
-    print("|---|---|---|---|---|---|")
-    for mode in MODES:
-        print(f"| {mode} | {passes[mode]} | {result['median_s'][mode]:.3f} | {result['ratio_to_plain'][mode]:.3f} "
-              f"| {result['flop_ratio_to_plain'][mode]:.4f} | {goals[mode]} |")
+    """The markdown table of one sampling result (one images-per-call setting)."""
+    print("| mode | passes | median call (s) | time / plain | paired time / plain | FLOPs / plain | goal |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, median in result["median_s"].items():
+        base = mode.removesuffix("-concat")
+        goal = f"<= {GOALS[base]}" if mode in GOALS else ""
+        print(f"| {mode} | {PASSES[base]} | {median:.3f} | {result['ratio_to_plain'][mode]:.3f} "
+              f"| {result['paired_ratio_to_plain'][mode]:.3f} | {result['flop_ratio_to_plain'][mode]:.4f} | {goal} |")
+    for mode, ratio in result.get("concat_over_cached", {}).items():
+        print(f"{mode}: concatenated conv_in every step / cached ST term = {ratio:.3f} "
+              f"(paired {result['paired_concat_over_cached'][mode]:.3f})")
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -179,37 +235,60 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latent", type=int, default=32, help="latent side; images are 8x larger (SD-1.x: 64)")
     p.add_argument("--clip-model", default="ViT-S-32", help="open_clip model of the local encoder; sets D (384)")
     p.add_argument("--text-dim", type=int, default=384, help="text hidden size = cross-attention dim (SD-1.x: 768)")
+    p.add_argument("--sd15", action="store_true",
+                   help="the latent-sd15 config (SD-1.x UNet, 64x64 latents, D=768) with ViT-L-14; overrides the "
+                        "shape flags above")
     p.add_argument("--steps", type=int, default=8, help="denoising steps per call")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per mode")
-    p.add_argument("--num-images", type=int, default=1, help="images per call")
+    p.add_argument("--num-images", default="1", help="images per call, comma-separated settings (e.g. 1,4)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated modes, from {', '.join(MODES)}")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--out", default="bench_output", help="folder for sampling.json")
-    return p.parse_args(input_args)
+    args = p.parse_args(input_args)
+    unknown = sorted(set(args.modes.split(",")) - set(MODES))
+    if unknown or "plain" not in args.modes.split(","):
+        p.error(f"--modes: got {args.modes!r}; give plain plus any of {', '.join(MODES[1:])}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run, print the table, write JSON."""
+    """Run, print the tables, write JSON."""
     logging.basicConfig(level=logging.ERROR)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     import open_clip
 
-    dim = int(open_clip.get_model_config(args.clip_model)["embed_dim"])
-    widths = [int(w) for w in args.widths.split(",")]
-    config = bench_config(widths, args.layers, args.latent, dim, args.text_dim, args.clip_model)
-    result = run_sampling(config, args.clip_model, args.steps, args.repeats, args.num_images, args.device,
-                          torch.float32)
-    result.update(config=config.to_dict(), args=vars(args), torch=torch.__version__, threads=torch.get_num_threads(),
-                  machine=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
+    if args.sd15:
+        config, clip_model = get_config("latent-sd15"), "ViT-L-14"
+    else:
+        dim = int(open_clip.get_model_config(args.clip_model)["embed_dim"])
+        widths = [int(w) for w in args.widths.split(",")]
+        config = bench_config(widths, args.layers, args.latent, dim, args.text_dim, args.clip_model)
+        clip_model = args.clip_model
+    images = [int(n) for n in args.num_images.split(",")]
+    modes = tuple(m for m in MODES if m in args.modes.split(","))
+    results = run_sampling_sets(config, clip_model, args.steps, args.repeats, images, args.device,
+                                DTYPES[args.dtype], modes)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    record = {**results, "config": config.to_dict(), "args": vars(args), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "device": device, "machine": platform.machine(),
+              "cpu_count": os.cpu_count()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sampling.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"UNet {widths} x{args.layers}, {args.latent}x{args.latent} latents ({8 * args.latent} px), D={dim} "
-          f"({args.clip_model}), {args.steps} DDIM steps, {args.num_images} image(s)/call, {args.device}, "
-          f"{torch.get_num_threads()} threads")
-    print_table(result)
+        json.dump(record, f, indent=2)
+    shape = (f"UNet {list(config.unet['block_out_channels'])} x{config.unet.get('layers_per_block')}, "
+             f"{config.sample_size}x{config.sample_size} latents ({config.resolution} px), D={config.embed_dim} "
+             f"({clip_model}), {args.steps} DDIM steps")
+    for n in images:
+        print(f"{shape}, {n} image(s)/call, {args.device} {args.dtype}, {torch.get_num_threads()} threads")
+        print_table(results[f"images_{n}"])
+    print(f"wrote {os.path.join(args.out, 'sampling.json')}")
     return 0
 
 

@@ -6,8 +6,9 @@ the next one runs):
             AdamW) at batch 32 on 64x64 latents, bf16 autocast with fp32 weights (what ``--mixed-precision bf16``
             does): SpaText (ST built on the GPU from 512x512 label maps) vs the same UNet without ST channels, as in
             train_step.py. Anchor: the plain SD-1.x UNet trains at 85 samples/s at batch 32 on an H100.
-  sampling  the three guidance modes of sampling.py at 512 px (64x64 latents), 50 DDIM steps, bf16 weights, local
-            prompts through ViT-L/14's text tower: joint / plain (goal <= 1.05), per-condition / plain (<= 1.55).
+  sampling  the guidance modes of sampling.py at 512 px (64x64 latents), 50 DDIM steps, bf16 weights, local
+            prompts through ViT-L/14's text tower: joint / plain (goal <= 1.05), per-condition / plain (<= 1.55),
+            and both SpaText modes with ST concatenated and convolved at every step (the pre-cache reference).
   trainer   ``spatext train`` itself on the GPU (latent-tiny, demo shards, bf16, checkpoint + resume, sample grid)
             and ``spatext sample`` on the run: a check that the scripts run on cuda, not a timing.
 Prints tables, writes ``train_gpu.json`` after every section. ``--smoke`` runs tiny shapes on the CPU.

@@ -101,8 +101,27 @@ def guided_prediction(
     plan: GuidancePlan,
 ) -> torch.Tensor:
     """Run every pass of ``plan`` in one ``denoise(samples, conditions)`` call and combine them."""
-    batched = batch_passes(cond, null, plan.passes)
+    return guided_prediction_from_batch(denoise, sample, batch_passes(cond, null, plan.passes), plan)
+
+
+def guided_prediction_from_batch(
+    denoise: Callable[[torch.Tensor, Conditions], torch.Tensor],
+    sample: torch.Tensor,
+    batched: Conditions,
+    plan: GuidancePlan,
+) -> torch.Tensor:
+    """``guided_prediction`` with the passes' conditions already batched (``batch_passes(cond, null, plan.passes)``).
+
+    The conditions do not change over a denoising loop: a sampler batches them once and reuses them every step.
+    """
+    if len(batched) != sample.shape[0] * len(plan.passes):
+        raise ValueError(f"batched: expected {len(plan.passes)} passes x {sample.shape[0]} rows, got {len(batched)}")
     output = denoise(torch.cat([sample] * len(plan.passes)), batched)
+    return combine_passes(output, plan)
+
+
+def combine_passes(output: torch.Tensor, plan: GuidancePlan) -> torch.Tensor:
+    """Split the batched forward's ``output`` (pass by pass along the batch) and apply ``plan``'s guidance formula."""
     noise_uncond, *noise_conds = output.chunk(len(plan.passes))
     if plan.passes[1:] == ("joint",):
         return joint_cfg(noise_uncond, noise_conds[0], plan.scales[0])

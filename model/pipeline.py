@@ -11,9 +11,10 @@ from the already imported module (no ``trust_remote_code``).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +33,14 @@ from open_clip.model import _build_text_tower
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from spatext.model.config import DenoiserConfig, get_config
-from spatext.model.denoiser import build_denoiser, build_scheduler, predict, uses_image_embedding
-from spatext.model.guidance import Conditions, guidance_plan, guided_prediction, null_conditions
+from spatext.model.denoiser import build_denoiser, build_scheduler, cached_st, uses_image_embedding
+from spatext.model.guidance import (
+    Conditions,
+    batch_passes,
+    guidance_plan,
+    guided_prediction_from_batch,
+    null_conditions,
+)
 from spatext.model.prior import Prior, load_prior, prior_config_from_dict
 from spatext.model.scene import Scene, check_regions_visible, rasterise
 from spatext.model.st import build_st, downsample_label_map
@@ -254,6 +261,16 @@ class SpaTextPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
+    @contextlib.contextmanager
+    def prepare_denoiser(self, st: torch.Tensor) -> Iterator[Callable[..., torch.Tensor]]:
+        """For one denoising loop: ``denoise(sample, t, text, image)`` → the UNet's prediction with ST ``st``.
+
+        ``st`` has the rows of every batched forward of the loop. ``conv_in`` is linear, so its ST term is computed
+        once here (``cached_st``) instead of at every step; ``unet.conv_in`` is restored when the block ends.
+        """
+        with cached_st(self.unet, st) as denoise:
+            yield denoise
+
     def decode(self, latents: torch.Tensor, output_type: str) -> Any:
         """Denoised samples → images of ``output_type`` (the VAE decodes latents; pixel samples are images)."""
         if output_type == "latent":
@@ -311,18 +328,20 @@ class SpaTextPipeline(DiffusionPipeline):
         embeddings = self.segment_embeddings(scenes, device)
         # 4. Rasterise the scenes and build ST at the denoiser's resolution
         st = self.prepare_st(scenes, embeddings, (height, width), device).to(text.dtype).repeat_interleave(n, dim=0)
+        # ... and the conditions of every guidance pass, batched once: rows [uncond, cond, ...], the same every step
         cond = Conditions(text, st, image)
-        null = null_conditions(cond, null_text)
+        passes = batch_passes(cond, null_conditions(cond, null_text), plan.passes)
         # 5. Prepare timesteps and latents
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self.prepare_latents(batch, (height, width), text.dtype, device, generator, latents)
-        # 6. Denoising loop with classifier-free guidance (all passes in one forward)
+        # 6. Denoising loop with classifier-free guidance (all passes in one forward; ST's conv_in term computed once)
         step_kwargs = self._step_kwargs(generator)
-        with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
-            for t in self.scheduler.timesteps:
+        timesteps = self.scheduler.timesteps
+        with self.prepare_denoiser(passes.st) as denoise, self.progress_bar(total=len(timesteps)) as progress:
+            for t in timesteps:
                 sample = self.scheduler.scale_model_input(latents, t)
-                noise = guided_prediction(
-                    lambda x, c, t=t: predict(self.unet, x, c.st, t, c.text, c.image), sample, cond, null, plan
+                noise = guided_prediction_from_batch(
+                    lambda x, c, t=t: denoise(x, t, c.text, c.image), sample, passes, plan
                 )
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
                 progress.update()

@@ -14,11 +14,14 @@ from transformers import CLIPTokenizer
 
 from spatext.model.config import DenoiserConfig, get_config, list_configs
 from spatext.model.denoiser import (
+    STConvIn,
     build_latent_denoiser,
     build_pixel_denoiser,
     build_scheduler,
+    cached_st,
     extend_conv_in,
     predict,
+    st_feature,
 )
 from spatext.model.tiny_base import tiny_vocab, write_tiny_base_model
 
@@ -156,6 +159,84 @@ def test_pixel_denoiser_is_conditioned_on_the_clip_image_embedding_and_st():
         predict(unet, x["sample"], x["st"], 10, x["text"])
     with pytest.raises(ValueError, match="st must be"):
         predict(unet, x["sample"], x["st"][:, :, :4], 10, x["text"], x["image"])
+
+
+def _st_unet(variant: str, dtype: torch.dtype = torch.float64) -> UNet2DConditionModel:
+    """A random SpaText UNet of ``variant`` whose ST input weights are random too (not the zero init), in ``dtype``."""
+    config = get_config(variant)
+    build = build_latent_denoiser if config.variant == "latent" else build_pixel_denoiser
+    unet = build(config).eval()
+    with torch.no_grad():
+        unet.conv_in.weight[:, config.sample_channels :].normal_(0, 0.2, generator=torch.Generator().manual_seed(5))
+        unet.conv_in.bias.normal_(0, 0.2, generator=torch.Generator().manual_seed(6))
+    return unet.to(dtype)
+
+
+@pytest.mark.parametrize("variant", ["latent-tiny", "pixel-tiny"])
+def test_cached_st_gives_the_prediction_of_the_concatenated_conv_in(variant):
+    config = get_config(variant)
+    unet = _st_unet(variant)
+    x = {k: v.double() for k, v in _inputs(config, batch=3).items()}
+    st = x["st"].clone()
+    st[0] = 0  # a null-ST row, as in a guidance batch [uncond, cond, ...]
+    conv, keys = unet.conv_in, list(unet.state_dict())
+    with torch.no_grad():
+        expected = [predict(unet, x["sample"], st, t, x["text"], x["image"]) for t in (900, 10)]
+        with cached_st(unet, st) as predict_cached:
+            assert isinstance(unet.conv_in, STConvIn) and unet.conv_in.feature is None
+            got = [predict_cached(x["sample"], t, x["text"], x["image"]) for t in (900, 10)]  # two steps, one cache
+            feature = unet.conv_in.feature
+        without_st = predict(unet, x["sample"], torch.zeros_like(st), 900, x["text"], x["image"])
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert (expected[0] - without_st)[1:].abs().max() > 1e-2  # ST matters: the check can fail
+    assert feature is not None and feature.shape == (3, conv.out_channels, config.sample_size, config.sample_size)
+    assert unet.conv_in is conv and list(unet.state_dict()) == keys  # restored
+
+
+def test_st_feature_is_bias_plus_the_st_convolution_and_skips_zero_rows():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = _st_unet("latent-tiny").conv_in
+    st = torch.randn(4, 64, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    st[1] = 0
+    st[3] = 0
+    with torch.no_grad():
+        full = conv(torch.cat([torch.zeros(4, 4, 8, 8, dtype=st.dtype), st], dim=1))  # conv over [0; ST] + bias
+        with FlopCounterMode(display=False) as counter:
+            feature = st_feature(conv, st)
+        one_row = FlopCounterMode(display=False)
+        with one_row:
+            conv(torch.cat([torch.zeros(1, 4, 8, 8, dtype=st.dtype), st[:1]], dim=1))
+    torch.testing.assert_close(feature, full, rtol=1e-12, atol=1e-12)
+    assert torch.equal(feature[1], conv.bias.view(-1, 1, 1).expand_as(feature[1]))  # zero row: the bias, exactly
+    # two non-zero rows convolved, over D of the 4 + D input channels
+    assert counter.get_total_flops() == 2 * one_row.get_total_flops() * 64 // 68
+    empty = st_feature(conv, torch.zeros_like(st))
+    assert torch.equal(empty, conv.bias.view(1, -1, 1, 1).expand_as(empty))
+
+
+def test_cached_st_restores_conv_in_on_errors_and_rejects_bad_input():
+    config = get_config("latent-tiny")
+    unet = _st_unet("latent-tiny", torch.float32)
+    x = _inputs(config)
+    conv = unet.conv_in
+    with pytest.raises(RuntimeError, match="inside"), cached_st(unet, x["st"]):
+        raise RuntimeError("inside the block")
+    assert unet.conv_in is conv
+    with torch.no_grad(), cached_st(unet, x["st"]) as predict_cached:
+        with pytest.raises(ValueError, match="do not nest"), cached_st(unet, x["st"]):
+            pass
+        with pytest.raises(ValueError, match="4 sample channels"):
+            predict_cached(torch.cat([x["sample"], x["st"]], dim=1), 10, x["text"])
+        with pytest.raises(ValueError, match="does not match the sample"):
+            predict_cached(x["sample"][:1], 10, x["text"][:1])
+        predict_cached(x["sample"], 10, x["text"])
+        with pytest.raises(ValueError, match="sample has 1 rows; the cached ST term has 2"):
+            predict_cached(x["sample"][:1], 10, x["text"][:1])
+    assert unet.conv_in is conv
+    with pytest.raises(ValueError, match="st must be"):
+        STConvIn(conv, torch.zeros(2, 68, 8, 8))
 
 
 def test_schedulers_come_from_the_base_model_or_the_config(tiny_base):

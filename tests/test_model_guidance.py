@@ -6,14 +6,16 @@ import pytest
 import torch
 
 from spatext.model.config import get_config
-from spatext.model.denoiser import build_latent_denoiser, build_pixel_denoiser, predict
+from spatext.model.denoiser import build_latent_denoiser, build_pixel_denoiser, cached_st, predict
 from spatext.model.guidance import (
     Conditions,
     GuidancePlan,
     batch_passes,
+    combine_passes,
     drop_conditions,
     guidance_plan,
     guided_prediction,
+    guided_prediction_from_batch,
     joint_cfg,
     multi_conditional_cfg,
     null_conditions,
@@ -116,6 +118,48 @@ def test_batched_passes_equal_sequential_passes(variant):
         text_only = guided_prediction(denoise, sample, cond, null, guidance_plan(None, 1.0, 0.0))
         reference = predict(unet, sample, torch.zeros_like(cond.st), 400, cond.text, cond.image)
     torch.testing.assert_close(text_only, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["latent-tiny", "pixel-tiny"])
+def test_cached_st_guidance_equals_sequential_concatenated_passes(variant):
+    """The sampler's path (passes batched once, conv_in's ST term cached) == one concatenated forward per pass."""
+    config = get_config(variant)
+    build = build_latent_denoiser if config.variant == "latent" else build_pixel_denoiser
+    unet = build(config).eval()
+    with torch.no_grad():  # random, not zero-initialised, ST weights
+        unet.conv_in.weight[:, config.sample_channels :].normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    unet = unet.double()
+    size = config.sample_size
+    cond = _conditions(2, config.text_embed_dim, config.embed_dim, size, image=config.variant == "pixel")
+    cond = Conditions(cond.text.double(), cond.st.double(), None if cond.image is None else cond.image.double())
+    null = null_conditions(cond, torch.zeros(5, config.text_embed_dim))
+    sample = torch.randn(2, config.sample_channels, size, size, generator=torch.Generator().manual_seed(2)).double()
+    conv = unet.conv_in
+    with torch.no_grad():
+        for plan in (guidance_plan(7.5), guidance_plan(None, 4.0, 2.5)):
+            expected = [_sequential(unet, sample, t, cond, null, plan) for t in (700, 300)]
+            batched = batch_passes(cond, null, plan.passes)
+            with cached_st(unet, batched.st) as denoise:  # one cache serves every step
+                got = [guided_prediction_from_batch(lambda x, c, t=t: denoise(x, t, c.text, c.image), sample, batched,
+                                                    plan) for t in (700, 300)]
+            assert unet.conv_in is conv
+            for a, b in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        no_st = _sequential(unet, sample, 300, Conditions(cond.text, null.st, cond.image), null, plan)
+    assert (expected[1] - no_st).abs().max() > 1e-2  # ST reaches the prediction: the comparison can fail
+
+
+def test_guided_prediction_from_batch_checks_the_batch_and_combines_like_the_formulas():
+    plan = guidance_plan(None, 3.0, 1.5)
+    uncond, text, st = _noise(0), _noise(1), _noise(2)
+    torch.testing.assert_close(combine_passes(torch.cat([uncond, text, st]), plan),
+                               multi_conditional_cfg(uncond, [text, st], [3.0, 1.5]))
+    torch.testing.assert_close(combine_passes(torch.cat([uncond, text]), guidance_plan(7.5)),
+                               joint_cfg(uncond, text, 7.5))
+    cond = _conditions(2, 32, 64, 8, image=False)
+    batched = batch_passes(cond, null_conditions(cond, torch.zeros(5, 32)), guidance_plan(7.5).passes)
+    with pytest.raises(ValueError, match="batched: expected 3 passes x 2 rows, got 4"):
+        guided_prediction_from_batch(lambda x, c: x, _noise(0), batched, plan)
 
 
 def test_drop_conditions_extremes_and_independence():

@@ -6,6 +6,8 @@ them at zero, so ST would have no effect) so that the tests can see the scene re
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from spatext.model.denoiser import predict
 from spatext.model.pipeline import LocalPromptEncoder, PriorModel, SpaTextPipeline, build_pipeline
 from spatext.model.prior import save_prior
 from spatext.model.scene import Scene
@@ -102,6 +105,42 @@ def test_batches_prompts_from_scenes_and_images_per_prompt(latent):
     assert images.shape == (4, 32, 32, 3) and not np.array_equal(images[0], images[1])
     pairs = [(r.mask, r.prompt) for r in _scene(32).regions]
     assert np.array_equal(_run(latent, prompt="a red ball on grass", scene=pairs), with_prompt)
+
+
+class ConcatenatingPipeline(SpaTextPipeline):
+    """Reference: ST concatenated to the sample and run through the full conv_in at every step (no cached term)."""
+
+    @contextlib.contextmanager
+    def prepare_denoiser(self, st):
+        yield lambda sample, t, text, image: predict(self.unet, sample, st, t, text, image)
+
+
+@pytest.mark.parametrize("variant", ["latent", "pixel"])
+def test_the_cached_st_term_gives_the_images_of_the_concatenated_conv_in(latent, pixel, variant):
+    pipe = copy.deepcopy(latent if variant == "latent" else pixel).to(torch.float64)
+    reference = ConcatenatingPipeline(**pipe.components)
+    size = 32 if variant == "latent" else 16
+    # two prompts x two images: ST rows of a scene with regions and of one without (all zero), in every pass
+    kwargs = {"scene": [_scene(size), Scene("a quiet sky", [])], "num_images_per_prompt": 2, "output_type": "latent"}
+    conv = pipe.unet.conv_in
+    for guidance in ({"guidance_scale": 7.5}, {"text_guidance_scale": 5.0, "st_guidance_scale": 2.0}):
+        got = _run(pipe, **kwargs, **guidance)
+        assert got.dtype == torch.float64 and pipe.unet.conv_in is conv  # restored after the call
+        torch.testing.assert_close(got, _run(reference, **kwargs, **guidance), rtol=1e-9, atol=1e-9)
+    no_st = _run(pipe, **{**kwargs, "scene": [Scene(s.prompt, []) for s in kwargs["scene"]]}, **guidance)
+    assert (got[0] - no_st[0]).abs().max() > 1e-3  # the scene reaches the sample: the comparison can fail
+
+
+def test_conv_in_is_restored_when_the_denoising_loop_fails(latent, monkeypatch):
+    conv = latent.unet.conv_in
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("scheduler failed")
+
+    monkeypatch.setattr(latent.scheduler, "step", fail)
+    with pytest.raises(RuntimeError, match="scheduler failed"):
+        _run(latent)
+    assert latent.unet.conv_in is conv and isinstance(conv, torch.nn.Conv2d)
 
 
 def test_st_holds_the_prior_embeddings_of_the_local_prompts(latent):
