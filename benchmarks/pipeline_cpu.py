@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> dict:
     pipeline construction) cancels out, as it does at scale.
     """
     torch.set_num_threads(args.torch_threads)
-    corpus = os.path.join(args.out, f"corpus-{args.num_samples}")
+    corpus = os.path.join(args.out, f"corpus-{args.num_samples}-{args.samples_per_tar}")
     if not os.path.exists(os.path.join(corpus, "corpus.json")):
-        write_corpus(corpus, args.num_samples, seed=0, fmt="webdataset")
+        write_corpus(corpus, args.num_samples, seed=0, fmt="webdataset", samples_per_shard=args.samples_per_tar)
     runs = {}
     for name, pattern in (("quarter", corpus_subset(corpus, 0.25)), ("full", os.path.join(corpus, "shard-*.tar"))):
         result, manifest, wall, cpu = _build(args, pattern, os.path.join(args.out, f"build-{name}"))
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "pipeline_cpu", "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "clip_model": args.clip_model, "pretrained": "none (random init)",
         "segmenter": "annotations", "image_size": args.image_size, "samples": samples,
+        "samples_per_tar": args.samples_per_tar,
         "images_embedded": full["images"], "wall_s": round(wall, 2), "cpu_s": round(full["cpu_s"], 2),
         "samples_per_s": round(samples / wall, 2),
         "clip_forward_s": round(forward, 2), "clip_preprocess_s": round(preprocess, 2), "other_s": round(other, 2),
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=128, help="demo corpus size")
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture (random weights)")
+    parser.add_argument("--samples-per-tar", type=int, default=64,
+                        help="samples per input tar: Beam's per-bundle cost is paid per tar (real webdataset tars "
+                        "hold 1,000-10,000)")
     parser.add_argument("--clip-batch-size", type=int, default=16, help="samples per CLIP batch")
     parser.add_argument("--image-size", type=int, default=512, help="stored image size")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (1: CPU time is exact)")
