@@ -74,6 +74,14 @@ def bench_clip(args) -> dict:
                 model.encode_image(pixels)
 
         out["clip_bf16_weights_img_s"] = _rate(forward, args.clip_batch, args.device, args.repeats)
+    # the CLIP transform on the model's device (uint8 images -> model input) vs on the CPU, and its rate
+    images = _images(64, 512)
+    on_device = clip.pixel_transform(images, args.device)
+    out["clip_transform_device_img_s"] = _rate(lambda: clip.pixel_transform(images, args.device), len(images),
+                                               args.device, args.repeats)
+    difference = (on_device.cpu() - clip.pixel_transform(images)).abs()
+    out["clip_check_transform_device_vs_cpu_max_abs"] = float(difference.max())
+    out["clip_check_transform_device_vs_cpu_mean_abs"] = float(difference.mean())
     return out
 
 
