@@ -25,7 +25,7 @@ from apache_beam.ml.inference.base import ModelHandler
 from PIL import Image
 
 from .clip_preprocess import PixelTransform
-from .crop import segment_crop_array
+from .crop import labeled_crop_array
 from .records import Embeddings, Sample
 from .weights import read_state_dict
 
@@ -241,7 +241,7 @@ def segment_crops(sample: Sample) -> list[np.ndarray]:
     if sample.segment_map is None:
         raise ValueError(f"sample {sample.key!r} has no segment_map: the select stage must run before embedding")
     segments = sorted(sample.segments, key=lambda s: s.index)
-    return [segment_crop_array(sample.image, sample.segment_map == s.index) for s in segments]
+    return [labeled_crop_array(sample.image, sample.segment_map, s.index, s.bbox) for s in segments]
 
 
 class ClipEmbedder(ModelHandler[Sample, tuple[Sample, Embeddings], ClipModel]):

@@ -1,11 +1,11 @@
-"""segment_crop / mask_bbox against an independent brute-force reference."""
+"""segment_crop / labeled_crop_array / mask_bbox against an independent brute-force reference."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from spatext.pipeline.crop import mask_bbox, segment_crop
+from spatext.pipeline.crop import labeled_crop_array, mask_bbox, segment_crop
 
 
 def _reference_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -129,3 +129,31 @@ def test_empty_mask_raises() -> None:
 def test_bad_inputs_raise(image: np.ndarray, mask: np.ndarray) -> None:
     with pytest.raises(ValueError, match="must be"):
         segment_crop(image, mask)
+
+
+def test_labeled_crop_matches_brute_force_for_every_segment_of_a_label_map() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        height, width = (int(v) for v in rng.integers(1, 40, size=2))
+        image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        labels = np.zeros((height, width), dtype=np.uint8)
+        for index in range(1, int(rng.integers(2, 6))):  # later boxes overwrite parts of earlier ones
+            x0, y0, x1, y1 = _random_box(rng, height, width) if min(height, width) > 1 else (0, 0, width, height)
+            labels[y0:y1, x0:x1] = np.where(rng.random((y1 - y0, x1 - x0)) < 0.7, index, labels[y0:y1, x0:x1])
+        for index in np.unique(labels[labels > 0]):
+            mask = labels == index
+            crop = labeled_crop_array(image, labels, int(index), _reference_bbox(mask))
+            np.testing.assert_array_equal(crop, _reference_crop(image, mask))
+
+
+def test_labeled_crop_rejects_bad_boxes() -> None:
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    labels = np.zeros((8, 8), dtype=np.uint8)
+    labels[2:4, 2:4] = 1
+    with pytest.raises(ValueError, match="no pixel inside its bbox"):
+        labeled_crop_array(image, labels, 1, (5, 5, 8, 8))  # a stale box
+    for box in [(3, 3, 3, 5), (0, 0, 9, 4), (-1, 0, 3, 3)]:
+        with pytest.raises(ValueError, match="not a non-empty box"):
+            labeled_crop_array(image, labels, 1, box)
+    with pytest.raises(ValueError, match="label map must be H x W"):
+        labeled_crop_array(image, labels[:7], 1, (2, 2, 4, 4))
