@@ -38,7 +38,7 @@ setup(
         "pyarrow>=14",
         "fsspec",
         "numpy",
-        "pillow",
+        "pillow>=9.4",  # ImageOps.exif_transpose(in_place=True)
         "tqdm",
     ],
     extras_require={

@@ -60,36 +60,46 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIX
             if min(width, height) < MIN_SIDE:
                 raise DecodeError("image_too_small", f"{width}x{height}")
             im.draft("RGB", target_size(width, height, image_size))  # JPEG: decode at a reduced scale, fast
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(background, im)
-            rgb = np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
+            rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # read-only, one copy of the pixels
         size = target_size(rgb.shape[1], rgb.shape[0], image_size)
-        return resize_image(rgb, size) if size != (rgb.shape[1], rgb.shape[0]) else rgb
+        # Both return a new writable array (torch warns on read-only arrays downstream).
+        return resize_image(rgb, size) if size != (rgb.shape[1], rgb.shape[0]) else rgb.copy()
     except DecodeError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise DecodeError("unreadable_image", str(exc)) from exc
 
 
-def decode_annotation(png: bytes | None, annotation: dict | None, size: tuple[int, int]) -> Segmentation:
-    """Ground-truth id map + segments_info -> Segmentation at `size` (width, height), nearest-neighbour resized."""
+def decode_annotation(
+    png: bytes | None, annotation: dict | None, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Segmentation:
+    """Ground-truth id map + segments_info -> Segmentation at `size` (width, height), nearest-neighbour resized; a
+    map over `max_pixels` is refused from its header, like an image."""
     infos = annotation.get("segments_info") if isinstance(annotation, dict) else None
     if png is None or not isinstance(infos, list):
         raise DecodeError("missing_annotation")
     try:
-        id_map = decode_id_map(png)
-    except (OSError, ValueError, SyntaxError) as exc:
+        with Image.open(io.BytesIO(png)) as im:
+            width, height = im.size
+            if width < 1 or height < 1:
+                raise DecodeError("bad_annotation", "empty panoptic png")
+            if width * height > max_pixels:
+                raise DecodeError("bad_annotation", f"panoptic map {width}x{height} exceeds {max_pixels} pixels")
+            map_aspect, image_aspect = width / height, size[0] / size[1]
+            if abs(map_aspect - image_aspect) > 0.02 * image_aspect:
+                raise DecodeError("bad_annotation", f"panoptic map {width}x{height} vs image {size}")
+            # Nearest-neighbour picks whole pixels, so resizing the RGB(-encoded) map before decoding ids gives the
+            # same map as resizing the ids, for fewer pixels to decode.
+            id_map = decode_id_map(im.resize(size, Image.Resampling.NEAREST) if im.size != size else im)
+    except DecodeError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DecodeError("bad_annotation", f"unreadable panoptic png: {exc}") from exc
-    if id_map.shape[0] < 1 or id_map.shape[1] < 1:
-        raise DecodeError("bad_annotation", "empty panoptic png")
-    map_aspect, image_aspect = id_map.shape[1] / id_map.shape[0], size[0] / size[1]
-    if abs(map_aspect - image_aspect) > 0.02 * image_aspect:
-        raise DecodeError("bad_annotation", f"panoptic map {id_map.shape[1]}x{id_map.shape[0]} vs image {size}")
-    if (id_map.shape[1], id_map.shape[0]) != size:
-        id_map = np.array(Image.fromarray(id_map).resize(size, Image.Resampling.NEAREST), dtype=np.int32)
     segments = []
     for info in infos:
         try:
@@ -110,7 +120,9 @@ def decode_sample(raw: RawSample, options: DecodeOptions) -> Sample:
     annotation = None
     if options.require_annotation or raw.annotation_png is not None:
         try:
-            annotation = decode_annotation(raw.annotation_png, raw.annotation, (image.shape[1], image.shape[0]))
+            annotation = decode_annotation(
+                raw.annotation_png, raw.annotation, (image.shape[1], image.shape[0]), options.max_pixels
+            )
         except DecodeError:
             if options.require_annotation:
                 raise

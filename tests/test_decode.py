@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 
 from conftest import jpeg_bytes
-from spatext.pipeline.decode import DecodeError, DecodeOptions, decode_image, decode_sample, target_size
+from spatext.pipeline.decode import (
+    DecodeError,
+    DecodeOptions,
+    decode_annotation,
+    decode_image,
+    decode_sample,
+    target_size,
+)
 from spatext.pipeline.panoptic import encode_id_map
 from spatext.pipeline.records import RawSample
 
@@ -19,6 +26,11 @@ def test_resize_keeps_aspect_and_never_upsamples():
     assert target_size(300, 200, 512) == (300, 200)
     image = decode_image(jpeg_bytes(800, 600), image_size=400)
     assert image.shape == (300, 400, 3) and image.dtype == np.uint8
+    same = decode_image(jpeg_bytes(300, 200), image_size=512)
+    reference = np.asarray(Image.open(io.BytesIO(jpeg_bytes(300, 200))).convert("RGB"))
+    assert np.array_equal(same, reference)  # no resize: the decoded pixels themselves
+    for array in (image, same):  # the build hands these to torch, which warns on read-only arrays
+        assert array.flags.writeable and array.flags.c_contiguous
 
 
 def test_exif_orientation_is_applied():
@@ -88,3 +100,22 @@ def test_annotation_is_resized_with_the_image():
     assert set(np.unique(sample.annotation.id_map)) == {0, 7}
     assert (sample.annotation.id_map[:, 25:] == 7).all() and (sample.annotation.id_map[:, :25] == 0).all()
     assert sample.annotation.segments[0].label == "wall"
+
+
+def test_annotation_resize_equals_nearest_resize_of_the_ids():
+    # Ids with all three bytes in play, resized 600x450 -> 512x384 (the PNG is resized before its ids are decoded).
+    rng = np.random.default_rng(4)
+    blocks = rng.integers(0, 2**24, size=(45, 60))
+    id_map = np.kron(blocks, np.ones((10, 10), dtype=np.int64)).astype(np.int32)
+    id_map[::7, ::11] = rng.integers(0, 2**24, size=id_map[::7, ::11].shape)  # single pixels too
+    infos = [{"id": int(i)} for i in np.unique(id_map)]
+    got = decode_annotation(encode_id_map(id_map), {"segments_info": infos}, (512, 384)).id_map
+    reference = np.asarray(Image.fromarray(id_map).resize((512, 384), Image.Resampling.NEAREST))  # mode I
+    assert got.dtype == np.int32 and np.array_equal(got, reference)
+
+
+def test_oversized_annotation_map_is_rejected_before_decoding():
+    buf = io.BytesIO()
+    Image.new("RGB", (8000, 6000)).save(buf, format="PNG")  # 48 Mpx: over the limit below, not decoded
+    with pytest.raises(DecodeError, match="panoptic map 8000x6000 exceeds"):
+        decode_annotation(buf.getvalue(), {"segments_info": []}, (400, 300), max_pixels=1_000_000)

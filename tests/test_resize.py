@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from spatext.pipeline.clip_preprocess import PixelTransform
-from spatext.pipeline.resize import as_chw_tensor, resize_image, resize_via_float
+from spatext.pipeline.resize import as_chw_tensor, hwc_array, resize_image, resize_via_float
 
 
 def _photo(height: int, width: int, seed: int) -> np.ndarray:
@@ -55,6 +55,16 @@ def test_resize_image_same_size_is_a_copy_and_bad_input_fails() -> None:
         as_chw_tensor(image.astype(np.float32))
     with pytest.raises(ValueError, match="positive"):
         resize_image(image, (0, 5))
+
+
+def test_hwc_array_is_a_writable_copy_of_the_transpose_for_both_memory_layouts() -> None:
+    planar = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, 37, 53), dtype=np.uint8))
+    interleaved = torch.from_numpy(np.ascontiguousarray(planar.permute(1, 2, 0).numpy())).permute(2, 0, 1)
+    for chw in (planar, interleaved):
+        out = hwc_array(chw)
+        expected = np.transpose(chw.numpy(), (1, 2, 0))
+        assert out.shape == (37, 53, 3) and out.dtype == np.uint8 and out.flags.c_contiguous and out.flags.writeable
+        assert np.array_equal(out, expected) and not np.shares_memory(out, chw.numpy())
 
 
 @pytest.mark.parametrize("shape", [(512, 512), (583, 501), (300, 900), (17, 9), (224, 224)])
