@@ -28,6 +28,17 @@ def test_areas_are_pixel_fractions():
     assert areas == pytest.approx({1: 0.4, 2: 0.3, 3: 0.2, 4: 0.04, 9: 0.0})
 
 
+def test_areas_with_coco_panoptic_sized_ids_match_a_pixel_count():
+    # COCO-panoptic ids are R + 256 G + 256**2 B of a random colour: up to 2**24 - 1
+    rng = np.random.default_rng(1)
+    ids = [0, 3_226_956, 16_777_215, 70_000, 5]
+    id_map = rng.choice(ids, size=(60, 80)).astype(np.int32)
+    segments = tuple(Segment(i, None, None) for i in (*ids[1:], 8_000_000))  # the last one is absent
+    areas = segment_areas(Segmentation(id_map, segments))
+    assert areas == {i: float((id_map == i).sum()) / id_map.size for i in (*ids[1:], 8_000_000)}
+    assert areas[8_000_000] == 0.0
+
+
 def test_choice_is_a_pure_function_of_seed_and_key():
     seg, opts = _segmentation(), SelectOptions(min_area=0.05, k_min=1, k_max=3, seed=7)
     keys = [f"key-{i}" for i in range(200)]
