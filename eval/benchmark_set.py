@@ -48,11 +48,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from spatext.eval.masks import check_index_map, region_indices
+from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import Segment, Segmentation
 from spatext.pipeline.schema import ShardSample, decode_image, encode_image, read_metadata, row_to_sample
 from spatext.pipeline.selection import SelectOptions, choose_segments
@@ -154,12 +154,11 @@ def _scan(files: list[str], spec: BenchmarkSpec) -> tuple[list[str], dict]:
     eligible, seen = [], set()
     counts = {"rows": 0, "no_region": 0, "unlabelled_regions": 0}
     for path in files:
-        with FileSystems.open(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            # Only the segments' index / area / label leaves: the embeddings are not needed to choose samples.
-            leaves = [c.path for c in parquet.schema if c.path.startswith("segments.") and
-                      c.path.rsplit(".", 1)[-1] in ("index", "area", "label")]
-            table = parquet.read(columns=["key", *leaves])
+        parquet = parquet_file(path)
+        # Only the segments' index / area / label leaves: the embeddings are not needed to choose samples.
+        leaves = [c.path for c in parquet.schema if c.path.startswith("segments.") and
+                  c.path.rsplit(".", 1)[-1] in ("index", "area", "label")]
+        table = parquet.read(columns=["key", *leaves])
         for key, segments in zip(table.column("key").to_pylist(), table.column("segments").to_pylist(), strict=True):
             if key in seen:
                 raise ValueError(f"--shards: key {key!r} occurs twice (run `spatext verify` on the build)")
@@ -241,8 +240,7 @@ def _source_info(files: list[str], spec: BenchmarkSpec, counts: dict) -> dict:
     """The source shards' description for benchmark.json (metadata of the first shard, minus its creation time)."""
     metas = []
     for path in files:
-        with FileSystems.open(path) as handle:
-            meta = read_metadata(pq.ParquetFile(handle).schema_arrow)
+        meta = read_metadata(parquet_file(path).schema_arrow)
         meta.pop("created", None)
         metas.append(meta)
     if spec.protocol == "all" and metas and (metas[0].get("min_area") not in ("0", "0.0") or
@@ -258,14 +256,13 @@ def _source_info(files: list[str], spec: BenchmarkSpec, counts: dict) -> dict:
 def _iter_chosen(files: list[str], chosen: set[str]) -> Iterator[ShardSample]:
     """Pass 2: decode the chosen rows only."""
     for path in files:
-        with FileSystems.open(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            for group in range(parquet.num_row_groups):
-                keys = parquet.read_row_group(group, columns=["key"]).column("key")
-                wanted = pc.is_in(keys, value_set=pa.array(sorted(chosen), type=pa.string()))
-                if pc.any(wanted).as_py():
-                    for row in parquet.read_row_group(group).filter(wanted).to_pylist():
-                        yield row_to_sample(row)
+        parquet = parquet_file(path)
+        for group in range(parquet.num_row_groups):
+            keys = parquet.read_row_group(group, columns=["key"]).column("key")
+            wanted = pc.is_in(keys, value_set=pa.array(sorted(chosen), type=pa.string()))
+            if pc.any(wanted).as_py():
+                for row in parquet.read_row_group(group).filter(wanted).to_pylist():
+                    yield row_to_sample(row)
 
 
 def _package_version() -> str | None:

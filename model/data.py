@@ -43,6 +43,7 @@ from fsspec.core import url_to_fs
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from spatext.pipeline.parquet_files import local_path
 from spatext.pipeline.resize import resize_chw
 from spatext.pipeline.schema import SCHEMA_VERSION, read_metadata
 from spatext.pipeline.write import SHARDS_DIR, SUFFIX
@@ -107,10 +108,23 @@ def resolve_files(data: str | list[str], storage_options: dict | None = None) ->
     return files
 
 
+@contextlib.contextmanager
+def open_shard(path: str, storage_options: dict | None = None) -> Iterator[pq.ParquetFile]:
+    """A shard for reading row groups: Arrow's own file for a local path (no Python buffers for Arrow's threads to
+    free at exit, see ``spatext.pipeline.parquet_files``), an fsspec handle elsewhere (row groups stream)."""
+    local = local_path(path)
+    if local is not None:
+        with pq.ParquetFile(local) as parquet:
+            yield parquet
+        return
+    with fsspec.open(path, "rb", **(storage_options or {})) as handle:
+        yield pq.ParquetFile(handle)
+
+
 def _footer(path: str, storage_options: dict) -> tuple[list[int], dict[str, str]]:
     """Rows per row group and the spatext metadata of one file."""
-    with fsspec.open(path, "rb", **storage_options) as handle:
-        meta = pq.ParquetFile(handle).metadata
+    with open_shard(path, storage_options) as parquet:
+        meta = parquet.metadata
         rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         return rows, read_metadata(meta.schema.to_arrow_schema())
 
@@ -197,8 +211,8 @@ def table_rows(table: pa.Table) -> list[dict]:
 
 def read_unit(unit: WorkUnit, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:
     """The rows of one work unit as a table."""
-    with fsspec.open(unit.path, "rb", **(storage_options or {})) as handle:
-        table = pq.ParquetFile(handle).read_row_group(unit.row_group, columns=columns or READ_COLUMNS)
+    with open_shard(unit.path, storage_options) as parquet:
+        table = parquet.read_row_group(unit.row_group, columns=columns or READ_COLUMNS)
     if unit.start or unit.stop < table.num_rows:
         table = table.slice(unit.start, unit.num_rows)
     return table

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -30,6 +31,7 @@ from spatext.model.data import ShardDataset
 from spatext.model.pipeline import SpaTextPipeline
 from spatext.model.scene import Scene, load_painted_scene, load_scene
 from spatext.model.st import downsample_label_map
+from spatext.pipeline.parquet_files import parquet_file
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +102,8 @@ def _segments_by_key(files: list[str], keys: list[str]) -> dict[str, list[dict]]
     """The stored ``segments`` of some keys, reading files in order until all are found."""
     found: dict[str, list[dict]] = {}
     for path in files:
-        with fsspec.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=["key", "segments"], filters=[("key", "in", keys)])
+        table = parquet_file(path, opener=lambda p: fsspec.open(p, "rb")).read(columns=["key", "segments"])
+        table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(keys, type=pa.string())))
         found.update((r["key"], r["segments"]) for r in table.to_pylist())
         if len(found) == len(keys):
             break

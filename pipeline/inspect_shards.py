@@ -9,10 +9,10 @@ import textwrap
 from collections.abc import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.schema import ShardSample, read_metadata, row_to_sample
 from spatext.pipeline.write import list_parquet
 
@@ -24,12 +24,11 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 def iter_samples(output: str) -> Iterator[tuple[ShardSample, dict[str, str]]]:
     """Decoded rows of a build, shard by shard, with each shard's metadata."""
     for path in list_parquet(output):
-        with FileSystems.open(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            meta = read_metadata(parquet.schema_arrow)
-            for group in range(parquet.num_row_groups):
-                for row in parquet.read_row_group(group).to_pylist():
-                    yield row_to_sample(row), meta
+        parquet = parquet_file(path)
+        meta = read_metadata(parquet.schema_arrow)
+        for group in range(parquet.num_row_groups):
+            for row in parquet.read_row_group(group).to_pylist():
+                yield row_to_sample(row), meta
 
 
 def render_sample(sample: ShardSample, tile: int = 320) -> Image.Image:

@@ -10,11 +10,13 @@ Rows are rejected at read only for what the reader knows and decode cannot: img2
 (``status`` != "success" -> ``download_failed: <error_message>``) and rows with a URL but no image bytes
 (``url_only``: downloading is img2dataset's job). A row with neither image nor URL flows on and decode rejects it as
 ``missing_image``, like the other readers. The unit of work is one file: its path is every row's source.
-Files are read through Beam's FileSystems, row batch by row batch, with only the needed columns.
+Files are read row batch by row batch, with only the needed columns: local ones by Arrow itself, others through
+Beam's FileSystems (see ``spatext.pipeline.parquet_files``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 from collections.abc import Iterator, Sequence
@@ -27,6 +29,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from spatext.pipeline.parquet_files import local_path
 from spatext.pipeline.read import COUNTS, REJECTS, ReadOptions, route_item
 from spatext.pipeline.records import RawSample, Reject
 
@@ -104,9 +107,17 @@ def resolve_columns(schema: pa.Schema, path: str, options: ReadOptions) -> Parqu
     )
 
 
-def open_parquet(path: str) -> IO[bytes]:
-    """A seekable handle on a parquet file from any Beam filesystem."""
-    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+@contextlib.contextmanager
+def open_parquet(path: str) -> Iterator[IO[bytes] | str]:
+    """What ``pq.ParquetFile`` reads for ``path``: a local path itself (Arrow opens it; no Python buffers for
+    Arrow's threads to free at exit, see ``spatext.pipeline.parquet_files``), else a seekable handle from any Beam
+    filesystem (corpus files are big: they stream)."""
+    local = local_path(path)
+    if local is not None:
+        yield local
+        return
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        yield handle
 
 
 def columns_for(path: str, options: ReadOptions) -> ParquetColumns:
@@ -158,7 +169,7 @@ def _row_key(row: dict, stem: str, index: int, columns: ParquetColumns) -> str:
 
 
 def iter_parquet(
-    fileobj: IO[bytes], source: str, options: ReadOptions, batch_rows: int = BATCH_ROWS
+    fileobj: IO[bytes] | str, source: str, options: ReadOptions, batch_rows: int = BATCH_ROWS
 ) -> Iterator[RawSample | Reject]:
     """Stream one parquet file: one item per row; duplicate keys, unusable columns or a broken file become Rejects."""
     stem = posixpath.basename(source)

@@ -13,11 +13,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from tqdm import tqdm
 
 from spatext.pipeline.crop import mask_bbox
+from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.schema import (
     REJECT_SCHEMA,
     SCHEMA_VERSION,
@@ -104,33 +104,31 @@ def _check_embedding(name: str, vector: np.ndarray, embed_dim: int | None) -> li
 
 def _verify_shard(path: str, report: VerifyReport, keys: Counter) -> None:
     """Check one sample shard: schema, metadata, every row."""
-    with FileSystems.open(path) as handle:
-        parquet = pq.ParquetFile(handle)
-        schema = parquet.schema_arrow
-        if not schema.remove_metadata().equals(shard_schema().remove_metadata()):
-            report.add(path, "", f"schema: columns differ from schema v{SCHEMA_VERSION}: {schema.remove_metadata()}")
-            return
-        meta = read_metadata(schema)
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            report.add(path, "", f"schema_version: {meta.get('schema_version')!r}, expected {SCHEMA_VERSION!r}")
-        embed_dim = int(meta["embed_dim"]) if meta.get("embed_dim", "").isdigit() else None
-        for group in range(parquet.num_row_groups):
-            for row in parquet.read_row_group(group).to_pylist():
-                report.rows += 1
-                keys[row["key"]] += 1
-                try:
-                    sample = row_to_sample(row)
-                except (OSError, ValueError, SyntaxError) as exc:
-                    report.add(path, row["key"], f"undecodable: {exc}")
-                    continue
-                for problem in check_sample(sample, row["width"], row["height"], embed_dim):
-                    report.add(path, row["key"], problem)
+    parquet = parquet_file(path)
+    schema = parquet.schema_arrow
+    if not schema.remove_metadata().equals(shard_schema().remove_metadata()):
+        report.add(path, "", f"schema: columns differ from schema v{SCHEMA_VERSION}: {schema.remove_metadata()}")
+        return
+    meta = read_metadata(schema)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        report.add(path, "", f"schema_version: {meta.get('schema_version')!r}, expected {SCHEMA_VERSION!r}")
+    embed_dim = int(meta["embed_dim"]) if meta.get("embed_dim", "").isdigit() else None
+    for group in range(parquet.num_row_groups):
+        for row in parquet.read_row_group(group).to_pylist():
+            report.rows += 1
+            keys[row["key"]] += 1
+            try:
+                sample = row_to_sample(row)
+            except (OSError, ValueError, SyntaxError) as exc:
+                report.add(path, row["key"], f"undecodable: {exc}")
+                continue
+            for problem in check_sample(sample, row["width"], row["height"], embed_dim):
+                report.add(path, row["key"], problem)
 
 
 def _verify_rejects(paths: list[str], report: VerifyReport) -> None:
     for path in paths:
-        with FileSystems.open(path) as handle:
-            table = pq.read_table(handle)
+        table = parquet_file(path).read()
         if not table.schema.remove_metadata().equals(REJECT_SCHEMA.remove_metadata()):
             report.add(path, "", "schema: rejects table columns differ from key, source, stage, reason")
         report.rejects += table.num_rows

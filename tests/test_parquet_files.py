@@ -1,0 +1,52 @@
+"""Parquet files read only through Arrow-owned files and memory (spatext.pipeline.parquet_files)."""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spatext.pipeline.parquet_files import local_path, parquet_file, read_into_arrow
+
+
+def _table() -> pa.Table:
+    return pa.table({"key": [f"k{i}" for i in range(50)], "value": list(range(50))})
+
+
+def test_local_path_recognises_plain_paths_and_file_urls_only(tmp_path):
+    assert local_path(str(tmp_path / "a.parquet")) == str(tmp_path / "a.parquet")
+    assert local_path("relative/a.parquet") == os.path.abspath("relative/a.parquet")
+    assert local_path("file:///data/my%20shards/a.parquet") == "/data/my shards/a.parquet"
+    for remote in ("gs://bucket/a.parquet", "s3://b/a.parquet", "memory://x/a.parquet", "hdfs://h/a"):
+        assert local_path(remote) is None
+
+
+def test_local_files_are_opened_by_arrow_and_read_the_same(tmp_path):
+    path = str(tmp_path / "a.parquet")
+    pq.write_table(_table(), path, row_group_size=16)
+    for name in (path, "file://" + path):
+        parquet = parquet_file(name)
+        assert parquet.num_row_groups == 4 and parquet.read().equals(_table())
+
+
+def test_other_filesystems_are_read_whole_into_arrow_memory():
+    fs = fsspec.filesystem("memory")
+    with fs.open("/pf/a.parquet", "wb") as handle:
+        pq.write_table(_table(), handle, row_group_size=16)
+    opened = []
+
+    def opener(path):
+        opened.append(path)
+        return fsspec.open(path, "rb")
+
+    parquet = parquet_file("memory://pf/a.parquet", opener=opener)
+    assert opened == ["memory://pf/a.parquet"]
+    assert parquet.read_row_group(1).equals(_table().slice(16, 16))
+    buffer = read_into_arrow("memory://pf/a.parquet", opener=opener)
+    assert isinstance(buffer, pa.Buffer) and buffer.is_mutable  # allocated by Arrow, not a view of Python bytes
+    assert buffer.to_pybytes() == fs.cat_file("/pf/a.parquet")
+    with pytest.raises(FileNotFoundError):
+        parquet_file("memory://pf/missing.parquet", opener=opener)
