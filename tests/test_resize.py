@@ -82,6 +82,27 @@ def test_pixel_transform_matches_open_clip_pil_transform(shape) -> None:
     assert diff.max().item() <= one_level and diff.mean().item() < 0.05 * one_level
 
 
+def test_fused_scale_normalize_equals_to_tensor_then_normalize() -> None:
+    compose = open_clip.image_transform(224, is_train=False)
+    transform = PixelTransform.from_compose(compose)
+    assert len(transform.steps) == 3  # resize, centre crop, and ToTensor + Normalize fused into one step
+    images = [_photo(300, 260, seed=1), _photo(224, 224, seed=2), _photo(500, 230, seed=3)]
+    batch = transform(images)
+    for image, ours in zip(images, batch, strict=True):
+        x = as_chw_tensor(image)
+        for step in transform.steps[:-1]:
+            x = step(x)
+        reference = compose.transforms[-1](x[0].double() / 255)  # torchvision's Normalize, in float64
+        assert (ours.double() - reference).abs().max().item() < 1e-5
+    # without a Normalize (or with an in-place one) the steps run as they are
+    plain = PixelTransform.from_compose(T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor()]))
+    image = _photo(40, 64, seed=4)
+    x = plain.steps[1](plain.steps[0](as_chw_tensor(image)))
+    assert torch.equal(plain([image])[0], x[0].float() / 255)
+    with pytest.raises(ValueError, match="no images"):
+        plain([])
+
+
 def test_pixel_transform_refuses_steps_it_cannot_translate() -> None:
     compose = T.Compose([T.Resize(32), T.Lambda(lambda im: im), T.ToTensor()])
     assert PixelTransform.from_compose(compose) is None
