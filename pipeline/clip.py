@@ -1,8 +1,9 @@
 """The CLIP wrapper: load an open_clip model, embed images / texts, and the embed stage as a Beam ModelHandler.
 
 ``embed_images`` and ``embed_texts`` are the public building blocks (the eval package's Global / Local distance reuse
-them); ``ClipEmbedder`` is the pipeline's embed stage. Importing this module registers the tiny test architecture
-``spatext-tiny`` (``configs/spatext-tiny-clip.json``) with open_clip.
+them); ``ClipEmbedder`` is the pipeline's embed stage. Importing this module registers the tiny test architectures
+with open_clip (``configs/open_clip/``): ``spatext-tiny`` (64-px input) and ``spatext-tiny-224`` (the same tiny model
+with ViT-sized 224-px input, so benchmarks time real-sized preprocessing next to a negligible forward).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ TIMINGS = ("preprocess_ms", "preprocess_cpu_ms", "forward_ms", "forward_cpu_ms")
 MAX_IMAGES_PER_FORWARD = 256  # encode_image chunk size; a batch of samples with their crops is split into chunks
 
 
-open_clip.add_model_config(CONFIG_DIR)  # registers "spatext-tiny" (configs/open_clip/spatext-tiny.json)
+open_clip.add_model_config(CONFIG_DIR)  # registers "spatext-tiny" and "spatext-tiny-224" (configs/open_clip/*.json)
 RANDOM_INIT_SEED = 0  # random weights are seeded: every worker, every run builds the same model
 
 

@@ -26,6 +26,7 @@ from spatext.pipeline.clip import (
     embed_images,
     embed_texts,
     load_clip,
+    preprocess_images,
 )
 from spatext.pipeline.crop import mask_bbox, segment_crop
 from spatext.pipeline.records import Embeddings, Sample, SelectedSegment
@@ -225,6 +226,16 @@ def test_real_architecture_random_init() -> None:
     ((_, emb),) = ClipEmbedder(spec).run_inference([make_sample(9)], model)
     assert emb.segments.shape == (2, 512) and emb.image.shape == emb.caption.shape == (512,)
     np.testing.assert_allclose(np.linalg.norm(emb.segments, axis=1), 1.0, atol=1e-5)
+
+
+def test_tiny_224_has_vit_sized_input_and_the_tiny_forward() -> None:
+    spec = ClipSpec(model="spatext-tiny-224", pretrained="none")
+    model = load_clip(spec)
+    assert model.embed_dim == 64 and model.pixel_transform is not None
+    pixels = preprocess_images(model, [np.zeros((300, 500, 3), dtype=np.uint8)])
+    assert pixels.shape == (1, 3, 224, 224)  # the transform ViT-L/14 and ViT-B/32 use
+    ((_, emb),) = ClipEmbedder(spec).run_inference([make_sample(3)], model)
+    assert emb.segments.shape == (2, 64) and emb.image.shape == (64,)
 
 
 def _summary(element: tuple[Sample, Embeddings]) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
