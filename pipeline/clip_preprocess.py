@@ -57,11 +57,15 @@ class _ScaleNormalize:
     def __init__(self, normalize: T.Normalize) -> None:
         std = torch.as_tensor(normalize.std, dtype=torch.float64)
         mean = torch.as_tensor(normalize.mean, dtype=torch.float64)
-        self.scale = (1 / (255 * std)).float().view(-1, 1, 1)
-        self.shift = (-mean / std).float().view(-1, 1, 1)
+        scale = (1 / (255 * std)).float().view(-1, 1, 1)
+        shift = (-mean / std).float().view(-1, 1, 1)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {scale.device: (scale, shift)}
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        scale, shift = self.scale.to(x.device), self.shift.to(x.device)
+        if x.device not in self._on:  # one copy per device, not one per image
+            scale, shift = next(iter(self._on.values()))
+            self._on[x.device] = (scale.to(x.device), shift.to(x.device))
+        scale, shift = self._on[x.device]
         out = x.float() if out is None else out.copy_(x)  # copy_ converts in place: no temporary
         return out.mul_(scale).add_(shift)  # in-place broadcasting ops: 3x faster than addcmul here (measured)
 
