@@ -176,7 +176,7 @@ def test_entry_points(built, capsys):
 def test_verify_never_aborts_at_exit(built):
     """`spatext verify` used to abort after printing OK in ~1 of 16 runs (SIGABRT at interpreter exit: an Arrow pool
     thread freeing a Python-backed buffer; see spatext.pipeline.parquet_files). 40 runs: the old code passed this
-    with probability ~0.08. ~90 s."""
+    with probability ~0.08. ~45 s."""
     out, _ = built
     console = os.path.join(os.path.dirname(sys.executable), "spatext")
     codes = [subprocess.run([console, "verify", str(out)], capture_output=True, text=True).returncode
