@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="a build's output directory (holds shards/, rejects/, manifest.json)")
     parser.add_argument("--limit", type=int, default=50, help="violations to list in full")
     args = parser.parse_args(argv)
-    report = verify_build(args.output)
+    report = verify_build(args.output, progress=sys.stderr.isatty())  # no bar in logs and pipes
     print(report.format(args.limit))
     return 0 if report.ok else 1
 

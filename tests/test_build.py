@@ -170,6 +170,7 @@ def test_entry_points(built, capsys):
     verified = subprocess.run([console, "verify", str(out)], capture_output=True, text=True)
     assert verified.returncode == 0, verified.stderr[-3000:]
     assert verified.stdout.startswith("OK")
+    assert "shard/s" not in verified.stderr  # no progress bar when stderr is not a terminal
 
 
 @pytest.mark.slow
