@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
+
+DEBUG_ENV = "SPATEXT_DEBUG"  # set: errors propagate with their traceback
 
 # subcommand -> (module with a `main(argv) -> int`, one-line help)
 COMMANDS = {
@@ -41,7 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     # Beam warns at import that its GCP clients are missing; they are optional (apache-beam[gcp], for Dataflow).
     logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except (ValueError, OSError) as exc:  # bad input or a missing file: the message is the answer, not a traceback
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"spatext {command}: error: {exc}\n(set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spatext {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
