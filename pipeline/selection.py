@@ -74,7 +74,7 @@ def apply_selection(sample: Sample, segmentation: Segmentation, chosen: list[int
         selected.append(
             SelectedSegment(
                 index=index,
-                area=float(mask.mean()),
+                area=np.count_nonzero(mask) / mask.size,  # = mask.mean(), 10x faster on a bool mask
                 bbox=mask_bbox(mask),
                 label=info.label,
                 score=info.score,
