@@ -43,11 +43,30 @@ def _beam_open(path: str) -> AbstractContextManager[IO[bytes]]:
 
 
 def read_into_arrow(path: str, opener: Opener | None = None) -> pa.Buffer:
-    """The whole file at ``path`` (read through ``opener``; default Beam's FileSystems) as an Arrow-owned buffer."""
+    """The whole file at ``path`` (read through ``opener``; default Beam's FileSystems) as an Arrow-owned buffer,
+    read straight into it when the handle can seek (one copy of the file in memory, not two)."""
     with (opener or _beam_open)(path) as handle:
-        data = handle.read()
-    buffer = pa.allocate_buffer(len(data))
-    memoryview(buffer).cast("B")[:] = data
+        try:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(0)
+        except (AttributeError, OSError, ValueError):  # not seekable: read, then copy
+            size = None
+        if size is None:
+            data = handle.read()
+            buffer = pa.allocate_buffer(len(data))
+            memoryview(buffer).cast("B")[:] = data
+            return buffer
+        buffer = pa.allocate_buffer(size)
+        view, filled = memoryview(buffer).cast("B"), 0
+        while filled < size:
+            chunk = handle.readinto(view[filled:]) if hasattr(handle, "readinto") else None
+            if chunk is None:  # no readinto: copy what read() gives
+                data = handle.read(size - filled)
+                chunk = len(data)
+                view[filled : filled + chunk] = data
+            if not chunk:
+                raise OSError(f"{path}: file ended after {filled} of {size} bytes")
+            filled += chunk
     return buffer
 
 

@@ -50,3 +50,44 @@ def test_other_filesystems_are_read_whole_into_arrow_memory():
     assert buffer.to_pybytes() == fs.cat_file("/pf/a.parquet")
     with pytest.raises(FileNotFoundError):
         parquet_file("memory://pf/missing.parquet", opener=opener)
+
+
+class _Stream:
+    """A handle without seek (or readinto): what some filesystems hand out."""
+
+    def __init__(self, data: bytes, seekable: bool, readinto: bool) -> None:
+        import io
+
+        self._io, self._seekable = io.BytesIO(data), seekable
+        if readinto:
+            self.readinto = self._io.readinto
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if not self._seekable:
+            raise OSError("not seekable")
+        return self._io.seek(offset, whence)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._io.read(min(size, 7) if size > 0 else size)  # short reads, like a network stream
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("seekable", "readinto"), [(True, True), (True, False), (False, False)])
+def test_read_into_arrow_with_any_handle(seekable, readinto):
+    data = bytes(range(256)) * 5
+    buffer = read_into_arrow("x://f", opener=lambda _: _Stream(data, seekable, readinto))
+    assert buffer.to_pybytes() == data and buffer.is_mutable
+
+
+def test_read_into_arrow_refuses_a_file_shorter_than_its_size():
+    class _Truncated(_Stream):
+        def seek(self, offset: int, whence: int = 0) -> int:
+            return 1290 if whence == os.SEEK_END else super().seek(offset, whence)  # 10 bytes more than it holds
+
+    with pytest.raises(OSError, match="file ended after 1280 of 1290 bytes"):
+        read_into_arrow("x://f", opener=lambda _: _Truncated(bytes(range(256)) * 5, True, False))
