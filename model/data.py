@@ -32,6 +32,7 @@ import io
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 import fsspec
@@ -43,7 +44,7 @@ from fsspec.core import url_to_fs
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from spatext.pipeline.parquet_files import local_path
+from spatext.pipeline.parquet_files import streaming_parquet
 from spatext.pipeline.resize import resize_chw
 from spatext.pipeline.schema import SCHEMA_VERSION, read_metadata
 from spatext.pipeline.write import SHARDS_DIR, SUFFIX
@@ -108,17 +109,9 @@ def resolve_files(data: str | list[str], storage_options: dict | None = None) ->
     return files
 
 
-@contextlib.contextmanager
-def open_shard(path: str, storage_options: dict | None = None) -> Iterator[pq.ParquetFile]:
-    """A shard for reading row groups: Arrow's own file for a local path (no Python buffers for Arrow's threads to
-    free at exit, see ``spatext.pipeline.parquet_files``), an fsspec handle elsewhere (row groups stream)."""
-    local = local_path(path)
-    if local is not None:
-        with pq.ParquetFile(local) as parquet:
-            yield parquet
-        return
-    with fsspec.open(path, "rb", **(storage_options or {})) as handle:
-        yield pq.ParquetFile(handle)
+def open_shard(path: str, storage_options: dict | None = None) -> AbstractContextManager[pq.ParquetFile]:
+    """A shard for reading row groups (``streaming_parquet`` through fsspec)."""
+    return streaming_parquet(path, opener=lambda p: fsspec.open(p, "rb", **(storage_options or {})))
 
 
 def _footer(path: str, storage_options: dict) -> tuple[list[int], dict[str, str]]:

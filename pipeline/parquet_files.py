@@ -10,13 +10,15 @@ interpreter is exiting by then, CPython ends the thread inside a C++ destructor 
 
 Local paths are opened by Arrow itself (no copy); other filesystems are read whole into Arrow-owned memory, one
 file at a time (shards are ``--target-shard-mb``). Readers that must stream big remote files (the corpus reader, the
-training loader) open local paths natively through ``local_path`` and keep a Python handle only for remote ones.
+training loader) use ``streaming_source`` / ``streaming_parquet``: local paths natively, a Python handle only for
+remote ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import IO
 from urllib.parse import unquote, urlparse
@@ -77,3 +79,23 @@ def parquet_file(path: str, opener: Opener | None = None) -> pq.ParquetFile:
     if local is not None:
         return pq.ParquetFile(local)
     return pq.ParquetFile(pa.BufferReader(read_into_arrow(path, opener)))
+
+
+@contextlib.contextmanager
+def streaming_source(path: str, opener: Opener | None = None) -> Iterator[str | IO[bytes]]:
+    """What ``pq.ParquetFile`` should read for a file too big to read whole: a local path itself (Arrow opens it),
+    anything else a handle from ``opener`` (default Beam's FileSystems.open) that streams; the exit race above
+    remains there, only right after a remote read."""
+    local = local_path(path)
+    if local is not None:
+        yield local
+        return
+    with (opener or _beam_open)(path) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def streaming_parquet(path: str, opener: Opener | None = None) -> Iterator[pq.ParquetFile]:
+    """``pq.ParquetFile`` over ``streaming_source``, closed on exit."""
+    with streaming_source(path, opener) as source, pq.ParquetFile(source) as parquet:
+        yield parquet

@@ -16,10 +16,10 @@ Beam's FileSystems (see ``spatext.pipeline.parquet_files``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import posixpath
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import IO
 
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from spatext.pipeline.parquet_files import local_path
+from spatext.pipeline.parquet_files import streaming_source
 from spatext.pipeline.read import COUNTS, REJECTS, ReadOptions, route_item
 from spatext.pipeline.records import RawSample, Reject
 
@@ -107,17 +107,9 @@ def resolve_columns(schema: pa.Schema, path: str, options: ReadOptions) -> Parqu
     )
 
 
-@contextlib.contextmanager
-def open_parquet(path: str) -> Iterator[IO[bytes] | str]:
-    """What ``pq.ParquetFile`` reads for ``path``: a local path itself (Arrow opens it; no Python buffers for
-    Arrow's threads to free at exit, see ``spatext.pipeline.parquet_files``), else a seekable handle from any Beam
-    filesystem (corpus files are big: they stream)."""
-    local = local_path(path)
-    if local is not None:
-        yield local
-        return
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        yield handle
+def open_parquet(path: str) -> AbstractContextManager[IO[bytes] | str]:
+    """What ``pq.ParquetFile`` reads for ``path`` (``streaming_source``: corpus files are big, they stream)."""
+    return streaming_source(path, lambda p: FileSystems.open(p, compression_type=CompressionTypes.UNCOMPRESSED))
 
 
 def columns_for(path: str, options: ReadOptions) -> ParquetColumns:

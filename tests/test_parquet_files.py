@@ -9,7 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spatext.pipeline.parquet_files import local_path, parquet_file, read_into_arrow
+from spatext.pipeline.parquet_files import (
+    local_path,
+    parquet_file,
+    read_into_arrow,
+    streaming_parquet,
+    streaming_source,
+)
 
 
 def _table() -> pa.Table:
@@ -91,3 +97,25 @@ def test_read_into_arrow_refuses_a_file_shorter_than_its_size():
 
     with pytest.raises(OSError, match="file ended after 1280 of 1290 bytes"):
         read_into_arrow("x://f", opener=lambda _: _Truncated(bytes(range(256)) * 5, True, False))
+
+
+def test_streaming_reads_local_files_natively_and_remote_ones_through_the_opener(tmp_path):
+    local = str(tmp_path / "a.parquet")
+    pq.write_table(_table(), local, row_group_size=16)
+    fs = fsspec.filesystem("memory")
+    with fs.open("/st/a.parquet", "wb") as handle:
+        pq.write_table(_table(), handle, row_group_size=16)
+    opened = []
+
+    def opener(path):
+        opened.append(path)
+        return fsspec.open(path, "rb")
+
+    with streaming_source(local, opener) as source:
+        assert source == local  # Arrow opens it: no Python file object
+    with streaming_source("memory://st/a.parquet", opener) as source:
+        assert not isinstance(source, str) and source.read(4) == b"PAR1"
+    assert opened == ["memory://st/a.parquet"]
+    for path in (local, "memory://st/a.parquet"):
+        with streaming_parquet(path, opener) as parquet:
+            assert parquet.read_row_group(2).equals(_table().slice(32, 16))
