@@ -5,7 +5,7 @@ so that machine noise hits all of them alike: (a) bare decoding of the stored JP
 one core: the reference of every ratio), (b) the same full decode with torchvision (what the loader decodes with;
 shown for context), and (c) the full loader — Parquet read, shuffle buffer, JPEG + PNG decode, crop/resize,
 renumbering, collate — through a DataLoader for each output mode (float32 [-1, 1] pixels, or uint8 pixels and label
-maps converted later on the device), resolution and worker count, in steady state (after a warm-up epoch; the time to
+maps converted later on the device), resolution, worker count and decode-thread count, in steady state (after a warm-up epoch; the time to
 the first batch is reported apart). The "DCT-reduced" column is the share of samples the loader decodes at a reduced
 JPEG scale (PIL's draft; only where the crop is >= ~4R pixels across): at those resolutions it decodes less than bare
 decoding does. Prints a table and writes JSON.
@@ -74,12 +74,12 @@ def reduced_share(images: list[bytes], sizes: list[tuple[int, int]], resolution:
 
 
 def loader_rate(
-    data: str, resolution: int, workers: int, batch_size: int, epochs: int, uint8: bool = False
+    data: str, resolution: int, workers: int, batch_size: int, epochs: int, uint8: bool = False, threads: int = 1
 ) -> tuple[float, float, int, float]:
     """Steady-state samples/s over `epochs` epochs after a warm-up epoch (persistent workers), the warm-up's
     time to its first batch (worker start-up + filling the shuffle buffer), the samples per epoch, and this
     process's CPU seconds per sample (all of the work when workers=0)."""
-    dataset = ShardDataset(data, resolution, shuffle_buffer=256, seed=0, uint8=uint8)
+    dataset = ShardDataset(data, resolution, shuffle_buffer=256, seed=0, uint8=uint8, decode_threads=threads)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                                          persistent_workers=workers > 0)
     started = time.perf_counter()
@@ -94,7 +94,8 @@ def loader_rate(
 
 
 def measure(args: argparse.Namespace, data: str, images: list[bytes], variants: list[tuple]) -> dict:
-    """Interleaved repeats of the two bare decoders and every loader variant (mode, R, workers): lists of samples/s,
+    """Interleaved repeats of the two bare decoders and every loader variant (mode, R, workers, threads): lists of
+    samples/s,
     CPU s/sample and time to the first batch, keyed by "pil", "torchvision" and the variants."""
     runs: dict = {key: {"rate": [], "cpu": [], "first": []} for key in ["pil", "torchvision", *variants]}
     bare_decode_s(images[:8])  # warm-up
@@ -105,24 +106,25 @@ def measure(args: argparse.Namespace, data: str, images: list[bytes], variants: 
             wall, seconds = decode(images * args.epochs)
             runs[key]["rate"].append(count / wall)
             runs[key]["cpu"].append(seconds / count)
-        for mode, resolution, workers in variants:
+        for mode, resolution, workers, threads in variants:
             rate, first, seen, per_sample = loader_rate(data, resolution, workers, args.batch_size, args.epochs,
-                                                        uint8=mode == "uint8")
+                                                        uint8=mode == "uint8", threads=threads)
             if seen != len(images):
                 raise RuntimeError(f"loader produced {seen} samples for {len(images)} rows")
             for name, value in (("rate", rate), ("first", first), ("cpu", per_sample)):
-                runs[(mode, resolution, workers)][name].append(value)
+                runs[(mode, resolution, workers, threads)][name].append(value)
     return runs
 
 
 def summary_row(variant: tuple, got: dict, bare_rate: float, bare_ms: float, reduced: float) -> dict:
     """One loader variant's medians and ratios to bare PIL decoding."""
-    mode, resolution, workers = variant
+    mode, resolution, workers, threads = variant
     rate = statistics.median(got["rate"])
-    row = {"mode": mode, "resolution": resolution, "num_workers": workers, "samples_per_s": round(rate, 1),
+    row = {"mode": mode, "resolution": resolution, "num_workers": workers, "decode_threads": threads,
+           "samples_per_s": round(rate, 1),
            "vs_bare_decode": round(rate / bare_rate, 3), "runs": [round(r, 1) for r in got["rate"]],
            "first_batch_s": round(statistics.median(got["first"]), 2), "dct_reduced_share": round(reduced, 3)}
-    if workers == 0:  # CPU time is robust to other load on a shared machine
+    if workers == 0 and threads == 1:  # CPU time is robust to other load on a shared machine
         row["cpu_ms_per_sample"] = round(1000 * statistics.median(got["cpu"]), 3)
         row["cpu_vs_bare_decode"] = round(bare_ms / row["cpu_ms_per_sample"], 3)
     return row
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
     table = pa.concat_tables([pq.read_table(f, columns=["image", "width", "height"]) for f in files])
     images = table.column("image").to_pylist()
     sizes = list(zip(table.column("width").to_pylist(), table.column("height").to_pylist(), strict=True))
-    variants = [(m, r, w) for m in args.modes for r in args.resolutions for w in args.workers]
+    variants = [(m, r, w, t) for m in args.modes for r in args.resolutions for w in args.workers for t in args.threads]
     runs = measure(args, data, images, variants)
     bare_rate, bare_ms = statistics.median(runs["pil"]["rate"]), 1000 * statistics.median(runs["pil"]["cpu"])
     tv_rate = statistics.median(runs["torchvision"]["rate"])
@@ -155,7 +157,8 @@ def run(args: argparse.Namespace) -> dict:
         "loader": rows,
         "note": "bare = PIL decode of the stored JPEG bytes to RGB arrays on one core (the reference of every ratio); "
                 "torchvision = the same full decode by the decoder the loader uses (context only); loader = "
-                "ShardDataset + DataLoader + collate, steady state (persistent workers, after a warm-up epoch); "
+                "ShardDataset + DataLoader + collate, steady state (persistent workers, after a warm-up epoch), "
+                "decode_threads threads decoding in each consumer (the main process or each worker); "
                 "medians of the interleaved repeats; mode uint8 leaves the [-1, 1] conversion to the training "
                 "device (to_model_input); dct_reduced_share = samples the loader decodes at 1/4 or 1/8 JPEG scale "
                 "(PIL draft), which bare decoding does not",
@@ -166,19 +169,20 @@ def print_table(record: dict) -> None:
     """The record as a table on stdout."""
     print(f"loader: {record['samples']} samples, JPEG stored at <= {record['stored_image_size']} px "
           f"(mean {record['mean_image_kib']} KiB), {record['cores']} cores, torch threads {record['torch_threads']}")
-    print(f"  {'':<40} {'samples/s':>9} {'x bare':>7} {'first batch':>12} {'CPU ms/sample':>14} {'CPU x bare':>11} "
+    print(f"  {'':<50} {'samples/s':>9} {'x bare':>7} {'first batch':>12} {'CPU ms/sample':>14} {'CPU x bare':>11} "
           f"{'DCT-reduced':>12}")
-    print(f"  {'bare PIL JPEG decode (1 core)':<40} {record['bare_decode_samples_per_s']:>9} {1:>7.2f} {'':>12} "
+    print(f"  {'bare PIL JPEG decode (1 core)':<50} {record['bare_decode_samples_per_s']:>9} {1:>7.2f} {'':>12} "
           f"{record['bare_cpu_ms_per_sample']:>14} {1:>11.2f}")
     tv_rate, tv_ms = record["torchvision_decode_samples_per_s"], record["torchvision_cpu_ms_per_sample"]
-    print(f"  {'(torchvision JPEG decode, 1 core)':<40} {tv_rate:>9} "
+    print(f"  {'(torchvision JPEG decode, 1 core)':<50} {tv_rate:>9} "
           f"{tv_rate / record['bare_decode_samples_per_s']:>7.2f} {'':>12} {tv_ms:>14} "
           f"{record['bare_cpu_ms_per_sample'] / tv_ms:>11.2f}")
     for row in record["loader"]:
-        name = f"ShardDataset {row['mode']} R={row['resolution']}, workers={row['num_workers']}"
+        name = (f"ShardDataset {row['mode']} R={row['resolution']}, workers={row['num_workers']}, "
+                f"threads={row['decode_threads']}")
         cpu = (f"{row['cpu_ms_per_sample']:>14} {row['cpu_vs_bare_decode']:>11.2f}" if "cpu_ms_per_sample" in row
                else f"{'':>14} {'':>11}")
-        print(f"  {name:<40} {row['samples_per_s']:>9} {row['vs_bare_decode']:>7.2f} {row['first_batch_s']:>10} s "
+        print(f"  {name:<50} {row['samples_per_s']:>9} {row['vs_bare_decode']:>7.2f} {row['first_batch_s']:>10} s "
               f"{cpu} {row['dct_reduced_share']:>12.0%}")
 
 
@@ -191,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 256, 512],
                         help="loader output sizes (64: DCT-reduced decoding; 512: the stored longest side)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="decode threads per consumer (ShardDataset decode_threads)")
     parser.add_argument("--modes", nargs="+", default=["uint8", "float32"], choices=["uint8", "float32"],
                         help="loader output: uint8 (what training uses) and/or float32 [-1, 1] pixels")
     parser.add_argument("--batch-size", type=int, default=32, help="DataLoader batch size")

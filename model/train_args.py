@@ -33,6 +33,8 @@ def _io_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resample-segments", action="store_true", help="a random non-empty subset of segments per sample")
     p.add_argument("--shuffle-buffer", type=int, default=256, help="rows in the loader's shuffle buffer (0: in order)")
     p.add_argument("--dataloader-num-workers", type=int, default=0, help="DataLoader worker processes per rank")
+    p.add_argument("--decode-threads", type=int, default=1, help="threads decoding samples in each loader process "
+                   "(the main one with 0 workers); the same samples in the same order for any count")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, noise and dropout")
     p.add_argument("--log-sample-keys", action="store_true", help="lineage/debugging: each rank appends the key of "
                    "every sample it trains on to logs/keys-rank-R.csv (step, epoch, key)")
@@ -98,7 +100,7 @@ def check_args(args: argparse.Namespace, prior: bool) -> None:
     args.train_batch_size = kind["batch"] if args.train_batch_size is None else args.train_batch_size
     args.learning_rate = kind["lr"] if args.learning_rate is None else args.learning_rate
     for flag in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_validation",
-                 "sample_steps", "max_segments"):
+                 "sample_steps", "max_segments", "decode_threads"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("checkpointing_steps", "sample_every", "dataloader_num_workers", "lr_warmup_steps", "shuffle_buffer"):

@@ -4,6 +4,7 @@ the decode / resize / renumber fast path against PIL and brute-force references,
 from __future__ import annotations
 
 import io
+import time
 
 import fsspec
 import numpy as np
@@ -27,6 +28,7 @@ from spatext.model.data import (
     resize_crop,
     resolve_files,
     single_thread,
+    threaded_map,
     to_model_input,
 )
 from spatext.pipeline.schema import encode_image, encode_segment_map, row_to_sample, shard_schema
@@ -151,7 +153,8 @@ def test_jpeg_reduced_decoding_stays_aligned():
     box = crop_box(450, 300)
     assert dct_scale((450, 300), box, 64) == 4 >= MIN_DCT_SCALE
     fast = load_image_crop(data, box, 64, (450, 300))  # draft: decoded at 1/4 scale
-    assert fast.shape == (3, 64, 64) and fast.dtype == torch.uint8 and fast.is_contiguous()
+    assert fast.shape == (3, 64, 64) and fast.dtype == torch.uint8
+    assert fast.permute(1, 2, 0).is_contiguous()  # channels-last, like the full-decode path
     fast = fast.permute(1, 2, 0).numpy()
     with Image.open(io.BytesIO(data)) as im:
         full = np.asarray(im.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR, box=box))
@@ -263,7 +266,8 @@ def test_resize_crop_matches_pil_bilinear(resolution):
     image = np.random.default_rng(1).integers(0, 256, (90, 130, 3), dtype=np.uint8)  # noise: the hardest case
     box = crop_box(130, 90)
     got = resize_crop(torch.from_numpy(image).permute(2, 0, 1), box, resolution)
-    assert got.shape == (3, resolution, resolution) and got.dtype == torch.uint8 and got.is_contiguous()
+    assert got.shape == (3, resolution, resolution) and got.dtype == torch.uint8
+    assert got.permute(1, 2, 0).is_contiguous()  # channels-last
     got = got.permute(1, 2, 0).numpy().astype(int)
     cropped = Image.fromarray(image).crop(box)
     ref = np.asarray(cropped.resize((resolution, resolution), Image.Resampling.BILINEAR)).astype(int)
@@ -313,22 +317,37 @@ def test_full_decode_path_stays_close_to_pil_with_box():
         load_image_crop(data, box, 100, (400, 300))
 
 
-def test_renumber_matches_a_brute_force_loop():
+def _renumber_brute_force(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    expected = np.zeros_like(labels)
+    for y in range(labels.shape[0]):
+        for x in range(labels.shape[1]):
+            for new, old in enumerate(keep, 1):
+                if labels[y, x] == old:
+                    expected[y, x] = new
+    return expected
+
+
+@pytest.mark.parametrize("values", [[0, 3, 7, 8, 200, 255], [0, 1, 2, 3], [1, 2]])
+@pytest.mark.parametrize("with_histogram", [False, True])
+def test_renumber_matches_a_brute_force_loop(values, with_histogram):
     rng = np.random.default_rng(2)
-    for _ in range(20):
-        labels = rng.choice([0, 3, 7, 8, 200, 255], size=(13, 17)).astype(np.uint8)
+    for trial in range(21):
+        labels = rng.choice(values, size=(13, 17)).astype(np.uint8)
         present = np.unique(labels)
-        keep = np.sort(rng.choice(present, size=int(rng.integers(0, len(present) + 1)), replace=False))
-        got = renumber(labels, keep)
-        expected = np.zeros_like(labels)
-        for y in range(labels.shape[0]):
-            for x in range(labels.shape[1]):
-                for new, old in enumerate(keep, 1):
-                    if labels[y, x] == old:
-                        expected[y, x] = new
+        if trial == 20:  # all segments kept: the usual case
+            keep = present[present > 0]
+        else:
+            keep = np.sort(rng.choice(present, size=int(rng.integers(0, len(present) + 1)), replace=False))
+        histogram = np.bincount(labels.ravel(), minlength=256) if with_histogram else None
+        got = renumber(labels, keep, histogram)
+        expected = _renumber_brute_force(labels, keep)
         assert got.dtype == np.uint8 and np.array_equal(got, expected)
         for new, old in enumerate(keep, 1):  # every kept segment keeps all of its pixels
             assert int((got == new).sum()) == int((labels == old).sum())
+        # the fast path (no copy) exactly when told the histogram and every value present is already its number
+        assert (got is labels) == (with_histogram and np.array_equal(expected, labels))
+    if with_histogram and values != [0, 3, 7, 8, 200, 255]:
+        assert got is labels  # trial 20 on stored indices 1..k
 
 
 def test_uint8_samples_convert_on_the_device_to_the_float_path(demo_shards):
@@ -342,11 +361,16 @@ def test_uint8_samples_convert_on_the_device_to_the_float_path(demo_shards):
         torch.testing.assert_close(s["segment_embeddings"], f["segment_embeddings"], rtol=0, atol=0)
     batch = collate(raw)
     assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (12, 3, 40, 40)
+    assert all(s["pixel_values"].permute(1, 2, 0).is_contiguous() for s in raw)  # channels-last samples ...
+    assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)  # ... stacked as they lie
+    assert torch.equal(batch["pixel_values"], torch.stack([s["pixel_values"] for s in raw]))
     pixels = to_model_input(batch["pixel_values"], "cpu")
+    assert pixels.is_contiguous()  # planar for the model
     reference = batch["pixel_values"].numpy().astype(np.float64) / 127.5 - 1.0  # independent float64 formula
     assert pixels.dtype == torch.float32 and -1.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0
     np.testing.assert_allclose(pixels.numpy(), reference, rtol=0, atol=1e-6)
     old = collate(floats)["pixel_values"]
+    assert old.is_contiguous()  # the float path stays planar
     torch.testing.assert_close(pixels, old, rtol=0, atol=0)  # the same float32 arithmetic as the dataset's
     half = to_model_input(batch["pixel_values"], "cpu", torch.bfloat16)
     assert half.dtype == torch.bfloat16 and torch.equal(half, old.to(torch.bfloat16))
@@ -372,3 +396,75 @@ def test_every_segment_survives_a_crop_that_keeps_it(tmp_path):
         assert s["segment_embeddings"][new - 1, 0] == old
         assert torch.equal(s["label_map"] == new, torch.from_numpy(cropped == old))
     assert np.array_equal(s["pixel_values"].permute(1, 2, 0).numpy(), image[:, 8:56])  # PNG + no-op resize: exact
+
+
+def _tensors_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("uint8", [True, False])
+def test_decode_threads_yield_the_same_samples_in_the_same_order(resharded, uint8):
+    def samples(threads: int) -> list[dict]:
+        dataset = ShardDataset(str(resharded), 24, shuffle_buffer=4, seed=5, resample_segments=True,
+                               uint8=uint8, decode_threads=threads)
+        dataset.set_epoch(1)
+        return list(dataset)
+
+    before = torch.get_num_threads()
+    one = samples(1)
+    for threads in (2, 3):
+        got = samples(threads)
+        assert [s["key"] for s in got] == [s["key"] for s in one]
+        assert all(_tensors_equal(a, b) for a, b in zip(got, one, strict=True))
+    assert torch.get_num_threads() == before  # the decode threads' one-thread setting stays in them
+
+
+def test_decode_threads_in_dataloader_workers_match_the_main_process(resharded):
+    def dataset(threads: int) -> ShardDataset:
+        return ShardDataset(str(resharded), 24, shuffle_buffer=0, uint8=True, decode_threads=threads)
+
+    plain = {s["key"]: s for s in dataset(1)}
+    loader = torch.utils.data.DataLoader(dataset(2), batch_size=2, num_workers=2, collate_fn=collate)
+    seen = []
+    for batch in loader:  # the worker collate (shared memory) keeps the channels-last layout and the values
+        assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)
+        for i, key in enumerate(batch["key"]):
+            seen.append(key)
+            assert torch.equal(batch["pixel_values"][i], plain[key]["pixel_values"])
+            assert torch.equal(batch["label_map"][i], plain[key]["label_map"])
+            assert torch.equal(batch["segment_embeddings"][i], plain[key]["segment_embeddings"])
+    assert sorted(seen) == sorted(plain)
+    with pytest.raises(ValueError, match="decode_threads"):
+        dataset(0)
+
+
+def test_threaded_map_keeps_order_raises_and_stops_early():
+    def slow_square(x: int) -> int:
+        time.sleep(0.002 * (3 - x % 3))  # later items finish first
+        return x * x
+
+    assert list(threaded_map(slow_square, range(30), 3)) == [x * x for x in range(30)]
+    assert list(threaded_map(lambda x: x, [], 2)) == []
+
+    def fail_at_7(x: int) -> int:
+        if x == 7:
+            raise ValueError("bad row 7")
+        return x
+
+    got = []
+    with pytest.raises(ValueError, match="bad row 7"):
+        for x in threaded_map(fail_at_7, range(20), 2):
+            got.append(x)
+    assert got == list(range(7))  # everything before the failure, in order
+    pulled = []
+
+    def items():
+        for i in range(1000):
+            pulled.append(i)
+            yield i
+
+    mapped = threaded_map(lambda x: x, items(), 2)
+    assert [next(mapped) for _ in range(3)] == [0, 1, 2]
+    mapped.close()  # a consumer that stops early: nothing more is read, the threads are joined
+    assert len(pulled) <= 3 + 2 * 2
