@@ -5,10 +5,10 @@ so that machine noise hits all of them alike: (a) bare decoding of the stored JP
 one core: the reference of every ratio), (b) the same full decode with torchvision (what the loader decodes with;
 shown for context), and (c) the full loader — Parquet read, shuffle buffer, JPEG + PNG decode, crop/resize,
 renumbering, collate — through a DataLoader for each output mode (float32 [-1, 1] pixels, or uint8 pixels and label
-maps converted later on the device), resolution, worker count and decode-thread count, in steady state (after a warm-up epoch; the time to
-the first batch is reported apart). The "DCT-reduced" column is the share of samples the loader decodes at a reduced
-JPEG scale (PIL's draft; only where the crop is >= ~4R pixels across): at those resolutions it decodes less than bare
-decoding does. Prints a table and writes JSON.
+maps converted later on the device), resolution, worker count and decode-thread count, in steady state (after a
+warm-up epoch; the time to the first batch is reported apart). The "DCT-reduced" column is the share of samples
+the loader decodes at a reduced JPEG scale (PIL's draft; only where the crop is >= ~4R pixels across): at those
+resolutions it decodes less than bare decoding does. Prints a table and writes JSON.
 
     python benchmarks/loader.py --num-samples 256 --out bench_output
 """
