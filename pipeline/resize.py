@@ -28,7 +28,10 @@ def as_chw_tensor(image: np.ndarray | torch.Tensor, device: torch.device | str |
         raise ValueError(f"image must be H x W x 3 uint8, got shape {tuple(tensor.shape)} dtype {tensor.dtype}")
     if device is not None:
         tensor = tensor.to(device, non_blocking=True)
-    return tensor.permute(2, 0, 1).unsqueeze(0)
+    # unsqueeze before permuting: the batch stride is then H*W*3, which torch recognises as channels-last (permute
+    # then unsqueeze gives a batch stride of 3, and the uint8 resize falls back to its slow generic path: 1.0 vs
+    # 0.30 ms for a ~300 px image to 512 px, bilinear; measured)
+    return tensor.unsqueeze(0).permute(0, 3, 1, 2)
 
 
 def _writable(array: np.ndarray) -> np.ndarray:

@@ -57,6 +57,18 @@ def test_resize_image_same_size_is_a_copy_and_bad_input_fails() -> None:
         resize_image(image, (0, 5))
 
 
+def test_as_chw_tensor_is_a_channels_last_view_the_fast_resize_keeps() -> None:
+    image = _photo(40, 60, seed=2)
+    x = as_chw_tensor(image)
+    assert x.shape == (1, 3, 40, 60) and np.shares_memory(x.numpy(), image)  # a view, no copy
+    # proper channels-last strides (batch stride H*W*3): torch's fast uint8 kernels take it and answer in kind
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.stride() == (40 * 60 * 3, 1, 60 * 3, 3)
+    out = torch.nn.functional.interpolate(x, size=(30, 45), mode="bicubic", antialias=True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    planar = torch.nn.functional.interpolate(x.contiguous(), size=(30, 45), mode="bicubic", antialias=True)
+    assert torch.equal(out, planar)  # the layout changes the speed, not the pixels
+
+
 def test_hwc_array_is_a_writable_copy_of_the_transpose_for_both_memory_layouts() -> None:
     planar = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, 37, 53), dtype=np.uint8))
     interleaved = torch.from_numpy(np.ascontiguousarray(planar.permute(1, 2, 0).numpy())).permute(2, 0, 1)
