@@ -74,11 +74,13 @@ def reduced_share(images: list[bytes], sizes: list[tuple[int, int]], resolution:
 
 
 def loader_rate(
-    data: str, resolution: int, workers: int, batch_size: int, epochs: int, uint8: bool = False, threads: int = 1
+    data: str, resolution: int, workers: int, batch_size: int, epochs: int, uint8: bool = False, threads: int = 1,
+    step_s: float = 0.0,
 ) -> tuple[float, float, int, float]:
     """Steady-state samples/s over `epochs` epochs after a warm-up epoch (persistent workers), the warm-up's
     time to its first batch (worker start-up + filling the shuffle buffer), the samples per epoch, and this
-    process's CPU seconds per sample (all of the work when workers=0)."""
+    process's CPU seconds per sample (all of the work when workers=0). With `step_s`, the loop sleeps that long
+    per batch (GIL released), as a training loop waits on its GPU: a loader that decodes ahead overlaps it."""
     dataset = ShardDataset(data, resolution, shuffle_buffer=256, seed=0, uint8=uint8, decode_threads=threads)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                                          persistent_workers=workers > 0)
@@ -88,7 +90,12 @@ def loader_rate(
     first = time.perf_counter() - started
     count += sum(len(batch["key"]) for batch in batches)
     started, cpu = time.perf_counter(), time.process_time()
-    timed = sum(len(batch["key"]) for _ in range(epochs) for batch in loader)
+    timed = 0
+    for _ in range(epochs):
+        for batch in loader:
+            timed += len(batch["key"])
+            if step_s:
+                time.sleep(step_s)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     return timed / wall, first, count, cpu / timed
 
@@ -108,7 +115,8 @@ def measure(args: argparse.Namespace, data: str, images: list[bytes], variants: 
             runs[key]["cpu"].append(seconds / count)
         for mode, resolution, workers, threads in variants:
             rate, first, seen, per_sample = loader_rate(data, resolution, workers, args.batch_size, args.epochs,
-                                                        uint8=mode == "uint8", threads=threads)
+                                                        uint8=mode == "uint8", threads=threads,
+                                                        step_s=args.step_ms / 1000)
             if seen != len(images):
                 raise RuntimeError(f"loader produced {seen} samples for {len(images)} rows")
             for name, value in (("rate", rate), ("first", first), ("cpu", per_sample)):
@@ -150,7 +158,8 @@ def run(args: argparse.Namespace) -> dict:
         "torch_threads": torch.get_num_threads(), "samples": len(images), "stored_image_size": args.image_size,
         "image_format": "jpeg", "mean_image_kib": round(mean_bytes / 1024, 1), "files": len(files),
         "rows_per_group": args.rows_per_group, "batch_size": args.batch_size, "repeats": args.repeats,
-        "epochs_timed": args.epochs,
+        "epochs_timed": args.epochs, "step_ms": args.step_ms,
+        "step_only_samples_per_s": round(1000 * args.batch_size / args.step_ms, 1) if args.step_ms else None,
         "bare_decode_samples_per_s": round(bare_rate, 1), "bare_runs": [round(r, 1) for r in runs["pil"]["rate"]],
         "bare_cpu_ms_per_sample": round(bare_ms, 3),
         "torchvision_decode_samples_per_s": round(tv_rate, 1), "torchvision_cpu_ms_per_sample": round(tv_ms, 3),
@@ -169,6 +178,9 @@ def print_table(record: dict) -> None:
     """The record as a table on stdout."""
     print(f"loader: {record['samples']} samples, JPEG stored at <= {record['stored_image_size']} px "
           f"(mean {record['mean_image_kib']} KiB), {record['cores']} cores, torch threads {record['torch_threads']}")
+    if record["step_ms"]:
+        print(f"  with an emulated {record['step_ms']} ms training step per batch of {record['batch_size']}: "
+              f"the step alone allows {record['step_only_samples_per_s']} samples/s")
     print(f"  {'':<50} {'samples/s':>9} {'x bare':>7} {'first batch':>12} {'CPU ms/sample':>14} {'CPU x bare':>11} "
           f"{'DCT-reduced':>12}")
     print(f"  {'bare PIL JPEG decode (1 core)':<50} {record['bare_decode_samples_per_s']:>9} {1:>7.2f} {'':>12} "
@@ -197,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="decode threads per consumer (ShardDataset decode_threads)")
+    parser.add_argument("--step-ms", type=float, default=0.0,
+                        help="emulated training step per batch (sleep, GIL released); 0: the loader alone")
     parser.add_argument("--modes", nargs="+", default=["uint8", "float32"], choices=["uint8", "float32"],
                         help="loader output: uint8 (what training uses) and/or float32 [-1, 1] pixels")
     parser.add_argument("--batch-size", type=int, default=32, help="DataLoader batch size")

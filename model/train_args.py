@@ -33,8 +33,9 @@ def _io_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resample-segments", action="store_true", help="a random non-empty subset of segments per sample")
     p.add_argument("--shuffle-buffer", type=int, default=256, help="rows in the loader's shuffle buffer (0: in order)")
     p.add_argument("--dataloader-num-workers", type=int, default=0, help="DataLoader worker processes per rank")
-    p.add_argument("--decode-threads", type=int, default=1, help="threads decoding samples in each loader process "
-                   "(the main one with 0 workers); the same samples in the same order for any count")
+    p.add_argument("--decode-threads", type=int, default=2, help="threads decoding samples in each loader process "
+                   "(the main one with 0 workers), up to two batches ahead of the training step; the same samples in "
+                   "the same order for any count (1: decode in the loop itself, no overlap)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, noise and dropout")
     p.add_argument("--log-sample-keys", action="store_true", help="lineage/debugging: each rank appends the key of "
                    "every sample it trains on to logs/keys-rank-R.csv (step, epoch, key)")

@@ -164,7 +164,7 @@ def setup(args: argparse.Namespace) -> Session:
     dataset = ShardDataset(args.data, args.resolution or config.resolution, shuffle_buffer=args.shuffle_buffer,
                            seed=args.seed, resample_segments=args.resample_segments, max_segments=args.max_segments,
                            rank=accelerator.process_index, world_size=accelerator.num_processes, uint8=True,
-                           decode_threads=args.decode_threads)
+                           decode_threads=args.decode_threads, decode_ahead=2 * args.train_batch_size)
     pipe, lineage = build_training_pipeline(args, config, dataset.metadata)
     shard_meta = {k: dataset.metadata.get(k) for k in ("schema_version", "clip_model", "clip_pretrained", "embed_dim",
                                                         "segmenter", "segmenter_weights", "created", "package_version")}

@@ -467,4 +467,22 @@ def test_threaded_map_keeps_order_raises_and_stops_early():
     mapped = threaded_map(lambda x: x, items(), 2)
     assert [next(mapped) for _ in range(3)] == [0, 1, 2]
     mapped.close()  # a consumer that stops early: nothing more is read, the threads are joined
-    assert len(pulled) <= 3 + 2 * 2
+    assert len(pulled) == 3 + 2 * 2  # the 3 taken and the 4 in flight
+    with pytest.raises(ValueError, match="ahead"):
+        next(threaded_map(lambda x: x, range(3), 2, ahead=0))
+
+
+@pytest.mark.parametrize("ahead", [None, 12])
+def test_threaded_map_works_ahead_while_the_consumer_is_busy(ahead):
+    done = []
+
+    def work(x: int) -> int:
+        done.append(x)
+        return x
+
+    mapped = threaded_map(work, range(100), 2, ahead)
+    assert next(mapped) == 0
+    time.sleep(0.3)  # the consumer trains on its batch; the threads finish what was submitted meanwhile
+    expected = 1 + (2 * 2 if ahead is None else ahead)  # the item taken + the ones in flight
+    assert sorted(done) == list(range(expected))
+    assert list(mapped) == list(range(1, 100))
