@@ -57,6 +57,7 @@ run_section() {  # name, seconds, command...: run with a time limit, log to $OUT
 benchmarks() {  # python, extra flags for pipeline_gpu.py, extra flags for sampling.py
     local python=$1 pipeline_flags=$2 sampling_flags=$3
     mkdir -p "$OUT/pipeline" "$OUT/sampling"
+    [[ $python == */* ]] && python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"  # before the cd
     cd /tmp || exit 1
     # shellcheck disable=SC2086
     run_section pipeline_gpu "${PIPELINE_S:-330}" "$python" "$REPO/benchmarks/pipeline_gpu.py" \
