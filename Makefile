@@ -49,6 +49,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/pipeline_cpu.py --out bench_output
 	$(PY) benchmarks/pipeline_cpu.py --num-samples 512 --clip-model spatext-tiny-224 --out bench_output/tiny224
+	$(PY) benchmarks/loader.py --num-samples 256 --modes uint8 --out bench_output
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
