@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from spatext.pipeline.read import INPUT_FORMATS, ReadOptions
 from spatext.pipeline.schema import IMAGE_FORMATS
-from spatext.pipeline.segmenters import available_segmenters
+from spatext.pipeline.segmenters import available_segmenters, check_segmenter_name
 
 SEGMENTERS = ("auto", *available_segmenters())
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -57,7 +57,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         _check_choice("--input-format", self.input_format, INPUT_FORMATS)
         _check_choice("--image-format", self.image_format, IMAGE_FORMATS)
-        _check_choice("--segmenter", self.segmenter, SEGMENTERS)
+        check_segmenter_name(self.segmenter)
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--model-sharing", self.model_sharing, MODEL_SHARING)
         if self.model_copies is not None and self.model_copies < 1:
@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-format", default=d.image_format, choices=IMAGE_FORMATS, help="stored image encoding")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of stored images")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="reject images above this many pixels")
-    p.add_argument("--segmenter", default=d.segmenter, choices=SEGMENTERS,
-                   help="segmentation backend; auto = the corpus's ground truth when it has some, else mask2former")
+    p.add_argument("--segmenter", default=d.segmenter, metavar="{" + ",".join(SEGMENTERS) + "} or MODULE:CALLABLE",
+                   help="segmentation backend; auto = the corpus's ground truth when it has some, else mask2former; "
+                   "MODULE:CALLABLE = your own (a callable taking a SegmenterSpec, returning a Segmenter)")
     p.add_argument("--segmenter-weights", default=None,
                    help="mask2former: hub name or local directory (default facebook/mask2former-swin-large-coco-"
                    "panoptic); detectron2: checkpoint path or URL (default: the model zoo's for --segmenter-config); "

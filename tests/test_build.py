@@ -121,6 +121,17 @@ def test_folder_format_gives_the_same_samples(built, corpus, tmp_path):
     assert_same_rows(read_rows(folder_out), read_rows(out))
 
 
+def test_a_segmenter_of_your_own_by_import_path(built, corpus, tmp_path):
+    out, _ = built
+    plugin = "spatext.pipeline.segmenters.annotations:AnnotationSegmenter"  # the built-in, named by its import path
+    manifest = _build(corpus, tmp_path / "plugin", "--segmenter", plugin)
+    assert manifest["counts"]["accepted"] == NUM
+    assert_same_rows(read_rows(tmp_path / "plugin"), read_rows(out))
+    assert read_metadata(pq.read_schema(list_parquet(str(tmp_path / "plugin"))[0]))["segmenter"] == plugin
+    with pytest.raises(ValueError, match="cannot import"):
+        _build(corpus, tmp_path / "bad", "--segmenter", "no_such_module_xyz:Segmenter")
+
+
 def test_existing_output_needs_overwrite(built, corpus):
     out, _ = built
     with pytest.raises(FileExistsError, match="--overwrite"):

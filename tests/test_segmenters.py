@@ -27,6 +27,7 @@ from spatext.pipeline.segmenters import (
     Segmenter,
     SegmenterSpec,
     available_segmenters,
+    check_segmenter_name,
     clean_segmentation,
     create_segmenter,
 )
@@ -77,6 +78,27 @@ def test_unknown_segmenter_names_the_flag_and_the_choices() -> None:
         create_segmenter(SegmenterSpec(name="sam"))
     for choice in available_segmenters():
         assert choice in str(info.value)
+
+
+PLUGIN = "spatext.pipeline.segmenters.annotations:AnnotationSegmenter"  # a backend named by its import path
+
+
+def test_a_segmenter_of_your_own_by_import_path() -> None:
+    segmenter = create_segmenter(SegmenterSpec(name=PLUGIN))
+    assert type(segmenter).__name__ == "AnnotationSegmenter"
+    check_segmenter_name(PLUGIN)
+    for name, error, message in [
+        ("no_such_module_xyz:Thing", ValueError, "cannot import Thing from no_such_module_xyz"),
+        ("spatext.pipeline.segmenters.annotations:Nope", ValueError, "cannot import Nope"),
+        ("spatext.pipeline.segmenters.base:RANDOM_INIT_LABEL", ValueError, "is not callable"),
+        ("mask2formr", ValueError, "module.path:callable"),
+    ]:
+        with pytest.raises(error, match=message):
+            check_segmenter_name(name)
+        with pytest.raises(error, match=message):
+            create_segmenter(SegmenterSpec(name=name))
+    with pytest.raises(TypeError, match="made a str, not a Segmenter"):
+        create_segmenter(SegmenterSpec(name="builtins:repr"))
 
 
 @pytest.mark.parametrize("field", ["threshold", "mask_threshold", "overlap_threshold"])

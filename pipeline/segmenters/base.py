@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ DEFAULT_WEIGHTS = {  # what a backend loads when --segmenter-weights is not give
 class SegmenterSpec:
     """Which segmenter to build and how to run it (one config object, picklable for Beam workers)."""
 
-    name: str  # a registered backend: see available_segmenters()
+    name: str  # a registered backend (see available_segmenters()) or module.path:callable
     weights: str | None = None  # hub name or local dir; "none" = random init; None = the backend's default
     config: str | None = None  # JSON of architecture kwargs for random init (path, or a packaged config's name)
     threshold: float = 0.8  # panoptic score threshold
@@ -95,12 +96,42 @@ def available_segmenters() -> list[str]:
     return sorted(SEGMENTERS)
 
 
+_PLUGIN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def plugin_factory(name: str) -> SegmenterFactory | None:
+    """The factory that ``module.path:callable`` names (a segmenter of your own: any importable callable taking a
+    SegmenterSpec and returning a Segmenter), imported now; None for a name of another form. Worker processes import
+    it again, so it must be installed (or on PYTHONPATH) wherever the job runs."""
+    if not _PLUGIN.fullmatch(name):
+        return None
+    module, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--segmenter {name!r}: cannot import {attr} from {module} ({exc})") from exc
+    if not callable(factory):
+        raise ValueError(f"--segmenter {name!r}: {attr} is not callable")
+    return factory
+
+
+def check_segmenter_name(name: str) -> None:
+    """Fail fast on a --segmenter that is neither registered, ``auto``, nor an importable ``module:callable``."""
+    if name != "auto" and name not in SEGMENTERS and plugin_factory(name) is None:
+        raise ValueError(f"--segmenter must be one of auto, {', '.join(available_segmenters())} or "
+                         f"module.path:callable; got {name!r}")
+
+
 def create_segmenter(spec: SegmenterSpec) -> Segmenter:
-    """Build the segmenter that ``spec.name`` names."""
-    factory = SEGMENTERS.get(spec.name)
+    """Build the segmenter that ``spec.name`` names: a registered backend or a ``module.path:callable``."""
+    factory = SEGMENTERS.get(spec.name) or plugin_factory(spec.name)
     if factory is None:
-        raise ValueError(f"unknown --segmenter {spec.name!r}; valid choices: {', '.join(available_segmenters())}")
-    return factory(spec)
+        raise ValueError(f"unknown --segmenter {spec.name!r}; valid choices: {', '.join(available_segmenters())} "
+                         "or module.path:callable")
+    segmenter = factory(spec)
+    if not isinstance(segmenter, Segmenter):
+        raise TypeError(f"--segmenter {spec.name!r} made a {type(segmenter).__name__}, not a Segmenter")
+    return segmenter
 
 
 def autocast(spec: SegmenterSpec) -> contextlib.AbstractContextManager:
