@@ -1,0 +1,130 @@
+"""Does the build keep a device busy? The real Beam job against an emulated GPU segmenter, on the CPU.
+
+On a machine without a GPU this measures what `pipeline_gpu.py`'s build section measures on one: the end-to-end rate
+of the job over the rate its segmenter allows. The segmenter is `emulated_device.EmulatedDeviceSegmenter`: the
+corpus's ground truth after `--ms-per-image` ms per image asleep under one lock per model process (no CPU, GIL
+released: a device that serialises its batches). Everything else is the real job: read, decode, the segmenter call
+through RunInference (pickled to the shared model server with `processes:N`), select, CLIP (`spatext-tiny`, real but
+small), encode, Parquet. For each set-up (`in_process`, or `processes:N` worker processes sharing one model server),
+a quarter-size and a full build run; the images between them over the time between them is the steady-state rate
+(start-up cancels out), and `vs_ceiling` = that rate x the device time per image (1.0 = the device never idles).
+Prints a table and writes JSON.
+
+    python benchmarks/pipeline_overlap.py --num-samples 512 --ms-per-image 20 --out bench_output/overlap
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from corpus_subset import corpus_subset
+from emulated_device import MS_PER_IMAGE_ENV
+from spatext.pipeline import build
+from spatext.pipeline.config import BuildConfig
+from spatext.pipeline.demo_corpus import write_corpus
+
+SEGMENTER = "emulated_device:EmulatedDeviceSegmenter"
+
+
+def build_mode(mode: str) -> tuple[list[str], str]:
+    """`in_process` or `processes:N` -> (Beam args, model sharing)."""
+    if mode == "in_process":
+        return [], "process"
+    name, _, workers = mode.partition(":")
+    if name != "processes" or not workers.isdigit() or int(workers) < 1:
+        raise ValueError(f"--modes: {mode!r} is neither in_process nor processes:N")
+    return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"], "machine"
+
+
+def timed_build(config: BuildConfig, beam_args: list[str]) -> tuple[float, dict]:
+    """Wall seconds and manifest of one build."""
+    started = time.perf_counter()
+    _, manifest = build.execute(config, beam_args)
+    return time.perf_counter() - started, manifest
+
+
+def measure(args: argparse.Namespace, corpus: str, mode: str) -> dict:
+    """One set-up: quarter and full build, the steady-state rate and its share of the emulated device's ceiling."""
+    beam_args, sharing = build_mode(mode)
+    key = mode.replace(":", "")
+    config = BuildConfig(
+        input=os.path.join(corpus, "shard-*.tar"), output=os.path.join(args.out, key), overwrite=True,
+        segmenter=SEGMENTER, segmenter_batch_size=args.segmenter_batch, clip_model="spatext-tiny",
+        clip_pretrained="none", clip_batch_size=args.clip_batch, image_size=args.image_size, min_area=0.01,
+        model_sharing=sharing,
+    )
+    quarter = dataclasses.replace(config, input=corpus_subset(corpus, 0.25), output=config.output + "-quarter")
+    quarter_wall, quarter_manifest = timed_build(quarter, beam_args)
+    wall, manifest = timed_build(config, beam_args)
+    images = manifest["counts"]["read"]
+    extra = images - quarter_manifest["counts"]["read"]
+    marginal = extra / (wall - quarter_wall) if wall > quarter_wall else float("nan")
+    return {
+        "mode": mode, "images": images, "accepted": manifest["counts"]["accepted"], "wall_s": round(wall, 2),
+        "quarter_wall_s": round(quarter_wall, 2), "img_s": round(images / wall, 1),
+        "marginal_img_s": round(marginal, 1), "vs_ceiling": round(marginal * args.ms_per_image / 1000, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the corpus, run each set-up, print the table, write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_output/overlap", help="folder for corpus, builds and JSON")
+    parser.add_argument("--num-samples", type=int, default=512, help="demo corpus size (a quarter also runs)")
+    parser.add_argument("--ms-per-image", type=float, default=20.0,
+                        help="emulated device time per image (an H100 ran Mask2Former Swin-L at ~10 ms/img, bare)")
+    parser.add_argument("--modes", default="in_process,processes:2",
+                        help="comma-separated set-ups: in_process, processes:N (N workers, one shared model server)")
+    parser.add_argument("--image-size", type=int, default=512, help="stored image size (px)")
+    parser.add_argument("--segmenter-batch", type=int, default=8, help="segmenter batch size")
+    parser.add_argument("--clip-batch", type=int, default=64, help="CLIP batch size")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.ms_per_image <= 0:
+        parser.error("--ms-per-image must be > 0")
+    here = os.path.dirname(os.path.abspath(__file__))
+    # the worker processes and the model server import emulated_device too, and read the time per image
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    os.environ[MS_PER_IMAGE_ENV] = str(args.ms_per_image)
+    os.makedirs(args.out, exist_ok=True)
+    corpus = os.path.join(args.out, "corpus")
+    write_corpus(corpus, args.num_samples, seed=0, fmt="webdataset", samples_per_shard=max(1, args.num_samples // 16))
+    warm_up = BuildConfig(input=corpus_subset(corpus, 1 / 16), output=os.path.join(args.out, "warm-up"),
+                          overwrite=True, segmenter=SEGMENTER, clip_model="spatext-tiny", clip_pretrained="none",
+                          image_size=args.image_size, min_area=0.01)
+    build.execute(warm_up, [])  # one-time costs of this process (imports) before anything is timed
+    rows = [measure(args, corpus, mode.strip()) for mode in args.modes.split(",")]
+    record = {
+        "benchmark": "pipeline_overlap", "machine": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
+        "ms_per_image": args.ms_per_image, "ceiling_img_s": round(1000 / args.ms_per_image, 1),
+        "num_samples": args.num_samples, "image_size": args.image_size, "segmenter_batch": args.segmenter_batch,
+        "rows": rows,
+        "note": "emulated device: ground truth after ms_per_image asleep per image under one lock per model "
+                "process; marginal = (full - quarter images) / (full - quarter wall); vs_ceiling = marginal x "
+                "ms_per_image / 1000",
+    }
+    print(f"pipeline_overlap: emulated device {args.ms_per_image} ms/image (ceiling {record['ceiling_img_s']} img/s), "
+          f"{args.num_samples} images at {args.image_size} px, {record['cores']} cores")
+    print(f"  {'set-up':<16} {'wall s':>8} {'img/s':>7} {'steady img/s':>13} {'vs ceiling':>11}")
+    for row in rows:
+        print(f"  {row['mode']:<16} {row['wall_s']:>8} {row['img_s']:>7} {row['marginal_img_s']:>13} "
+              f"{row['vs_ceiling']:>11}")
+    path = os.path.join(args.out, "pipeline_overlap.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
