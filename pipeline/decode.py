@@ -34,6 +34,7 @@ class DecodeOptions:
     image_size: int = 512  # longest side of the stored image (never upsampled)
     max_pixels: int = DEFAULT_MAX_PIXELS
     require_annotation: bool = False  # the `annotations` segmenter needs ground truth
+    keep_annotation: bool = True  # False: ground truth is dropped unread (a model backend does not use it)
 
 
 class DecodeError(ValueError):
@@ -118,7 +119,7 @@ def decode_sample(raw: RawSample, options: DecodeOptions) -> Sample:
         raise DecodeError("missing_caption")
     image = decode_image(raw.image_bytes, options.image_size, options.max_pixels)
     annotation = None
-    if options.require_annotation or raw.annotation_png is not None:
+    if options.require_annotation or (options.keep_annotation and raw.annotation_png is not None):
         try:
             annotation = decode_annotation(
                 raw.annotation_png, raw.annotation, (image.shape[1], image.shape[0]), options.max_pixels

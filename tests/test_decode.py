@@ -9,6 +9,9 @@ import pytest
 from PIL import Image
 
 from conftest import jpeg_bytes
+from spatext.pipeline import decode as decode_module
+from spatext.pipeline.build import decode_options_for
+from spatext.pipeline.config import BuildConfig
 from spatext.pipeline.decode import (
     DecodeError,
     DecodeOptions,
@@ -100,6 +103,24 @@ def test_annotation_is_resized_with_the_image():
     assert set(np.unique(sample.annotation.id_map)) == {0, 7}
     assert (sample.annotation.id_map[:, 25:] == 7).all() and (sample.annotation.id_map[:, :25] == 0).all()
     assert sample.annotation.segments[0].label == "wall"
+
+
+def test_ground_truth_is_dropped_unread_for_model_segmenters(monkeypatch):
+    id_map = np.zeros((48, 64), dtype=np.int32)
+    id_map[:, 32:] = 7
+    raw = RawSample("k", "s", jpeg_bytes(64, 48), "cap", encode_id_map(id_map), {"segments_info": [{"id": 7}]})
+    assert decode_sample(raw, DecodeOptions()).annotation is not None  # kept by default
+
+    def unexpected(*args, **kwargs):
+        raise AssertionError("the ground truth was decoded")
+
+    monkeypatch.setattr(decode_module, "decode_annotation", unexpected)
+    assert decode_sample(raw, DecodeOptions(keep_annotation=False)).annotation is None  # not even read
+    config = BuildConfig(input="x", output="y")
+    for segmenter, require, keep in [("annotations", True, True), ("mask2former", False, False),
+                                     ("detectron2", False, False), ("my_module:MySegmenter", False, True)]:
+        options = decode_options_for(config, segmenter)
+        assert (options.require_annotation, options.keep_annotation) == (require, keep)
 
 
 def test_annotation_resize_equals_nearest_resize_of_the_ids():
