@@ -20,7 +20,6 @@ Prints a table and writes JSON::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -33,6 +32,7 @@ import scipy
 import scipy.linalg
 import torch
 
+from bench_record import write_record
 from spatext.eval.clip_distance import GlobalDistance, LocalDistance
 from spatext.eval.fid import feature_statistics, fid_update, frechet_distance, make_fid
 from spatext.eval.local_iou import LocalIoU
@@ -241,10 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "regions": sum(len(p) for p in data["local"]), "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
     }
     print_table(record)
-    path = os.path.join(args.out, "eval_throughput.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2, default=str)
-    print(f"wrote {path}")
+    write_record(args.out, "eval_throughput.json", record)
     return 0
 
 

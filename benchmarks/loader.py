@@ -16,7 +16,6 @@ resolutions it decodes less than bare decoding does. Prints a table and writes J
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from bench_record import write_record
 from spatext.model.data import MIN_DCT_SCALE, ShardDataset, collate, crop_box, dct_scale, is_jpeg, resolve_files
 from spatext.pipeline import build
 from spatext.pipeline.demo_corpus import write_corpus
@@ -222,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     record = run(args)
     print_table(record)
-    path = os.path.join(args.out, "loader.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
-    print(f"wrote {path}")
+    write_record(args.out, "loader.json", record)
     return 0
 
 

@@ -11,7 +11,6 @@ a quarter-size and the full build less the CLIP forwards' own CPU time. Prints a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -21,6 +20,7 @@ import warnings
 import torch
 from apache_beam.metrics.metric import MetricsFilter
 
+from bench_record import write_record
 from corpus_subset import corpus_subset
 from spatext.pipeline import build
 from spatext.pipeline.clip import ClipSpec, embed_texts, encode_pixels, load_clip
@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (1: CPU time is exact)")
     parser.add_argument("--out", default="bench_output", help="folder for corpus, builds and pipeline_cpu.json")
     args = parser.parse_args(argv)
+    if args.samples_per_tar < 1 or args.num_samples <= args.samples_per_tar:
+        parser.error(f"--num-samples must exceed --samples-per-tar ({args.samples_per_tar}): the per-sample figures "
+                     "are the difference between a quarter-size build (a whole number of tars, at least one) and the "
+                     "full build")
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", message="Polyfit may be poorly conditioned")  # Beam's batch-size estimator
     os.makedirs(args.out, exist_ok=True)
@@ -150,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pipeline_cpu: {record['clip_model']} (random init), {record['cores']} cores, {record['image_size']} px")
     for name, value in rows:
         print(f"  {name:<36} {value}")
-    path = os.path.join(args.out, "pipeline_cpu.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
-    print(f"wrote {path}")
+    write_record(args.out, "pipeline_cpu.json", record)
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -34,6 +33,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from bench_record import build_mode, write_record
 from corpus_subset import corpus_subset
 from spatext.pipeline.clip import ClipSpec, encode_pixels, load_clip
 from spatext.pipeline.records import Sample
@@ -180,17 +180,6 @@ def bench_segmenter(args) -> dict:
     return record
 
 
-def _build_mode(mode: str) -> tuple[list[str], str]:
-    """`in_process` (DirectRunner, one process, models loaded in it) or `processes:N` (N worker processes, one model
-    server shared by all of them: --model-sharing machine) -> (Beam args, model sharing)."""
-    if mode == "in_process":
-        return [], "process"
-    name, _, workers = mode.partition(":")
-    if name != "processes" or not workers.isdigit() or int(workers) < 1:
-        raise ValueError(f"--build-modes: {mode!r} is neither in_process nor processes:N")
-    return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"], "machine"
-
-
 def bench_build(args, rates: dict) -> dict:
     """The real job on the demo corpus in each of --build-modes; its ceiling from the section rates above."""
     import pyarrow.parquet as pq
@@ -204,7 +193,7 @@ def bench_build(args, rates: dict) -> dict:
     record: dict = {}
     warm = True  # the first build of a process pays one-time costs (imports, CUDA kernels): run one untimed first
     for mode in args.build_modes.split(","):
-        beam_args, sharing = _build_mode(mode.strip())
+        beam_args, sharing = build_mode(mode.strip())
         key = "build_" + mode.strip().replace(":", "")
         config = BuildConfig(
             input=os.path.join(corpus, "shard-*.tar"), output=os.path.join(args.out, key), overwrite=True,
@@ -310,11 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - as above
             record["build_error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
-    with open(os.path.join(args.out, "pipeline_gpu.json"), "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
     print(f"pipeline_gpu on {record['device']} (torch {record['torch']}), random weights")
     for key, value in record.items():
         print(f"  {key:<32} {value}")
+    write_record(args.out, "pipeline_gpu.json", record)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -26,6 +25,7 @@ import time
 
 import torch
 
+from bench_record import build_mode, write_record
 from corpus_subset import corpus_subset
 from emulated_device import MS_PER_IMAGE_ENV
 from spatext.pipeline import build
@@ -33,16 +33,6 @@ from spatext.pipeline.config import BuildConfig
 from spatext.pipeline.demo_corpus import write_corpus
 
 SEGMENTER = "emulated_device:EmulatedDeviceSegmenter"
-
-
-def build_mode(mode: str) -> tuple[list[str], str]:
-    """`in_process` or `processes:N` -> (Beam args, model sharing)."""
-    if mode == "in_process":
-        return [], "process"
-    name, _, workers = mode.partition(":")
-    if name != "processes" or not workers.isdigit() or int(workers) < 1:
-        raise ValueError(f"--modes: {mode!r} is neither in_process nor processes:N")
-    return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"], "machine"
 
 
 def timed_build(config: BuildConfig, beam_args: list[str]) -> tuple[float, dict]:
@@ -119,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"  {row['mode']:<16} {row['wall_s']:>8} {row['img_s']:>7} {row['marginal_img_s']:>13} "
               f"{row['vs_ceiling']:>11}")
-    path = os.path.join(args.out, "pipeline_overlap.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
-    print(f"wrote {path}")
+    write_record(args.out, "pipeline_overlap.json", record)
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import logging
 import os
 import platform
@@ -45,6 +44,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import bench_config  # noqa: E402
 
+from bench_record import write_record
 from spatext.model.config import DenoiserConfig, get_config  # noqa: E402
 from spatext.model.denoiser import extend_conv_in, predict  # noqa: E402
 from spatext.model.pipeline import LocalPromptEncoder, PriorModel, SpaTextPipeline  # noqa: E402
@@ -279,16 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     record = {**results, "config": config.to_dict(), "args": vars(args), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "device": device, "machine": platform.machine(),
               "cpu_count": os.cpu_count()}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sampling.json"), "w") as f:
-        json.dump(record, f, indent=2)
     shape = (f"UNet {list(config.unet['block_out_channels'])} x{config.unet.get('layers_per_block')}, "
              f"{config.sample_size}x{config.sample_size} latents ({config.resolution} px), D={config.embed_dim} "
              f"({clip_model}), {args.steps} DDIM steps")
     for n in images:
         print(f"{shape}, {n} image(s)/call, {args.device} {args.dtype}, {torch.get_num_threads()} threads")
         print_table(results[f"images_{n}"])
-    print(f"wrote {os.path.join(args.out, 'sampling.json')}")
+    write_record(args.out, "sampling.json", record)
     return 0
 
 

@@ -21,7 +21,6 @@ Prints a table, writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -31,6 +30,7 @@ import time
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from bench_record import write_record
 from spatext.model.config import DenoiserConfig
 from spatext.model.denoiser import extend_conv_in
 from spatext.model.guidance import drop_conditions
@@ -186,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(config=config.to_dict(), args=vars(args), unet_params=params, torch=torch.__version__,
                   threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
                   cpu_count=os.cpu_count())
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "train_step.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_record(args.out, "train_step.json", result)
     print(f"UNet {widths} x{args.layers} layers, {params / 1e6:.0f} M params, latents {args.latent}x{args.latent}, "
           f"D={args.embed_dim}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads")
     print("| variant | median step (s) | samples/s |")
