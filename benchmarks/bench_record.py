@@ -17,11 +17,14 @@ def write_record(out: str, filename: str, record: dict) -> str:
 
 
 def build_mode(mode: str) -> tuple[list[str], str]:
-    """`in_process` (DirectRunner, one process, models loaded in it) or `processes:N` (N worker processes, one model
-    server shared by all of them: --model-sharing machine) -> (Beam args, model sharing)."""
+    """`in_process` (DirectRunner, one process, models loaded in it), `threads:N` (N worker threads in one process,
+    one model for all of them) or `processes:N` (N worker processes, one model server shared by all of them:
+    --model-sharing machine) -> (Beam args, model sharing)."""
     if mode == "in_process":
         return [], "process"
     name, _, workers = mode.partition(":")
-    if name != "processes" or not workers.isdigit() or int(workers) < 1:
-        raise ValueError(f"build mode {mode!r} is neither in_process nor processes:N")
+    if name not in ("threads", "processes") or not workers.isdigit() or int(workers) < 1:
+        raise ValueError(f"build mode {mode!r} is none of in_process, threads:N, processes:N")
+    if name == "threads":
+        return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_threading"], "process"
     return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"], "machine"

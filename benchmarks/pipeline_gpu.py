@@ -9,8 +9,9 @@ and CLIP ViT-L/14. Sections:
              interleaved, medians (img/s); checks: device preprocessing vs the CPU processor (max |difference|, one
              grey level for scale) and the merge vs transformers on the same logits (identical maps / segments)
   build      the real Beam job (DirectRunner) on the demo corpus at 512 px, models on the GPU, in each --build-modes
-             set-up (in one process; N worker processes feeding one shared model server); its images/s and the
-             ceiling for the same work (images / segmenter rate + crops / CLIP rate)
+             set-up (in one process; N worker processes feeding one shared model server; N worker threads sharing
+             one model); its images/s and the ceiling for the same work (images / segmenter rate + crops / CLIP
+             rate). Results are printed and written as each section or set-up ends, so a time limit loses none.
 Prints a table, writes JSON. `--smoke` runs tiny models on the CPU to check the script itself.
 
     python benchmarks/pipeline_gpu.py --out $OUT          # on the GPU machine
@@ -180,8 +181,9 @@ def bench_segmenter(args) -> dict:
     return record
 
 
-def bench_build(args, rates: dict) -> dict:
-    """The real job on the demo corpus in each of --build-modes; its ceiling from the section rates above."""
+def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
+    """The real job on the demo corpus in each of --build-modes, each mode's results emitted as soon as it ends; the
+    ceiling from the section rates above."""
     import pyarrow.parquet as pq
 
     from spatext.pipeline import build
@@ -190,7 +192,6 @@ def bench_build(args, rates: dict) -> dict:
 
     corpus = os.path.join(args.out, "corpus")
     write_corpus(corpus, args.num_samples, seed=0, fmt="webdataset", samples_per_shard=max(1, args.num_samples // 16))
-    record: dict = {}
     warm = True  # the first build of a process pays one-time costs (imports, CUDA kernels): run one untimed first
     for mode in args.build_modes.split(","):
         beam_args, sharing = build_mode(mode.strip())
@@ -218,9 +219,10 @@ def bench_build(args, rates: dict) -> dict:
             _, manifest = build.execute(config, beam_args)
             wall = time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001 - a benchmark reports a failing mode and runs the rest
-            record[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
+            emit({f"{key}_error": f"{type(exc).__name__}: {exc}"})
             continue
+        record: dict = {}
         counts = manifest["counts"]
         images = counts["read"]
         # steady state: the images between the quarter and the full build over the time between them
@@ -243,7 +245,7 @@ def bench_build(args, rates: dict) -> dict:
             record[f"{key}_ceiling_s"] = round(ceiling_s, 2)
             record[f"{key}_vs_ceiling"] = round(ceiling_s / wall, 3)
             record[f"{key}_marginal_vs_ceiling"] = round(marginal * ceiling_s / images, 3)
-    return record
+        emit(record)
 
 
 def _rounded(key: str, value):
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement")
     parser.add_argument("--build-modes", default=None,
                         help="comma-separated build set-ups: in_process, processes:N (N worker processes sharing one "
-                        "model server); default in_process,processes:8 (smoke: in_process,processes:2)")
+                        "model server), threads:N (N worker threads sharing one model); default "
+                        "in_process,processes:8,threads:8 (smoke: in_process,processes:2,threads:2)")
     parser.add_argument("--sections", default="clip,segmenter,build",
                         help="comma-separated sections to run (clip, segmenter, build; build uses the others' rates)")
     args = parser.parse_args(argv)
@@ -275,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     args.segmenter_config = "mask2former-tiny" if smoke else "mask2former-swin-large"
     args.image_size, args.segmenter_batch = (128, 2) if smoke else (512, 8)
     args.build_clip_batch = 8 if smoke else 64
-    args.build_modes = args.build_modes or ("in_process,processes:2" if smoke else "in_process,processes:8")
+    args.build_modes = args.build_modes or ("in_process,processes:2,threads:2" if smoke
+                                            else "in_process,processes:8,threads:8")
     if smoke:
         args.num_samples, args.repeats = min(args.num_samples, 16), 1
     os.makedirs(args.out, exist_ok=True)
@@ -285,24 +289,30 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sections - {"clip", "segmenter", "build"}
     if unknown:
         parser.error(f"--sections: unknown {', '.join(sorted(unknown))}; valid choices: clip, segmenter, build")
+
+    def emit(results: dict) -> None:
+        """Add results to the record, print them and rewrite the JSON: a run stopped by its time limit keeps
+        everything that finished before."""
+        record.update(results)
+        for key, value in results.items():
+            print(f"  {key:<32} {value}", flush=True)
+        write_record(args.out, "pipeline_gpu.json", record)
+
+    print(f"pipeline_gpu on {record['device']} (torch {record['torch']}), random weights", flush=True)
     for name, section in (("clip", bench_clip), ("segmenter", bench_segmenter)):
         if name not in sections:
             continue
         try:
-            record.update({k: _rounded(k, v) for k, v in section(args).items()})
+            emit({k: _rounded(k, v) for k, v in section(args).items()})
         except Exception as exc:  # noqa: BLE001 - a benchmark reports a failing section and runs the rest
-            record[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
+            emit({f"{name}_error": f"{type(exc).__name__}: {exc}"})
     if "build" in sections:
         try:
-            record.update(bench_build(args, record))
+            bench_build(args, record, emit)
         except Exception as exc:  # noqa: BLE001 - as above
-            record["build_error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
-    print(f"pipeline_gpu on {record['device']} (torch {record['torch']}), random weights")
-    for key, value in record.items():
-        print(f"  {key:<32} {value}")
-    write_record(args.out, "pipeline_gpu.json", record)
+            emit({"build_error": f"{type(exc).__name__}: {exc}"})
     return 0
 
 
