@@ -167,6 +167,17 @@ def test_mask2former_random_tiny_output_contract(tiny: Segmenter, two_samples: l
     assert tiny.segment([]) == []
 
 
+def test_mask2former_output_depends_on_batch_padding_only(tiny: Segmenter) -> None:
+    """What README says of model segmenters and batching: peers of the same size leave an image's result exactly as
+    it is alone; a peer of another size pads the batch and may change it (here it does)."""
+    image, same, other = _sample("a", 100, 150, seed=1), _sample("c", 100, 150, seed=3), _sample("b", 130, 90, seed=2)
+    alone = tiny.segment([image])[0]
+    beside_same = tiny.segment([same, image])[1]
+    assert np.array_equal(alone.id_map, beside_same.id_map) and alone.segments == beside_same.segments
+    beside_other = tiny.segment([image, other])[0]
+    assert not (np.array_equal(alone.id_map, beside_other.id_map) and alone.segments == beside_other.segments)
+
+
 def test_mask2former_random_init_is_logged_and_deterministic(tiny: Segmenter, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         again = create_segmenter(TINY)
