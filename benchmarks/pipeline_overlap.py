@@ -5,9 +5,10 @@ of the job over the rate its segmenter allows. The segmenter is `emulated_device
 corpus's ground truth after `--ms-per-image` ms per image asleep under one lock per model process (no CPU, GIL
 released: a device that serialises its batches). Everything else is the real job: read, decode, the segmenter call
 through RunInference (pickled to the shared model server with `processes:N`), select, CLIP (`spatext-tiny`, real but
-small), encode, Parquet. For each set-up (`in_process`, or `processes:N` worker processes sharing one model server),
-a quarter-size and a full build run; the images between them over the time between them is the steady-state rate
-(start-up cancels out), and `vs_ceiling` = that rate x the device time per image (1.0 = the device never idles).
+small), encode, Parquet. For each set-up (`in_process`; `processes:N` worker processes sharing one model server;
+`threads:N` worker threads sharing one model), a quarter-size and a full build run; the images between them over the
+time between them is the steady-state rate (start-up cancels out), and `vs_ceiling` = that rate x the device time per
+image (1.0 = the device never idles).
 Prints a table and writes JSON.
 
     python benchmarks/pipeline_overlap.py --num-samples 512 --ms-per-image 20 --out bench_output/overlap
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms-per-image", type=float, default=20.0,
                         help="emulated device time per image (an H100 ran Mask2Former Swin-L at ~10 ms/img, bare)")
     parser.add_argument("--modes", default="in_process,processes:2",
-                        help="comma-separated set-ups: in_process, processes:N (N workers, one shared model server)")
+                        help="comma-separated set-ups: in_process, processes:N (N worker processes, one shared model "
+                        "server), threads:N (N worker threads, one model)")
     parser.add_argument("--image-size", type=int, default=512, help="stored image size (px)")
     parser.add_argument("--segmenter-batch", type=int, default=8, help="segmenter batch size")
     parser.add_argument("--clip-batch", type=int, default=64, help="CLIP batch size")
