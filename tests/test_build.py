@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import assert_same_rows, jpeg_bytes, read_rows, write_tar
 from spatext.pipeline import build, verify
 from spatext.pipeline.clip import ClipSpec, embed_images, embed_texts, load_clip
+from spatext.pipeline.config import BuildConfig
 from spatext.pipeline.crop import segment_crop
 from spatext.pipeline.demo_corpus import write_corpus
 from spatext.pipeline.inspect_shards import inspect_build
@@ -130,6 +131,24 @@ def test_a_segmenter_of_your_own_by_import_path(built, corpus, tmp_path):
     assert read_metadata(pq.read_schema(list_parquet(str(tmp_path / "plugin"))[0]))["segmenter"] == plugin
     with pytest.raises(ValueError, match="cannot import"):
         _build(corpus, tmp_path / "bad", "--segmenter", "no_such_module_xyz:Segmenter")
+
+
+def test_a_gpu_build_in_one_direct_worker_warns_that_the_device_would_idle(caplog):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    gpu, cpu = BuildConfig(input="x", output="y", device="cuda"), BuildConfig(input="x", output="y")
+    cases = [
+        (gpu, ["--runner=DirectRunner"], True),
+        (gpu, [], True),
+        (gpu, ["--runner=DirectRunner", "--direct_num_workers=8", "--direct_running_mode=multi_processing"], False),
+        (gpu, ["--runner=DataflowRunner"], False),
+        (cpu, ["--runner=DirectRunner"], False),
+    ]
+    for config, args, warns in cases:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="spatext.pipeline.build"):
+            assert build.warn_if_device_would_idle(config, PipelineOptions(args)) is warns
+        assert ("--direct_num_workers=N" in caplog.text) is warns
 
 
 def test_existing_output_needs_overwrite(built, corpus):
