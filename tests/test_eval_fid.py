@@ -231,9 +231,12 @@ def test_inception_without_weights_offline_says_what_to_pass(monkeypatch: pytest
         make_fid("inception")
 
 
-def test_throughput_benchmark_runs_and_agrees(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_throughput_benchmark_runs_and_agrees(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """benchmarks/eval_throughput.py end to end with tiny settings (in-process): table, JSON, scipy == torch."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_throughput.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # its helper modules, as when run as a script
     spec = importlib.util.spec_from_file_location("eval_throughput", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
