@@ -213,15 +213,15 @@ def prepare_output(config: BuildConfig) -> frozenset[str]:
 
 def warn_if_device_would_idle(config: BuildConfig, options: PipelineOptions) -> bool:
     """Warn (and return True) when a GPU build runs on DirectRunner in one worker: the device then idles while that
-    worker decodes, selects, crops and encodes (an emulated device was busy 0.53 of the time in-process, 0.90 with 3
-    worker processes: benchmarks/pipeline_overlap.py)."""
+    worker decodes, selects, crops and encodes (an emulated device was busy 0.53 of the time in-process, 0.74-0.90
+    with 3 worker processes, 0.84 with 4 worker threads: benchmarks/pipeline_overlap.py)."""
     direct = options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct")
     workers = options.view_as(DirectOptions).direct_num_workers
     if not (config.device.startswith("cuda") and direct and workers in (None, 1)):
         return False
     logger.warning("--device %s on DirectRunner with one worker: the GPU idles while it does the CPU work; add "
-                   "--direct_num_workers=N --direct_running_mode=multi_processing (N about the CPU cores) to keep it "
-                   "busy", config.device)
+                   "--direct_num_workers=N --direct_running_mode=multi_processing (or multi_threading; N about the "
+                   "CPU cores) to keep it busy", config.device)
     return True
 
 
