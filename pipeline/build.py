@@ -213,8 +213,8 @@ def prepare_output(config: BuildConfig) -> frozenset[str]:
 
 def warn_if_device_would_idle(config: BuildConfig, options: PipelineOptions) -> bool:
     """Warn (and return True) when a GPU build runs on DirectRunner in one worker: the device then idles while that
-    worker decodes, selects, crops and encodes (an emulated device was busy 0.53 of the time in-process, 0.74-0.90
-    with 3 worker processes, 0.84 with 4 worker threads: benchmarks/pipeline_overlap.py)."""
+    worker decodes, selects, crops and encodes (an emulated device was busy 0.53 of the time in-process, 0.64-0.90
+    with 3 worker processes, 0.82-0.86 with 4 worker threads: benchmarks/pipeline_overlap.py)."""
     direct = options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct")
     workers = options.view_as(DirectOptions).direct_num_workers
     if not (config.device.startswith("cuda") and direct and workers in (None, 1)):
