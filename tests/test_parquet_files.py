@@ -38,22 +38,28 @@ def test_local_files_are_opened_by_arrow_and_read_the_same(tmp_path):
         assert parquet.num_row_groups == 4 and parquet.read().equals(_table())
 
 
-def test_other_filesystems_are_read_whole_into_arrow_memory():
-    fs = fsspec.filesystem("memory")
-    with fs.open("/pf/a.parquet", "wb") as handle:
+def _memory_file(path: str):
+    """`_table()` written to fsspec's memory filesystem at `path`; an opener that records what it opened, and that
+    record."""
+    with fsspec.filesystem("memory").open(path, "wb") as handle:
         pq.write_table(_table(), handle, row_group_size=16)
     opened = []
 
-    def opener(path):
-        opened.append(path)
-        return fsspec.open(path, "rb")
+    def opener(url):
+        opened.append(url)
+        return fsspec.open(url, "rb")
 
+    return opener, opened
+
+
+def test_other_filesystems_are_read_whole_into_arrow_memory():
+    opener, opened = _memory_file("/pf/a.parquet")
     parquet = parquet_file("memory://pf/a.parquet", opener=opener)
     assert opened == ["memory://pf/a.parquet"]
     assert parquet.read_row_group(1).equals(_table().slice(16, 16))
     buffer = read_into_arrow("memory://pf/a.parquet", opener=opener)
     assert isinstance(buffer, pa.Buffer) and buffer.is_mutable  # allocated by Arrow, not a view of Python bytes
-    assert buffer.to_pybytes() == fs.cat_file("/pf/a.parquet")
+    assert buffer.to_pybytes() == fsspec.filesystem("memory").cat_file("/pf/a.parquet")
     with pytest.raises(FileNotFoundError):
         parquet_file("memory://pf/missing.parquet", opener=opener)
 
@@ -102,15 +108,7 @@ def test_read_into_arrow_refuses_a_file_shorter_than_its_size():
 def test_streaming_reads_local_files_natively_and_remote_ones_through_the_opener(tmp_path):
     local = str(tmp_path / "a.parquet")
     pq.write_table(_table(), local, row_group_size=16)
-    fs = fsspec.filesystem("memory")
-    with fs.open("/st/a.parquet", "wb") as handle:
-        pq.write_table(_table(), handle, row_group_size=16)
-    opened = []
-
-    def opener(path):
-        opened.append(path)
-        return fsspec.open(path, "rb")
-
+    opener, opened = _memory_file("/st/a.parquet")
     with streaming_source(local, opener) as source:
         assert source == local  # Arrow opens it: no Python file object
     with streaming_source("memory://st/a.parquet", opener) as source:
