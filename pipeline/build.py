@@ -27,7 +27,7 @@ from spatext.pipeline.read import COUNTS, REJECTS, ReadCorpus, has_annotations
 from spatext.pipeline.records import Reject, rejects_from_failed_batch
 from spatext.pipeline.schema import sample_to_row, shard_schema
 from spatext.pipeline.segment import SegmenterModelHandler
-from spatext.pipeline.segmenters.base import SegmenterSpec, weights_label
+from spatext.pipeline.segmenters.base import SegmenterSpec, may_read_ground_truth, weights_label
 from spatext.pipeline.selection import Select, SelectOptions
 from spatext.pipeline.write import (
     BUILD_CONFIG,
@@ -51,17 +51,13 @@ def resolve_segmenter(config: BuildConfig) -> str:
     return "annotations" if has_annotations(config.input, config.input_format) else "mask2former"
 
 
-# Built-in backends that segment pixels and never read a sample's ground truth.
-MODEL_SEGMENTERS = ("mask2former", "detectron2")
-
-
 def decode_options_for(config: BuildConfig, segmenter: str) -> DecodeOptions:
     """The decode stage's options. Ground truth is decoded only for a segmenter that may use it: the `annotations`
     backend requires it; a model backend drops it unread (on an annotated corpus that saves the panoptic PNG decode,
     ~1.8 ms per 512 px sample, and its id map in every batch sent to a shared model server); a segmenter of your own
     gets it whenever the corpus has it."""
     return DecodeOptions(config.image_size, config.max_pixels, require_annotation=segmenter == "annotations",
-                         keep_annotation=segmenter not in MODEL_SEGMENTERS)
+                         keep_annotation=may_read_ground_truth(segmenter))
 
 
 def segmenter_spec(config: BuildConfig, name: str) -> SegmenterSpec:

@@ -86,6 +86,16 @@ SEGMENTERS: dict[str, SegmenterFactory] = {
 }
 
 
+# Built-in backends that segment pixels and never read a sample's ground truth.
+MODEL_BACKENDS = ("mask2former", "detectron2")
+
+
+def may_read_ground_truth(name: str) -> bool:
+    """Whether segmenter ``name`` may read a sample's ground truth: not the built-in model backends; ``annotations``
+    and a segmenter of your own may."""
+    return name not in MODEL_BACKENDS
+
+
 def register_segmenter(name: str, factory: SegmenterFactory) -> None:
     """Make ``factory`` available as ``--segmenter name`` (replaces an existing entry of that name)."""
     SEGMENTERS[name] = factory
