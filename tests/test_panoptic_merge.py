@@ -5,15 +5,21 @@ same order with the same label ids and the same 6-place-rounded scores. Random l
 query survives and all of them overlap), typical thresholds (0.8 / 0.5 / 0.8), images in between; batches mixing
 target sizes; tiny target sizes (where won / original area ratios land exactly on the overlap threshold); images
 where no query survives (-1 maps) and where queries survive but none becomes a segment (0 maps).
+
+With ``image_fractions`` (batch padding cut off first, which the reference does not do), the reference is transformers'
+post-processing of each image's own, unpadded logits; the resampling of a fractional extent is checked against
+torchvision's ``roi_align``.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torchvision.ops import roi_align
 from transformers import Mask2FormerImageProcessor
 from transformers.models.mask2former import image_processing_mask2former as reference_module
 
@@ -22,7 +28,9 @@ from spatext.pipeline.segmenters.panoptic_merge import (
     PanopticSegment,
     _count_true,
     _first_argmax,
+    _to_reference_grid,
     panoptic_merge,
+    valid_fractions,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -179,14 +187,75 @@ def test_bad_inputs_name_the_argument(class_shape, mask_shape, sizes, match) -> 
         panoptic_merge(torch.zeros(class_shape), torch.zeros(mask_shape), sizes)
 
 
-def test_equals_reference_in_bfloat16(processor) -> None:
-    """Logits of a bf16 forward: the merge keeps the reference's dtype rules (the segmenter upcasts before it)."""
-    class_logits, mask_logits = _logits(5)
-    class_logits, mask_logits = class_logits.bfloat16(), mask_logits.bfloat16()
-    for thresholds in THRESHOLDS:
-        sizes = [(64, 80), (64, 80), (31, 47)]
-        reference = _reference(processor, class_logits, mask_logits, sizes, thresholds)
-        _assert_same(reference, panoptic_merge(class_logits, mask_logits, sizes, *thresholds))
+@pytest.mark.parametrize(
+    "fractions", [[(1.0, 1.0)], [(1.5, 1.0), (1.0, 1.0)], [(1.0, 0.0), (1.0, 1.0)], [(1.0,), (1.0, 1.0)]]
+)
+def test_bad_image_fractions_name_the_argument(fractions) -> None:
+    with pytest.raises(ValueError, match="image_fractions"):
+        panoptic_merge(torch.zeros(2, 4, 3), torch.zeros(2, 4, 8, 8), None, image_fractions=fractions)
+
+
+@pytest.mark.parametrize("thresholds", THRESHOLDS)
+def test_padding_is_cut_off_before_the_merge(processor, thresholds) -> None:
+    """Three images of different sizes in one padded batch (their logits at the top left of a 40 x 56 canvas, loud
+    noise elsewhere): each merges to what the reference gives for its own, unpadded logits. The reference run on the
+    canvas (the padding stretched onto the image) differs."""
+    grids, canvas_size = [(24, 32), (40, 20), (16, 56)], (40, 56)
+    gen = torch.Generator().manual_seed(11)
+    class_logits = torch.randn(3, 20, 6, generator=gen) * 3
+    canvas = torch.randn(3, 20, *canvas_size, generator=gen) * 20
+    own = []
+    for row, grid in enumerate(grids):
+        own.append(_logits(row, batch=1, hw=grid)[1])
+        canvas[row, :, : grid[0], : grid[1]] = own[-1][0]
+    sizes = [(48, 64), (70, 35), (20, 70)]
+    fractions = [(h / canvas_size[0], w / canvas_size[1]) for h, w in grids]
+    ours = panoptic_merge(class_logits, canvas, sizes, *thresholds, image_fractions=fractions)
+    for row, result in enumerate(ours):
+        reference = _reference(processor, class_logits[row : row + 1], own[row], sizes[row : row + 1], thresholds)
+        _assert_same(reference, [result])
+    if thresholds[0] == 0.0:  # every query survives: the padding's noise would show
+        stretched = _reference(processor, class_logits, canvas, sizes, thresholds)
+        assert all(not torch.equal(ref["segmentation"].to(torch.int32), result.id_map)
+                   for ref, result in zip(stretched, ours, strict=True))
+
+
+@pytest.mark.parametrize("extent", [(23.25, 31.5), (10.75, 32.0), (24.0, 7.125)])
+def test_fractional_extent_resamples_like_roi_align(extent) -> None:
+    """An image that ends inside a logit cell: bilinear samples over exactly its extent, as torchvision's roi_align
+    (aligned=True, one sample per bin, the box = the extent) takes them from the cells that reach into the image."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 24, 32, generator=gen, dtype=torch.float64)
+    ours = _to_reference_grid(logits, extent)
+    cells = logits[..., : math.ceil(extent[0]), : math.ceil(extent[1])]
+    boxes = [torch.tensor([[0.0, 0.0, extent[1], extent[0]]], dtype=torch.float64)] * 2
+    expected = roi_align(cells.flatten(0, 1)[:, None], [b for b in boxes for _ in range(5)], output_size=(384, 384),
+                         spatial_scale=1.0, sampling_ratio=1, aligned=True).view(2, 5, 384, 384)
+    # roi_align clamps at the cut edge as bilinear resizing does; inside, the sample points are the same
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_valid_fractions_of_processor_pixel_masks(processor) -> None:
+    """The processor pads at the bottom and right: its pixel_mask gives each image's share of the padded input."""
+    images = [torch.zeros(3, 60, 90, dtype=torch.uint8).numpy(), torch.zeros(3, 120, 40, dtype=torch.uint8).numpy()]
+    inputs = Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128})(
+        images=images, return_tensors="pt", input_data_format="channels_first")
+    mask = inputs["pixel_mask"]
+    expected = []
+    for image_mask in mask:
+        rows, cols = image_mask.nonzero().max(0).values + 1
+        expected.append((rows.item() / mask.shape[1], cols.item() / mask.shape[2]))
+    assert valid_fractions(mask) == expected
+    assert max(f for pair in expected for f in pair) == 1.0 and min(f for pair in expected for f in pair) < 1.0
+
+
+def test_valid_fractions_refuses_other_layouts() -> None:
+    mask = torch.zeros(2, 8, 8, dtype=torch.int64)
+    mask[0, :4, :6] = 1
+    mask[1, 2:, :] = 1  # padding at the top
+    with pytest.raises(ValueError, match="pixel_mask of image 1"):
+        valid_fractions(mask)
+    assert valid_fractions(mask[:1]) == [(0.5, 0.75)]
 
 
 @pytest.mark.parametrize("slots", [1, 3, 40])

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import apache_beam as beam
 import numpy as np
@@ -169,7 +170,8 @@ def test_mask2former_random_tiny_output_contract(tiny: Segmenter, two_samples: l
 
 def test_mask2former_output_depends_on_batch_padding_only(tiny: Segmenter) -> None:
     """What README says of model segmenters and batching: peers of the same size leave an image's result exactly as
-    it is alone; a peer of another size pads the batch and may change it (here it does)."""
+    it is alone; a peer of another size pads the batch, which the model sees (the merge cuts it off, but the model's
+    features span the padded input), and may change it (here it does)."""
     image, same, other = _sample("a", 100, 150, seed=1), _sample("c", 100, 150, seed=3), _sample("b", 130, 90, seed=2)
     alone = tiny.segment([image])[0]
     beside_same = tiny.segment([same, image])[1]
@@ -214,17 +216,29 @@ def test_mask2former_unknown_config_names_the_flag() -> None:
 
 
 def _transformers_segmentations(segmenter: Segmenter, samples: list[Sample]) -> list[Segmentation]:
-    """The independent reference: transformers' own panoptic post-processing of the same forward pass, converted
-    the way the segmenter converted it before its merge moved to the device (void -> 0, ids > 0, id2label)."""
+    """The independent reference: transformers' own panoptic post-processing of the same forward pass, image by image
+    on its own logits without the batch padding (the processor pads at the bottom right, to sizes that divide into
+    whole logit cells), converted the way the segmenter converted it before its merge moved to the device (void ->
+    0, ids > 0, id2label)."""
     inputs, sizes = segmenter.preprocess(samples)
-    results = segmenter.processor.post_process_panoptic_segmentation(
-        segmenter.forward(inputs),
-        threshold=segmenter.spec.threshold,
-        mask_threshold=segmenter.spec.mask_threshold,
-        overlap_mask_area_threshold=segmenter.spec.overlap_threshold,
-        label_ids_to_fuse=set(),
-        target_sizes=sizes,
-    )
+    outputs = segmenter.forward(inputs)
+    mask = inputs["pixel_mask"]
+    results = []
+    for row, size in enumerate(sizes):
+        rows, cols = (mask[row].nonzero().max(0).values + 1).tolist()
+        logits = outputs.masks_queries_logits[row : row + 1]
+        cell = mask.shape[1] // logits.shape[2]
+        assert rows % cell == 0 and cols % cell == 0  # whole cells: the reference's resize applies as it is
+        own = SimpleNamespace(class_queries_logits=outputs.class_queries_logits[row : row + 1],
+                              masks_queries_logits=logits[..., : rows // cell, : cols // cell])
+        results += segmenter.processor.post_process_panoptic_segmentation(
+            own,
+            threshold=segmenter.spec.threshold,
+            mask_threshold=segmenter.spec.mask_threshold,
+            overlap_mask_area_threshold=segmenter.spec.overlap_threshold,
+            label_ids_to_fuse=set(),
+            target_sizes=[size],
+        )
     return [
         clean_segmentation(
             result["segmentation"].numpy(),

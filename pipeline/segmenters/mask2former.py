@@ -27,7 +27,7 @@ from spatext.pipeline.segmenters.base import (
     autocast,
     clean_segmentation,
 )
-from spatext.pipeline.segmenters.panoptic_merge import PanopticResult, panoptic_merge
+from spatext.pipeline.segmenters.panoptic_merge import PanopticResult, panoptic_merge, valid_fractions
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Mask2FormerSegmenter(Segmenter):
             return []
         inputs, sizes = self.preprocess(samples)
         outputs = self.forward(inputs)
-        return self.postprocess(outputs, sizes)
+        return self.postprocess(outputs, sizes, valid_fractions(inputs["pixel_mask"]))
 
     @torch.inference_mode()
     def preprocess(self, samples: Sequence[Sample]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
@@ -156,11 +156,19 @@ class Mask2FormerSegmenter(Segmenter):
             return self.model(**inputs)
 
     @torch.inference_mode()
-    def postprocess(self, outputs: Any, sizes: Sequence[tuple[int, int]]) -> list[Segmentation]:
+    def postprocess(
+        self,
+        outputs: Any,
+        sizes: Sequence[tuple[int, int]],
+        image_fractions: Sequence[tuple[float, float]] | None = None,
+    ) -> list[Segmentation]:
         """transformers' panoptic post-processing (no fusing), batched on the device; one Segmentation per image.
 
-        The logits are merged in float32 even when the forward ran in bf16 / fp16: the merge's argmax over
-        score-weighted probabilities would otherwise tie often. On float32 logits the result equals
+        ``image_fractions`` (``valid_fractions`` of the inputs' ``pixel_mask``) cut each image's batch padding off
+        the mask logits first, as the original Mask2Former does and transformers does not: otherwise an image's
+        segments shift with the sizes of the other images in its batch (see ``panoptic_merge``). The logits are
+        merged in float32 even when the forward ran in bf16 / fp16: the merge's argmax over score-weighted
+        probabilities would otherwise tie often. On float32 logits of unpadded images the result equals
         ``Mask2FormerImageProcessor.post_process_panoptic_segmentation`` (tests/test_panoptic_merge.py).
         """
         results = panoptic_merge(
@@ -170,6 +178,7 @@ class Mask2FormerSegmenter(Segmenter):
             threshold=self.spec.threshold,
             mask_threshold=self.spec.mask_threshold,
             overlap_threshold=self.spec.overlap_threshold,
+            image_fractions=image_fractions,
         )
         return [self._to_segmentation(result, size) for result, size in zip(results, sizes, strict=True)]
 
