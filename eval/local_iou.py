@@ -74,15 +74,26 @@ def local_iou_pairs(
     for j, (image, index_map) in enumerate(zip(images, masks, strict=True)):
         check_index_map(index_map, image.shape[:2], name=f"masks[{j}]")
     samples = _samples(images, annotations)
-    values = []
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start : start + batch_size]
-        segmentations = segmenter.segment(batch)
+    per_image: list[np.ndarray | None] = [None] * len(samples)
+    for batch in size_batches([s.image.shape[:2] for s in samples], batch_size):
+        segmentations = segmenter.segment([samples[j] for j in batch])
         if len(segmentations) != len(batch):
             raise RuntimeError(f"segmenter {segmenter.name!r} returned {len(segmentations)} results for {len(batch)}")
-        for offset, segmentation in enumerate(segmentations):
-            values.append(region_ious(masks[start + offset], segmentation.id_map))
+        for j, segmentation in zip(batch, segmentations, strict=True):
+            per_image[j] = region_ious(masks[j], segmentation.id_map)
+    values = [v for v in per_image if v is not None]
     return torch.from_numpy(np.concatenate(values) if values else np.zeros(0)).double()
+
+
+def size_batches(shapes: Sequence[tuple[int, ...]], batch_size: int) -> list[list[int]]:
+    """Indices of images in batches of at most `batch_size` images of one size each (sizes in first-seen order,
+    images in order within a size). A model segmenter pads a batch to its largest image and the padding changes
+    what it sees (see pipeline/segmenters/panoptic_merge.py): with peers of its own size only, an image's segments
+    are what it gets alone, whatever else the benchmark holds."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for j, shape in enumerate(shapes):
+        by_shape.setdefault(tuple(shape), []).append(j)
+    return [rows[start : start + batch_size] for rows in by_shape.values() for start in range(0, len(rows), batch_size)]
 
 
 def local_iou(

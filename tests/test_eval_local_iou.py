@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spatext.eval.local_iou import LocalIoU, local_iou, local_iou_pairs, region_ious
+from spatext.eval.local_iou import LocalIoU, local_iou, local_iou_pairs, region_ious, size_batches
 from spatext.eval.masks import (
     MaskPerturbation,
     coarsen,
@@ -115,6 +115,24 @@ def test_mask2former_backend_through_the_same_interface() -> None:
     masks[0][30:, 40:] = 2
     pairs = local_iou_pairs(images, masks, create_segmenter(spec))
     assert len(pairs) == 3 and bool(((pairs >= 0) & (pairs <= 1)).all())
+
+
+def test_mask2former_scores_do_not_depend_on_the_other_images() -> None:
+    """Images of two sizes, interleaved: batched (same-size batches) equals one image at a time, exactly; a batch
+    mixing the sizes would pad the smaller image and change what the model sees."""
+    spec = SegmenterSpec(name="mask2former", weights="none", config="mask2former-tiny", threshold=0.0,
+                         mask_threshold=0.0, overlap_threshold=0.0, processor_size=64)
+    segmenter = create_segmenter(spec)
+    rng = np.random.default_rng(1)
+    shapes = [(48, 64), (64, 40), (48, 64), (64, 40), (48, 64)]
+    images = [rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for shape in shapes]
+    masks = [np.zeros(shape, dtype=np.uint8) for shape in shapes]
+    for mask in masks:
+        mask[4:30, 6:30], mask[32:, 20:] = 1, 2
+    one_by_one = np.concatenate([local_iou_pairs([im], [m], segmenter).numpy() for im, m in zip(images, masks,
+                                                                                                strict=True)])
+    np.testing.assert_array_equal(local_iou_pairs(images, masks, segmenter, batch_size=4).numpy(), one_by_one)
+    assert size_batches(shapes, 2) == [[0, 2], [4], [1, 3]]
 
 
 def test_bad_inputs_are_named(ground_truth, annotations_segmenter) -> None:
