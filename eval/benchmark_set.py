@@ -15,7 +15,9 @@
 
 STEM is the key when it is made of ``[A-Za-z0-9._-]`` only, else a sanitised key plus a hash of the key.
 ``benchmark.json`` is written last: a folder without it is incomplete. Read a set with ``load_benchmark(B)``
-(decoded arrays) or ``read_benchmark_info(B)``.
+(decoded arrays) or ``read_benchmark_info(B)``. ``benchmark_fingerprint(B)`` identifies the set by what defines it
+(benchmark.json without its volatile fields ``VOLATILE_FIELDS``, samples.jsonl and every mask and reference PNG), so
+that generations made from a set still match it after an identical rebuild.
 
 Local prompts are the segments' labels (the segmenter's class names, e.g. COCO's). Segments without a label cannot
 be prompted and are left out (``unlabelled_regions`` counts them over all rows read; their pixels are 0 in the
@@ -52,6 +54,7 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from spatext.eval.masks import check_index_map, region_indices
+from spatext.eval.outputs import is_same_or_inside, only_files_with_suffix
 from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import Segment, Segmentation
 from spatext.pipeline.schema import ShardSample, decode_image, encode_image, read_metadata, row_to_sample
@@ -69,6 +72,8 @@ INFO_FILE = "benchmark.json"
 SAMPLES_FILE = "samples.jsonl"
 MASKS_DIR = "masks"
 REFERENCE_DIR = "reference"
+VOLATILE_FIELDS = ("created", "wall_s", "package_version")  # benchmark.json fields that differ between identical builds
+FINGERPRINT_VERSION = "spatext-benchmark-fingerprint-v1"
 RULES = {
     "all": "every labelled segment",
     "filtered": f"labelled segments with area >= {MIN_AREA}",
@@ -223,12 +228,42 @@ def _write_sample(sample: ShardSample, kept: list[dict], out: str) -> dict:
     return {"key": sample.key, "prompt": sample.caption, "width": width, "height": height, "regions": regions, **paths}
 
 
+def _check_replaceable(spec: BenchmarkSpec, existing: list[str]) -> None:
+    """ValueError unless the ``existing`` entries of ``--out`` are a benchmark set's (complete or interrupted).
+
+    ``--overwrite`` removes them, so they must be what ``make_benchmark`` writes: a spatext ``benchmark.json``, or
+    (an interrupted build, without it) PNG-only masks/ and reference/ folders and a samples.jsonl file; and the
+    shards being read must not lie inside them.
+    """
+    local_shards = "://" not in spec.shards
+    for name in existing:
+        if local_shards and is_same_or_inside(spec.shards, os.path.join(spec.out, name)):
+            raise ValueError(f"--out {spec.out!r}: {name} holds the --shards {spec.shards!r}; refusing to replace it")
+    if INFO_FILE in existing:
+        try:
+            read_benchmark_info(spec.out)
+        except ValueError as e:  # json.JSONDecodeError included
+            raise ValueError(f"--out {spec.out!r} is not a benchmark set made by spatext ({e}); refusing to "
+                             f"--overwrite it") from e
+        return
+    for name in existing:
+        path = os.path.join(spec.out, name)
+        if name == SAMPLES_FILE:
+            ok = os.path.isfile(path)
+        else:
+            ok = os.path.isdir(path) and only_files_with_suffix(path, (".png",))
+        if not ok:
+            raise ValueError(f"--out {spec.out!r}: {name} is not what make-benchmark writes (and there is no "
+                             f"{INFO_FILE}); refusing to --overwrite it")
+
+
 def _prepare_out(spec: BenchmarkSpec) -> None:
-    """Create the output folders; an existing benchmark is replaced only with ``overwrite``."""
+    """Create the output folders; an existing benchmark is replaced only with ``overwrite`` (and only its entries)."""
     names = (INFO_FILE, SAMPLES_FILE, MASKS_DIR, REFERENCE_DIR)
-    existing = [n for n in names if os.path.exists(os.path.join(spec.out, n))]
+    existing = [n for n in names if os.path.lexists(os.path.join(spec.out, n))]
     if existing and not spec.overwrite:
         raise ValueError(f"--out {spec.out!r} already holds a benchmark ({', '.join(existing)}); pass --overwrite")
+    _check_replaceable(spec, existing)
     for name in existing:
         path = os.path.join(spec.out, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -317,6 +352,29 @@ def read_benchmark_info(path: str) -> dict:
         raise ValueError(f"{info_path}: expected format {FORMAT} v{FORMAT_VERSION}, got "
                          f"{info.get('format')} v{info.get('format_version')}")
     return info
+
+
+def benchmark_fingerprint(path: str) -> str:
+    """sha256 of what defines a benchmark set: benchmark.json minus ``VOLATILE_FIELDS``, samples.jsonl, the PNGs.
+
+    Generations record it and ``score`` compares it: a set rebuilt identically (same shards, protocol, seed, num)
+    keeps its fingerprint although its creation time and wall time differ; any changed sample, mask or reference
+    image changes it.
+    """
+    info = {k: v for k, v in read_benchmark_info(path).items() if k not in VOLATILE_FIELDS}
+    digest = hashlib.sha256(FINGERPRINT_VERSION.encode())
+    digest.update(json.dumps(info, sort_keys=True, ensure_ascii=False).encode())
+    with open(os.path.join(path, SAMPLES_FILE), "rb") as handle:
+        samples = handle.read()
+    digest.update(hashlib.sha256(samples).digest())
+    for line in samples.decode("utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            for name in ("masks", "reference"):
+                with open(os.path.join(path, record[name]), "rb") as handle:
+                    digest.update(f"{name}:{record[name]}:".encode())
+                    digest.update(hashlib.sha256(handle.read()).digest())
+    return digest.hexdigest()
 
 
 def _decode_sample(path: str, record: dict) -> BenchmarkSample:

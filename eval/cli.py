@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from spatext.eval.errors import ModelLoadError
 from spatext.eval.masks import PERTURB_FLAG, PERTURB_FORMS, MaskPerturbation, parse_perturb
 
 logger = logging.getLogger(__name__)
@@ -135,14 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, run the subcommand; a ValueError (bad input) becomes a one-line error and exit status 2."""
+    """Parse, run the subcommand; bad input becomes a one-line error and exit status 2.
+
+    Bad input is a ValueError (flags, file contents), an OSError (files, folders, a segmenter's missing weights)
+    or a ``ModelLoadError`` (weights a flag names cannot be loaded, e.g. offline). Other errors are bugs and keep
+    their traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)
-    except ValueError as e:
-        print(f"spatext eval {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ModelLoadError) as e:
+        message = " ".join(str(e).split())  # one line, whatever the wrapped library's message looked like
+        print(f"spatext eval {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

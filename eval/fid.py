@@ -8,8 +8,9 @@ its weights, the resize mode, the feature dimension and the library versions; ``
 - ``inception`` (the standard): torchmetrics' FID Inception-v3 (2048-d pool features; needs ``torch-fidelity``).
   Offline, pass the standard weights file with ``--inception-weights PATH`` (torch-fidelity's
   ``weights-inception-2015-12-05-6726825d.pth`` or a ``.safetensors`` of the same state dict). Without a path,
-  torch-fidelity downloads them (or finds them in the torch hub cache). Images are resized to 299 x 299 by
-  torchmetrics: bilinear with antialiasing by default, ``antialias=False`` = the original TF1 bilinear.
+  torch-fidelity downloads them (or finds them in the torch hub cache); when it cannot, ``ModelLoadError`` says what
+  to pass. Images are resized to 299 x 299 by torchmetrics: bilinear with antialiasing by default,
+  ``antialias=False`` = the original TF1 bilinear.
 - ``clip``: L2-normalised CLIP image embeddings (``ClipFeatureExtractor``), for when the Inception weights are
   absent. Values are not comparable with Inception FID and the report says so via its ``extractor`` field.
 
@@ -32,6 +33,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
+from spatext.eval.errors import ModelLoadError
 from spatext.pipeline.clip import ClipModel, encode_pixels
 from spatext.pipeline.weights import read_state_dict
 
@@ -114,8 +116,8 @@ def _inception_fid(weights: str | None, antialias: bool) -> FrechetInceptionDist
     if weights is None:
         try:
             return FrechetInceptionDistance(feature=INCEPTION_FEATURES, antialias=antialias)
-        except Exception as e:
-            raise RuntimeError(
+        except Exception as e:  # whatever the download raises offline (URLError, OSError, HTTP errors, ...)
+            raise ModelLoadError(
                 "the standard FID Inception weights are not available (no network and not in the torch hub cache). "
                 "Pass a local file with --inception-weights PATH, or use --fid-extractor clip. "
                 f"Cause: {type(e).__name__}: {e}"

@@ -14,8 +14,14 @@ The folder (``--out``)::
                             sample's reference size: generated at the model's size (or --height/--width), then
                             resized (bicubic) to the reference size
     DIR/generation.json     written last: format + version, method, benchmark (path, sha256 of its benchmark.json,
-                            sample count), model (run / base model, weights label), seed, steps, guidance, ntlb
-                            settings, generation and output sizes, the concat rule, image paths by key, versions, time
+                            its fingerprint ``benchmark_fingerprint``, sample count), model (run / base model, weights
+                            label), seed, steps, guidance, ntlb settings, generation and output sizes, the concat rule,
+                            image paths by key, versions, time
+
+Weights label of a baseline: ``--weights-label`` when given, else the base model's ``spatext_weights.json`` (written by
+``spatext tiny-base-model``: "none (random init)"), else "provenance not given". ``--overwrite`` replaces only a
+generations folder (``generation.json`` + ``images/``, or an interrupted run's ``images/`` of PNGs), never a folder
+that is or holds the benchmark, the run or the base model.
 
 Seeds: each sample gets its own ``torch.Generator`` seeded by sha256(seed, key), so an image does not depend on the
 order or the subset of samples generated.
@@ -48,8 +54,17 @@ from spatext.eval.baselines import (
     sample_ntlb,
     sample_text,
 )
-from spatext.eval.benchmark_set import INFO_FILE, BenchmarkSample, file_stem, load_benchmark, read_benchmark_info
+from spatext.eval.benchmark_set import (
+    INFO_FILE,
+    BenchmarkSample,
+    benchmark_fingerprint,
+    file_stem,
+    load_benchmark,
+    read_benchmark_info,
+)
 from spatext.eval.masks import MaskPerturbation, perturb_masks, region_indices
+from spatext.eval.outputs import a_few, only_files_with_suffix, refuse_inputs
+from spatext.model.tiny_base import WEIGHTS_MARKER, read_weights_marker
 
 logger = logging.getLogger(__name__)
 
@@ -161,10 +176,29 @@ def _base_generator(spec: GenerateSpec) -> tuple[Generator, dict]:
         return image
 
     size = model_size(pipe)
-    model = {"base_model": spec.base_model,
-             "weights": spec.weights_label or f"as loaded from --base-model {spec.base_model} (provenance not given)",
+    weights, marker = base_weights_label(spec.base_model, spec.weights_label)
+    model = {"base_model": spec.base_model, "weights": weights, "weights_marker": marker,
              "generated_size": [settings.height or size[0], settings.width or size[1]]}
     return one, model
+
+
+def base_weights_label(base_model: str, weights_label: str | None) -> tuple[str, dict | None]:
+    """The weights label of a base model and its ``spatext_weights.json`` record (None when it has none).
+
+    Random weights are never silent (DESIGN.md): the tiny base model says so in its marker file, and the label
+    carries it into generation.json and the report. An explicit ``--weights-label`` wins (e.g. for a folder that was
+    trained after the marker was written), with a warning when it contradicts the marker.
+    """
+    marker = read_weights_marker(base_model)
+    if weights_label:
+        if marker and marker["pretrained"] not in weights_label:
+            logger.warning("--weights-label %r overrides %s of --base-model %s, which says pretrained: %s",
+                           weights_label, WEIGHTS_MARKER, base_model, marker["pretrained"])
+        return weights_label, marker
+    if marker:
+        logger.warning("--base-model %s: pretrained: %s (%s)", base_model, marker["pretrained"], WEIGHTS_MARKER)
+        return marker["pretrained"], marker
+    return f"as loaded from --base-model {base_model} (provenance not given)", None
 
 
 def perturb_sample(sample: BenchmarkSample, perturb: MaskPerturbation) -> tuple[BenchmarkSample, int]:
@@ -178,12 +212,47 @@ def perturb_sample(sample: BenchmarkSample, perturb: MaskPerturbation) -> tuple[
     return replace(sample, masks=masks, regions=regions), len(sample.regions) - len(kept)
 
 
+def _check_replaceable(spec: GenerateSpec) -> None:
+    """ValueError unless the non-empty ``--out`` is a generations folder that ``--overwrite`` may replace.
+
+    ``--overwrite`` deletes, so it takes only what ``generate`` writes: ``generation.json`` (of this format) and
+    ``images/`` — or ``images/`` of PNGs alone (a run interrupted before ``generation.json``) — and never a folder
+    that is or holds an input (the benchmark, the run, the base model).
+    """
+    refuse_inputs("--out", spec.out, {"--benchmark": spec.benchmark, "--run": spec.run,
+                                      "--base-model": spec.base_model})
+    entries = set(os.listdir(spec.out))
+    images = os.path.join(spec.out, IMAGES_DIR)
+    images_ok = IMAGES_DIR not in entries or (
+        os.path.isdir(images) and not os.path.islink(images) and only_files_with_suffix(images, (".png",)))
+    if not entries <= {INFO, IMAGES_DIR} or not images_ok:
+        raise ValueError(f"--out {spec.out!r} holds entries that generate does not write ({a_few(entries)}); "
+                         "refusing to --overwrite it: choose an empty or new folder")
+    if INFO in entries:
+        try:
+            read_generations(spec.out)
+        except ValueError as e:  # json.JSONDecodeError included
+            raise ValueError(f"--out {spec.out!r} is not a generations folder ({e}); refusing to --overwrite it") from e
+
+
+def _check_out(spec: GenerateSpec) -> bool:
+    """Whether ``--out`` holds a generations folder to replace; ValueError when it may not be replaced."""
+    if not (os.path.isdir(spec.out) and os.listdir(spec.out)):
+        return False
+    if not spec.overwrite:
+        raise ValueError(f"--out {spec.out!r} is not empty; pass --overwrite to replace it")
+    _check_replaceable(spec)
+    return True
+
+
 def _prepare_out(spec: GenerateSpec) -> None:
-    """Create the output folder; refuse a non-empty one unless ``overwrite``."""
-    if os.path.isdir(spec.out) and os.listdir(spec.out):
-        if not spec.overwrite:
-            raise ValueError(f"--out {spec.out!r} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(spec.out)
+    """Create the output folder; replace a non-empty one only with ``overwrite`` and only if generate made it."""
+    if _check_out(spec):
+        info, images = os.path.join(spec.out, INFO), os.path.join(spec.out, IMAGES_DIR)
+        if os.path.isfile(info):
+            os.remove(info)  # first: from here on the folder reads as incomplete
+        if os.path.isdir(images):
+            shutil.rmtree(images)
     os.makedirs(os.path.join(spec.out, IMAGES_DIR), exist_ok=True)
 
 
@@ -212,6 +281,7 @@ def generate(spec: GenerateSpec) -> dict:
     samples = load_benchmark(spec.benchmark)
     if spec.mask_perturb is not None and spec.method == "reference":
         raise ValueError("--mask-perturb does not apply to --method reference (the real images use no masks)")
+    _check_out(spec)  # before loading a model; the folder is replaced only once the model has loaded
     if spec.method == "reference":
         one, model = (lambda sample, generator: sample.reference), {"weights": "real images (the benchmark's)"}
     elif spec.method == "spatext":
@@ -230,6 +300,7 @@ def generate(spec: GenerateSpec) -> dict:
         "format": FORMAT, "format_version": FORMAT_VERSION, "method": spec.method,
         "benchmark": {"path": os.path.abspath(spec.benchmark), "num_samples": len(samples),
                       "sha256": file_sha256(os.path.join(spec.benchmark, INFO_FILE)),
+                      "fingerprint": benchmark_fingerprint(spec.benchmark),
                       "protocol": bench_info.get("protocol")},
         "mask_perturb": None if spec.mask_perturb is None else str(spec.mask_perturb),
         "model": model, "seed": spec.seed, "seeding": "torch.Generator per sample, sha256(seed:key)",

@@ -5,8 +5,13 @@
   the published SpaText rows (``kind`` = "published, not measured").
 - ``report.md``: the same table, the published rows marked, the notes on comparability and on random weights, and
   a mask-sensitivity table when ``--mask-perturb`` was given.
-- ``bars_METRIC.png`` (one per metric, 95% intervals as error bars) and ``grid.png`` (rows = samples; columns = the
-  scene masks coloured, with their prompts, then each method's image).
+- ``bars_METRIC.png`` (one per metric, 95% intervals as error bars, clipped at zero length where a percentile
+  interval does not contain the mean) and ``grid.png`` (rows = samples; columns = the scene masks coloured, with their
+  prompts, then each method's image). Each figure carries the random-weights note when any weights were random (a
+  PNG is often seen without report.md).
+
+``write_report`` renders every file into a staging folder inside the report folder first and moves them into place
+only when all succeeded, so a failure (e.g. in a chart) leaves the previous report whole instead of a mix.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import csv
 import json
 import math
 import os
+import shutil
+import tempfile
 
 import matplotlib
 
@@ -69,10 +76,38 @@ def write_csv(result: dict, path: str) -> None:
 
 
 def _fmt(summary: dict | None) -> str:
-    """``mean [low, high]`` or a dash when not measured."""
+    """``mean [low, high]``, ``mean (no interval)`` with ``--bootstrap 0``, or "not measured"."""
     if not summary or summary.get("mean") is None:
         return "not measured"
+    if summary.get("ci_low") is None or summary.get("ci_high") is None:
+        return f"{summary['mean']:.4f} (no interval)"
     return f"{summary['mean']:.4f} [{summary['ci_low']:.4f}, {summary['ci_high']:.4f}]"
+
+
+def random_weights_note(result: dict) -> str | None:
+    """The one-line random-weights note of the report and its figures (None when every weight was real)."""
+    if not result.get("random_weights"):
+        return None
+    return f"random weights: {', '.join(result['random_weights'])} (pretrained: none (random init))"
+
+
+def error_bars(mean: float | None, low: float | None, high: float | None) -> tuple[float, float]:
+    """(below, above) error-bar lengths of an interval around ``mean``, never negative.
+
+    A percentile bootstrap interval need not contain the mean (skewed data, few samples); matplotlib rejects
+    negative lengths, so the side that lies beyond the mean is drawn as zero.
+    """
+    if mean is None or low is None or high is None:
+        return 0.0, 0.0
+    return max(mean - low, 0.0), max(high - mean, 0.0)
+
+
+def _add_note(fig: plt.Figure, result: dict) -> None:
+    """Put the random-weights note, if any, at the figure's bottom left (after ``tight_layout``)."""
+    note = random_weights_note(result)
+    if note:
+        fig.subplots_adjust(bottom=max(fig.subplotpars.bottom, 0.12))
+        fig.text(0.01, 0.01, note, fontsize=6, color="tab:red", ha="left", va="bottom")
 
 
 def markdown(result: dict) -> str:
@@ -88,7 +123,7 @@ def markdown(result: dict) -> str:
              f"- versions: {json.dumps(result['fid'].get('versions', {}), sort_keys=True)}"]
     if result["random_weights"]:
         lines.append(f"- **random weights**: {', '.join(result['random_weights'])} — pretrained: none (random init); "
-                     "the values test the code path, not the methods")
+                     "the values test the code path, not the methods (the figures say so too)")
     lines += ["", "## Generations", "", *_generation_lines(result)]
     lines += ["", "## Results", "", "| method | kind | images | FID | Global distance | Local distance | Local IoU |",
               "|---|---|---|---|---|---|---|"]
@@ -147,13 +182,13 @@ def bar_chart(result: dict, name: str, path: str) -> None:
         mean = summary.get("mean")
         labels.append(method["label"])
         values.append(math.nan if mean is None else mean)
-        low, high = summary.get("ci_low"), summary.get("ci_high")
-        errors.append((0.0, 0.0) if low is None or mean is None else (mean - low, high - mean))
+        errors.append(error_bars(mean, summary.get("ci_low"), summary.get("ci_high")))
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 3))
     ax.bar(labels, np.nan_to_num(values), yerr=np.array(errors).T, capsize=4, color="tab:blue")
     ax.set_title(TITLES[name])
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
+    _add_note(fig, result)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -187,13 +222,29 @@ def image_grid(result: dict, samples: list[BenchmarkSample], count: int, path: s
     for ax in axes.ravel():
         ax.axis("off")
     fig.tight_layout()
+    _add_note(fig, result)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def write_report(result: dict, out: str, samples: list[BenchmarkSample], grid_samples: int = 4) -> None:
-    """Write report.json, report.csv, report.md, the bar charts and the image grid into ``out``."""
+    """Write report.json, report.csv, report.md, the bar charts and the image grid into ``out``, all or none.
+
+    Everything is rendered into a staging folder inside ``out`` (same file system) and moved into place only when
+    every file was written; on a failure ``out`` keeps its previous files untouched.
+    """
     os.makedirs(out, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".report-staging-", dir=out)
+    try:
+        _write_files(result, staging, samples, grid_samples)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_files(result: dict, out: str, samples: list[BenchmarkSample], grid_samples: int) -> None:
+    """Write every report file into the folder ``out``."""
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as handle:
         json.dump({**result, "published": [{**p, "kind": PUBLISHED_NOTE} for p in PUBLISHED],
                    "comparability": COMPARABILITY}, handle, indent=2, sort_keys=True, allow_nan=False)

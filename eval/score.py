@@ -5,8 +5,16 @@
 Per generations folder (one report row, labelled by its method, plus ``(PERTURB)`` when it was generated from
 perturbed masks): Global distance (per sample), Local distance and Local IoU (per region), each with its mean over
 pairs and a 95% percentile bootstrap interval (``--bootstrap`` resamples, seeded by ``--seed``) that resamples
-*samples* (a sample's regions stay together); FID against the benchmark's reference images as a point value (no
-interval: FID is a set statistic and a bootstrap would need one feature pass per resample).
+*samples* (a sample's regions stay together); ``--bootstrap 0`` reports the means without intervals, otherwise it
+takes at least ``MIN_BOOTSTRAP`` resamples (fewer give a meaningless 2.5-97.5% percentile interval). A percentile
+interval need not contain the mean (skewed or few samples); charts clip such error bars at zero. FID against the
+benchmark's reference images as a point value (no interval: FID is a set statistic and a bootstrap would need one
+feature pass per resample).
+
+Every generations folder is checked before any model loads or any scoring: it must be made from this benchmark (the
+same ``benchmark_fingerprint``) and hold exactly one image per benchmark sample (missing and extra keys are named).
+Weights that cannot be loaded (e.g. ``--clip-pretrained openai`` or the default Inception FID offline) raise
+``ModelLoadError``, which the CLI prints as a one-line error.
 
 Local IoU segmenter (``--segmenter``): ``annotations`` is ground truth of the *real* images, so it is only defined
 for ``reference`` (the benchmark masks are the reference image's own segments, which makes its IoU exactly 1.0: a
@@ -32,19 +40,28 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from spatext.eval.benchmark_set import INFO_FILE, BenchmarkSample, load_benchmark, read_benchmark_info
+from spatext.eval.benchmark_set import (
+    INFO_FILE,
+    BenchmarkSample,
+    benchmark_fingerprint,
+    load_benchmark,
+    read_benchmark_info,
+)
 from spatext.eval.clip_distance import global_pairs, local_pairs
+from spatext.eval.errors import ModelLoadError
 from spatext.eval.fid import EXTRACTORS, fid_summary, fid_update, make_fid
-from spatext.eval.generate import file_sha256, perturb_sample, read_generations
+from spatext.eval.generate import INFO, file_sha256, perturb_sample, read_generations
 from spatext.eval.local_iou import local_iou_pairs
 from spatext.eval.masks import MaskPerturbation
-from spatext.pipeline.clip import RANDOM_INIT_LABEL, ClipSpec, load_clip
+from spatext.eval.outputs import a_few
+from spatext.pipeline.clip import RANDOM_INIT_LABEL, ClipModel, ClipSpec, load_clip
 from spatext.pipeline.records import Segment, Segmentation
 from spatext.pipeline.segmenters import SegmenterSpec, create_segmenter
 
 logger = logging.getLogger(__name__)
 
 PAIR_METRICS = ("global_distance", "local_distance", "local_iou")
+MIN_BOOTSTRAP = 100  # resamples; 0 = no intervals
 
 
 @dataclass(frozen=True)
@@ -69,16 +86,24 @@ class ScoreSpec:
             raise ValueError("--generations: give at least one generations folder")
         if self.fid_extractor not in EXTRACTORS:
             raise ValueError(f"--fid-extractor {self.fid_extractor!r} is not valid; choose one of {EXTRACTORS}")
-        if self.bootstrap < 1:
-            raise ValueError(f"--bootstrap must be >= 1, got {self.bootstrap}")
+        if self.bootstrap != 0 and self.bootstrap < MIN_BOOTSTRAP:
+            raise ValueError(f"--bootstrap must be 0 (means without intervals) or >= {MIN_BOOTSTRAP} resamples for "
+                             f"a 95% percentile interval, got {self.bootstrap}")
 
 
 def bootstrap_interval(groups: list[np.ndarray], resamples: int, seed: int) -> dict:
-    """Mean over all values and a 95% percentile bootstrap interval resampling the groups (samples)."""
+    """Mean over all values and a 95% percentile bootstrap interval resampling the groups (samples).
+
+    ``resamples`` 0: the mean only (``ci_low`` / ``ci_high`` None). The percentile interval is not centred on the
+    mean and need not contain it.
+    """
     sums = np.array([g.sum() for g in groups], dtype=np.float64)
     counts = np.array([g.size for g in groups], dtype=np.float64)
     if counts.sum() == 0:
         return {"mean": None, "ci_low": None, "ci_high": None, "n_pairs": 0, "n_samples": len(groups)}
+    if resamples == 0:
+        return {"mean": float(sums.sum() / counts.sum()), "ci_low": None, "ci_high": None,
+                "n_pairs": int(counts.sum()), "n_samples": len(groups), "resamples": 0}
     rng = np.random.default_rng(seed)
     index = rng.integers(0, len(groups), size=(resamples, len(groups)))
     total = counts[index].sum(axis=1)
@@ -112,7 +137,8 @@ class Scorer:
         """Load CLIP, the segmenter and the FID metric; add the reference images to FID's real side."""
         self.spec, self.samples = spec, samples
         self.benchmark_sha256 = file_sha256(os.path.join(spec.benchmark, INFO_FILE))
-        self.clip = load_clip(spec.clip)
+        self.benchmark_fingerprint = benchmark_fingerprint(spec.benchmark)
+        self.clip = _load_clip(spec.clip)
         self.segmenter = create_segmenter(spec.segmenter)
         self.fid, self.fid_description = make_fid(spec.fid_extractor, spec.inception_weights, self.clip)
         self.fid.reset_real_features = False  # reset() then clears the generated side only
@@ -148,12 +174,11 @@ class Scorer:
         fid_update(self.fid, images, real=False)
         return fid_summary(self.fid, self.fid_description)
 
-    def score_folder(self, path: str) -> dict:
-        """Every metric of one generations folder."""
-        info = read_generations(path)
-        if info["benchmark"]["sha256"] != self.benchmark_sha256:
-            raise ValueError(f"--generations {path!r} was made from another benchmark than --benchmark "
-                             f"{self.spec.benchmark!r} (benchmark.json hashes differ)")
+    def score_folder(self, path: str, info: dict | None = None) -> dict:
+        """Every metric of one generations folder (``info``: its ``check_generations`` record, when checked)."""
+        if info is None:
+            info = check_generations(path, self.spec.benchmark, self.samples, self.benchmark_fingerprint,
+                                     self.benchmark_sha256)
         images = [_read_image(os.path.join(path, info["images"][s.key]), s) for s in self.samples]
         method = info["method"]
         masks = [s.masks for s in self.samples]
@@ -170,6 +195,55 @@ class Scorer:
             perturbed = self.summarise(self.pair_metrics(method, images, moved, moved_prompts))
             result["mask_sensitivity"] = _sensitivity(result["metrics"], perturbed, vanished)
         return result
+
+
+def _load_clip(spec: ClipSpec) -> ClipModel:
+    """``load_clip``, its RuntimeErrors (e.g. weights not downloadable offline) as ``ModelLoadError``."""
+    try:
+        return load_clip(spec)
+    except RuntimeError as e:
+        raise ModelLoadError(f"CLIP --clip-model {spec.model} --clip-pretrained {spec.pretrained} could not be "
+                             f"loaded: {e}") from e
+
+
+def check_generations(path: str, benchmark: str, samples: list[BenchmarkSample], fingerprint: str,
+                      sha256: str | None = None) -> dict:
+    """The ``generation.json`` of a generations folder made from this benchmark with one image per sample.
+
+    ValueError (one line, naming the folder) when it was made from another benchmark, when benchmark samples have
+    no image or it holds images of keys the benchmark lacks (a few of each named), or when image files are missing.
+    Folders written before the fingerprint existed are matched by the sha256 of benchmark.json instead.
+    """
+    info = read_generations(path)
+    recorded = info.get("benchmark", {})
+    same = (recorded.get("fingerprint") == fingerprint if "fingerprint" in recorded
+            else sha256 is not None and recorded.get("sha256") == sha256)
+    if not same:
+        raise ValueError(f"--generations {path!r} was made from another benchmark than --benchmark {benchmark!r} "
+                         "(benchmark fingerprints differ)")
+    images = info.get("images") or {}
+    keys = {s.key for s in samples}
+    missing, extra = keys - set(images), set(images) - keys
+    problems = []
+    if missing:
+        problems.append(f"benchmark samples without an image: {len(missing)} of {len(keys)} ({a_few(missing)})")
+    if extra:
+        problems.append(f"images of keys not in the benchmark: {len(extra)} ({a_few(extra)})")
+    if problems:
+        raise ValueError(f"--generations {path!r} does not match --benchmark {benchmark!r}: {'; '.join(problems)}")
+    absent = [images[key] for key in sorted(keys) if not os.path.isfile(os.path.join(path, images[key]))]
+    if absent:
+        raise ValueError(f"--generations {path!r}: image files listed in {INFO} but missing: {len(absent)} "
+                         f"({a_few(absent)})")
+    wrong = []
+    for sample in samples:
+        with Image.open(os.path.join(path, images[sample.key])) as picture:  # reads the header only
+            if picture.size != sample.reference.shape[1::-1]:
+                wrong.append(images[sample.key])
+    if wrong:
+        raise ValueError(f"--generations {path!r}: images not at their reference's size: {len(wrong)} "
+                         f"({a_few(wrong)})")
+    return info
 
 
 def _read_image(path: str, sample: BenchmarkSample) -> np.ndarray:
@@ -217,16 +291,23 @@ def score(spec: ScoreSpec) -> dict:
     samples = load_benchmark(spec.benchmark)
     if not samples:
         raise ValueError(f"--benchmark {spec.benchmark!r} holds no samples")
-    scorer = Scorer(spec, samples)
-    rows = [scorer.score_folder(path) for path in tqdm(spec.generations, desc="score", unit="method")]
+    _check_report_out(spec)
+    fingerprint = benchmark_fingerprint(spec.benchmark)
+    sha256 = file_sha256(os.path.join(spec.benchmark, INFO_FILE))
+    infos = [check_generations(path, spec.benchmark, samples, fingerprint, sha256) for path in spec.generations]
+    scorer = Scorer(spec, samples)  # loads the models: only once every folder has passed its checks
+    rows = [scorer.score_folder(path, info)
+            for path, info in tqdm(zip(spec.generations, infos, strict=True), desc="score", unit="method",
+                                   total=len(infos))]
     clip_label = f"{spec.clip.model} / {scorer.clip.pretrained_label}"
     result = {
         "benchmark": {"path": os.path.abspath(spec.benchmark), "protocol": bench_info.get("protocol"),
                       "num_samples": len(samples)},
         "settings": {"clip": clip_label, "segmenter": {"name": spec.segmenter.name,
                                                        "weights": scorer.segmenter.weights_label},
-                     "bootstrap": spec.bootstrap, "seed": spec.seed, "interval": "95% percentile bootstrap over "
-                     "samples; FID: point value, no interval",
+                     "bootstrap": spec.bootstrap, "seed": spec.seed,
+                     "interval": ("none (--bootstrap 0): means only" if spec.bootstrap == 0 else
+                                  "95% percentile bootstrap over samples") + "; FID: point value, no interval",
                      "mask_perturb": None if spec.mask_perturb is None else str(spec.mask_perturb)},
         "random_weights": [name for name, label in (("clip", scorer.clip.pretrained_label),
                                                     ("segmenter", scorer.segmenter.weights_label))
@@ -238,6 +319,13 @@ def score(spec: ScoreSpec) -> dict:
     }
     write_report(result, spec.out, samples, spec.grid_samples)
     return result
+
+
+def _check_report_out(spec: ScoreSpec) -> None:
+    """ValueError when ``--out`` is the benchmark folder or a generations folder (the report would mix into it)."""
+    for flag, path in (("--benchmark", spec.benchmark), *(("--generations", g) for g in spec.generations)):
+        if os.path.exists(spec.out) and os.path.exists(path) and os.path.samefile(spec.out, path):
+            raise ValueError(f"--out {spec.out!r} is the {flag} folder {path!r}; write the report to its own folder")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -257,7 +345,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-pretrained", default="openai", help="open_clip tag, checkpoint file, or 'none'")
     parser.add_argument("--fid-extractor", choices=EXTRACTORS, default="inception", help="FID features")
     parser.add_argument("--inception-weights", default=None, help="local FID Inception weights file")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help=f"bootstrap resamples for the 95%% intervals (>= {MIN_BOOTSTRAP}; 0 = means only)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--grid-samples", type=int, default=4, help="samples (rows) in the image grid")
     parser.add_argument("--device", default="cpu", help="torch device of CLIP and the segmenter")

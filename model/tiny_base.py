@@ -4,7 +4,9 @@
 (transformers CLIPTextModel), ``tokenizer/`` (CLIPTokenizer from a small byte-level BPE ``vocab.json`` +
 ``merges.txt`` written here) and ``scheduler/``; ``diffusers.StableDiffusionPipeline.from_pretrained(path)`` loads it,
 and so does ``--base-model path``. Its sizes follow a latent denoiser config (default ``latent-tiny``). The weights
-are random: pretrained: none (random init).
+are random: pretrained: none (random init). Random weights are never silent (DESIGN.md), so the folder also holds
+``spatext_weights.json`` (``WEIGHTS_MARKER``: ``{"pretrained": "none (random init)", "seed", "config", "made_by"}``),
+which ``read_weights_marker`` reads back (``spatext eval generate --base-model`` labels its images with it).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from diffusers import schedulers as diffusers_schedulers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from spatext.model.config import DenoiserConfig, get_config
+from spatext.pipeline.clip import RANDOM_INIT_LABEL
 
 logger = logging.getLogger(__name__)
 
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+WEIGHTS_MARKER = "spatext_weights.json"  # says where the weights of a model folder come from (here: random init)
 
 
 def _byte_symbols() -> list[str]:
@@ -93,6 +97,38 @@ def _text_encoder(config: DenoiserConfig, vocab: dict[str, int]) -> CLIPTextMode
     return CLIPTextModel(text_config)
 
 
+def write_weights_marker(path: str, seed: int, config_name: str) -> str:
+    """Write ``WEIGHTS_MARKER`` into the model folder ``path`` (random init, with its seed); return its path.
+
+    diffusers' ``model_index.json`` has no place for provenance, and a random base model must not pass for a real
+    one downstream (``spatext eval generate`` reads this file to label the generations' weights).
+    """
+    marker = os.path.join(path, WEIGHTS_MARKER)
+    record = {"pretrained": RANDOM_INIT_LABEL, "seed": seed, "config": config_name,
+              "made_by": "spatext tiny-base-model (spatext.model.tiny_base)"}
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2, sort_keys=True)
+    return marker
+
+
+def read_weights_marker(path: str) -> dict | None:
+    """The ``WEIGHTS_MARKER`` record of a model folder, or None when it has none (provenance not given).
+
+    Raises ValueError naming the file when it is not a JSON object with a ``pretrained`` string.
+    """
+    marker = os.path.join(path, WEIGHTS_MARKER)
+    if not os.path.isfile(marker):
+        return None
+    try:
+        with open(marker, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{marker}: not valid JSON ({e})") from e
+    if not isinstance(record, dict) or not isinstance(record.get("pretrained"), str):
+        raise ValueError(f"{marker}: expected a JSON object with a 'pretrained' string")
+    return record
+
+
 def write_tiny_base_model(path: str, seed: int = 0, config: str | DenoiserConfig = "latent-tiny") -> str:
     """Write the tiny base model (sizes from a latent ``config``) to ``path``; return ``path``."""
     config = get_config(config) if isinstance(config, str) else config
@@ -118,6 +154,7 @@ def write_tiny_base_model(path: str, seed: int = 0, config: str | DenoiserConfig
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(path, safe_serialization=True)
+    write_weights_marker(path, seed, config.name)
     logger.warning("tiny base model written to %s: pretrained: none (random init), seed %d", path, seed)
     return path
 

@@ -15,6 +15,7 @@ from spatext.eval.benchmark_set import (
     FEW_K,
     MIN_AREA,
     BenchmarkSpec,
+    benchmark_fingerprint,
     file_stem,
     load_benchmark,
     make_benchmark,
@@ -140,6 +141,48 @@ def test_existing_output_needs_overwrite(shards: Path, tmp_path: Path) -> None:
         build(shards, tmp_path / "b", "all", num=3)
     info, samples = build(shards, tmp_path / "b", "filtered", num=2, overwrite=True)
     assert len(samples) == 2 and len(list((tmp_path / "b" / "masks").iterdir())) == 2
+
+
+def test_overwrite_replaces_only_a_benchmark_set(shards: Path, tmp_path: Path) -> None:
+    """--overwrite removes make-benchmark's own entries only, and never the shards being read."""
+    photos = tmp_path / "photos"
+    (photos / "masks").mkdir(parents=True)
+    (photos / "masks" / "holiday.jpg").write_bytes(b"not a mask")
+    with pytest.raises(ValueError, match="--out.*masks.*refusing"):
+        build(shards, photos, "all", num=2, overwrite=True)
+    assert (photos / "masks" / "holiday.jpg").read_bytes() == b"not a mask"
+    (photos / "benchmark.json").write_text('{"format": "my-own"}')
+    with pytest.raises(ValueError, match="--out.*not a benchmark set.*refusing"):
+        build(shards, photos, "all", num=2, overwrite=True)
+    nested = tmp_path / "nested"
+    write_shards(nested / "reference", range(3), parts=1)  # the shards lie in --out's reference/ folder
+    (nested / "samples.jsonl").write_text("")
+    with pytest.raises(ValueError, match="--shards"):
+        build(nested / "reference", nested, "all", overwrite=True)
+    assert (nested / "reference" / "shards" / "part-00000.parquet").is_file()
+
+
+def test_fingerprint_ignores_timings_and_follows_the_content(shards: Path, tmp_path: Path) -> None:
+    """Identical rebuilds keep the fingerprint (benchmark.json's time fields differ); a changed sample changes it."""
+    build(shards, tmp_path / "a", "few", num=3, seed=4)
+    build(shards, tmp_path / "b", "few", num=3, seed=4)
+    info_path = tmp_path / "b" / "benchmark.json"
+    info = json.loads(info_path.read_text())
+    info.update(created="1999-01-01T00:00:00Z", wall_s=123.0, package_version="0.0.0")
+    info_path.write_text(json.dumps(info))
+    first = benchmark_fingerprint(str(tmp_path / "a"))
+    assert len(first) == 64 and benchmark_fingerprint(str(tmp_path / "b")) == first
+    build(shards, tmp_path / "a", "few", num=3, seed=4, overwrite=True)
+    assert benchmark_fingerprint(str(tmp_path / "a")) == first
+    records = [json.loads(line) for line in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
+    records[0]["regions"][0]["prompt"] = "zebra"
+    (tmp_path / "b" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert benchmark_fingerprint(str(tmp_path / "b")) != first
+    mask = tmp_path / "a" / records[1]["masks"]
+    mask.write_bytes(mask.read_bytes() + b"\0")  # a changed mask file
+    assert benchmark_fingerprint(str(tmp_path / "a")) != first
+    build(shards, tmp_path / "c", "few", num=3, seed=5)
+    assert benchmark_fingerprint(str(tmp_path / "c")) != first
 
 
 def test_spec_and_input_errors(tmp_path: Path) -> None:

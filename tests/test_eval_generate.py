@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +22,10 @@ from spatext.eval.baselines import (
     token_positions,
 )
 from spatext.eval.benchmark_set import BenchmarkSpec, file_stem, load_benchmark, make_benchmark
-from spatext.eval.generate import GenerateSpec, read_generations, sample_seed
+from spatext.eval.generate import GenerateSpec, base_weights_label, read_generations, sample_seed
 from spatext.model.pipeline import LocalPromptEncoder, PriorModel, build_pipeline
-from spatext.model.tiny_base import write_tiny_base_model
-from spatext.pipeline.clip import ClipSpec, load_clip
+from spatext.model.tiny_base import WEIGHTS_MARKER, read_weights_marker, write_tiny_base_model
+from spatext.pipeline.clip import RANDOM_INIT_LABEL, ClipSpec, load_clip
 
 STEPS = ["--steps", "2", "--guidance", "3.0"]
 
@@ -123,10 +125,12 @@ def test_generate_reference_and_baselines_through_the_cli(bench, base, tmp_path)
     for method in ("global-only", "concat", "ntlb"):
         out = tmp_path / method
         argv = ["generate", "--benchmark", str(bench), "--method", method, "--base-model", base, "--out", str(out),
-                "--weights-label", "none (random init)", *STEPS, "--ntlb-steps", "1"]
+                *STEPS, "--ntlb-steps", "1"]
         assert cli.main(argv) == 0
         info = _check_folder(out, bench, method)
-        assert info["model"]["weights"] == "none (random init)" and info["model"]["generated_size"] == [32, 32]
+        # No --weights-label: the tiny base model's own marker labels its random weights.
+        assert info["model"]["weights"] == RANDOM_INIT_LABEL and info["model"]["generated_size"] == [32, 32]
+        assert info["model"]["weights_marker"]["seed"] == 0
         assert info["concat_rule"] is (None if method == "global-only" else info["concat_rule"])
     # Same seed and key: the same image, whatever else was generated (concat and ntlb with 0 ntlb steps agree).
     argv = ["generate", "--benchmark", str(bench), "--method", "ntlb", "--base-model", base, *STEPS,
@@ -158,3 +162,51 @@ def test_generate_spatext_run(bench, base, tmp_path) -> None:
                      "--out", str(out), "--steps", "1"]) == 0
     info = _check_folder(out, bench, "spatext")
     assert info["model"]["weights"] == "unknown (no run.json)" and info["model"]["generated_size"] == [32, 32]
+
+
+def test_tiny_base_marker_labels_the_weights(base, tmp_path) -> None:
+    """The tiny base model says its weights are random; generate's label follows it unless told otherwise."""
+    marker = read_weights_marker(base)
+    assert marker["pretrained"] == RANDOM_INIT_LABEL and marker["config"] == "latent-tiny"
+    assert base_weights_label(base, None) == (RANDOM_INIT_LABEL, marker)
+    assert base_weights_label(base, "fine-tuned here") == ("fine-tuned here", marker)  # explicit label wins
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    label, none = base_weights_label(str(plain), None)
+    assert none is None and "provenance not given" in label
+    (plain / WEIGHTS_MARKER).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=WEIGHTS_MARKER):
+        base_weights_label(str(plain), None)
+
+
+def _generate_reference(bench: Path, out: Path, *extra: str) -> int:
+    """``spatext eval generate --method reference`` through the CLI; its exit status."""
+    return cli.main(["generate", "--benchmark", str(bench), "--method", "reference", "--out", str(out), *extra])
+
+
+def test_overwrite_replaces_only_generations_folders(bench, tmp_path, capsys) -> None:
+    """--overwrite never deletes the benchmark, a folder holding it, or a folder generate did not write."""
+    victim = tmp_path / "victim"
+    shutil.copytree(bench, victim)
+    before = sorted(p.relative_to(victim) for p in victim.rglob("*"))
+    for out in (victim, tmp_path):  # the benchmark itself, and a folder that contains it
+        capsys.readouterr()
+        assert _generate_reference(victim, out, "--overwrite") == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--out" in error and "--benchmark" in error and "refusing" in error
+        assert sorted(p.relative_to(victim) for p in victim.rglob("*")) == before
+    load_benchmark(str(victim))  # still whole
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert _generate_reference(bench, mine, "--overwrite") == 2 and (mine / "notes.txt").read_text() == "keep me"
+    # A generations folder, complete or interrupted (images/ of PNGs, no generation.json yet), is replaced.
+    gen = tmp_path / "gen"
+    assert _generate_reference(bench, gen) == 0 and _generate_reference(bench, gen, "--overwrite") == 0
+    (gen / "generation.json").unlink()
+    assert _generate_reference(bench, gen, "--overwrite") == 0
+    assert read_generations(str(gen))["method"] == "reference"
+    info = json.loads((gen / "generation.json").read_text())
+    info["format"] = "something-else"
+    (gen / "generation.json").write_text(json.dumps(info))
+    assert _generate_reference(bench, gen, "--overwrite") == 2 and (gen / "images").is_dir()

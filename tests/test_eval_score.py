@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from spatext.eval import cli
-from spatext.eval.benchmark_set import BenchmarkSpec, load_benchmark, make_benchmark
+from spatext.eval import cli, report, score
+from spatext.eval.benchmark_set import BenchmarkSpec, benchmark_fingerprint, load_benchmark, make_benchmark
+from spatext.eval.generate import file_sha256
 from spatext.eval.masks import parse_perturb
-from spatext.eval.report import PUBLISHED_NOTE
-from spatext.eval.score import bootstrap_interval, perturbed_inputs
+from spatext.eval.report import PUBLISHED_NOTE, bar_chart, error_bars, random_weights_note, write_report
+from spatext.eval.score import ScoreSpec, bootstrap_interval, check_generations, perturbed_inputs
 from spatext.model.tiny_base import write_tiny_base_model
 
 TINY = ["--clip-model", "spatext-tiny", "--clip-pretrained", "none", "--fid-extractor", "clip", "--bootstrap", "200"]
@@ -30,7 +33,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def generations(demo_shards, tmp_path_factory) -> tuple[Path, list[Path]]:
-    """A 4-sample `filtered` benchmark and a generations folder per method (tiny random base model, 2 steps)."""
+    """A 4-sample `filtered` benchmark and a generations folder per method (tiny random base model, 2 steps).
+
+    No --weights-label: the random weights are labelled by the tiny base model's own marker file.
+    """
     root = tmp_path_factory.mktemp("score")
     bench = root / "bench"
     make_benchmark(BenchmarkSpec(shards=str(demo_shards), out=str(bench), protocol="filtered", num=4, seed=0))
@@ -40,7 +46,7 @@ def generations(demo_shards, tmp_path_factory) -> tuple[Path, list[Path]]:
         folders.append(root / method)
         argv = ["generate", "--benchmark", str(bench), "--method", method, "--out", str(folders[-1])]
         if method != "reference":
-            argv += ["--base-model", base, "--steps", "2", "--ntlb-steps", "1", "--weights-label", "none (random init)"]
+            argv += ["--base-model", base, "--steps", "2", "--ntlb-steps", "1"]
         assert cli.main(argv) == 0
     return bench, folders
 
@@ -103,6 +109,8 @@ def test_score_report_with_annotations(generations, tmp_path) -> None:
     assert [(r["protocol"], float(r["fid"])) for r in published] == [("all", 19.8), ("filtered", 18.9), ("few", 16.2)]
     text = (out / "report.md").read_text()
     assert text.count(PUBLISHED_NOTE) >= 3 and "not directly comparable" in text and "random weights" in text
+    assert "generations concat" in text and "generations ntlb" in text  # the tiny base model's marker, end to end
+    assert "generations ntlb" in random_weights_note(report)  # the note the charts and the grid carry
 
 
 def test_score_with_a_segmenter_and_mask_perturbation(generations, tmp_path) -> None:
@@ -130,3 +138,122 @@ def test_score_refuses_generations_of_another_benchmark(generations, demo_shards
     make_benchmark(BenchmarkSpec(shards=str(demo_shards), out=str(other), protocol="few", num=2, seed=1))
     argv = ["score", "--benchmark", str(other), "--generations", str(folders[0]), "--out", str(tmp_path / "r"), *TINY]
     assert cli.main(argv) == 2
+
+
+def test_bootstrap_zero_means_no_interval_and_small_counts_are_refused(generations) -> None:
+    groups = [np.array([0.0, 1.0]), np.array([1.0])]
+    summary = bootstrap_interval(groups, 0, seed=0)
+    assert summary["mean"] == pytest.approx(2 / 3) and summary["ci_low"] is None and summary["ci_high"] is None
+    bench, folders = generations
+    for resamples in (1, 99, -1):
+        with pytest.raises(ValueError, match="--bootstrap must be 0 .* or >= 100"):
+            ScoreSpec(benchmark=str(bench), generations=(str(folders[0]),), out="r", bootstrap=resamples)
+    assert ScoreSpec(benchmark=str(bench), generations=(str(folders[0]),), out="r", bootstrap=0).bootstrap == 0
+
+
+def test_error_bars_are_never_negative(tmp_path) -> None:
+    """A percentile interval above the mean (few or skewed samples) used to crash matplotlib ('yerr' < 0)."""
+    assert error_bars(0.5, 0.6, 0.7) == (0.0, pytest.approx(0.2))
+    assert error_bars(0.5, 0.3, 0.4) == (pytest.approx(0.2), 0.0)
+    assert error_bars(0.5, None, None) == (0.0, 0.0)
+    above = {"mean": 0.5, "ci_low": 0.6, "ci_high": 0.7}  # the interval lies above the mean
+    none = {"mean": 0.5, "ci_low": None, "ci_high": None}  # --bootstrap 0
+    result = {"random_weights": ["clip"], "methods": [
+        {"label": label, "fid": {"fid": None}, "metrics": {"global_distance": summary}}
+        for label, summary in (("a", above), ("b", none))]}
+    bar_chart(result, "global_distance", str(tmp_path / "bars.png"))
+    assert (tmp_path / "bars.png").stat().st_size > 0
+
+
+def test_report_files_are_replaced_all_or_none(generations, tmp_path, monkeypatch) -> None:
+    """--bootstrap 0 end to end; then a failing chart leaves the previous report untouched (no mix, no staging)."""
+    bench, folders = generations
+    out = tmp_path / "report"
+    argv = ["score", "--benchmark", str(bench), "--generations", str(folders[0]), "--out", str(out), *TINY,
+            "--bootstrap", "0"]
+    assert cli.main(argv) == 0
+    result = json.loads((out / "report.json").read_text())
+    assert result["methods"][0]["metrics"]["global_distance"]["ci_low"] is None
+    assert "(no interval)" in (out / "report.md").read_text()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) >= {"report.md", "report.json", "report.csv", "grid.png", "bars_fid.png"}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("chart failed")
+
+    monkeypatch.setattr(report, "image_grid", broken)
+    result["settings"]["seed"] = 99
+    with pytest.raises(RuntimeError, match="chart failed"):
+        write_report(result, str(out), load_benchmark(str(bench)))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _copy_with_images(folder: Path, dest: Path, change) -> Path:
+    """A copy of a generations folder whose generation.json image list was changed by ``change(images)``."""
+    shutil.copytree(folder, dest)
+    info = json.loads((dest / "generation.json").read_text())
+    change(info["images"])
+    (dest / "generation.json").write_text(json.dumps(info))
+    return dest
+
+
+def test_every_generations_folder_is_checked_before_scoring(generations, tmp_path, monkeypatch, capsys) -> None:
+    """Missing and extra keys are named in one line for the folder, before any model loads."""
+    bench, folders = generations
+    fewer = _copy_with_images(folders[0], tmp_path / "fewer", lambda images: images.pop(sorted(images)[0]))
+    extra = _copy_with_images(folders[0], tmp_path / "extra", lambda images: images.update(ghost="images/g.png"))
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("models loaded before the generations folders were checked")
+
+    monkeypatch.setattr(score, "Scorer", no_models)
+    missing_key = sorted(s.key for s in load_benchmark(str(bench)))[0]
+    for folder, expected in ((fewer, f"without an image: 1 of 4 ('{missing_key}')"),
+                             (extra, "not in the benchmark: 1 ('ghost')")):
+        argv = ["score", "--benchmark", str(bench), "--generations", str(folders[0]), str(folder), "--out",
+                str(tmp_path / "r"), *TINY]
+        assert cli.main(argv) == 2
+        error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(error) == 1 and str(folder) in error[0] and expected in error[0]
+    argv = ["score", "--benchmark", str(bench), "--generations", str(folders[0]), "--out", str(folders[0]), *TINY]
+    assert cli.main(argv) == 2 and "write the report to its own folder" in capsys.readouterr().err
+
+
+def test_generations_still_match_an_identically_rebuilt_benchmark(generations, demo_shards, tmp_path) -> None:
+    bench, folders = generations
+    rebuilt = tmp_path / "bench"
+    make_benchmark(BenchmarkSpec(shards=str(demo_shards), out=str(rebuilt), protocol="filtered", num=4, seed=0))
+    info = json.loads((rebuilt / "benchmark.json").read_text())
+    (rebuilt / "benchmark.json").write_text(json.dumps({**info, "created": "2000-01-01T00:00:00Z", "wall_s": 9.0}))
+    assert file_sha256(str(rebuilt / "benchmark.json")) != file_sha256(str(bench / "benchmark.json"))
+    samples = load_benchmark(str(rebuilt))
+    assert check_generations(str(folders[1]), str(rebuilt), samples, benchmark_fingerprint(str(rebuilt)))
+
+
+def _one_error_line(err: str) -> str:
+    """The single `spatext eval score: error: ...` line of stderr (and no traceback)."""
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err
+    return lines[0]
+
+
+def test_missing_weights_offline_are_one_line_cli_errors(generations, tmp_path, monkeypatch, capsys) -> None:
+    """Weights that cannot be downloaded (offline, nothing cached) give `error: ...` and exit status 2."""
+    import open_clip
+
+    bench, folders = generations
+    base = ["score", "--benchmark", str(bench), "--generations", str(folders[0]), "--out", str(tmp_path / "r")]
+
+    def offline(*args, **kwargs):
+        raise OSError("no network (HF_HUB_OFFLINE=1)")
+
+    monkeypatch.setattr(open_clip, "download_pretrained", offline)  # as offline with an empty cache
+    assert cli.main([*base, "--clip-model", "ViT-B-32", "--clip-pretrained", "openai", "--fid-extractor", "clip"]) == 2
+    assert "--clip-pretrained 'openai'" in _one_error_line(capsys.readouterr().err)
+    if importlib.util.find_spec("torch_fidelity") is None:
+        pytest.skip("torch-fidelity is not installed: the default Inception extractor is not available")
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+    assert cli.main([*base, "--clip-model", "spatext-tiny", "--clip-pretrained", "none"]) == 2  # default inception
+    assert "--inception-weights PATH" in _one_error_line(capsys.readouterr().err)

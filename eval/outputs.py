@@ -1,0 +1,41 @@
+"""Safety checks for output folders that ``--overwrite`` may replace (``generate``, ``make-benchmark``, ``score``).
+
+``--overwrite`` removes what a command wrote before; these checks make sure that is all it removes: never a folder
+that is or holds one of the command's inputs (the benchmark, the shards, the run, the base model), and only folders
+whose entries this tool writes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+
+def is_same_or_inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (symlinks resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def refuse_inputs(flag: str, out: str, inputs: Mapping[str, str | None], what: str = "replace") -> None:
+    """ValueError when the output folder ``out`` (given by ``flag``) is or contains one of the named input paths.
+
+    ``inputs`` maps an input's flag (e.g. ``--benchmark``) to its path (None: not given; URLs are skipped).
+    """
+    for name, path in inputs.items():
+        if path and "://" not in path and os.path.exists(path) and is_same_or_inside(path, out):
+            raise ValueError(f"{flag} {out!r} is or contains the {name} folder {path!r}; refusing to {what} it")
+
+
+def only_files_with_suffix(folder: str, suffixes: Iterable[str]) -> bool:
+    """Whether ``folder`` holds regular files with one of ``suffixes`` only (no subfolders, no other files)."""
+    suffixes = tuple(suffixes)
+    with os.scandir(folder) as entries:
+        return all(e.is_file(follow_symlinks=False) and e.name.endswith(suffixes) for e in entries)
+
+
+def a_few(names: Iterable[str], limit: int = 3) -> str:
+    """Up to ``limit`` names, quoted and comma-separated, then how many more (for one-line errors)."""
+    names = sorted(names)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
