@@ -20,10 +20,11 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from apache_beam.runners.runner import PipelineResult
 
 from spatext.pipeline.clip import RANDOM_INIT_LABEL as CLIP_RANDOM_INIT_LABEL
-from spatext.pipeline.clip import ClipEmbedder, ClipSpec, clip_embed_dim
+from spatext.pipeline.clip import ClipEmbedder, ClipSpec, check_pretrained, clip_embed_dim
 from spatext.pipeline.config import BuildConfig, parse_args
 from spatext.pipeline.decode import Decode, DecodeOptions
-from spatext.pipeline.read import COUNTS, REJECTS, ReadCorpus, has_annotations
+from spatext.pipeline.dedupe import DuplicateKeys
+from spatext.pipeline.read import COUNTS, REJECTS, ReadCorpus, check_input, has_annotations
 from spatext.pipeline.records import Reject, rejects_from_failed_batch
 from spatext.pipeline.schema import sample_to_row, shard_schema
 from spatext.pipeline.segment import SegmenterModelHandler
@@ -33,6 +34,7 @@ from spatext.pipeline.write import (
     BUILD_CONFIG,
     WriteUnits,
     clear_output,
+    completed_tables,
     existing_build,
     read_json,
     read_manifest,
@@ -140,6 +142,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, started_at: float, ski
     schema = shard_schema(shard_metadata(config, segmenter))
 
     read = p | "Read" >> ReadCorpus(config.input, config.read_options(), skip)
+    winners = read["samples"] | "DuplicateKeys" >> DuplicateKeys(completed_tables(config.output) if skip else ())
     decoded = read["samples"] | "Decode" >> beam.ParDo(Decode(decode_options)).with_outputs(REJECTS, main="ok")
     share, copies = config.share_models(), config.model_copies
     segmented, seg_failed = decoded.ok | "Segment" >> RunInference(
@@ -161,7 +164,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, started_at: float, ski
     ) | "AllRejects" >> beam.Flatten()
     keyed_rejects = rejects | "RejectsByUnit" >> beam.Map(_keyed_reject)
     markers = {"rows": rows, "rejects": keyed_rejects, "read": read[COUNTS]} | "Write" >> WriteUnits(
-        config.output, schema, int(config.target_shard_mb * 2**20), config.rows_per_group
+        config.output, schema, int(config.target_shard_mb * 2**20), config.rows_per_group, winners
     )
     _ = (
         p
@@ -226,6 +229,9 @@ def execute(
 ) -> tuple[PipelineResult, dict | None]:
     """Run the job for `config`; returns Beam's result (metrics) and the manifest (None if not finished here)."""
     logger.info("build config: %s", json.dumps(config.to_dict(), sort_keys=True))
+    # on the launcher, before --output is touched: bad settings fail fast (exit status 2), leaving nothing behind
+    check_input(config.input, config.read_options())
+    check_pretrained(clip_spec(config))
     skip = prepare_output(config)
     started_at = time.time()
     if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
@@ -256,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             f"read {counts['read']}, accepted {counts['accepted']}, rejected {counts['rejected']} "
             f"{counts['rejected_by_reason']} in {manifest['wall_time_s']:.1f} s"
         )
+        if counts["read"] and not counts["accepted"]:
+            print(f"no sample was accepted: every input was rejected; see {manifest['config']['output']}/rejects/")
     return 0
 
 

@@ -103,6 +103,46 @@ class ClipModel:
         return results, timings
 
 
+class WeightsUnavailableError(FileNotFoundError, RuntimeError):
+    """Pretrained weights that are neither cached nor downloadable here: a missing file (OSError), so the CLI answers
+    with the message and exit status 2 instead of a traceback; still a RuntimeError for callers that caught the
+    loader's RuntimeError before (eval's ModelLoadError wrapper)."""
+
+
+def check_pretrained(spec: ClipSpec) -> None:
+    """Launcher-side check of --clip-model / --clip-pretrained, before any output is written: ValueError for an
+    unknown architecture or a value that is neither a tag, an existing file, nor `none`; WeightsUnavailableError
+    for a tag whose weights are not cached while the hub is offline (HF_HUB_OFFLINE: a cache lookup, no download;
+    online, the workers fetch the weights themselves)."""
+    _check_model_name(spec.model)
+    tags = open_clip.list_pretrained_tags_by_model(spec.model)
+    if spec.pretrained in tags:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            _fetch_pretrained(spec)
+        return
+    if spec.pretrained != RANDOM_INIT and not os.path.isfile(spec.pretrained):
+        raise ValueError(
+            f"--clip-pretrained {spec.pretrained!r} is neither a tag of {spec.model} ({', '.join(tags) or 'none'}), "
+            f"nor an existing checkpoint file, nor `none` (random init, for testing)"
+        )
+
+
+def _fetch_pretrained(spec: ClipSpec) -> dict:
+    """Download (or find in the cache) the weights of a pretrained tag; returns the tag's config.
+    WeightsUnavailableError, with what to do instead, when they cannot be had."""
+    tag_cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
+    try:
+        open_clip.download_pretrained(tag_cfg)
+    except (OSError, RuntimeError, ValueError) as e:  # hub, HTTP, file and checksum errors alike
+        raise WeightsUnavailableError(
+            f"--clip-pretrained {spec.pretrained!r}: the weights of {spec.model} are not available "
+            f"(no network or HF_HUB_OFFLINE=1, and nothing cached). Pass a local checkpoint file "
+            f"(--clip-pretrained /path/to/open_clip_model.safetensors) or `none` (random init, for testing). "
+            f"Cause: {e}"
+        ) from e
+    return tag_cfg
+
+
 def _check_model_name(name: str) -> dict:
     """Return the open_clip config of ``name`` or raise a ValueError listing valid choices."""
     names = open_clip.list_models()
@@ -125,24 +165,11 @@ def _create(spec: ClipSpec) -> tuple[torch.nn.Module, Callable, str]:
     tags = open_clip.list_pretrained_tags_by_model(spec.model)
     kwargs: dict[str, Any] = {"device": spec.device, "pretrained_text": False, "weights_only": True}
     if spec.pretrained in tags:
-        tag_cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
+        tag_cfg = _fetch_pretrained(spec)  # first, so that only a missing download gets its message
         kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))  # e.g. OpenAI's weights need QuickGELU
-        try:  # fetch (or find in the cache) first, so that only a missing download gets this message
-            open_clip.download_pretrained(tag_cfg)
-        except Exception as e:
-            raise RuntimeError(
-                f"--clip-pretrained {spec.pretrained!r}: the weights of {spec.model} are not available "
-                f"(no network or HF_HUB_OFFLINE=1, and nothing cached). Pass a local checkpoint file "
-                f"(--clip-pretrained /path/to/open_clip_model.safetensors) or `none` (random init, for testing). "
-                f"Cause: {e}"
-            ) from e
         model, _, preprocess = open_clip.create_model_and_transforms(spec.model, spec.pretrained, **kwargs)
         return model, preprocess, spec.pretrained
-    if spec.pretrained != RANDOM_INIT and not os.path.isfile(spec.pretrained):
-        raise ValueError(
-            f"--clip-pretrained {spec.pretrained!r} is neither a tag of {spec.model} ({', '.join(tags) or 'none'}), "
-            f"nor an existing checkpoint file, nor `none` (random init, for testing)"
-        )
+    check_pretrained(spec)  # not a tag: an existing file or `none`, else ValueError
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         model, _, preprocess = open_clip.create_model_and_transforms(spec.model, None, **kwargs)

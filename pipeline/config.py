@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from spatext.pipeline.read import INPUT_FORMATS, ReadOptions
 from spatext.pipeline.schema import IMAGE_FORMATS
 from spatext.pipeline.segmenters import available_segmenters, check_segmenter_name
+from spatext.pipeline.selection import SelectOptions
 
 SEGMENTERS = ("auto", *available_segmenters())
+DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")  # the torch devices the model wrappers run on
+JPEG_QUALITY = (1, 100)  # Pillow's range (above 95 the files grow with no visible gain)
+MIN_MAX_PIXELS = 16 * 16  # the smallest image decode accepts (decode.MIN_SIDE squared)
 PRECISIONS = ("fp32", "bf16", "fp16")
 MODEL_SHARING = ("auto", "process", "machine")
 
@@ -65,8 +70,16 @@ class BuildConfig:
         if self.model_copies is not None and self.model_sharing == "process":
             raise ValueError("--model-copies needs --model-sharing machine (or auto): it counts model servers "
                              "per machine")
+        if not DEVICE.fullmatch(self.device):
+            raise ValueError(f"--device must be cpu, cuda, cuda:N, mps or xpu; got {self.device!r}")
+        if not JPEG_QUALITY[0] <= self.jpeg_quality <= JPEG_QUALITY[1]:
+            raise ValueError(f"--jpeg-quality must be in {JPEG_QUALITY[0]}..{JPEG_QUALITY[1]}, got {self.jpeg_quality}")
+        if self.max_pixels < MIN_MAX_PIXELS:
+            raise ValueError(f"--max-pixels must be >= {MIN_MAX_PIXELS} (16 x 16, the smallest image accepted), "
+                             f"got {self.max_pixels}")
         if self.image_size < 16:
             raise ValueError(f"--image-size must be >= 16, got {self.image_size}")
+        SelectOptions(self.min_area, self.k_min, self.k_max, self.seed)  # --min-area / --k-min / --k-max, at launch
         if self.overwrite and self.resume:
             raise ValueError("--overwrite and --resume exclude each other")
         if self.target_shard_mb <= 0:

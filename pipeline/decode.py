@@ -1,9 +1,10 @@
 """Decode stage: RawSample -> Sample (RGB array, resized) or Reject, safely.
 
 Safe means: the pixel count is checked before any pixel is decoded (decompression bombs), EXIF orientation is
-applied, any PIL mode becomes RGB, and a ground-truth id map must match the image it annotates. Downscaling is
-JPEG DCT scaling (``draft``) where the reduction allows it, then an antialiased bicubic resize
-(``spatext.pipeline.resize``: PIL's BICUBIC to within one grey level, several times faster).
+applied, any PIL mode becomes RGB (16-bit and float images scaled to 8 bits by a stated rule, ``deep_to_8bit``), and
+a ground-truth id map must match the image it annotates. Downscaling is JPEG DCT scaling (``draft``) where the
+reduction allows it, then an antialiased bicubic resize (``spatext.pipeline.resize``: PIL's BICUBIC to within one
+grey level, several times faster).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from spatext.pipeline.panoptic import decode_id_map
 from spatext.pipeline.records import REJECTS, RawSample, Reject, Sample, Segment, Segmentation
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: far above any training image, far below a bomb
 MIN_SIDE = 16
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits per pixel: see deep_to_8bit
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIX
                 raise DecodeError("image_too_small", f"{width}x{height}")
             im.draft("RGB", target_size(width, height, image_size))  # JPEG: decode at a reduced scale, fast
             ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
+            if im.mode in DEEP_MODES:
+                im = deep_to_8bit(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -72,8 +76,26 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIX
         return resize_image(rgb, size) if size != (rgb.shape[1], rgb.shape[0]) else rgb.copy()
     except DecodeError:
         raise
+    except UnidentifiedImageError as exc:  # its message names the BytesIO object's address: not reproducible
+        raise DecodeError("unreadable_image", "not an image format Pillow can read") from exc
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise DecodeError("unreadable_image", str(exc)) from exc
+
+
+def deep_to_8bit(im: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float grayscale image as 8-bit 'L' (PIL's own conversion clips to 0..255: a 16-bit
+    image would turn almost white, a float one in [0, 1] black). Integer modes are read as 16-bit data, 0..65535
+    -> 0..255 (what a 16-bit PNG or TIFF holds); float images in [0, 1] are scaled by 255, others in [0, 255] kept.
+    DecodeError `unsupported_image_mode` for values outside those ranges (rejected, never guessed)."""
+    values = np.asarray(im)
+    if im.mode == "F":
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 255:
+            raise DecodeError("unsupported_image_mode", "float image with values outside [0, 255] (or not finite)")
+        scaled = values * 255.0 if values.max() <= 1.0 else values
+        return Image.fromarray(np.rint(scaled).astype(np.uint8), "L")
+    if values.min() < 0 or values.max() > 65535:
+        raise DecodeError("unsupported_image_mode", f"{im.mode} image with values outside 0..65535")
+    return Image.fromarray(((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
 def decode_annotation(

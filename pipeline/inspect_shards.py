@@ -76,6 +76,9 @@ def render_grid(samples: list[ShardSample], columns: int = 4, tile: int = 320, t
 
 def inspect_build(output: str, out: str, num: int = 16, columns: int = 4, tile: int = 320) -> str:
     """Draw the first `num` samples of a build into a PNG at `out`; returns `out`."""
+    for flag, value, least in (("--num", num, 1), ("--columns", columns, 1), ("--tile", tile, 32)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
     pairs = list(itertools.islice(iter_samples(output), num))
     if not pairs:
         raise ValueError(f"{output!r} holds no samples (no rows under shards/)")

@@ -39,6 +39,9 @@ VALID_INPUTS = (
     f"folder: a directory with {CAPTIONS_FILE}; coco: a COCO root with annotations/panoptic_{{split}}.json"
 )
 
+BAD_CAPTION_ENCODING = "bad_caption_encoding"  # a caption that is not UTF-8: rejected, never decoded lossily
+OUTSIDE_CORPUS = "path_outside_corpus"  # a folder entry naming a file outside the corpus root
+
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -119,6 +122,16 @@ def detect_format(pattern: str) -> str:
     )
 
 
+def check_input(pattern: str, options: ReadOptions) -> str:
+    """The format of `--input` (detected for auto) after the launcher's checks: a file pattern matches some file, and
+    no format-specific flag is set for another format; ValueError naming the flag otherwise."""
+    fmt = detect_format(pattern) if options.input_format == "auto" else options.input_format
+    options.check_applies_to(fmt)
+    if fmt in ("webdataset", "parquet") and not match_files(pattern):
+        raise ValueError(f"--input {pattern!r} matches no file")
+    return fmt
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """Webdataset convention: 'dir/KEY.ext.ext' -> ('dir/KEY', 'ext.ext'); the key ends at the basename's first dot."""
     directory, base = posixpath.split(name)
@@ -126,11 +139,16 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (posixpath.join(directory, stem) if directory else stem), ext.lower()
 
 
-def _raw_from_members(key: str, source: str, members: dict[str, bytes]) -> RawSample:
-    """Assemble one RawSample from a key's tar members (image, caption, optional panoptic ground truth)."""
+def _raw_from_members(key: str, source: str, members: dict[str, bytes]) -> RawSample | Reject:
+    """Assemble one RawSample from a key's tar members (image, caption, optional panoptic ground truth); a Reject
+    when the caption is not UTF-8 (decoding it with replacement characters would corrupt the text silently)."""
     image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
     meta = _parse_json(members.get("json"))
-    caption = members["txt"].decode("utf-8", errors="replace") if "txt" in members else None
+    try:
+        caption = members["txt"].decode("utf-8") if "txt" in members else None
+    except UnicodeDecodeError as exc:
+        return Reject(key, source, "read", f"{BAD_CAPTION_ENCODING}: {key}.txt is not UTF-8 ({exc.reason} at byte "
+                      f"{exc.start})")
     if caption is None and isinstance(meta, dict) and isinstance(meta.get("caption"), str):
         caption = meta["caption"]
     annotation = meta if isinstance(meta, dict) and "segments_info" in meta else None
@@ -148,9 +166,11 @@ def _parse_json(data: bytes | None) -> object:
 
 
 def iter_webdataset(fileobj: IO[bytes], source: str) -> Iterator[RawSample | Reject]:
-    """Stream one webdataset tar: one RawSample per key; a Reject for each unusable key or a broken archive."""
+    """Stream one webdataset tar: one RawSample per key; one Reject per unusable key (however many members it has)
+    or for a broken archive."""
     seen: set[str] = set()
     current: str | None = None
+    dropped = False  # the current key was rejected: its remaining members are skipped, not rejected again
     members: dict[str, bytes] = {}
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
@@ -159,17 +179,17 @@ def iter_webdataset(fileobj: IO[bytes], source: str) -> Iterator[RawSample | Rej
                     continue
                 key, ext = split_member_name(info.name)
                 if key != current:
-                    if current is not None:
+                    if current is not None and not dropped:
                         yield _raw_from_members(current, source, members)
-                    if key in seen:
+                    current, members, dropped = key, {}, key in seen
+                    if dropped:
                         yield Reject(key, source, "read", "duplicate_key")
-                        current, members = None, {}
-                        continue
                     seen.add(key)
-                    current, members = key, {}
+                if dropped:
+                    continue
                 if info.size > MAX_MEMBER_BYTES:
                     yield Reject(key, source, "read", f"member_too_large: {info.name} has {info.size} bytes")
-                    current, members = None, {}
+                    dropped = True
                     continue
                 handle = tar.extractfile(info)
                 if handle is not None:
@@ -177,7 +197,7 @@ def iter_webdataset(fileobj: IO[bytes], source: str) -> Iterator[RawSample | Rej
     except (tarfile.TarError, OSError, EOFError) as exc:
         yield Reject(f"{source}#{current or 'archive'}", source, "read", f"unreadable_tar: {exc}")
         return
-    if current is not None:
+    if current is not None and not dropped:
         yield _raw_from_members(current, source, members)
 
 
@@ -187,18 +207,30 @@ def folder_unit(source: str, line_number: int, unit_lines: int = FOLDER_UNIT_LIN
 
 
 def iter_caption_lines(
-    lines: Iterable[str], source: str, unit_lines: int = FOLDER_UNIT_LINES
+    lines: Iterable[str | bytes], source: str, unit_lines: int = FOLDER_UNIT_LINES
 ) -> Iterator[dict | Reject]:
-    """Parse captions.jsonl lines into entries {key, image, caption, unit}; bad or duplicate lines become Rejects."""
+    """Parse captions.jsonl lines into entries {key, image, caption, unit}; bad or duplicate lines become Rejects.
+
+    A line without `key` is keyed by its image's file stem ('images/a.jpg' -> 'a'), the name its ground truth has
+    under panoptic/ (panoptic/a.png); two images with one stem are a `duplicate_key`, never a silent overwrite.
+    Lines given as bytes must be UTF-8: a line that is not becomes a `bad_caption_encoding` reject.
+    """
     seen: set[str] = set()
     for number, line in enumerate(lines, start=1):
+        unit = folder_unit(source, number, unit_lines)
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield Reject(f"{source}:{number}", unit, "read",
+                             f"{BAD_CAPTION_ENCODING}: line {number} is not UTF-8 ({exc.reason} at byte {exc.start})")
+                continue
         if not line.strip():
             continue
-        unit = folder_unit(source, number, unit_lines)
         try:
             entry = json.loads(line)
             image = entry.get("image") or entry.get("file_name")
-            key = str(entry.get("key") or posixpath.splitext(image)[0])
+            key = str(entry.get("key") or posixpath.splitext(posixpath.basename(image))[0])
         except (ValueError, AttributeError, TypeError):
             yield Reject(f"{source}:{number}", unit, "read", "malformed_caption_line")
             continue
@@ -207,6 +239,12 @@ def iter_caption_lines(
             continue
         seen.add(key)
         yield {"key": key, "image": image, "caption": entry.get("caption"), "unit": unit}
+
+
+def outside_corpus(relative: str) -> bool:
+    """Whether a path from captions.jsonl leaves the corpus root: absolute, a URL, or climbing out with '..'."""
+    return (posixpath.isabs(relative) or relative.startswith("\\") or "://" in relative
+            or ".." in relative.replace("\\", "/").split("/"))
 
 
 def read_optional(path: str) -> bytes | None:
@@ -220,6 +258,10 @@ def read_optional(path: str) -> bytes | None:
 def load_folder_entry(entry: dict, root: str) -> RawSample | Reject:
     """Read one folder entry's image and optional panoptic ground truth (panoptic/KEY.png + .json)."""
     key, source = entry["key"], entry.get("unit") or FileSystems.join(root, CAPTIONS_FILE)
+    for what, relative in (("image", entry.get("image")), ("key", key)):
+        if isinstance(relative, str) and outside_corpus(relative):
+            return Reject(key, source, "read", f"{OUTSIDE_CORPUS}: {what} {relative!r} is not a relative path "
+                          f"inside {root!r}")
     image_path = FileSystems.join(root, entry["image"]) if entry.get("image") else None
     try:
         image = read_optional(image_path) if image_path else None
@@ -266,8 +308,7 @@ class _ReadCaptions(beam.DoFn):
     def process(self, path: str) -> Iterator:
         counts: dict[str, int] = {}
         with FileSystems.open(path) as handle:
-            lines = (raw.decode("utf-8", errors="replace") for raw in handle)
-            for item in iter_caption_lines(lines, path):
+            for item in iter_caption_lines(handle, path):  # bytes lines: each is decoded strictly
                 unit = item.source if isinstance(item, Reject) else item["unit"]
                 if unit in self.skip:
                     continue
@@ -300,10 +341,8 @@ class ReadCorpus(beam.PTransform):
         super().__init__()
         self.options = ReadOptions(input_format=options) if isinstance(options, str) else options
         self.pattern = pattern
-        fmt = self.options.input_format
-        self.input_format = detect_format(pattern) if fmt == "auto" else fmt
+        self.input_format = check_input(pattern, self.options)
         self.skip = frozenset(skip)
-        self.options.check_applies_to(self.input_format)
 
     def expand(self, pbegin):
         if self.input_format == "parquet":
@@ -355,7 +394,12 @@ class ReadCorpus(beam.PTransform):
 
 
 def has_annotations(pattern: str, input_format: str, probe_members: int = 64) -> bool:
-    """Whether the corpus carries panoptic ground truth: coco always, parquet never, else a look at the files."""
+    """Whether the corpus carries panoptic ground truth: coco always, parquet never, else a look at the files.
+
+    Tars are probed in order until one has a member: unreadable or empty tars are skipped (the read stage turns them
+    into rejects). When no tar has a member, no sample can reach the segmenter, so the answer is True: `annotations`
+    loads no model, and every input still ends as a read reject.
+    """
     fmt = detect_format(pattern) if input_format == "auto" else input_format
     if fmt in ("coco", "parquet"):
         return fmt == "coco"
@@ -365,12 +409,29 @@ def has_annotations(pattern: str, input_format: str, probe_members: int = 64) ->
         results = FileSystems.match([FileSystems.join(root, "panoptic", "*.png")], limits=[1])
         return any(r.metadata_list for r in results)
     files = match_files(pattern)
-    if not files:
-        return False
-    with FileSystems.open(files[0]) as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-        for number, info in enumerate(tar):
-            if split_member_name(info.name)[1] == "panoptic.png":
-                return True
-            if number >= probe_members:
-                break
-    return False
+    for path in files:
+        found = probe_tar(path, probe_members)
+        if found is not None:
+            return found
+    logger.warning("--segmenter auto: none of the %d input tar(s) has a readable member; every input will be a "
+                   "read reject", len(files))
+    return True
+
+
+def probe_tar(path: str, probe_members: int = 64) -> bool | None:
+    """Whether a tar's first `probe_members` file members include a panoptic PNG; None when the tar is unreadable
+    or holds no file member (it says nothing about the corpus)."""
+    seen = 0
+    try:
+        with FileSystems.open(path) as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                if split_member_name(info.name)[1] == "panoptic.png":
+                    return True
+                seen += 1
+                if seen >= probe_members:
+                    break
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        logger.warning("--segmenter auto: skipping %s while probing for ground truth (unreadable: %s)", path, exc)
+    return (False if seen else None)

@@ -1,17 +1,20 @@
 """Parquet corpora (img2dataset's parquet output, Hugging Face datasets): one RawSample per row, streamed.
 
 Columns, resolved per file from its schema: an explicit name (``--image-column``, ``--caption-column``,
-``--key-column``) wins; otherwise the first present of IMAGE_COLUMNS / CAPTION_COLUMNS / KEY_COLUMNS (exact name
-first, then case-insensitively). The launcher checks the first file (fail fast); a later file whose columns cannot be
-resolved becomes one ``unusable_columns`` reject. An image cell is
-bytes or a Hugging Face Image struct ``{bytes, path}``. Keys: the key column's value, else ``"{file stem}/{row}"``.
+``--key-column``) wins; otherwise the first present of IMAGE_COLUMNS / CAPTION_COLUMNS / KEY_COLUMNS; either way the
+exact name first, then case-insensitively. The launcher checks the first file (fail fast); a later file whose columns
+cannot be resolved becomes one ``unusable_columns`` reject. An image cell is bytes or a Hugging Face Image struct
+``{bytes, path}``. Keys: the key column's value, else ``"{name}/{row}"`` where name is the file's path relative to
+the input files' common folder, without ``.parquet`` (``train/0000/5`` and ``test/0000/5`` for a Hugging Face
+dataset's ``default/{train,test}/0000.parquet``; the file stem when all files share a folder), so default keys are
+unique across the input set.
 
 Rows are rejected at read only for what the reader knows and decode cannot: img2dataset's failed downloads
 (``status`` != "success" -> ``download_failed: <error_message>``) and rows with a URL but no image bytes
 (``url_only``: downloading is img2dataset's job). A row with neither image nor URL flows on and decode rejects it as
-``missing_image``, like the other readers. The unit of work is one file: its path is every row's source.
-Files are read row batch by row batch, with only the needed columns: local ones by Arrow itself, others through
-Beam's FileSystems (see ``spatext.pipeline.parquet_files``).
+``missing_image``, like the other readers. The unit of work is one file: its path is every row's source. Files are
+read row batch by row batch, with only the needed columns: local ones by Arrow itself, others through Beam's
+FileSystems (see ``spatext.pipeline.parquet_files``).
 """
 
 from __future__ import annotations
@@ -80,30 +83,39 @@ def _is_image_type(kind: pa.DataType) -> bool:
 
 
 def resolve_columns(schema: pa.Schema, path: str, options: ReadOptions) -> ParquetColumns:
-    """The columns to read from a file with `schema`; ValueError naming the file and listing its columns if unusable."""
+    """The columns to read from a file with `schema`; ValueError naming the file and listing its columns if unusable.
+
+    An explicit flag's name follows the same rule as the defaults: the exact name first, then ignoring case."""
     names = list(schema.names)
     listing = f"its columns: {', '.join(f'{n} ({schema.field(n).type})' for n in names)}"
+    chosen: dict[str, str | None] = {}
     for flag, value in (("--image-column", options.image_column), ("--caption-column", options.caption_column),
                         ("--key-column", options.key_column)):
-        if value is not None and value not in names:
+        chosen[flag] = None if value is None else _pick(names, [value])
+        if value is not None and chosen[flag] is None:
             raise ValueError(f"{flag} {value!r} is not a column of {path!r}; {listing}")
     url = _pick(names, URL_COLUMNS)
-    image = options.image_column or _pick(names, IMAGE_COLUMNS)
+    image = chosen["--image-column"] or _pick(names, IMAGE_COLUMNS)
     if image is None:
-        hint = ("it has URLs but no image bytes: download images first (e.g. with img2dataset)" if url
-                else "pass --image-column")
+        binary = [n for n in names if _is_image_type(schema.field(n).type)]
+        if binary:
+            hint = f"pass --image-column {binary[0]} (columns holding bytes: {', '.join(binary)})"
+        elif url:
+            hint = "it has URLs but no image bytes: download images first (e.g. with img2dataset)"
+        else:
+            hint = "no column holds image bytes; pass --image-column"
         raise ValueError(f"{path!r}: no image column (looked for {', '.join(IMAGE_COLUMNS)}); {hint}; {listing}")
     if not _is_image_type(schema.field(image).type):
         raise ValueError(f"{path!r}: image column {image!r} must hold bytes or a {{bytes, path}} struct, "
                          f"not {schema.field(image).type}; {listing}")
-    caption = options.caption_column or _pick(names, CAPTION_COLUMNS)
+    caption = chosen["--caption-column"] or _pick(names, CAPTION_COLUMNS)
     if caption is None:
         raise ValueError(f"{path!r}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}); "
                          f"pass --caption-column; {listing}")
     status = STATUS_COLUMN if STATUS_COLUMN in names else None
     return ParquetColumns(
-        image=image, caption=caption, key=options.key_column or _pick(names, KEY_COLUMNS), url=url, status=status,
-        error=ERROR_COLUMN if status and ERROR_COLUMN in names else None,
+        image=image, caption=caption, key=chosen["--key-column"] or _pick(names, KEY_COLUMNS), url=url,
+        status=status, error=ERROR_COLUMN if status and ERROR_COLUMN in names else None,
     )
 
 
@@ -154,18 +166,37 @@ def row_to_item(row: dict, key: str, source: str, columns: ParquetColumns) -> Ra
     return RawSample(key, source, image, _caption_cell(row.get(columns.caption)))
 
 
+def common_folder(files: Sequence[str]) -> str:
+    """The deepest folder that holds every file ('' when they share none): the root default keys are relative to."""
+    parts = [f.split("/")[:-1] for f in files]
+    common: list[str] = []
+    for names in zip(*parts, strict=False):
+        if any(n != names[0] for n in names):
+            break
+        common.append(names[0])
+    return "/".join(common)
+
+
+def key_name(path: str, root: str) -> str:
+    """A file's name in default keys: its path below `root`, without the .parquet extension."""
+    name = path[len(root) + 1 :] if root and path.startswith(root + "/") else path
+    return name[: -len(".parquet")] if name.endswith(".parquet") else name
+
+
 def _row_key(row: dict, stem: str, index: int, columns: ParquetColumns) -> str:
-    """The key column's value, else '{file stem}/{row index}'."""
+    """The key column's value, else '{file name}/{row index}'."""
     value = row.get(columns.key) if columns.key else None
     return f"{stem}/{index}" if value is None or value == "" else str(value)
 
 
 def iter_parquet(
-    fileobj: IO[bytes] | str, source: str, options: ReadOptions, batch_rows: int = BATCH_ROWS
+    fileobj: IO[bytes] | str, source: str, options: ReadOptions, batch_rows: int = BATCH_ROWS, root: str | None = None
 ) -> Iterator[RawSample | Reject]:
-    """Stream one parquet file: one item per row; duplicate keys, unusable columns or a broken file become Rejects."""
-    stem = posixpath.basename(source)
-    stem = stem[: -len(".parquet")] if stem.endswith(".parquet") else stem
+    """Stream one parquet file: one item per row; duplicate keys, unusable columns or a broken file become Rejects.
+
+    `root`: the input files' common folder (``common_folder``); default keys name the file relative to it (None:
+    the file's own folder, i.e. its stem)."""
+    stem = key_name(source, posixpath.dirname(source) if root is None else root)
     seen: set[str] = set()
     index = 0
     try:
@@ -191,15 +222,15 @@ def iter_parquet(
 class _ReadParquetFile(beam.DoFn):
     """One parquet file -> RawSamples, with Rejects on 'rejects' and (file, rows read) on 'counts'."""
 
-    def __init__(self, options: ReadOptions, batch_rows: int = BATCH_ROWS) -> None:
-        self.options, self.batch_rows = options, batch_rows
+    def __init__(self, options: ReadOptions, batch_rows: int = BATCH_ROWS, root: str | None = None) -> None:
+        self.options, self.batch_rows, self.root = options, batch_rows, root
         self.read = beam.metrics.Metrics.counter("spatext_read", "samples_read")
         self.rejected = beam.metrics.Metrics.counter("spatext_read", "rejected")
 
     def process(self, path: str) -> Iterator:
         count = 0
         with open_parquet(path) as handle:
-            for item in iter_parquet(handle, path, self.options, self.batch_rows):
+            for item in iter_parquet(handle, path, self.options, self.batch_rows, self.root):
                 count += 1
                 yield from route_item(item, self.read, self.rejected)
         yield beam.pvalue.TaggedOutput(COUNTS, (path, count))
@@ -223,6 +254,7 @@ class ReadParquet(beam.PTransform):
             pbegin
             | "ListParquet" >> beam.Create([f for f in self.files if f not in self.skip])
             | "SpreadParquet" >> beam.Reshuffle()
-            | "ReadParquet" >> beam.ParDo(_ReadParquetFile(self.options)).with_outputs(REJECTS, COUNTS, main="samples")
+            | "ReadParquet" >> beam.ParDo(_ReadParquetFile(self.options, root=common_folder(self.files)))
+            .with_outputs(REJECTS, COUNTS, main="samples")
         )
         return {"samples": read.samples, REJECTS: read[REJECTS], COUNTS: read[COUNTS]}

@@ -6,11 +6,14 @@ Plain dataclasses of numpy arrays and builtins, so every runner can serialise th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 REJECTS = "rejects"  # the tagged output every stage sends its Rejects to
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # CPython's default repr: '<... object at 0x7f3a...>'
+
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,11 @@ class Reject:
     source: str
     stage: str  # read | decode | segment | select | embed
     reason: str  # a short machine-readable code, optionally followed by ': detail'
+
+    def __post_init__(self) -> None:
+        """Keep the reason reproducible: object addresses in exception texts ('<_io.BytesIO object at 0x7f..>')
+        differ on every run, so a rerun's rejects table would differ; they are dropped."""
+        object.__setattr__(self, "reason", _ADDRESS.sub("", self.reason))
 
 
 def rejects_from_failed_batch(failure: tuple, stage: str, code: str, max_detail: int = 300) -> list[Reject]:

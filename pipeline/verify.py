@@ -27,7 +27,7 @@ from spatext.pipeline.schema import (
     row_to_sample,
     shard_schema,
 )
-from spatext.pipeline.write import REJECTS_DIR, SHARDS_DIR, list_parquet, read_manifest
+from spatext.pipeline.write import REJECTS_DIR, SHARDS_DIR, UNITS_DIR, existing_build, list_parquet, read_manifest
 
 logger = logging.getLogger(__name__)
 NORM_TOLERANCE = 2e-2  # float16 storage of a unit vector: the norm error stays well below this
@@ -54,6 +54,8 @@ class VerifyReport:
         """A readable report: summary line, violation counts by kind, the first `limit` violations."""
         status = "OK" if self.ok else f"FAILED: {len(self.violations)} violation(s)"
         lines = [f"{status} — {self.shards} shard(s), {self.rows} row(s), {self.rejects} reject row(s)"]
+        if self.ok and not self.rows:
+            lines[0] += "; no sample was accepted: every input was rejected (reasons in rejects/)"
         if self.violations:
             kinds = Counter(message.split(":", 1)[0] for _, _, message in self.violations)
             lines.append("by kind: " + ", ".join(f"{k} x{n}" for k, n in kinds.most_common()))
@@ -157,12 +159,26 @@ def _verify_counts(output: str, shards: list[str], report: VerifyReport) -> None
         report.add(output, "", f"shard_files: manifest lists {len(listed)} shard(s), directory has {len(present)}")
 
 
+def _all_rejected(output: str) -> bool:
+    """Whether the manifest says the build accepted no sample (then no shards is right, not a violation)."""
+    try:
+        return read_manifest(output).get("counts", {}).get("accepted") == 0
+    except (OSError, ValueError):
+        return False
+
+
 def verify_build(output: str, progress: bool = True) -> VerifyReport:
-    """Verify a build directory; returns the report (never raises for a bad shard: it is reported)."""
+    """Verify a build directory; returns the report (never raises for a bad shard: it is reported).
+
+    FileNotFoundError when `output` holds no build at all. A build whose manifest accepted no sample (every input
+    rejected) has no shards; that is consistent, and the report says so instead of failing."""
+    if not existing_build(output):
+        raise FileNotFoundError(f"{output!r} holds no build (no manifest.json, shards/ or {UNITS_DIR}/); "
+                                "pass the --output of a `spatext build`")
     report = VerifyReport()
     shards = list_parquet(output, SHARDS_DIR)
     report.shards = len(shards)
-    if not shards:
+    if not shards and not _all_rejected(output):
         report.add(output, "", f"no_shards: no Parquet files under {FileSystems.join(output, SHARDS_DIR)}")
     keys: Counter = Counter()
     for path in tqdm(shards, desc="verify", unit="shard", disable=not progress):
@@ -179,7 +195,7 @@ def verify_build(output: str, progress: bool = True) -> VerifyReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry: print the report; exit status 1 on any violation."""
+    """Console entry: print the report; exit status 1 on any violation (2, via the CLI, when there is no build)."""
     parser = argparse.ArgumentParser(prog="spatext verify", description=__doc__.splitlines()[0])
     parser.add_argument("output", help="a build's output directory (holds shards/, rejects/, manifest.json)")
     parser.add_argument("--limit", type=int, default=50, help="violations to list in full")

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from spatext.pipeline.dedupe import duplicate_reject
 from spatext.pipeline.records import Reject
 from spatext.pipeline.schema import REJECT_SCHEMA, reject_to_row
 
@@ -72,6 +73,16 @@ def write_atomic(path: str, data: bytes) -> None:
 def read_markers(output: str) -> list[dict]:
     """The markers of all completed units of a build."""
     return [read_json(p) for p in list_files(output, UNITS_DIR, ".json")]
+
+
+def completed_tables(output: str) -> list[tuple[str, str, str]]:
+    """(unit, table, parquet file) of every file that the build's completed units wrote ('shards' / 'rejects')."""
+    tables = []
+    for marker in read_markers(output):
+        tables += [(marker["source"], SHARDS_DIR, FileSystems.join(output, SHARDS_DIR, s)) for s in marker["shards"]]
+        if marker.get("rejects"):
+            tables.append((marker["source"], REJECTS_DIR, FileSystems.join(output, REJECTS_DIR, marker["rejects"])))
+    return tables
 
 
 def existing_build(output: str) -> bool:
@@ -129,11 +140,20 @@ class _WriteUnit(beam.DoFn):
         self.shards = beam.metrics.Metrics.counter("spatext_write", "shards_written")
         self.mismatches = beam.metrics.Metrics.counter("spatext_write", "unit_count_mismatches")
 
-    def process(self, element: tuple[str, dict]) -> Iterator[dict]:
+    def process(self, element: tuple[str, dict], winners: dict[str, str] | None = None) -> Iterator[dict]:
+        """Write one unit; a row whose key `winners` assigns to another unit becomes a duplicate_key reject."""
         source, grouped = element
         name = unit_name(source)
-        rows = sorted(grouped["rows"], key=lambda r: r["key"])
-        rejects = sorted(grouped["rejects"], key=lambda r: (r.key, r.stage))
+        winners = winners or {}
+        rows, duplicates = [], []
+        for row in grouped["rows"]:
+            first = winners.get(row["key"], source)
+            if first == source:
+                rows.append(row)
+            else:
+                duplicates.append(duplicate_reject(row["key"], source, first))
+        rows.sort(key=lambda r: r["key"])
+        rejects = sorted([*grouped["rejects"], *duplicates], key=lambda r: (r.key, r.stage, r.reason))
         shard_names = []
         for i, group in enumerate(split_by_bytes(rows, self.target_bytes)):
             shard_names.append(f"{name}-{i:05d}{SUFFIX}")
@@ -176,14 +196,22 @@ def unit_marker(
 
 
 class WriteUnits(beam.PTransform):
-    """Join rows, rejects and read counts by unit and write each unit; returns the markers written."""
+    """Join rows, rejects and read counts by unit and write each unit; returns the markers written.
 
-    def __init__(self, output: str, schema: pa.Schema, target_bytes: int, rows_per_group: int) -> None:
+    `winners`: optional (key, unit) pairs of keys several units hold (``dedupe.DuplicateKeys``): only the named
+    unit keeps its row of such a key.
+    """
+
+    def __init__(self, output: str, schema: pa.Schema, target_bytes: int, rows_per_group: int, winners=None) -> None:
         super().__init__()
         self.write = _WriteUnit(output, schema, target_bytes, rows_per_group)
+        self.winners = winners
 
     def expand(self, keyed: dict):
-        return keyed | "GroupByUnit" >> beam.CoGroupByKey() | "WriteUnit" >> beam.ParDo(self.write)
+        grouped = keyed | "GroupByUnit" >> beam.CoGroupByKey()
+        if self.winners is None:
+            return grouped | "WriteUnit" >> beam.ParDo(self.write)
+        return grouped | "WriteUnit" >> beam.ParDo(self.write, winners=beam.pvalue.AsDict(self.winners))
 
 
 def summarize(markers: Iterable[dict]) -> dict:

@@ -30,6 +30,13 @@ def pick_clip_pretrained(model: str, wanted: str) -> str:
     return wanted
 
 
+def rejects_line(output: str, counts: dict) -> str:
+    """The summary's rejects line: the folder when the build wrote one (only rejected inputs create it)."""
+    if counts.get("rejected"):
+        return f"  rejects  {os.path.join(output, 'rejects')}"
+    return "  rejects  none (every input was accepted, so no rejects/ folder)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo end to end."""
     parser = argparse.ArgumentParser(prog="spatext demo", description=__doc__.splitlines()[0])
@@ -63,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  corpus   {corpus}  ({args.num_samples} samples, webdataset tars with panoptic ground truth)",
         f"  shards   {os.path.join(output, 'shards')}  (accepted {counts.get('accepted')}, "
         f"rejected {counts.get('rejected')} {counts.get('rejected_by_reason')})",
-        f"  rejects  {os.path.join(output, 'rejects')}",
+        rejects_line(output, counts),
         f"  manifest {os.path.join(output, 'manifest.json')}",
         f"  verify   {report.format().splitlines()[0]}",
         f"  picture  {grid}",

@@ -28,3 +28,43 @@ def test_debug_env_keeps_the_exception(tmp_path, monkeypatch):
 def test_usage_and_unknown_command(capsys):
     assert main([]) == 0 and "commands:" in capsys.readouterr().out
     assert main(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--device", "tpu"], "--device must be cpu, cuda, cuda:N, mps or xpu; got 'tpu'"),
+    (["--jpeg-quality", "0"], "--jpeg-quality must be in 1..100, got 0"),
+    (["--jpeg-quality", "1000"], "--jpeg-quality must be in 1..100, got 1000"),
+    (["--max-pixels", "0"], "--max-pixels must be >= 256"),
+    (["--k-min", "3", "--k-max", "2"], "--k-min <= --k-max"),
+    # the default CLIP weights offline: checked on the launcher, before --output is created
+    (["--clip-model", "ViT-B-32"], "--clip-pretrained 'openai': the weights of ViT-B-32 are not available"),
+])
+def test_bad_build_settings_are_a_message_and_status_2(flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    (tmp_path / "in.tar").write_bytes(b"")
+    out = tmp_path / "out"
+    assert main(["build", "--input", str(tmp_path / "in.tar"), "--output", str(out), "--segmenter", "annotations",
+                 *flags]) == 2
+    err = capsys.readouterr().err
+    assert "spatext build: error: " in err and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_verify_and_inspect_without_a_build_are_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    assert main(["verify", str(tmp_path / "nothere")]) == 2
+    assert f"spatext verify: error: '{tmp_path / 'nothere'}' holds no build" in capsys.readouterr().err
+    for num in ("0", "-3"):
+        assert main(["inspect", str(tmp_path), "--out", str(tmp_path / "g.png"), "--num", num]) == 2
+        assert f"spatext inspect: error: --num must be >= 1, got {num}" in capsys.readouterr().err
+
+
+def test_a_build_that_rejects_every_input_verifies_and_says_so(tmp_path, capsys):
+    (tmp_path / "in.tar").write_bytes(b"")  # unreadable: one read reject, no sample
+    out = str(tmp_path / "out")
+    assert main(["build", "--input", str(tmp_path / "in.tar"), "--output", out, "--clip-model", "spatext-tiny",
+                 "--clip-pretrained", "none"]) == 0  # --segmenter auto: nothing to probe, no model is loaded
+    assert "no sample was accepted" in capsys.readouterr().out
+    assert main(["verify", out]) == 0
+    report = capsys.readouterr().out
+    assert report.startswith("OK") and "1 reject row(s)" in report and "no sample was accepted" in report

@@ -23,6 +23,7 @@ from spatext.pipeline.clip import (
     TINY_MODEL,
     ClipEmbedder,
     ClipSpec,
+    check_pretrained,
     embed_images,
     embed_texts,
     load_clip,
@@ -148,8 +149,14 @@ def test_unknown_model_names_flag_and_choices() -> None:
 
 def test_missing_tag_offline_fails_fast() -> None:
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"--clip-pretrained 'openai'.*local checkpoint file.*`none`"):
+    # a FileNotFoundError, so that the CLI prints `error: ...` and exits 2 (test_cli), not a traceback
+    with pytest.raises(FileNotFoundError, match=r"--clip-pretrained 'openai'.*local checkpoint file.*`none`"):
         load_clip(ClipSpec(model="ViT-B-32", pretrained="openai"))
+    with pytest.raises(FileNotFoundError, match=r"--clip-pretrained 'openai'"):  # the launcher's check: no build
+        check_pretrained(ClipSpec(model="ViT-B-32", pretrained="openai"))
+    check_pretrained(ClipSpec(model=TINY_MODEL, pretrained="none"))
+    with pytest.raises(ValueError, match=r"--clip-pretrained 'nope'"):
+        check_pretrained(ClipSpec(model=TINY_MODEL, pretrained="nope"))
     assert time.monotonic() - start < 10
 
 

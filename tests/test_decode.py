@@ -21,7 +21,7 @@ from spatext.pipeline.decode import (
     target_size,
 )
 from spatext.pipeline.panoptic import encode_id_map
-from spatext.pipeline.records import RawSample
+from spatext.pipeline.records import RawSample, Reject
 
 
 def test_resize_keeps_aspect_and_never_upsamples():
@@ -140,3 +140,40 @@ def test_oversized_annotation_map_is_rejected_before_decoding():
     Image.new("RGB", (8000, 6000)).save(buf, format="PNG")  # 48 Mpx: over the limit below, not decoded
     with pytest.raises(DecodeError, match="panoptic map 8000x6000 exceeds"):
         decode_annotation(buf.getvalue(), {"segments_info": []}, (400, 300), max_pixels=1_000_000)
+
+
+def _encoded(values: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("values", "fmt", "expected_mode"), [
+    (np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16), "PNG", "I;16"),  # 16-bit grayscale PNG
+    (np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.int32), "TIFF", "I"),
+    (np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32), "TIFF", "F"),  # float in [0, 1]
+    (np.linspace(0, 255, 32 * 32, dtype=np.float32).reshape(32, 32), "TIFF", "F"),  # float in [0, 255]
+])
+def test_deep_grayscale_is_scaled_to_8_bits_not_clipped(values, fmt, expected_mode):
+    data = _encoded(values, fmt)
+    assert Image.open(io.BytesIO(data)).mode == expected_mode
+    image = decode_image(data, 512)
+    expected = np.rint(np.linspace(0, 255, 32 * 32)).reshape(32, 32)
+    assert image.dtype == np.uint8 and (image[..., 0] == image[..., 2]).all()
+    assert np.abs(image[..., 0].astype(int) - expected).max() <= 1  # the whole range, not all white / all black
+
+
+@pytest.mark.parametrize("values", [np.full((32, 32), -5.0, np.float32), np.full((32, 32), 1e6, np.float32),
+                                    np.full((32, 32), -1, np.int32)])
+def test_deep_images_outside_the_stated_ranges_are_rejected(values):
+    with pytest.raises(DecodeError) as err:
+        decode_image(_encoded(values, "TIFF"), 512)
+    assert err.value.reason == "unsupported_image_mode"
+
+
+def test_reject_reasons_are_reproducible():
+    with pytest.raises(DecodeError) as err:
+        decode_image(b"not an image", 512)
+    assert str(err.value) == "unreadable_image: not an image format Pillow can read"
+    reject = Reject("k", "s", "embed", "embedder_error: <_io.BytesIO object at 0x7f3a12cd>, <Foo object at 0xABC1>")
+    assert reject.reason == "embedder_error: <_io.BytesIO object>, <Foo object>"

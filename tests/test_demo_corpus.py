@@ -330,3 +330,10 @@ def test_module_runs_as_a_script(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(out)) == ["corpus.json", "shard-00000.tar", "shard-00001.tar"]
+
+
+def test_demo_summary_names_a_rejects_folder_only_when_there_is_one():
+    from spatext.demo import rejects_line
+
+    assert rejects_line("b", {"rejected": 2}) == f"  rejects  {os.path.join('b', 'rejects')}"
+    assert "no rejects/ folder" in rejects_line("b", {"rejected": 0})

@@ -70,7 +70,7 @@ def test_caption_lines_parse_dedupe_and_reject(tmp_path):
     assert items[0] == {"key": "a", "image": "images/a.jpg", "caption": "A", "unit": "captions.jsonl#000000"}
     assert items[2]["unit"] == "captions.jsonl#000001" and items[3].source == "captions.jsonl#000001"
     assert isinstance(items[1], Reject) and items[1].reason == "malformed_caption_line"
-    assert items[2]["key"] == "images/b"
+    assert items[2]["key"] == "b"  # the image's file stem: the name its ground truth has under panoptic/
     assert isinstance(items[3], Reject) and items[3].reason == "duplicate_key"
     assert len(items) == 4
 
@@ -100,3 +100,48 @@ def test_detect_format_and_brace_ranges(tmp_path, make_tar):
         read.detect_format(str(tmp_path / "*"))
     with pytest.raises(ValueError, match="matches no file"):
         read.detect_format(os.path.join(str(tmp_path), "nothing-*.tar"))
+
+
+def test_a_repeated_key_is_one_reject_however_many_members_it_has(make_tar, monkeypatch):
+    monkeypatch.setattr(read, "MAX_MEMBER_BYTES", 10)
+    sample = [("k1.jpg", b"i"), ("k1.txt", b"c"), ("k1.json", b"{}"), ("k1.panoptic.png", b"p")]
+    path = make_tar("d.tar", [*sample, ("k2.jpg", b"i"), *sample, ("k3.jpg", b"y" * 11), ("k3.txt", b"c"),
+                              ("k4.jpg", b"i")])
+    items = _iter_tar(path)
+    assert [(type(i).__name__, i.key) for i in items] == [
+        ("RawSample", "k1"), ("RawSample", "k2"), ("Reject", "k1"), ("Reject", "k3"), ("RawSample", "k4")]
+    assert items[2].reason == "duplicate_key" and items[3].reason.startswith("member_too_large")
+
+
+def test_a_caption_that_is_not_utf8_is_a_reject_not_replacement_characters(make_tar, tmp_path):
+    items = _iter_tar(make_tar("e.tar", [("k1.jpg", b"i"), ("k1.txt", "café".encode("latin-1"))]))
+    assert len(items) == 1 and isinstance(items[0], Reject)
+    assert items[0].reason.startswith(read.BAD_CAPTION_ENCODING) and "k1.txt" in items[0].reason
+    lines = [json.dumps({"image": "a.jpg", "caption": "café"}, ensure_ascii=False).encode("latin-1"), b"\n"]
+    [reject] = read.iter_caption_lines(lines, "captions.jsonl")
+    assert isinstance(reject, Reject) and reject.reason.startswith(read.BAD_CAPTION_ENCODING)
+
+
+def test_folder_entries_outside_the_corpus_root_are_rejected(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "secret.jpg").write_bytes(jpeg_bytes())
+    root = str(tmp_path / "corpus")
+    for image in ("../secret.jpg", str(tmp_path / "secret.jpg"), "images/../../secret.jpg", "gs://other/x.jpg"):
+        [entry] = read.iter_caption_lines([json.dumps({"image": image, "caption": "c"})], "captions.jsonl")
+        item = read.load_folder_entry(entry, root)
+        assert isinstance(item, Reject) and item.reason.startswith(read.OUTSIDE_CORPUS), image
+    escaping_key = read.load_folder_entry({"key": "../x", "image": "a.jpg", "caption": "c"}, root)
+    assert isinstance(escaping_key, Reject) and "key '../x'" in escaping_key.reason
+
+
+def test_auto_segmenter_probe_skips_unreadable_and_empty_tars(tmp_path, make_tar):
+    (tmp_path / "a-0.tar").write_bytes(b"")  # zero bytes: tarfile.ReadError
+    make_tar("a-1.tar", [])  # a valid tar without members
+    (tmp_path / "a-2.tar").write_bytes(b"\x00garbage" * 100)
+    make_tar("a-3.tar", [("k.jpg", b"i"), ("k.txt", b"c"), ("k.json", b"{}"), ("k.panoptic.png", b"p")])
+    assert read.has_annotations(str(tmp_path / "a-*.tar"), "auto") is True
+    make_tar("b-0.tar", [])
+    make_tar("b-1.tar", [("k.jpg", b"i"), ("k.txt", b"c")])
+    assert read.has_annotations(str(tmp_path / "b-*.tar"), "auto") is False
+    # nothing readable: no sample can reach a segmenter; `annotations` loads no model and all inputs become rejects
+    assert read.has_annotations(str(tmp_path / "a-[02].tar"), "webdataset") is True

@@ -172,3 +172,14 @@ def test_image_column_must_hold_bytes(tmp_path):
     pq.write_table(pa.table({"image": ["a/path.jpg"], "caption": ["c"]}), path)
     with pytest.raises(ValueError, match=r"image column 'image' must hold bytes"):
         resolve_columns(pq.read_schema(path), str(path), ReadOptions())
+
+
+def test_column_errors_suggest_binary_columns_and_flags_ignore_case(tmp_path):
+    path = tmp_path / "mine.parquet"
+    pq.write_table(pa.table({"MyKey": ["a"], "Photo": [b"x"], "Desc": ["d"], "url": ["u"]}), path)
+    schema = pq.read_schema(path)
+    with pytest.raises(ValueError, match=r"mine\.parquet.*pass --image-column Photo \(columns holding bytes: Photo\)"):
+        resolve_columns(schema, str(path), ReadOptions())  # not "has URLs but no image bytes": Photo holds bytes
+    columns = resolve_columns(schema, str(path), ReadOptions(image_column="photo", caption_column="DESC",
+                                                             key_column="mykey"))
+    assert (columns.image, columns.caption, columns.key) == ("Photo", "Desc", "MyKey")

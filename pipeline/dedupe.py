@@ -1,0 +1,77 @@
+"""Keys unique across the input set: which copy of a key that several input units hold is kept (first wins).
+
+Readers drop duplicates inside one unit (a tar, a parquet file, a captions.jsonl). Across units a key can repeat too
+(the same tar passed twice, two sources naming samples alike), and shards must hold each key once. At scale this is
+a shuffle of keys only: (key, unit) pairs -> GroupByKey -> for each key held by more than one unit, the winning unit,
+the smallest source name. The choice depends on the input set alone, not on the order of arrival, so every runner,
+worker count and retry keeps the same copy. The winners (one entry per duplicated key: rare) are a side input of the
+write step, which turns each other copy's row into a `read/duplicate_key` reject of its own unit there, after the
+write's existing group-by-unit shuffle: no extra materialisation of images, and accepted + rejected = read still
+holds per unit.
+
+On --resume the units completed earlier are not read again; their keys come from their shards and rejects tables,
+so a key they hold still wins over a copy in a unit read now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import apache_beam as beam
+
+from spatext.pipeline.parquet_files import parquet_file
+from spatext.pipeline.records import RawSample, Reject
+
+DUPLICATE_KEY = "duplicate_key"
+
+
+def key_source(sample: RawSample) -> tuple[str, str]:
+    """(key, unit) of a sample as read."""
+    return sample.key, sample.source
+
+
+def winner(element: tuple[str, Iterable[str]]) -> Iterator[tuple[str, str]]:
+    """(key, its units) -> (key, winning unit) when more than one unit holds the key; nothing otherwise."""
+    key, sources = element
+    distinct = set(sources)
+    if len(distinct) > 1:
+        yield key, min(distinct)
+
+
+def done_keys(done: tuple[str, str, str]) -> Iterator[tuple[str, str]]:
+    """(unit, table, parquet file) of a completed unit -> the (key, unit) pairs of the samples it read.
+
+    `table` is 'shards' (every row a sample) or 'rejects' (rows of stage read are not samples and are skipped).
+    """
+    source, table, path = done
+    columns = ["key"] if table == "shards" else ["key", "stage"]  # write.SHARDS_DIR (write imports this module)
+    for row in parquet_file(path).read(columns=columns).to_pylist():
+        if row.get("stage", "") != "read":
+            yield row["key"], source
+
+
+def duplicate_reject(row_key: str, source: str, first: str) -> Reject:
+    """The reject of a copy of `row_key` in `source` whose key unit `first` holds too."""
+    return Reject(row_key, source, "read", f"{DUPLICATE_KEY}: first read from {first}")
+
+
+class DuplicateKeys(beam.PTransform):
+    """RawSamples -> (key, winning unit) for every key that more than one input unit holds.
+
+    `done`: (unit, table, parquet file) of units an earlier run completed (resume), whose keys count too.
+    """
+
+    def __init__(self, done: Sequence[tuple[str, str, str]] = ()) -> None:
+        super().__init__()
+        self.done = list(done)
+
+    def expand(self, samples):
+        keys = samples | "KeyAndUnit" >> beam.Map(key_source)
+        if self.done:
+            earlier = (
+                samples.pipeline
+                | "CompletedTables" >> beam.Create(self.done)
+                | "CompletedKeys" >> beam.FlatMap(done_keys)
+            )
+            keys = (keys, earlier) | "AllKeys" >> beam.Flatten()
+        return keys | "GroupKeys" >> beam.GroupByKey() | "FirstUnitWins" >> beam.FlatMap(winner)

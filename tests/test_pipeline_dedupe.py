@@ -1,0 +1,83 @@
+"""Keys unique across the input set: duplicate keys across units become rejects (first unit wins), also on --resume;
+Parquet default keys name the file relative to the input files' common folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import jpeg_bytes
+from spatext.pipeline import build, verify
+from spatext.pipeline.dedupe import winner
+from spatext.pipeline.demo_corpus import write_corpus
+from spatext.pipeline.read import ReadOptions
+from spatext.pipeline.read_parquet import common_folder, iter_parquet, key_name
+from spatext.pipeline.write import UNITS_DIR, list_files, read_json, read_markers
+
+TINY = ["--clip-model", "spatext-tiny", "--clip-pretrained", "none", "--image-size", "128", "--image-format", "png"]
+
+
+@pytest.fixture(scope="module")
+def twin_corpus(tmp_path_factory):
+    """The same 3-sample tar in two folders: every key is held by both units."""
+    root = tmp_path_factory.mktemp("twins")
+    write_corpus(str(root / "a"), 3, seed=4, fmt="webdataset", samples_per_shard=3)
+    shutil.copytree(root / "a", root / "b")
+    return root
+
+
+def _build(corpus, out, *extra):
+    return build.run(["--input", str(corpus / "*" / "shard-*.tar"), "--output", str(out), *TINY, *extra])
+
+
+def test_winner_is_the_smallest_unit_whatever_the_order():
+    assert list(winner(("k", ["b.tar", "a.tar", "b.tar"]))) == [("k", "a.tar")]
+    assert list(winner(("k", ["a.tar"]))) == []
+    assert list(winner(("k", ["a.tar", "a.tar"]))) == []  # one unit: the reader already deduplicated it
+
+
+def test_duplicate_keys_across_units_are_rejected_and_verify_passes(twin_corpus, tmp_path):
+    manifest = _build(twin_corpus, tmp_path / "out")
+    counts = manifest["counts"]
+    assert (counts["read"], counts["accepted"], counts["rejected"]) == (6, 3, 3), counts
+    by_unit = {m["source"].split(os.sep)[-2]: m for m in read_markers(str(tmp_path / "out"))}
+    assert by_unit["a"]["accepted"] == 3 and by_unit["b"]["rejected"] == 3  # first unit (by name) wins
+    assert verify.verify_build(str(tmp_path / "out"), progress=False).ok
+
+
+def _marker_of(out, folder: str) -> str:
+    """The marker file of the unit read from `folder`/shard-00000.tar."""
+    paths = list_files(str(out), UNITS_DIR, ".json")
+    return next(p for p in paths if read_json(p)["source"].endswith(os.path.join(folder, "shard-00000.tar")))
+
+
+def test_resume_keeps_keys_of_completed_units(twin_corpus, tmp_path):
+    out = tmp_path / "out"
+    _build(twin_corpus, out)
+    os.remove(_marker_of(out, "b"))  # the losing unit is read again while the winning one is complete
+    manifest = _build(twin_corpus, out, "--resume")
+    assert manifest["units_this_run"] == 1
+    assert (manifest["counts"]["accepted"], manifest["counts"]["rejected"]) == (3, 3)
+    assert verify.verify_build(str(out), progress=False).ok
+    os.remove(_marker_of(out, "a"))  # and the other way round
+    manifest = _build(twin_corpus, out, "--resume")
+    assert (manifest["counts"]["accepted"], manifest["counts"]["rejected"]) == (3, 3)
+    assert verify.verify_build(str(out), progress=False).ok
+
+
+def test_parquet_default_keys_are_unique_across_folders(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / "default" / split).mkdir(parents=True)
+        table = pa.Table.from_pylist([{"image": jpeg_bytes(), "caption": split}])
+        pq.write_table(table, tmp_path / "default" / split / "0000.parquet")
+    files = sorted(str(p) for p in tmp_path.glob("default/*/0000.parquet"))
+    root = common_folder(files)
+    assert root == str(tmp_path / "default")
+    keys = [next(iter_parquet(f, f, ReadOptions("parquet"), root=root)).key for f in files]
+    assert keys == ["test/0000/0", "train/0000/0"]
+    assert key_name("/d/x/0000.parquet", common_folder(["/d/x/0000.parquet"])) == "0000"  # one folder: file stem
+    assert common_folder(["gs://b/x/1.parquet", "gs://b/y/2.parquet"]) == "gs://b"
