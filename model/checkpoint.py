@@ -7,11 +7,13 @@ Nothing here unpickles: weights are safetensors, accelerate reads its optimizer 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 
 import safetensors.torch
 import torch
@@ -27,6 +29,10 @@ STATE_FILE = "training_state.json"
 EMA_FILE = "ema.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
 LOSS_FIELDS = ("step", "loss", "lr", "epoch", "elapsed_s")
+# training_state.json: the counters a resume restarts from, and the totals run.json continues from (samples each rank
+# trained on since step 0, seconds of training up to the checkpoint, the loss of its last step)
+COUNTERS = ("global_step", "epoch", "batch_in_epoch", "micro_step")
+TOTALS = ("samples", "elapsed_s", "last_loss")
 
 
 def write_json(path: str, data: dict) -> None:
@@ -99,22 +105,45 @@ def load_checkpoint(accelerator: Accelerator, unet: torch.nn.Module, ema: EMAMod
     return state
 
 
-def save_run(pipe: SpaTextPipeline, unet: torch.nn.Module, ema: EMAModel | None, run: dict, output: str) -> None:
-    """Write OUTPUT/pipeline (EMA weights when EMA is on) and OUTPUT/run.json."""
+@contextlib.contextmanager
+def components_swapped(pipe: SpaTextPipeline, components: Mapping[str, torch.nn.Module]) -> Iterator[None]:
+    """Within the block, ``pipe``'s named components are ``components`` (e.g. the fp32 originals of modules cast for
+    mixed precision); the pipeline's own are put back when the block ends, also on an exception."""
+    own = {name: getattr(pipe, name) for name in components}
+    try:
+        for name, module in components.items():
+            setattr(pipe, name, module)
+        yield
+    finally:
+        for name, module in own.items():
+            setattr(pipe, name, module)
+
+
+def save_run(pipe: SpaTextPipeline, unet: torch.nn.Module, ema: EMAModel | None, run: dict, output: str,
+             originals: Mapping[str, torch.nn.Module] | None = None) -> None:
+    """Write OUTPUT/pipeline (EMA weights when EMA is on) and OUTPUT/run.json.
+
+    ``originals``: fp32 modules saved instead of the pipeline's components of the same names. Under mixed precision
+    the frozen text encoder and VAE are cast to bf16 / fp16 for training; saving those would downgrade the base
+    model's weights for good and leave a pipeline of mixed dtypes, so the pipeline is saved in fp32, as diffusers'
+    training scripts do.
+    """
     params = list(unet.parameters())
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
     try:
-        pipe.save_pretrained(os.path.join(output, "pipeline"), safe_serialization=True)
+        with components_swapped(pipe, originals or {}):
+            pipe.save_pretrained(os.path.join(output, "pipeline"), safe_serialization=True)
     finally:
         if ema is not None:
             ema.restore(params)
     write_json(os.path.join(output, RUN_FILE), run)
 
 
-def reset_loss_log(output: str, resume_step: int) -> None:
-    """Start logs/loss.csv; on resume keep the rows up to the resumed step (later ones are redone)."""
+def reset_loss_log(output: str, resume_step: int) -> float:
+    """Start logs/loss.csv; on resume keep the rows up to the resumed step (later ones are redone). Returns the
+    ``elapsed_s`` of the last row kept (0.0 when none)."""
     path = os.path.join(output, "logs", "loss.csv")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rows = []
@@ -125,6 +154,7 @@ def reset_loss_log(output: str, resume_step: int) -> None:
         writer = csv.DictWriter(f, LOSS_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+    return float(rows[-1]["elapsed_s"]) if rows else 0.0
 
 
 def append_loss(output: str, **row: float) -> None:

@@ -276,7 +276,8 @@ class SpaTextPipeline(DiffusionPipeline):
         if output_type == "latent":
             return latents
         image = latents
-        if self.vae is not None:
+        if self.vae is not None:  # in the VAE's dtype, which may differ from the UNet's (see ``__call__``)
+            latents = latents.to(self.vae.dtype)
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.image_processor.postprocess(image.float(), output_type=output_type)
 
@@ -308,6 +309,10 @@ class SpaTextPipeline(DiffusionPipeline):
         masks are H x W (resized to the image size if needed); later regions lie on top. ``prompt`` may be None when
         the scenes carry prompts; when given it wins over theirs. ``guidance_scale`` alone uses the two-pass joint
         guidance; ``text_guidance_scale`` + ``st_guidance_scale`` use one scale per condition (three passes).
+
+        Components may have different dtypes (e.g. a bf16 text encoder and VAE beside an fp32 UNet, as a
+        mixed-precision training run holds them): everything the UNet takes is cast to the UNet's dtype, the latents
+        to the VAE's before decoding.
         """
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
@@ -316,24 +321,24 @@ class SpaTextPipeline(DiffusionPipeline):
             prompt, scene, height, width, num_inference_steps, output_type, num_images_per_prompt
         )
         plan = guidance_plan(guidance_scale, text_guidance_scale, st_guidance_scale)
-        device, n = self._execution_device, num_images_per_prompt
+        device, n, dtype = self._execution_device, num_images_per_prompt, self.unet.dtype
         batch = len(prompts) * n
         # 2. Encode the global prompt (and, for the pixel variant, its CLIP image embedding through the prior)
-        text = self.encode_prompt(prompts, device).repeat_interleave(n, dim=0)
-        null_text = self.encode_prompt([""], device)
+        text = self.encode_prompt(prompts, device).to(dtype).repeat_interleave(n, dim=0)
+        null_text = self.encode_prompt([""], device).to(dtype)
         image = None
         if uses_image_embedding(self.unet):
-            image = self.embed_prompts(prompts).to(device, text.dtype).repeat_interleave(n, dim=0)
+            image = self.embed_prompts(prompts).to(device, dtype).repeat_interleave(n, dim=0)
         # 3. Encode the local prompts: CLIP text → prior → segment embeddings (B x K x D)
         embeddings = self.segment_embeddings(scenes, device)
         # 4. Rasterise the scenes and build ST at the denoiser's resolution
-        st = self.prepare_st(scenes, embeddings, (height, width), device).to(text.dtype).repeat_interleave(n, dim=0)
+        st = self.prepare_st(scenes, embeddings, (height, width), device).to(dtype).repeat_interleave(n, dim=0)
         # ... and the conditions of every guidance pass, batched once: rows [uncond, cond, ...], the same every step
         cond = Conditions(text, st, image)
         passes = batch_passes(cond, null_conditions(cond, null_text), plan.passes)
         # 5. Prepare timesteps and latents
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self.prepare_latents(batch, (height, width), text.dtype, device, generator, latents)
+        latents = self.prepare_latents(batch, (height, width), dtype, device, generator, latents)
         # 6. Denoising loop with classifier-free guidance (all passes in one forward; ST's conv_in term computed once)
         step_kwargs = self._step_kwargs(generator)
         timesteps = self.scheduler.timesteps

@@ -165,8 +165,14 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
 def load_run(run: str, device: str) -> SpaTextPipeline:
     """The run's SpaTextPipeline (RUN/pipeline, or RUN itself), logging which of its weights are random."""
     directory = os.path.join(run, "pipeline") if os.path.isdir(os.path.join(run, "pipeline")) else run
-    if not os.path.isfile(os.path.join(directory, "model_index.json")):
+    index = os.path.join(directory, "model_index.json")
+    if not os.path.isfile(index):
         raise ValueError(f"--run {run!r} holds no pipeline (no pipeline/model_index.json); train one first")
+    with open(index, encoding="utf-8") as f:
+        kind = json.load(f).get("_class_name")
+    if kind != SpaTextPipeline.__name__:
+        raise ValueError(f"--run {run!r} is not a SpaText run: {index} names a {kind} (e.g. a base model), not a "
+                         f"{SpaTextPipeline.__name__}; pass the --output of `spatext train`")
     pipe = SpaTextPipeline.from_pretrained(directory).to(device)
     record = os.path.join(run, "run.json")
     random_init = []
@@ -211,6 +217,9 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         args = parse_args(args)
     if args.num_images < 1 or args.steps < 1:
         raise ValueError(f"--num-images and --steps must be >= 1, got {args.num_images} and {args.steps}")
+    if (args.text_scale is None) != (args.st_scale is None):
+        raise ValueError("--text-scale and --st-scale go together (one scale per condition); give both, or neither "
+                         "for the joint --guidance-scale")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_run(args.run, device)
     height, width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
@@ -218,7 +227,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     prompt = args.prompt if args.prompt is not None else scene.prompt
     if not prompt or not prompt.strip():
         raise ValueError("no global prompt: pass --prompt or put 'prompt' in the scene file")
-    scene = Scene(prompt, scene.regions)
+    scene = Scene(prompt, scene.regions, scene.source)
     per_condition = args.text_scale is not None or args.st_scale is not None
     images = pipe(
         prompt=prompt, scene=scene, height=height, width=width, num_inference_steps=args.steps,

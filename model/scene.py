@@ -38,10 +38,15 @@ class Region(NamedTuple):
 
 @dataclass
 class Scene:
-    """A global prompt and regions in list order (later regions on top of earlier ones where they overlap)."""
+    """A global prompt and regions in list order (later regions on top of earlier ones where they overlap).
+
+    ``source`` names where the scene came from (the scene file; empty when built in code), so that an error found
+    later, e.g. a region without a pixel at the model's resolution, can name the file to fix.
+    """
 
     prompt: str = ""
     regions: list[Region] = field(default_factory=list)
+    source: str = ""
 
     def __post_init__(self) -> None:
         """Normalise (mask, prompt) pairs into boolean-mask ``Region``s and check them."""
@@ -101,13 +106,14 @@ def rasterise(scene: Scene, size: tuple[int, int]) -> np.ndarray:
 
 
 def check_regions_visible(index_map: np.ndarray | torch.Tensor, scene: Scene, resolution: str) -> None:
-    """Raise ValueError naming the first region of ``scene`` with no pixel in ``index_map``."""
+    """Raise ValueError naming the scene (its file, when it has one) and its first region with no pixel in
+    ``index_map``."""
     values = index_map.unique().tolist() if isinstance(index_map, torch.Tensor) else np.unique(index_map).tolist()
     present = set(values)
     for i, region in enumerate(scene.regions, start=1):
         if i not in present:
             raise ValueError(
-                f"scene: regions[{i - 1}] ({region.prompt!r}) has no pixel at {resolution} "
+                f"{scene.source or 'scene'}: regions[{i - 1}] ({region.prompt!r}) has no pixel at {resolution} "
                 "(too small, or covered by later regions); enlarge or reorder it"
             )
 
@@ -228,7 +234,7 @@ def load_scene(path: str, size: tuple[int, int]) -> Scene:
         raise ValueError(f"{path}: 'regions' must be a list")
     base_dir = os.path.dirname(os.path.abspath(path))
     masks = [_region_mask(spec, base_dir, size, f"{path}: regions[{i}]") for i, spec in enumerate(regions)]
-    scene = Scene(data.get("prompt", ""), [Region(mask, prompt) for mask, prompt in masks])
+    scene = Scene(data.get("prompt", ""), [Region(mask, prompt) for mask, prompt in masks], path)
     for i, region in enumerate(scene.regions):
         if not region.mask.any():
             raise ValueError(f"{path}: regions[{i}] ({region.prompt!r}) has no pixel at {size[0]}x{size[1]}")
@@ -276,16 +282,14 @@ def load_painted_scene(png: str, mapping_json: str, size: tuple[int, int]) -> Sc
         raise ValueError(f"{png}: cannot read the painted scene ({e})") from e
     rgb = rgba[..., :3].astype(np.int64)
     codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-    known = np.zeros(size, dtype=bool) | (rgba[..., 3] < 128)
+    opaque = rgba[..., 3] >= 128
+    masks = [(codes == (r << 16 | g << 8 | b)) & opaque for (r, g, b), _ in pairs]
+    known = ~opaque
     for r, g, b in background:
         known |= codes == (r << 16 | g << 8 | b)
-    regions = []
-    for (r, g, b), prompt in pairs:
-        mask = (codes == (r << 16 | g << 8 | b)) & (rgba[..., 3] >= 128)
-        if not mask.any():
-            raise ValueError(f"{png}: colour #{r:02x}{g:02x}{b:02x} ({prompt!r}) has no pixel at {size[0]}x{size[1]}")
+    for mask in masks:
         known |= mask
-        regions.append(Region(mask, prompt))
+    # unknown colours first: anti-aliased or JPEG near-colours are the usual reason a mapped colour has no pixel
     if not known.all():
         values, counts = np.unique(codes[~known], return_counts=True)
         order = np.argsort(-counts, kind="stable")
@@ -294,4 +298,8 @@ def load_painted_scene(png: str, mapping_json: str, size: tuple[int, int]) -> Sc
             f"{png}: colours not in {mapping_json} nor background: {', '.join(worst[:5])}"
             f"{' …' if len(worst) > 5 else ''} (paint with exact colours, without anti-aliasing)"
         )
-    return Scene(data.get("prompt", ""), regions)
+    for ((r, g, b), prompt), mask in zip(pairs, masks, strict=True):
+        if not mask.any():
+            raise ValueError(f"{png}: colour #{r:02x}{g:02x}{b:02x} ({prompt!r}) has no pixel at {size[0]}x{size[1]}")
+    return Scene(data.get("prompt", ""), [Region(mask, prompt) for (_, prompt), mask in zip(pairs, masks, strict=True)],
+                 png)

@@ -18,13 +18,16 @@ The run directory (``--output``):
                                   ranks (samples each rank trained on, fingerprints of their final weights)
     pipeline/                     SpaTextPipeline.save_pretrained (EMA weights when EMA is on), at checkpoints and end
     checkpoints/checkpoint-N/     accelerate state (model.safetensors, optimizer, lr scheduler, RNG per rank; read back
-                                  with torch.load(weights_only=True)), ema.safetensors, training_state.json
-    logs/loss.csv                 step, loss (mean over ranks), lr, epoch, elapsed_s
+                                  with torch.load(weights_only=True)), ema.safetensors, training_state.json (counters,
+                                  and the totals a resume continues: samples per rank, elapsed_s, last_loss)
+    logs/loss.csv                 step, loss (mean over ranks), lr, epoch, elapsed_s (since step 0, over resumes)
     logs/keys-rank-R.csv          with --log-sample-keys: step, epoch, key of every sample rank R trained on
     samples/step-N.png            per validation scene: real image | scene (labels as local prompts) | generated
 
 The code: ``train_args`` (flags), ``train_setup`` (accelerator, data, pipeline, optimizer), ``train_step`` (one
-micro-step), ``train_loop`` (epochs, checkpoints, the end of a run), ``train_record`` (run.json, per-rank lineage).
+micro-step), ``train_loop`` (epochs, checkpoints, the end of a run), ``train_record`` (run.json, per-rank lineage),
+``train_preflight`` (the checks made before anything is written: config, base model, what a resume may change).
+The pipeline is saved in fp32 also under ``--mixed-precision``, from the base model's fp32 text encoder and VAE.
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ from spatext.model.checkpoint import RUN_FILE, write_json
 from spatext.model.prior import load_prior_config, train_prior
 from spatext.model.train_args import DEFAULTS, check_args, is_prior_config, parse_args
 from spatext.model.train_loop import after_step, finish, train, write_sample_grid
+from spatext.model.train_preflight import RESUME_MAY_CHANGE, check_resumed_run, preflight
 from spatext.model.train_record import PACKAGES, package_versions, run_record
 from spatext.model.train_setup import (
     UNTRAINED_PRIOR,
     Session,
     build_training_pipeline,
-    check_resumed_config,
     launched_world_size,
     load_prior_component,
     resolve_clip,
@@ -53,10 +56,10 @@ from spatext.model.train_setup import (
 from spatext.model.train_step import denoising_loss, encode_batch, micro_step, step_generators, training_loss
 
 __all__ = [  # the names this module always had, for its importers (tests, benchmarks)
-    "DEFAULTS", "PACKAGES", "UNTRAINED_PRIOR", "Session", "after_step", "build_training_pipeline", "check_args",
-    "check_resumed_config", "denoising_loss", "encode_batch", "finish", "is_prior_config", "load_prior_component",
-    "main", "micro_step", "package_versions", "parse_args", "resolve_clip", "run_record", "setup", "step_generators",
-    "train", "train_prior_run", "training_loss", "write_sample_grid",
+    "DEFAULTS", "PACKAGES", "RESUME_MAY_CHANGE", "UNTRAINED_PRIOR", "Session", "after_step", "build_training_pipeline",
+    "check_args", "check_resumed_run", "denoising_loss", "encode_batch", "finish", "is_prior_config",
+    "load_prior_component", "main", "micro_step", "package_versions", "parse_args", "preflight", "resolve_clip",
+    "run_record", "setup", "step_generators", "train", "train_prior_run", "training_loss", "write_sample_grid",
 ]
 
 logger = logging.getLogger("spatext.model.train")  # not __name__: that is "__main__" under `python -m`
@@ -83,17 +86,28 @@ def train_prior_run(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
-    """Console entry (``spatext train``): parse, dispatch to denoiser or prior training, print a summary line (the
-    main process of a multi-process launch only)."""
+    """Console entry (``spatext train``): parse, check, dispatch to denoiser or prior training, print a summary line
+    (the main process of a multi-process launch only).
+
+    Every check that can fail on the flags alone runs before ``--output`` is created or touched; the run folder
+    appears with the first file training writes. A resumed run already finished at ``--max-train-steps`` is left as
+    it is (a message, exit 0).
+    """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
     prior = is_prior_config(args.config)
     check_args(args, prior)
-    os.makedirs(args.output, exist_ok=True)
-    run = train_prior_run(args) if prior else train(args)
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate launch: rank 0 speaks for the run
+    checked = None if prior else preflight(args)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch: rank 0 speaks for the run
+    if checked is not None and checked.finished is not None:
+        if main_process:
+            print(f"spatext train: {args.output} is already finished at step {args.max_train_steps} "
+                  "(--max-train-steps): nothing to train, nothing rewritten; pass a larger --max-train-steps to go on")
+        return 0
+    run = train_prior_run(args) if prior else train(args, checked)
+    if not main_process:
         return 0
     if run.get("lineage", {}).get("random_init"):
         logger.warning("random weights in this run: %s", ", ".join(run["lineage"]["random_init"]))

@@ -55,7 +55,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-train-steps", type=int, default=None, help="total optimizer steps, resumed ones included; "
                    f"default {DEFAULTS['denoiser']['steps']} (prior: {DEFAULTS['prior']['steps']})")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
-                   help="accelerate mixed precision; the frozen VAE and text encoder run in that dtype")
+                   help="accelerate mixed precision; the frozen VAE and text encoder run in that dtype (pipeline/ is "
+                   "still saved in fp32, with the base model's weights)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade UNet compute for memory")
     p.add_argument("--p-drop-text", type=float, default=0.1,
                    help="chance that a sample's global text (and image embedding) is replaced by the null one")
@@ -66,7 +67,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="checkpoint (and pipeline) every N steps; the last step always gets one (0: only that)")
     p.add_argument("--checkpoints-total-limit", type=int, default=None, help="keep only the newest N checkpoints")
     p.add_argument("--resume-from-checkpoint", default=None,
-                   help="'latest' (newest in OUTPUT/checkpoints; none there: start fresh) or a checkpoint dir")
+                   help="'latest' (newest in OUTPUT/checkpoints; none there: start fresh) or a checkpoint dir; only "
+                   "--max-train-steps and flags that do not change the weights (checkpoint, sample-grid and logging "
+                   "cadence, --decode-threads, --gradient-checkpointing) may differ from the run's")
     p.add_argument("--sample-every", type=int, default=0, help="samples/step-N.png every N steps and at the end "
                    "(0: never)")
     p.add_argument("--num-validation", type=int, default=4, help="scenes in a sample grid: the first shard samples")
@@ -94,8 +97,18 @@ def is_prior_config(name: str) -> bool:
     return False
 
 
+def check_config_name(name: str, prior: bool) -> None:
+    """Reject a ``--config`` that is neither a bundled config (denoiser or prior) nor a JSON file, listing both kinds
+    (``--config`` trains either, so a mistyped prior name must not be answered with the denoisers alone)."""
+    if prior or name in list_configs() or (name.endswith(".json") and os.path.isfile(name)):
+        return
+    raise ValueError(f"--config {name!r} is neither a bundled config (denoisers: {', '.join(list_configs())}; priors: "
+                     f"{', '.join(list_prior_configs())}) nor a JSON file")
+
+
 def check_args(args: argparse.Namespace, prior: bool) -> None:
     """Fill per-kind defaults and reject bad values, naming the flag."""
+    check_config_name(args.config, prior)
     kind = DEFAULTS["prior" if prior else "denoiser"]
     args.max_train_steps = kind["steps"] if args.max_train_steps is None else args.max_train_steps
     args.train_batch_size = kind["batch"] if args.train_batch_size is None else args.train_batch_size

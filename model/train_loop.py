@@ -18,10 +18,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from spatext.model.checkpoint import (
     CHECKPOINT_PREFIX,
+    TOTALS,
     append_loss,
     load_checkpoint,
     reset_loss_log,
@@ -30,6 +32,7 @@ from spatext.model.checkpoint import (
 )
 from spatext.model.data import ShardDataset, collate
 from spatext.model.sample import sample_grid, shard_scenes
+from spatext.model.train_preflight import Preflight, preflight
 from spatext.model.train_record import SampleLedger, rank_report, run_record
 from spatext.model.train_setup import Session, setup
 from spatext.model.train_step import micro_step
@@ -42,12 +45,17 @@ class Loop:
     """The moving parts of a run: the counters saved in checkpoints, the loss being accumulated, per-step outputs."""
 
     state: dict
-    started: float
+    started: float  # time.perf_counter() when this session started
     ledger: SampleLedger
     bar: tqdm
     scenes: list = field(default_factory=list)  # validation scenes of the sample grid (main process)
     loss_sum: float = 0.0
     last_loss: float | None = None
+    elapsed_before: float = 0.0  # training time of the sessions before a resume, up to its checkpoint
+
+    def elapsed(self) -> float:
+        """Seconds of training since step 0: earlier sessions (up to the resumed checkpoint) + this one."""
+        return round(self.elapsed_before + time.perf_counter() - self.started, 3)
 
 
 def write_sample_grid(s: Session, scenes: list, step: int) -> None:
@@ -58,12 +66,15 @@ def write_sample_grid(s: Session, scenes: list, step: int) -> None:
     grid.save(os.path.join(s.args.output, "samples", f"step-{step}.png"))
 
 
-def save_rank_checkpoint(s: Session, state: dict) -> None:
-    """checkpoints/checkpoint-N: the main process writes it (accelerate state, EMA, counters; prunes old ones), the
-    other ranks add their RNG state (``random_states_R.pkl``) through the same ``save_state``."""
-    acc = s.accelerator
+def save_rank_checkpoint(s: Session, loop: Loop) -> None:
+    """checkpoints/checkpoint-N (a collective: every rank calls it): the main process writes it (accelerate state, EMA,
+    counters, and the totals a resumed run continues from: samples per rank, elapsed time, last loss; prunes old
+    ones), the other ranks add their RNG state (``random_states_R.pkl``) through the same ``save_state``."""
+    acc, state = s.accelerator, loop.state
+    samples = [n for _, n in sorted(gather_object([(acc.process_index, loop.ledger.count)]))]
     if acc.is_main_process:
-        save_checkpoint(acc, s.unet, s.ema, state, s.args)
+        totals = {"samples": samples, "elapsed_s": loop.elapsed(), "last_loss": loop.last_loss}
+        save_checkpoint(acc, s.unet, s.ema, {**state, **totals}, s.args)
     else:
         path = os.path.join(s.args.output, "checkpoints", f"{CHECKPOINT_PREFIX}{state['global_step']}")
         acc.save_state(path, safe_serialization=True)
@@ -103,14 +114,14 @@ def after_step(s: Session, loop: Loop) -> None:
     checkpoint = bool(args.checkpointing_steps and step % args.checkpointing_steps == 0)
     if not acc.is_main_process:
         if checkpoint:
-            save_rank_checkpoint(s, state)
+            save_rank_checkpoint(s, loop)
         return
     append_loss(args.output, step=step, loss=round(loop.last_loss, 6), lr=s.lr_scheduler.get_last_lr()[0],
-                epoch=state["epoch"], elapsed_s=round(time.perf_counter() - loop.started, 3))
+                epoch=state["epoch"], elapsed_s=loop.elapsed())
     if checkpoint:
-        save_rank_checkpoint(s, state)
-        save_run(s.pipe, s.unet, s.ema, run_record(s, state, "in progress", loop.started, loop.last_loss),
-                 args.output)
+        save_rank_checkpoint(s, loop)
+        save_run(s.pipe, s.unet, s.ema, run_record(s, state, "in progress", loop.elapsed(), loop.last_loss),
+                 args.output, s.originals)
     if args.sample_every and step % args.sample_every == 0:
         write_sample_grid(s, loop.scenes, step)
 
@@ -140,20 +151,45 @@ def run_epoch(s: Session, loop: Loop, loader: torch.utils.data.DataLoader, null_
     state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Train a denoiser per ``args``; return the final run record (also in OUTPUT/run.json)."""
+def resumed_totals(s: Session, state: dict) -> dict:
+    """Split the totals (samples per rank, elapsed time, last loss) off a checkpoint's ``state`` (in place) and
+    return them; warn where the checkpoint cannot give this rank's sample count (older checkpoint, other world size)."""
+    totals = {k: state.pop(k) for k in TOTALS if k in state}
+    samples = totals.get("samples")
+    if samples is None or len(samples) != s.accelerator.num_processes:
+        logger.warning("%s holds no per-rank sample counts for %d processes: run.json's ranks.samples counts this "
+                       "session's samples only", s.resume, s.accelerator.num_processes)
+        totals["samples"] = [0] * s.accelerator.num_processes
+    return totals
+
+
+def train(args: argparse.Namespace, checked: Preflight | None = None) -> dict:
+    """Train a denoiser per ``args`` (``checked``: ``preflight``'s outcome when the caller ran it); return the final
+    run record (also in OUTPUT/run.json).
+
+    A run that is already finished at ``--max-train-steps`` is left as it is: its record is returned.
+    """
     started = time.perf_counter()
-    s = setup(args)
+    checked = checked or preflight(args)
+    if checked.finished is not None:
+        logger.info("%s is finished at step %d = --max-train-steps: nothing to train, nothing rewritten", args.output,
+                    args.max_train_steps)
+        return checked.finished
+    s = setup(args, checked)
     acc = s.accelerator
     state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "micro_step": 0}
+    totals = {"samples": [0] * acc.num_processes, "elapsed_s": 0.0, "last_loss": None}
     if s.resume is not None:
         state = load_checkpoint(acc, s.unet, s.ema, s.resume)
+        totals = {**totals, **resumed_totals(s, state)}
     bar = tqdm(total=args.max_train_steps, initial=state["global_step"], desc="steps",
                disable=not acc.is_local_main_process)
-    loop = Loop(state, started, SampleLedger(args.output, acc.process_index, args.log_sample_keys,
-                                             state["global_step"]), bar)
+    ledger = SampleLedger(args.output, acc.process_index, args.log_sample_keys, state["global_step"],
+                          totals["samples"][acc.process_index])
+    loop = Loop(state, started, ledger, bar, last_loss=totals["last_loss"], elapsed_before=totals["elapsed_s"])
     if acc.is_main_process:
-        reset_loss_log(args.output, state["global_step"])
+        logged = reset_loss_log(args.output, state["global_step"])
+        loop.elapsed_before = max(loop.elapsed_before, logged)  # an older checkpoint without elapsed_s: the log's
         size = s.dataset.resolution // s.pipe.vae_scale_factor
         loop.scenes = shard_scenes(s.dataset, args.num_validation, size) if args.sample_every else []
     null_text = s.pipe.encode_prompt([""], acc.device).to(s.dtype)
@@ -176,14 +212,14 @@ def finish(s: Session, loop: Loop) -> dict:
     args, acc, state = s.args, s.accelerator, loop.state
     acc.wait_for_everyone()
     ranks = rank_report(acc, s.unet, loop.ledger.count)
-    run = run_record(s, state, "finished", loop.started, loop.last_loss, ranks)
     step = state["global_step"]
     if not (args.checkpointing_steps and step % args.checkpointing_steps == 0):
-        save_rank_checkpoint(s, state)
+        save_rank_checkpoint(s, loop)
+    run = run_record(s, state, "finished", loop.elapsed(), loop.last_loss, ranks)
     if acc.is_main_process:
         if args.sample_every and step % args.sample_every:
             write_sample_grid(s, loop.scenes, step)
-        save_run(s.pipe, s.pipe.unet, s.ema, run, args.output)  # pipe.unet: the module inside any DDP wrapper
+        save_run(s.pipe, s.pipe.unet, s.ema, run, args.output, s.originals)  # pipe.unet: inside any DDP wrapper
         logger.info("run written to %s (step %d, last loss %s)", args.output, step, loop.last_loss)
     acc.end_training()
     if ranks["weights_in_sync"] is False:

@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import platform
-import time
 from importlib import metadata as importlib_metadata
 
 import torch
@@ -54,10 +53,11 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 class SampleLedger:
-    """The samples one rank trains on: a count, and with ``--log-sample-keys`` one CSV row per sample."""
+    """The samples one rank trains on: a count (since step 0: a resumed run starts from the checkpoint's ``count``),
+    and with ``--log-sample-keys`` one CSV row per sample."""
 
-    def __init__(self, output: str, rank: int, enabled: bool, resume_step: int) -> None:
-        self.count = 0
+    def __init__(self, output: str, rank: int, enabled: bool, resume_step: int, count: int = 0) -> None:
+        self.count = count
         self.path = os.path.join(output, "logs", f"keys-rank-{rank}.csv") if enabled else None
         if self.path is not None:
             self._reset(resume_step)
@@ -83,8 +83,8 @@ class SampleLedger:
 
 
 def rank_report(acc: Accelerator, unet: torch.nn.Module, samples: int) -> dict:
-    """run.json's ``ranks`` (a collective: every rank calls it): samples each rank trained on in this launch (from
-    the resumed step, if any), the fingerprint of its final weights (``None`` where a rank holds a shard, not a
+    """run.json's ``ranks`` (a collective: every rank calls it): samples each rank trained on since step 0 (over
+    every session of a resumed run), the fingerprint of its final weights (``None`` where a rank holds a shard, not a
     replica), and whether all replicas agree."""
     fingerprint = None if acc.distributed_type in SHARDED else weights_sha256(acc.unwrap_model(unet).state_dict())
     rows = sorted(gather_object([(acc.process_index, samples, fingerprint)]))  # one process: the list itself
@@ -92,9 +92,10 @@ def rank_report(acc: Accelerator, unet: torch.nn.Module, samples: int) -> dict:
     return {"samples": [n for _, n, _ in rows], "weights_sha256": [f for _, _, f in rows], "weights_in_sync": in_sync}
 
 
-def run_record(s: Session, state: dict, status: str, started: float, last_loss: float | None,
+def run_record(s: Session, state: dict, status: str, elapsed: float, last_loss: float | None,
                ranks: dict | None = None) -> dict:
-    """The content of run.json (``ranks``: ``rank_report``'s, at the end of a run; ``None`` while in progress)."""
+    """The content of run.json (``elapsed``: seconds of training since step 0, every session of a resumed run;
+    ``ranks``: ``rank_report``'s, at the end of a run; ``None`` while in progress)."""
     return {
         "kind": "denoiser", "status": status, "global_step": state["global_step"], "epoch": state["epoch"],
         "max_train_steps": s.args.max_train_steps, "last_loss": last_loss, "config": s.config.to_dict(),
@@ -102,5 +103,5 @@ def run_record(s: Session, state: dict, status: str, started: float, last_loss: 
         "ema": s.ema is not None, "pipeline_weights": "EMA" if s.ema is not None else "trained",
         "accelerate": {"num_processes": s.accelerator.num_processes, "mixed_precision": s.args.mixed_precision,
                        "device": str(s.accelerator.device)},
-        "ranks": ranks, "versions": package_versions(), "wall_time_s": round(time.perf_counter() - started, 3),
+        "ranks": ranks, "versions": package_versions(), "wall_time_s": round(elapsed, 3),
     }

@@ -4,10 +4,10 @@ the pipeline whose UNet is trained (and the lineage of its parts), the optimizer
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -16,11 +16,12 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from spatext.model.checkpoint import RUN_FILE, resolve_resume
-from spatext.model.config import DenoiserConfig, get_config
+from spatext.model.config import DenoiserConfig
 from spatext.model.data import ShardDataset
 from spatext.model.pipeline import LocalPromptEncoder, PriorModel, SpaTextPipeline, build_pipeline
 from spatext.model.prior import load_prior_config
+from spatext.model.tiny_base import read_weights_marker
+from spatext.model.train_preflight import Preflight, preflight
 from spatext.pipeline.clip import RANDOM_INIT, RANDOM_INIT_LABEL, ClipSpec, clip_embed_dim, load_clip
 
 logger = logging.getLogger(__name__)
@@ -107,8 +108,12 @@ def build_training_pipeline(
     random_init = ["local_encoder"] if clip.pretrained_label == RANDOM_INIT_LABEL else []
     random_init += ["unet"] if config.variant == "pixel" else []
     random_init += ["prior (untrained: identity)"] if prior_label == UNTRAINED_PRIOR else []
+    base_marker = read_weights_marker(args.base_model) if args.base_model else None
+    if base_marker is not None and base_marker["pretrained"] == RANDOM_INIT_LABEL:  # e.g. spatext tiny-base-model
+        random_init += [f"base model (unet, vae, text_encoder): {RANDOM_INIT_LABEL}"]
     unet_init = "random init" if config.variant == "pixel" else f"--base-model {args.base_model} + zero ST weights"
     lineage = {"clip_model": clip_model, "clip_pretrained": clip.pretrained_label, "base_model": args.base_model,
+               "base_model_weights": base_marker["pretrained"] if base_marker else "as loaded (provenance not given)",
                "unet_init": unet_init, "prior": prior_label, "random_init": random_init}
     return pipe, lineage
 
@@ -130,36 +135,36 @@ class Session:
     dtype: torch.dtype
     lineage: dict
     resume: str | None
+    originals: dict[str, torch.nn.Module] = field(default_factory=dict)  # fp32 frozen modules, saved in pipeline/
 
 
-def check_resumed_config(args: argparse.Namespace, config: DenoiserConfig) -> None:
-    """A resumed run must keep its config (the checkpoint's tensors have its shapes)."""
-    path = os.path.join(args.output, RUN_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f).get("config")
-        if saved is not None and saved != config.to_dict():
-            raise ValueError(f"--config {args.config!r} differs from the config of the run in {args.output!r} "
-                             f"({saved.get('name')!r}); resume with the same config")
+def freeze_encoders(pipe: SpaTextPipeline, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """Text encoder and VAE frozen in eval mode, local encoder and prior frozen; under mixed precision the pipeline
+    gets copies of the text encoder and VAE in ``dtype`` (half the memory, no autocast round trips).
 
-
-def freeze_encoders(pipe: SpaTextPipeline, dtype: torch.dtype) -> None:
-    """Text encoder and VAE frozen in eval mode (in ``dtype`` under mixed precision); local encoder, prior frozen."""
-    for frozen in (pipe.text_encoder, pipe.vae):
-        if frozen is not None:
-            frozen.requires_grad_(False).eval()
-            if dtype != torch.float32:
-                frozen.to(dtype=dtype)
+    Returns the fp32 originals of what was cast, by component name (empty without mixed precision), untouched, for
+    ``save_run``: a cast loses precision, so the saved pipeline must take these, not the copies. Call it before moving
+    the pipeline to the device, so that the originals stay where they were loaded (CPU).
+    """
+    originals = {}
+    for name in ("text_encoder", "vae"):
+        frozen = getattr(pipe, name)
+        if frozen is None:
+            continue
+        frozen.requires_grad_(False).eval()
+        if dtype != torch.float32:
+            originals[name] = frozen
+            setattr(pipe, name, copy.deepcopy(frozen).to(dtype=dtype))
     pipe.local_encoder.requires_grad_(False)
     pipe.prior.requires_grad_(False)
+    return originals
 
 
-def setup(args: argparse.Namespace) -> Session:
-    """Build the accelerator, the shard loader, the pipeline, the optimizer, lr schedule and EMA."""
-    config = get_config(args.config)
-    resume = resolve_resume(args)
-    if resume is not None:
-        check_resumed_config(args, config)
+def setup(args: argparse.Namespace, checked: Preflight | None = None) -> Session:
+    """Build the accelerator, the shard loader, the pipeline, the optimizer, lr schedule and EMA (after ``preflight``'s
+    checks; ``checked``: their outcome when the caller ran them)."""
+    checked = checked or preflight(args)
+    config, resume = checked.config, checked.resume
     accelerator = make_accelerator(args)
     dataset = ShardDataset(args.data, args.resolution or config.resolution, shuffle_buffer=args.shuffle_buffer,
                            seed=args.seed, resample_segments=args.resample_segments, max_segments=args.max_segments,
@@ -171,8 +176,8 @@ def setup(args: argparse.Namespace) -> Session:
     lineage = {"data": args.data, "shard_files": dataset.files, "num_rows": dataset.num_rows, "shards": shard_meta,
                **lineage}
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    originals = freeze_encoders(pipe, dtype)
     pipe.to(accelerator.device)
-    freeze_encoders(pipe, dtype)
     unet = pipe.unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -188,4 +193,4 @@ def setup(args: argparse.Namespace) -> Session:
         ema.to(accelerator.device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Session(args, config, accelerator, dataset, pipe, prepared, optimizer, lr_scheduler, noise_scheduler, ema,
-                   dtype, lineage, resume)
+                   dtype, lineage, resume, originals)

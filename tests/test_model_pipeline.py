@@ -193,6 +193,18 @@ def test_save_pretrained_from_pretrained_round_trip(latent, pixel, tmp_path):
         np.testing.assert_allclose(_run(loaded, scene=_scene(size)), _run(pipe, scene=_scene(size)), atol=1e-4)
 
 
+def test_components_of_mixed_dtypes_sample_in_the_unet_dtype(latent):
+    # what a --mixed-precision bf16 training run holds: text encoder and VAE in bf16 beside an fp32 UNet
+    mixed = copy.deepcopy(latent)
+    mixed.text_encoder.to(torch.bfloat16)
+    mixed.vae.to(torch.bfloat16)
+    assert mixed.unet.dtype == torch.float32
+    images = _run(mixed)
+    latents = _run(mixed, output_type="latent")
+    assert latents.dtype == torch.float32 and np.isfinite(images).all()
+    np.testing.assert_allclose(images, _run(latent), atol=0.1)  # bf16 text features: close to the fp32 images
+
+
 def test_a_region_that_vanishes_at_the_model_resolution_is_an_error(latent):
     dot = np.zeros((32, 32), bool)
     dot[5, 5] = True  # one pixel of 32 x 32; the latent is 8 x 8 (a cell is 4 x 4 pixels)

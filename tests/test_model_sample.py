@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 
 import numpy as np
 import pytest
@@ -85,6 +87,8 @@ def test_painted_scene_per_condition_guidance_and_several_images(run, scene_file
         (["--painted", "P"], "--painted needs --colors"),
         (["--scene", "NOPROMPT"], "no global prompt"),
         (["--scene", "S", "--num-images", "0"], "--num-images"),
+        (["--scene", "S", "--text-scale", "3"], r"^--text-scale and --st-scale go together"),
+        (["--scene", "S", "--st-scale", "3"], r"^--text-scale and --st-scale go together"),
     ],
 )
 def test_bad_sample_flags_raise_clear_errors(run, scene_files, tmp_path, extra, message):
@@ -100,6 +104,20 @@ def test_bad_sample_flags_raise_clear_errors(run, scene_files, tmp_path, extra, 
 def test_a_dir_without_a_pipeline_is_refused(tmp_path, scene_files):
     with pytest.raises(ValueError, match="holds no pipeline"):
         sample.main(["--run", str(tmp_path), "--out", str(tmp_path / "x.png"), "--scene", scene_files["scene.json"]])
+
+
+def test_a_folder_of_another_pipeline_is_not_taken_for_a_run(run, tmp_path, scene_files):
+    base = os.path.join(os.path.dirname(run), "base")  # the tiny base model the run was trained from
+    with pytest.raises(ValueError, match=r"is not a SpaText run: .*model_index.json names a StableDiffusionPipeline"):
+        sample.main(["--run", base, "--out", str(tmp_path / "x.png"), "--scene", scene_files["scene.json"]])
+
+
+def test_a_region_lost_at_the_model_resolution_names_the_scene_file(run, tmp_path):
+    path = tmp_path / "dot.json"  # one pixel at the 32 px image size, nothing at the model's 8 x 8
+    path.write_text(json.dumps({"prompt": "a sky", "regions": [{"prompt": "a bird", "box": [0.1, 0.1, 0.13, 0.13]}]}))
+    message = rf"^{re.escape(str(path))}: regions\[0\] \('a bird'\) has no pixel at the model's resolution 8x8"
+    with pytest.raises(ValueError, match=message):
+        sample.main(["--run", run, "--out", str(tmp_path / "x.png"), "--steps", "1", "--scene", str(path)])
 
 
 def test_shard_scenes_use_segment_labels_and_the_model_resolution(demo_shards):

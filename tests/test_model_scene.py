@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -141,9 +142,12 @@ def test_painted_scene_maps_colours_to_regions(tmp_path):
 
 def test_painted_scene_errors(tmp_path):
     pixels = np.zeros((4, 4, 3))
-    pixels[0, 0] = (250, 3, 3)  # an anti-aliased stray colour
     png, mapping = _painted(tmp_path, pixels, {"colors": {"#ff0000": "a kite"}})
     with pytest.raises(ValueError, match=r"colour #ff0000 \('a kite'\) has no pixel"):
+        load_painted_scene(png, mapping, (4, 4))
+    pixels[0, 0] = (250, 3, 3)  # the kite painted with an anti-aliased / JPEG near-colour only: that colour is named
+    png, mapping = _painted(tmp_path, pixels, {"colors": {"#ff0000": "a kite"}})
+    with pytest.raises(ValueError, match=r"colours not in .*#fa0303 \(1 px\).*without anti-aliasing"):
         load_painted_scene(png, mapping, (4, 4))
     pixels[1, 1] = (255, 0, 0)
     png, mapping = _painted(tmp_path, pixels, {"colors": {"#ff0000": "a kite"}})
@@ -167,3 +171,17 @@ def test_painted_scene_background_options(tmp_path):
     png, path = _painted(tmp_path, pixels, {"colors": {"#0000ff": "sky"}, "background": "#000000"})
     with pytest.raises(ValueError, match="#ffffff"):  # an explicit background replaces the default
         load_painted_scene(png, path, (4, 4))
+
+
+def test_a_region_lost_after_loading_names_the_scene_file(tmp_path):
+    path = _write_scene(tmp_path, {"regions": [{"prompt": "a bird", "box": [0, 0, 0.25, 0.25]}]})
+    scene = load_scene(path, (8, 8))  # 2 x 2 pixels at 8 x 8: visible there
+    assert scene.source == path
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}: regions\[0\] \('a bird'\) has no pixel at 2x2"):
+        check_regions_visible(np.zeros((2, 2), np.int64), scene, "2x2")  # e.g. at the model's resolution
+    pixels = np.zeros((4, 4, 3))
+    pixels[0, 0] = (255, 0, 0)
+    png, mapping = _painted(tmp_path, pixels, {"colors": {"#ff0000": "a kite"}})
+    assert load_painted_scene(png, mapping, (4, 4)).source == png
+    with pytest.raises(ValueError, match=r"^scene: regions\[0\]"):  # built in code: no file to name
+        check_regions_visible(np.zeros((2, 2), np.int64), Scene("", [(np.ones((2, 2)), "a bird")]), "2x2")

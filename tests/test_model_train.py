@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import statistics
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,8 +22,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import load as accelerate_load
 from PIL import Image
 
-from spatext.model import train
-from spatext.model.checkpoint import STATE_FILE
+from spatext.model import sample, train
+from spatext.model.checkpoint import COUNTERS, STATE_FILE
 from spatext.model.config import get_config
 from spatext.model.data import resolve_files
 from spatext.model.denoiser import build_denoiser, predict
@@ -123,6 +125,8 @@ def test_run_dir_has_lineage_and_a_loadable_pipeline(overfit, four_rows, base):
     assert lineage["shards"]["embed_dim"] == "64" and lineage["base_model"] == base
     assert lineage["prior"] == "untrained (identity)"
     assert "local_encoder" in record["random_init"]
+    assert lineage["base_model_weights"] == "none (random init)"  # the tiny base model's marker, read back
+    assert "base model (unet, vae, text_encoder): none (random init)" in record["random_init"]
     assert record["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     pipe = SpaTextPipeline.from_pretrained(os.path.join(run, "pipeline"))
     pipe.set_progress_bar_config(disable=True)
@@ -136,36 +140,127 @@ def _weights(run) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(os.path.join(run, "pipeline", "unet", "diffusion_pytorch_model.safetensors"))
 
 
-def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(demo_shards, base, tmp_path):
-    extra = ("--checkpointing-steps", "2", "--sample-every", "2", "--num-validation", "2", "--sample-steps", "2")
-    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    assert run_train(_argv(str(demo_shards), base, resumed, "latent-tiny", 4, *extra)) == 0
-    assert _record(resumed)["global_step"] == 4
+RESUME_EXTRA = ("--checkpointing-steps", "2", "--sample-every", "2", "--num-validation", "2", "--sample-steps", "2")
+# flags a resume may change (RESUME_MAY_CHANGE): none of them changes the weights
+RESUME_CHANGES = ("--decode-threads", "1", "--log-sample-keys", "--sample-steps", "1", "--checkpoints-total-limit", "3")
+
+
+def _state(run, step: int) -> dict:
+    return json.loads((run / "checkpoints" / f"checkpoint-{step}" / STATE_FILE).read_text())
+
+
+def _elapsed(run) -> list[float]:
+    with open(os.path.join(run, "logs", "loss.csv")) as f:
+        return [float(r["elapsed_s"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def resumed(demo_shards, base, tmp_path_factory) -> dict:
+    """A run of 4 steps resumed to 6 (changing only flags a resume may change), and an uninterrupted 6-step run."""
+    root = tmp_path_factory.mktemp("resume")
+    out, straight = root / "resumed", root / "straight"
+    assert run_train(_argv(str(demo_shards), base, out, "latent-tiny", 4, *RESUME_EXTRA)) == 0
+    first = {"record": _record(out), "elapsed": _elapsed(out)}
     with pytest.raises(ValueError, match="already holds a run"):
-        run_train(_argv(str(demo_shards), base, resumed, "latent-tiny", 6, *extra))
-    assert run_train(_argv(str(demo_shards), base, resumed, "latent-tiny", 6, *extra,
+        run_train(_argv(str(demo_shards), base, out, "latent-tiny", 6, *RESUME_EXTRA))
+    assert run_train(_argv(str(demo_shards), base, out, "latent-tiny", 6, *RESUME_EXTRA, *RESUME_CHANGES,
                            "--resume-from-checkpoint", "latest")) == 0
-    record = _record(resumed)
+    # (decoding in the loop itself instead of 2 threads: the same batches in the same order)
+    assert run_train(_argv(str(demo_shards), base, straight, "latent-tiny", 6, *RESUME_EXTRA,
+                           "--decode-threads", "1")) == 0
+    return {"resumed": out, "straight": straight, "first": first}
+
+
+def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(resumed):
+    out, straight = resumed["resumed"], resumed["straight"]
+    assert resumed["first"]["record"]["global_step"] == 4
+    record = _record(out)
     assert record["global_step"] == 6 and record["status"] == "finished" and record["epoch"] == 1  # 3 batches/epoch
-    assert [step for step, _ in _losses(resumed)] == [1, 2, 3, 4, 5, 6]
-    names = sorted(os.listdir(resumed / "checkpoints"))
+    assert record["args"]["decode_threads"] == 1 and record["args"]["max_train_steps"] == 6  # what this session used
+    assert [step for step, _ in _losses(out)] == [1, 2, 3, 4, 5, 6]
+    names = sorted(os.listdir(out / "checkpoints"))
     assert names == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    state = json.loads((resumed / "checkpoints" / "checkpoint-6" / STATE_FILE).read_text())
-    assert state == {"global_step": 6, "epoch": 1, "batch_in_epoch": 3, "micro_step": 6}
-    checkpoint = resumed / "checkpoints" / "checkpoint-6"
+    state = _state(out, 6)
+    assert {k: state[k] for k in COUNTERS} == {"global_step": 6, "epoch": 1, "batch_in_epoch": 3, "micro_step": 6}
+    checkpoint = out / "checkpoints" / "checkpoint-6"
     assert sorted(os.listdir(checkpoint)) == ["ema.safetensors", "model.safetensors", "optimizer.bin",
                                               "random_states_0.pkl", "scheduler.bin", STATE_FILE]
     for name in ("optimizer.bin", "scheduler.bin"):  # nothing in a checkpoint needs unsafe unpickling
         torch.load(checkpoint / name, weights_only=True)
     assert accelerate_load(checkpoint / "random_states_0.pkl")["step"] == 6  # weights_only + numpy allowlist
-    assert sorted(os.listdir(resumed / "samples")) == ["step-2.png", "step-4.png", "step-6.png"]
-    assert Image.open(resumed / "samples" / "step-6.png").size[1] > 2 * 128  # two validation rows
+    assert sorted(os.listdir(out / "samples")) == ["step-2.png", "step-4.png", "step-6.png"]
+    assert Image.open(out / "samples" / "step-6.png").size[1] > 2 * 128  # two validation rows
     # an uninterrupted 6-step run ends with the same weights, EMA included: the checkpoint restored everything
-    # (decoding in the loop itself instead of 2 threads: the same batches in the same order)
-    assert run_train(_argv(str(demo_shards), base, straight, "latent-tiny", 6, *extra, "--decode-threads", "1")) == 0
-    a, b = _weights(resumed), _weights(straight)
+    a, b = _weights(out), _weights(straight)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _losses(resumed) == _losses(straight)
+    assert _losses(out) == _losses(straight)
+
+
+def test_resumed_run_records_totals_over_both_sessions(resumed):
+    out, straight = resumed["resumed"], resumed["straight"]
+    record = _record(out)
+    # samples: 6 steps x batch 4 in both runs, not only the 2 steps of the resumed session
+    assert record["ranks"]["samples"] == _record(straight)["ranks"]["samples"] == [24]
+    assert _state(out, 4)["samples"] == [16] and _state(out, 6)["samples"] == [24]
+    assert _state(out, 6)["last_loss"] == record["last_loss"] == pytest.approx(_losses(out)[-1][1], abs=1e-6)
+    # time runs on from the checkpoint: elapsed never goes back, the wall time covers both sessions
+    elapsed = _elapsed(out)
+    assert elapsed[:4] == resumed["first"]["elapsed"][:4] and elapsed == sorted(elapsed)
+    assert elapsed[4] > _state(out, 4)["elapsed_s"] >= elapsed[3]
+    assert record["wall_time_s"] > _state(out, 4)["elapsed_s"] and record["wall_time_s"] >= elapsed[-1]
+
+
+def test_a_run_stopped_after_its_last_checkpoint_gets_its_end_written(resumed, demo_shards, base, tmp_path):
+    out = tmp_path / "stopped"  # a copy of the 6-step run, as if it stopped before writing its final run.json
+    shutil.copytree(resumed["resumed"], out)
+    shutil.rmtree(out / "pipeline")
+    stopped = {**_record(out), "status": "in progress", "ranks": None}
+    (out / "run.json").write_text(json.dumps(stopped))
+    assert run_train(_argv(str(demo_shards), base, out, "latent-tiny", 6, *RESUME_EXTRA,
+                           "--resume-from-checkpoint", "latest")) == 0
+    record, final = _record(out), _record(resumed["resumed"])
+    assert record["status"] == "finished" and record["global_step"] == 6 and record["last_loss"] == final["last_loss"]
+    assert record["ranks"] == final["ranks"]  # samples from the checkpoint, fingerprint of the same weights
+    assert _weights(out).keys() == _weights(resumed["resumed"]).keys()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        ("--learning-rate", "1e-3"),
+        ("--seed", "4"),
+        ("--train-batch-size", "2"),
+        ("--p-drop-st", "0.5"),
+        ("--dataloader-num-workers", "1"),
+        ("--mixed-precision", "bf16"),
+        ("--data", "FOUR_ROWS", "--lr-scheduler", "cosine"),
+    ],
+)
+def test_resume_refuses_flags_that_change_what_the_run_trains(resumed, demo_shards, base, four_rows, changes):
+    out = resumed["resumed"]
+    before = (out / "run.json").read_bytes()
+    argv = _argv(str(demo_shards), base, out, "latent-tiny", 8, *RESUME_EXTRA, "--resume-from-checkpoint", "latest",
+                 *[four_rows if c == "FOUR_ROWS" else c for c in changes])
+    flags = changes[::2]
+    with pytest.raises(ValueError, match="flags differ from the run") as error:
+        run_train(argv)
+    message = str(error.value)
+    assert "\n" not in message and all(f"{flag} " in message.split("; resume with")[0] for flag in flags)
+    assert (out / "run.json").read_bytes() == before and not (out / "checkpoints" / "checkpoint-8").exists()
+
+
+def test_a_finished_run_is_not_rewritten(resumed, demo_shards, base, capsys):
+    out = resumed["resumed"]
+    files = [out / "run.json", out / "logs" / "loss.csv",
+             out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"]
+    before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
+    argv = _argv(str(demo_shards), base, out, "latent-tiny", 4, *RESUME_EXTRA, "--resume-from-checkpoint", "latest")
+    with pytest.raises(ValueError, match=r"--max-train-steps 4 is below step 6 of the checkpoint"):
+        run_train(argv)
+    argv[argv.index("--max-train-steps") + 1] = "6"
+    assert run_train(argv) == 0
+    assert "already finished at step 6" in capsys.readouterr().out
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
 
 
 def test_gradient_accumulation_counts_optimizer_steps(four_rows, base, tmp_path):
@@ -189,25 +284,57 @@ def test_prior_config_trains_the_prior_and_a_denoiser_run_takes_it(demo_shards, 
     assert "prior (untrained: identity)" not in _record(out)["random_init"]
 
 
+def test_a_bf16_run_saves_the_base_weights_in_fp32_and_samples(four_rows, base, tmp_path):
+    out = tmp_path / "bf16"
+    assert run_train(_argv(four_rows, base, out, "latent-tiny", 1, "--mixed-precision", "bf16", "--ema-decay", "0",
+                           "--checkpointing-steps", "0")) == 0
+    for component in ("text_encoder", "vae"):  # the frozen parts trained in bf16 come back as the base's fp32 weights
+        (saved,) = (out / "pipeline" / component).glob("*.safetensors")
+        (original,) = (Path(base) / component).glob("*.safetensors")
+        a, b = safetensors.torch.load_file(saved), safetensors.torch.load_file(original)
+        assert a.keys() == b.keys() and all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
+    scene = tmp_path / "scene.json"
+    scene.write_text(json.dumps({"prompt": "a ball", "regions": [{"prompt": "a ball", "box": [0, 0, 0.5, 0.5]}]}))
+    argv = ["--run", str(out), "--scene", str(scene), "--out", str(tmp_path / "x.png"), "--steps", "2"]
+    assert sample.main(argv) == 0
+    assert Image.open(tmp_path / "x.png").size == (32, 32)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--config", "latent-sd15"], "embed_dim=768 .* D=64"),
+        (["--config", "prior-nope"], r"neither a bundled config \(denoisers: .*latent-tiny.*; priors: prior-base, "
+                                     "prior-tiny\\)"),
         (["--clip-model", "ViT-B-32"], "differs from the shards' CLIP"),
         (["--p-drop-text", "1.5"], "--p-drop-text must be in"),
         (["--ema-decay", "1"], "--ema-decay must be in"),
         (["--decode-threads", "0"], "--decode-threads must be >= 1"),
         (["--resume-from-checkpoint", "/nonexistent"], "is not a checkpoint dir"),
         (["--base-model", None], "--base-model is required"),
+        (["--base-model", "MISSING"], r"--base-model '.*/nope': no such folder; give a diffusers model folder"),
+        (["--base-model", "NOT_A_MODEL"], r"--base-model '.*' is not a diffusers model folder: it has no "
+                                          "text_encoder/config.json, tokenizer/, vae/config.json, unet/config.json"),
     ],
 )
-def test_bad_flags_raise_clear_errors(demo_shards, base, tmp_path, extra, message):
-    argv = _argv(str(demo_shards), base, tmp_path / "bad")
+def test_bad_flags_raise_clear_errors_and_create_nothing(demo_shards, base, tmp_path, extra, message):
+    output = tmp_path / "bad"
+    argv = _argv(str(demo_shards), base, output)
+    paths = {"MISSING": str(tmp_path / "nope"), "NOT_A_MODEL": str(demo_shards)}
     for flag, value in zip(extra[::2], extra[1::2], strict=True):
         i = argv.index(flag) if flag in argv else None
         if i is not None:
             del argv[i : i + 2]
         if value is not None:
-            argv += [flag, value]
+            argv += [flag, paths.get(value, value)]
     with pytest.raises(ValueError, match=message):
+        run_train(argv)
+    assert not output.exists()  # checked before --output is made: no empty run folder left behind
+
+
+def test_a_missing_base_model_that_looks_like_a_hub_id_is_named(demo_shards, base, tmp_path):
+    argv = _argv(str(demo_shards), base, tmp_path / "bad")
+    argv[argv.index("--base-model") + 1] = "nobody-here/no-such-model"  # offline (conftest): not in the cache either
+    with pytest.raises(ValueError, match="'nobody-here/no-such-model': no such folder nor a Hub model in the local "
+                                         "cache"):
         run_train(argv)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import safetensors.torch
 
-from spatext.model.checkpoint import STATE_FILE
+from spatext.model.checkpoint import COUNTERS, STATE_FILE
 from spatext.model.data import resolve_files
 from spatext.model.tiny_base import write_tiny_base_model
 from spatext.model.train_record import weights_sha256
@@ -115,7 +115,9 @@ def test_two_processes_split_the_epoch_and_keep_identical_weights(straight, demo
     for name in os.listdir(checkpoints):  # every rank's RNG state is in every checkpoint
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(os.path.join(checkpoints, name)))
     with open(os.path.join(checkpoints, f"checkpoint-{STEPS}", STATE_FILE)) as f:
-        assert json.load(f) == {"global_step": 4, "epoch": 1, "batch_in_epoch": 1, "micro_step": 4}
+        state = json.load(f)
+    assert {k: state[k] for k in COUNTERS} == {"global_step": 4, "epoch": 1, "batch_in_epoch": 1, "micro_step": 4}
+    assert state["samples"] == [8, 8]  # per rank, what a resumed run's ranks.samples continues from
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,6 @@ def test_a_resumed_two_process_run_matches_an_uninterrupted_one(straight, demo_s
     launch(str(demo_shards), base, out, "latent-tiny", STEPS, "--checkpointing-steps", "2",
            "--resume-from-checkpoint", "latest")
     assert _record(out)["ranks"]["weights_sha256"] == _record(run)["ranks"]["weights_sha256"]
-    assert _record(out)["ranks"]["samples"] == [4, 4]  # this launch: steps 3 and 4
+    assert _record(out)["ranks"]["samples"] == [8, 8]  # both launches: steps 1-2 and 3-4
     assert _loss_rows(out) == _loss_rows(run)
     assert [_keys(out, rank) for rank in (0, 1)] == [_keys(run, rank) for rank in (0, 1)]

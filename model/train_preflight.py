@@ -1,0 +1,147 @@
+"""What ``spatext train`` checks before it creates or touches anything in ``--output``: the config, the base model,
+the checkpoint to resume from, and that a resumed run keeps every flag that decides what it trains.
+
+Why first: a command that fails must leave no half-made run folder behind, and a resumed run must never record in
+run.json values it did not use (the optimizer state brings back the old learning rate whatever the new flag says).
+
+Flags a resume may change (``RESUME_MAY_CHANGE``): where the run is (``--output``, ``--resume-from-checkpoint``), how
+long it goes on (``--max-train-steps``; with a decaying ``--lr-scheduler`` the rest of the schedule follows the new
+value), and what it writes or how fast it reads, none of which changes the weights: ``--checkpointing-steps``,
+``--checkpoints-total-limit``, ``--sample-every``, ``--num-validation``, ``--sample-steps``,
+``--sample-guidance-scale``, ``--log-sample-keys``, ``--decode-threads`` (the same samples in the same order for any
+count) and ``--gradient-checkpointing`` (the same math, less memory). Every other flag must equal the run's, including
+``--dataloader-num-workers``: each worker batches its own rows, so the worker count decides which rows train together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
+
+from spatext.model.checkpoint import RUN_FILE, STATE_FILE, resolve_resume
+from spatext.model.config import DenoiserConfig, get_config
+
+logger = logging.getLogger(__name__)
+
+RESUME_MAY_CHANGE = (
+    "output", "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
+    "sample_every", "num_validation", "sample_steps", "sample_guidance_scale", "log_sample_keys", "decode_threads",
+    "gradient_checkpointing",
+)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name": a Hugging Face Hub model id
+
+
+@dataclass
+class Preflight:
+    """The outcome of the checks: the config, the checkpoint to resume from (or None) and its counters, and the
+    saved record of a run that is already finished at ``--max-train-steps`` (nothing to train), else None."""
+
+    config: DenoiserConfig
+    resume: str | None
+    resume_state: dict | None
+    finished: dict | None
+
+
+def flag(name: str) -> str:
+    """``max_train_steps`` → ``--max-train-steps``."""
+    return f"--{name.replace('_', '-')}"
+
+
+def check_base_model(path: str | None, latent: bool) -> None:
+    """Raise ValueError naming ``--base-model`` when it is neither a diffusers model folder with the parts a run
+    loads (text encoder, tokenizer; VAE and UNet for a latent config) nor a Hub model id that can be resolved."""
+    if path is None:
+        raise ValueError("--base-model is required for a denoiser config")
+    if os.path.isdir(path):
+        needed = ["text_encoder/config.json", "tokenizer/"]
+        needed += ["vae/config.json", "unet/config.json"] if latent else []
+        missing = [n for n in needed if not os.path.exists(os.path.join(path, n))]
+        if missing:
+            raise ValueError(f"--base-model {path!r} is not a diffusers model folder: it has no {', '.join(missing)}")
+        return
+    if os.path.exists(path):
+        raise ValueError(f"--base-model {path!r} is a file, not a diffusers model folder")
+    hub = bool(HUB_ID.match(path)) and not os.path.isdir(path.split("/")[0])  # "runs/nope" with ./runs: a folder
+    if hub and (not hub_constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(path, "model_index.json"), str)):
+        return  # a Hub model id: diffusers and transformers download it (or read it from the cache)
+    cache = " nor a Hub model in the local cache (HF_HUB_OFFLINE is set)" if hub else ""
+    raise ValueError(f"--base-model {path!r}: no such folder{cache}; give a diffusers model folder (text_encoder/, "
+                     "tokenizer/, vae/, unet/, scheduler/)")
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON object in ``path``, or None when there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def checkpoint_run(checkpoint: str) -> str:
+    """The run dir a checkpoint belongs to (RUN/checkpoints/checkpoint-N → RUN)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+
+
+def changed_flags(args: argparse.Namespace, saved: dict) -> list[str]:
+    """``--flag NEW (run: OLD)`` for each flag that differs from the saved run's and may not change on resume.
+
+    A flag the saved run does not record (added to the parser later) is not compared.
+    """
+    new = vars(args)
+    return [f"{flag(k)} {new[k]!r} (run: {saved[k]!r})" for k in sorted(new)
+            if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != new[k]]
+
+
+def check_resumed_run(args: argparse.Namespace, config: DenoiserConfig, checkpoint: str) -> dict | None:
+    """Refuse a resume whose config or result-deciding flags differ from those of the run that wrote ``checkpoint``;
+    return that run's record (None when there is none to compare with, which is logged)."""
+    run_dir = checkpoint_run(checkpoint)
+    record = read_json(os.path.join(run_dir, RUN_FILE))
+    if record is None:
+        logger.warning("no %s in %s: the flags of the resumed run cannot be compared with the checkpoint's", RUN_FILE,
+                       run_dir)
+        return None
+    saved = record.get("config")
+    if saved is not None and saved != config.to_dict():
+        raise ValueError(f"--config {args.config!r} differs from the config of the run in {run_dir!r} "
+                         f"({saved.get('name')!r}); resume with the same config")
+    changed = changed_flags(args, record.get("args", {}))
+    if changed:
+        raise ValueError(f"--resume-from-checkpoint: flags differ from the run in {run_dir!r} and would change what "
+                         f"it trains: {', '.join(changed)}; resume with the run's values (a resume may change only "
+                         f"{', '.join(flag(k) for k in RESUME_MAY_CHANGE)})")
+    return record
+
+
+def check_steps(args: argparse.Namespace, checkpoint: str, state: dict, record: dict | None) -> dict | None:
+    """Refuse ``--max-train-steps`` below the checkpoint's step; at that step, return the run's record when the run is
+    finished there (nothing to train, nothing to rewrite), else None (the end of the run is written again)."""
+    step = int(state["global_step"])
+    if args.max_train_steps < step:
+        raise ValueError(f"--max-train-steps {args.max_train_steps} is below step {step} of the checkpoint "
+                         f"{checkpoint!r}; pass --max-train-steps {step} or more")
+    run_dir = checkpoint_run(checkpoint)
+    finished = (record is not None and record.get("status") == "finished" and record.get("global_step") == step
+                and run_dir == os.path.abspath(args.output) and os.path.isdir(os.path.join(run_dir, "pipeline")))
+    return record if step == args.max_train_steps and finished else None
+
+
+def preflight(args: argparse.Namespace) -> Preflight:
+    """Check a denoiser run's config, base model and resume before anything is written (ValueError naming the flag)."""
+    config = get_config(args.config)
+    check_base_model(args.base_model, latent=config.variant == "latent")
+    resume = resolve_resume(args)
+    if resume is None:
+        return Preflight(config, None, None, None)
+    state = read_json(os.path.join(resume, STATE_FILE))
+    if state is None:
+        raise ValueError(f"--resume-from-checkpoint {resume!r} is not a checkpoint dir (no {STATE_FILE})")
+    record = check_resumed_run(args, config, resume)
+    return Preflight(config, resume, state, check_steps(args, resume, state, record))
