@@ -33,7 +33,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from spatext.pipeline.parquet_files import streaming_source
-from spatext.pipeline.read import COUNTS, REJECTS, ReadOptions, route_item
+from spatext.pipeline.read import BAD_CAPTION_ENCODING, COUNTS, REJECTS, ReadOptions, route_item
 from spatext.pipeline.records import RawSample, Reject
 
 logger = logging.getLogger(__name__)
@@ -145,9 +145,14 @@ def _image_cell(value: object) -> tuple[bytes | None, str | None]:
 
 
 def _caption_cell(value: object) -> str | None:
-    """A caption cell as text: a string, the first string of a list, or None."""
+    """A caption cell as text: a string, UTF-8 bytes (a binary column), the first string of a list, or None.
+
+    Bytes that are not UTF-8 raise UnicodeDecodeError (the row becomes a reject): never ``str(b'...')`` or a lossy
+    decode stored as the caption."""
     if isinstance(value, list | tuple):
-        value = next((v for v in value if isinstance(v, str)), None)
+        value = next((v for v in value if isinstance(v, str | bytes)), None)
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
     return None if value is None else str(value)
 
 
@@ -163,7 +168,12 @@ def row_to_item(row: dict, key: str, source: str, columns: ParquetColumns) -> Ra
         url = path
     if image is None and url:
         return Reject(key, source, "read", URL_ONLY)
-    return RawSample(key, source, image, _caption_cell(row.get(columns.caption)))
+    try:
+        caption = _caption_cell(row.get(columns.caption))
+    except UnicodeDecodeError as exc:
+        return Reject(key, source, "read", f"{BAD_CAPTION_ENCODING}: column {columns.caption!r} is not UTF-8 "
+                      f"({exc.reason} at byte {exc.start})")
+    return RawSample(key, source, image, caption)
 
 
 def common_folder(files: Sequence[str]) -> str:

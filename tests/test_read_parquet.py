@@ -119,6 +119,17 @@ def test_explicit_columns_bad_columns_and_broken_files(tmp_path):
     assert len(unusable) == 1 and unusable[0].reason.startswith("unusable_columns: ") and "TEXT" in unusable[0].reason
 
 
+def test_binary_captions_are_decoded_or_rejected(tmp_path):
+    """A binary caption column: UTF-8 bytes are the caption's text; other bytes are a reject, never "b'...'" text."""
+    path = tmp_path / "bytes.parquet"
+    pq.write_table(pa.table({"key": ["a", "b"], "image": [b"x", b"y"],
+                             "caption": ["café".encode(), "café".encode("latin-1")]}), path)
+    sample, reject = _items(path)
+    assert isinstance(sample, RawSample) and sample.caption == "café"
+    assert isinstance(reject, Reject) and reject.key == "b"
+    assert reject.reason.startswith("bad_caption_encoding: column 'caption' is not UTF-8")
+
+
 def test_detect_format_for_every_format_and_a_mixed_folder(tmp_path, corpus):
     assert read.detect_format(str(corpus / "*.parquet")) == "parquet"
     write_tar(str(tmp_path / "a.tar"), [("k.txt", b"c")])
