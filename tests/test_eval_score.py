@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -243,6 +244,9 @@ def test_missing_weights_offline_are_one_line_cli_errors(generations, tmp_path, 
 
     bench, folders = generations
     base = ["score", "--benchmark", str(bench), "--generations", str(folders[0]), "--out", str(tmp_path / "r")]
+    # cli.main's logging.basicConfig is a no-op when an earlier test left a root handler on its own (now closed)
+    # captured stderr, whose write errors would print tracebacks here: start from no handler
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
 
     def offline(*args, **kwargs):
         raise OSError("no network (HF_HUB_OFFLINE=1)")
