@@ -98,6 +98,16 @@ def deep_to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
+def aspect_matches(map_size: tuple[int, int], size: tuple[int, int], tolerance: float = 0.02) -> bool:
+    """Whether a map of `map_size` (W, H) fits an image resized to `size` (W, H): the aspects agree within
+    `tolerance`, after allowing each side of `size` its rounding (+-0.5 px). Without that allowance small images were
+    refused: a 604 x 268 map against its own image at 64 x 29 is 2.254 vs 2.207 (measured at --image-size 64)."""
+    (map_w, map_h), (width, height) = map_size, size
+    low = max(width - 0.5, 0.5) / (height + 0.5)
+    high = (width + 0.5) / max(height - 0.5, 0.5)
+    return low * (1 - tolerance) <= map_w / map_h <= high * (1 + tolerance)
+
+
 def decode_annotation(
     png: bytes | None, annotation: dict | None, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Segmentation:
@@ -113,8 +123,7 @@ def decode_annotation(
                 raise DecodeError("bad_annotation", "empty panoptic png")
             if width * height > max_pixels:
                 raise DecodeError("bad_annotation", f"panoptic map {width}x{height} exceeds {max_pixels} pixels")
-            map_aspect, image_aspect = width / height, size[0] / size[1]
-            if abs(map_aspect - image_aspect) > 0.02 * image_aspect:
+            if not aspect_matches((width, height), size):
                 raise DecodeError("bad_annotation", f"panoptic map {width}x{height} vs image {size}")
             # Nearest-neighbour picks whole pixels, so resizing the RGB(-encoded) map before decoding ids gives the
             # same map as resizing the ids, for fewer pixels to decode.

@@ -15,6 +15,7 @@ from spatext.pipeline.config import BuildConfig
 from spatext.pipeline.decode import (
     DecodeError,
     DecodeOptions,
+    aspect_matches,
     decode_annotation,
     decode_image,
     decode_sample,
@@ -133,6 +134,19 @@ def test_annotation_resize_equals_nearest_resize_of_the_ids():
     got = decode_annotation(encode_id_map(id_map), {"segments_info": infos}, (512, 384)).id_map
     reference = np.asarray(Image.fromarray(id_map).resize((512, 384), Image.Resampling.NEAREST))  # mode I
     assert got.dtype == np.int32 and np.array_equal(got, reference)
+
+
+@pytest.mark.parametrize("image_size", [64, 32, 512])
+def test_a_map_fits_its_own_image_at_any_size(image_size):
+    """Each side of a resized image is rounded: a map must still fit its own image resized small (604 x 268 at 64 px
+    is 64 x 29, whose aspect is 2% off), for every demo-like shape; a map of another shape does not."""
+    for width, height in [(604, 268), (600, 449), (548, 377), (640, 256), (257, 640), (300, 300)]:
+        size = target_size(width, height, image_size)
+        assert aspect_matches((width, height), size), ((width, height), size)
+        id_map = np.zeros((height, width), dtype=np.int32)
+        assert decode_annotation(encode_id_map(id_map), {"segments_info": []}, size).id_map.shape == size[::-1]
+    assert not aspect_matches((300, 300), target_size(604, 268, 64))
+    assert not aspect_matches((604, 250), target_size(604, 268, 512))  # 7% off: another image's map
 
 
 def test_oversized_annotation_map_is_rejected_before_decoding():
