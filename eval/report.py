@@ -75,6 +75,22 @@ def write_csv(result: dict, path: str) -> None:
         writer.writerows(rows)
 
 
+def _fid_sample_size_lines(result: dict) -> list[str]:
+    """A warning when FID had fewer images on a side than feature dimensions: its covariances are then
+    rank-deficient, FID is strongly biased and float rounding can make it slightly negative (the reference row's
+    "-0.0000" on 8 images, 512-d features)."""
+    small = [(m["label"], m["fid"]) for m in result["methods"]
+             if m["fid"].get("fid") is not None and m["fid"].get("feature_dim")
+             and min(m["fid"]["num_real"], m["fid"]["num_generated"]) < m["fid"]["feature_dim"]]
+    if not small:
+        return []
+    label, fid = small[0]
+    return [f"FID warning: {', '.join(name for name, _ in small)}: fewer images than feature dimensions "
+            f"({min(fid['num_real'], fid['num_generated'])} < {fid['feature_dim']}): the covariance estimates are "
+            "rank-deficient, so FID is strongly biased and rounding can make it slightly negative; compare FIDs only "
+            "at thousands of images (the papers use 5,000-30,000).", ""]
+
+
 def _fmt(summary: dict | None) -> str:
     """``mean [low, high]``, ``mean (no interval)`` with ``--bootstrap 0``, or "not measured"."""
     if not summary or summary.get("mean") is None:
@@ -136,6 +152,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {p['method']}, eval-{p['protocol']} | *{PUBLISHED_NOTE}* | — | {p['fid']} | "
                      f"CLIP score {p['clip_score_x100']} (x100 similarity) | — | mIoU {p['miou_percent']}% |")
     lines += ["", f"Note: {COMPARABILITY}", ""]
+    lines += _fid_sample_size_lines(result)
     lines += _sensitivity_lines(result)
     lines += ["## Figures", "", *[f"![{name}](bars_{name}.png)" for name in ("fid", *METRICS)], "",
               "![grid](grid.png)", ""]

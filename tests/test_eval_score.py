@@ -112,6 +112,9 @@ def test_score_report_with_annotations(generations, tmp_path) -> None:
     assert text.count(PUBLISHED_NOTE) >= 3 and "not directly comparable" in text and "random weights" in text
     assert "generations concat" in text and "generations ntlb" in text  # the tiny base model's marker, end to end
     assert "generations ntlb" in random_weights_note(report)  # the note the charts and the grid carry
+    dim, images = rows["reference"]["fid"]["feature_dim"], rows["reference"]["fid"]["num_generated"]
+    assert images < dim and f"FID warning: {', '.join(METHODS)}: fewer images than feature dimensions ({images} < " \
+        f"{dim})" in text  # a few demo images against 32+ dimensions
 
 
 def test_score_with_a_segmenter_and_mask_perturbation(generations, tmp_path) -> None:
