@@ -306,7 +306,8 @@ class SpaTextPipeline(DiffusionPipeline):
         """Generate images for global ``prompt``(s) laid out by ``scene``(s).
 
         ``scene`` is a ``Scene``, a list of (mask, local prompt) pairs, or a list of ``Scene`` (one per prompt);
-        masks are H x W (resized to the image size if needed); later regions lie on top. ``prompt`` may be None when
+        masks are H x W (resized to the image size if needed); later regions lie on top. None: no regions (the
+        global prompt alone, ST all zeros). ``prompt`` may be None when
         the scenes carry prompts; when given it wins over theirs. ``guidance_scale`` alone uses the two-pass joint
         guidance; ``text_guidance_scale`` + ``st_guidance_scale`` use one scale per condition (three passes).
 
@@ -360,7 +361,10 @@ class SpaTextPipeline(DiffusionPipeline):
 
 
 def _as_scenes(scene: Any) -> list[Scene]:
-    """A ``Scene``, a list of (mask, prompt) pairs, or a list of ``Scene``s → a list of ``Scene``s."""
+    """A ``Scene``, a list of (mask, prompt) pairs, or a list of ``Scene``s → a list of ``Scene``s; None → one
+    scene without regions (ST all zeros: the global prompt alone, as in the ST-dropout training samples)."""
+    if scene is None:
+        return [Scene("", [])]
     if isinstance(scene, Scene):
         return [scene]
     if isinstance(scene, (list, tuple)):

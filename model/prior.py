@@ -314,7 +314,10 @@ def save_prior(prior: Prior, output: str, metrics: dict | None = None) -> None:
     fs.makedirs(path, exist_ok=True)
     config_json = json.dumps(prior.config.to_dict(), indent=2, sort_keys=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in prior.state_dict().items()}
-    _write(f"{output.rstrip('/')}/{WEIGHTS_FILE}", safetensors.torch.save(tensors, metadata={"config": config_json}))
+    metadata = {"config": config_json}
+    if metrics is not None and metrics.get("lineage"):  # which CLIP space it maps within, also in the file alone
+        metadata["lineage"] = json.dumps(metrics["lineage"], sort_keys=True)
+    _write(f"{output.rstrip('/')}/{WEIGHTS_FILE}", safetensors.torch.save(tensors, metadata=metadata))
     _write(f"{output.rstrip('/')}/{CONFIG_FILE}", config_json.encode())
     if metrics is not None:
         _write(f"{output.rstrip('/')}/{METRICS_FILE}", json.dumps(metrics, indent=2, sort_keys=True).encode())
@@ -324,6 +327,24 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     """The `__metadata__` of a safetensors blob (8-byte little-endian header length, then a JSON header)."""
     (length,) = struct.unpack("<Q", data[:8])
     return json.loads(data[8 : 8 + length]).get("__metadata__", {})
+
+
+def load_prior_lineage(output_or_file: str) -> dict:
+    """The lineage a trained prior was saved with (``clip_model``, ``clip_pretrained``, ``embed_dim``, ...): from
+    its safetensors metadata, else from the ``prior_metrics.json`` beside it; {} when neither has one."""
+    path = output_or_file if output_or_file.endswith(".safetensors") else f"{output_or_file.rstrip('/')}/{WEIGHTS_FILE}"
+    with fsspec.open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = handle.read(length)
+    meta = json.loads(header).get("__metadata__", {})
+    if "lineage" in meta:
+        return json.loads(meta["lineage"])
+    metrics = f"{path.rsplit('/', 1)[0]}/{METRICS_FILE}" if "/" in path else METRICS_FILE
+    fs, metrics_path = fsspec.core.url_to_fs(metrics)
+    if fs.exists(metrics_path):
+        with fs.open(metrics_path, "r") as handle:
+            return json.load(handle).get("lineage") or {}
+    return {}
 
 
 def load_prior(output_or_file: str, device: str = "cpu") -> Prior:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from spatext.cli import command_logging
 from spatext.model.data import ShardDataset
 from spatext.model.pipeline import SpaTextPipeline
 from spatext.model.scene import Scene, load_painted_scene, load_scene
@@ -211,8 +212,7 @@ def output_paths(out: str, count: int) -> list[str]:
 
 def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     """Console entry (``spatext sample``): load the run, read the scene, generate, write images + the scene view."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command_logging()
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
     if args.num_images < 1 or args.steps < 1:

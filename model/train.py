@@ -38,6 +38,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from spatext.cli import command_logging
 from spatext.model.checkpoint import RUN_FILE, write_json
 from spatext.model.prior import load_prior_config, train_prior
 from spatext.model.train_args import DEFAULTS, check_args, is_prior_config, parse_args
@@ -93,8 +94,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     appears with the first file training writes. A resumed run already finished at ``--max-train-steps`` is left as
     it is (a message, exit 0).
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command_logging()
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
     prior = is_prior_config(args.config)

@@ -19,7 +19,7 @@ from diffusers.training_utils import EMAModel
 from spatext.model.config import DenoiserConfig
 from spatext.model.data import ShardDataset
 from spatext.model.pipeline import LocalPromptEncoder, PriorModel, SpaTextPipeline, build_pipeline
-from spatext.model.prior import load_prior_config
+from spatext.model.prior import load_prior_config, load_prior_lineage
 from spatext.model.tiny_base import read_weights_marker
 from spatext.model.train_preflight import Preflight, preflight
 from spatext.pipeline.clip import RANDOM_INIT, RANDOM_INIT_LABEL, ClipSpec, clip_embed_dim, load_clip
@@ -78,8 +78,11 @@ def resolve_clip(args: argparse.Namespace, meta: dict[str, str], config: Denoise
     return model, RANDOM_INIT if pretrained == RANDOM_INIT_LABEL else pretrained
 
 
-def load_prior_component(path: str | None, dim: int) -> tuple[PriorModel, str]:
-    """The prior saved with the pipeline: ``--prior`` or an untrained (identity) one; and its label."""
+def load_prior_component(path: str | None, dim: int, clip_model: str | None = None) -> tuple[PriorModel, str]:
+    """The prior saved with the pipeline: ``--prior`` or an untrained (identity) one; and its label.
+
+    A ``--prior`` must map embeddings of the run's CLIP (``clip_model``): one trained in another CLIP space of the
+    same size would load and run, and quietly put the wrong embeddings into ST."""
     if path is None:
         cfg = load_prior_config("prior-tiny").to_dict() | {"embed_dim": dim}
         logger.warning("no --prior: the pipeline gets an %s prior (local prompts' CLIP text embeddings go into ST "
@@ -88,6 +91,11 @@ def load_prior_component(path: str | None, dim: int) -> tuple[PriorModel, str]:
     prior = PriorModel.from_file(path)
     if prior.embed_dim != dim:
         raise ValueError(f"--prior {path!r} maps D={prior.embed_dim} embeddings, the shards have D={dim}")
+    trained_on = load_prior_lineage(path).get("clip_model")
+    if clip_model is not None and trained_on is not None and trained_on != clip_model:
+        raise ValueError(f"--prior {path!r} was trained on {trained_on} embeddings but this run uses {clip_model} "
+                         f"(both D={dim}): a prior maps within one CLIP space; train one on these shards "
+                         "(spatext train --config prior-tiny)")
     return prior, path
 
 
@@ -98,7 +106,7 @@ def build_training_pipeline(
     clip_model, clip_pretrained = resolve_clip(args, meta, config)
     clip = load_clip(ClipSpec(model=clip_model, pretrained=clip_pretrained))
     encoder = LocalPromptEncoder.from_clip(clip)
-    prior, prior_label = load_prior_component(args.prior, config.embed_dim)
+    prior, prior_label = load_prior_component(args.prior, config.embed_dim, clip_model)
     pipe = build_pipeline(config, args.base_model, encoder, prior, seed=args.seed)
     if pipe.scheduler.config.get("prediction_type") != config.prediction_type:
         logger.info("scheduler prediction_type set to the config's %s", config.prediction_type)

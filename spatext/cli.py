@@ -24,6 +24,21 @@ COMMANDS = {
 }
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def command_logging(level: int = logging.INFO) -> None:
+    """Log records of `level` and up to stderr, for a command's main: a handler when the root logger has none, and
+    the root level lowered to `level`. Importing Beam logs a warning through the root logger, which gives it a
+    handler at the default WARNING level; a plain ``basicConfig(level=INFO)`` after that does nothing, and a
+    command's INFO lines (e.g. the prior's held-out cosine) vanished."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format=LOG_FORMAT)
+    if root.level == logging.NOTSET or root.level > level:
+        root.setLevel(level)
+
+
 def usage() -> str:
     """The top-level help text."""
     lines = ["usage: spatext COMMAND [options]   (spatext COMMAND --help for a command's options)", "", "commands:"]

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import os
+import subprocess
+import sys
+
 import pytest
 
-from spatext.cli import DEBUG_ENV, main
+from spatext.cli import DEBUG_ENV, command_logging, main
 
 
 def test_bad_input_is_a_message_and_status_2(tmp_path, capsys, monkeypatch):
@@ -68,3 +74,25 @@ def test_a_build_that_rejects_every_input_verifies_and_says_so(tmp_path, capsys)
     assert main(["verify", out]) == 0
     report = capsys.readouterr().out
     assert report.startswith("OK") and "1 reject row(s)" in report and "no sample was accepted" in report
+
+
+def test_command_logging_shows_info_after_a_library_configured_warning(monkeypatch) -> None:
+    """A root handler that logging added at WARNING (Beam's import-time warning does that) no longer hides INFO."""
+    stream = io.StringIO()
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.StreamHandler(stream)])
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
+    logging.getLogger("spatext.test").info("before")
+    command_logging()
+    logging.getLogger("spatext.test").info("after")
+    assert stream.getvalue() == "after\n"
+
+
+def test_train_prints_the_prior_report(demo_shards, tmp_path) -> None:
+    """`spatext train --config prior-tiny` as a user runs it (a fresh process, Beam imported): the held-out line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "spatext.cli", "train", "--data", str(demo_shards), "--config", "prior-tiny",
+         "--output", str(tmp_path / "prior"), "--max-train-steps", "5"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "prior: held-out cosine" in done.stderr

@@ -105,6 +105,10 @@ def test_batches_prompts_from_scenes_and_images_per_prompt(latent):
     assert images.shape == (4, 32, 32, 3) and not np.array_equal(images[0], images[1])
     pairs = [(r.mask, r.prompt) for r in _scene(32).regions]
     assert np.array_equal(_run(latent, prompt="a red ball on grass", scene=pairs), with_prompt)
+    # scene=None (as a diffusers user calls a text-to-image pipeline): the global prompt alone, an empty scene
+    assert np.array_equal(_run(latent, prompt="a quiet sky", scene=None), _run(latent, scene=empty))
+    with pytest.raises(ValueError, match="prompt: give a prompt"):
+        latent(num_inference_steps=STEPS)
 
 
 class ConcatenatingPipeline(SpaTextPipeline):

@@ -28,7 +28,9 @@ from spatext.model.config import get_config
 from spatext.model.data import resolve_files
 from spatext.model.denoiser import build_denoiser, predict
 from spatext.model.pipeline import SpaTextPipeline
+from spatext.model.prior import load_prior_lineage
 from spatext.model.tiny_base import write_tiny_base_model
+from spatext.model.train_setup import load_prior_component
 
 OVERFIT_STEPS = 60
 
@@ -282,6 +284,13 @@ def test_prior_config_trains_the_prior_and_a_denoiser_run_takes_it(demo_shards, 
     assert run_train(_argv(str(demo_shards), base, out, "latent-tiny", 1, "--prior", str(prior_run))) == 0
     assert _record(out)["lineage"]["prior"] == str(prior_run)
     assert "prior (untrained: identity)" not in _record(out)["random_init"]
+    # the prior knows its CLIP space (also from the weights file alone); a run in another space of its size refuses it
+    lineage = load_prior_lineage(str(prior_run / "prior.safetensors"))
+    assert lineage["clip_model"] == "spatext-tiny" and load_prior_lineage(str(prior_run)) == lineage
+    dim = int(lineage["embed_dim"])
+    assert load_prior_component(str(prior_run), dim, "spatext-tiny")[1] == str(prior_run)
+    with pytest.raises(ValueError, match=r"trained on spatext-tiny embeddings but this run uses ViT-B-16"):
+        load_prior_component(str(prior_run), dim, "ViT-B-16")
 
 
 def test_a_bf16_run_saves_the_base_weights_in_fp32_and_samples(four_rows, base, tmp_path):
