@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from spatext.cli import command_logging
 from spatext.model.checkpoint import RUN_FILE, write_json
 from spatext.model.prior import load_prior_config, train_prior
-from spatext.model.train_args import DEFAULTS, check_args, is_prior_config, parse_args
+from spatext.model.train_args import DEFAULTS, check_args, ignored_by_prior, is_prior_config, parse_args
 from spatext.model.train_loop import after_step, finish, train, write_sample_grid
 from spatext.model.train_preflight import RESUME_MAY_CHANGE, check_resumed_run, preflight
 from spatext.model.train_record import PACKAGES, package_versions, run_record
@@ -72,9 +72,9 @@ def train_prior_run(args: argparse.Namespace) -> dict:
     if world > 1:
         raise ValueError(f"--config {args.config!r} trains the prior in one process; the launcher started {world}: "
                          "run it without torchrun / accelerate launch")
-    ignored = [f for f in ("base_model", "prior", "resume_from_checkpoint") if getattr(args, f) is not None]
+    ignored = ignored_by_prior(args)
     if ignored:
-        logger.warning("prior training ignores %s", ", ".join(f"--{f.replace('_', '-')}" for f in ignored))
+        logger.warning("prior training ignores %s", ", ".join(ignored))
     started = time.perf_counter()
     metrics = train_prior(args.data, args.output, args.config, steps=args.max_train_steps,
                           batch_size=args.train_batch_size, lr=args.learning_rate, seed=args.seed)

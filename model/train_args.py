@@ -77,13 +77,28 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-guidance-scale", type=float, default=7.5, help="joint guidance scale of the sample grid")
 
 
-def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
-    """Flags of ``spatext train`` (``python -m spatext.model.train``)."""
+PRIOR_FLAGS = ("data", "config", "output", "max_train_steps", "train_batch_size", "learning_rate", "seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``spatext train`` argument parser."""
     p = argparse.ArgumentParser(prog="spatext train", description="Train a SpaText denoiser (or the prior P) on "
                                 "spatext shards", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _io_flags(p)
     _training_flags(p)
-    return p.parse_args(input_args)
+    return p
+
+
+def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags of ``spatext train`` (``python -m spatext.model.train``)."""
+    return build_parser().parse_args(input_args)
+
+
+def ignored_by_prior(args: argparse.Namespace) -> list[str]:
+    """The flags set away from their defaults that prior training does not use (it reads only ``PRIOR_FLAGS``)."""
+    parser = build_parser()
+    return [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+            if name not in PRIOR_FLAGS and value != parser.get_default(name)]
 
 
 def is_prior_config(name: str) -> bool:

@@ -30,6 +30,7 @@ from spatext.model.denoiser import build_denoiser, predict
 from spatext.model.pipeline import SpaTextPipeline
 from spatext.model.prior import load_prior_lineage
 from spatext.model.tiny_base import write_tiny_base_model
+from spatext.model.train_args import check_args, ignored_by_prior, parse_args
 from spatext.model.train_setup import load_prior_component
 
 OVERFIT_STEPS = 60
@@ -273,6 +274,18 @@ def test_gradient_accumulation_counts_optimizer_steps(four_rows, base, tmp_path)
     state = json.loads((out / "checkpoints" / "checkpoint-2" / STATE_FILE).read_text())
     assert state["global_step"] == 2 and state["micro_step"] == 4
     assert len(_losses(out)) == 2
+
+
+def test_prior_training_names_every_flag_it_ignores():
+    """Prior training reads data, config, output, steps, batch, lr and seed: any other flag set is named."""
+    required = ["--data", "d", "--config", "prior-tiny", "--output", "o"]
+    args = parse_args([*required, "--seed", "3", "--learning-rate", "0.01", "--max-train-steps", "9"])
+    check_args(args, prior=True)  # fills the prior's defaults (steps, batch, lr) as train does first
+    assert ignored_by_prior(args) == []
+    args = parse_args([*required, "--mixed-precision", "bf16", "--resolution", "64", "--p-drop-st", "0.5",
+                       "--base-model", "b"])
+    check_args(args, prior=True)
+    assert sorted(ignored_by_prior(args)) == ["--base-model", "--mixed-precision", "--p-drop-st", "--resolution"]
 
 
 def test_prior_config_trains_the_prior_and_a_denoiser_run_takes_it(demo_shards, base, tmp_path):
