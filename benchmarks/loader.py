@@ -8,9 +8,12 @@ renumbering, collate — through a DataLoader for each output mode (float32 [-1,
 maps converted later on the device), resolution, worker count and decode-thread count, in steady state (after a
 warm-up epoch; the time to the first batch is reported apart). The "DCT-reduced" column is the share of samples
 the loader decodes at a reduced JPEG scale (PIL's draft; only where the crop is >= ~4R pixels across): at those
-resolutions it decodes less than bare decoding does. Prints a table and writes JSON.
+resolutions it decodes less than bare decoding does. Prints a table and writes JSON: ``loader.json``, or
+``loader_step<MS>.json`` with ``--step-ms MS``, so that the two runs behind the README's figures keep both files::
 
-    python benchmarks/loader.py --num-samples 256 --out bench_output
+    python benchmarks/loader.py --num-samples 256 --modes uint8 --repeats 5 --out bench_output
+    python benchmarks/loader.py --num-samples 256 --modes uint8 --resolutions 512 --threads 1 2 4 --step-ms 60 \
+        --out bench_output                                                          # writes loader_step60.json
 """
 
 from __future__ import annotations
@@ -198,6 +201,11 @@ def print_table(record: dict) -> None:
               f"{cpu} {row['dct_reduced_share']:>12.0%}")
 
 
+def record_name(step_ms: float) -> str:
+    """The JSON file's name: ``loader.json`` for the loader alone, ``loader_step<MS>.json`` with an emulated step."""
+    return f"loader_step{step_ms:g}.json" if step_ms else "loader.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run and report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -216,13 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="DataLoader batch size")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (median reported)")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per loader measurement")
-    parser.add_argument("--out", default="bench_output", help="folder for corpus, build and loader.json")
+    parser.add_argument("--out", default="bench_output",
+                        help="folder for corpus, build and loader.json (loader_step<MS>.json with --step-ms MS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.makedirs(args.out, exist_ok=True)
     record = run(args)
     print_table(record)
-    write_record(args.out, "loader.json", record)
+    write_record(args.out, record_name(args.step_ms), record)
     return 0
 
 

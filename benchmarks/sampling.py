@@ -17,9 +17,10 @@ rounds of interleaved calls in rotating order; times are medians.
 Default shape (CPU): the SD-1.x UNet layout at half width on 32x32 latents (256 px), D=384 (ViT-S-32), text width
 384 (see train_step.py for why). ``--sd15`` is the SD-1.x UNet + 768 ST channels at 512 px, local prompts through
 ViT-L/14's text tower (for a GPU: ``--sd15 --device cuda --dtype bfloat16 --steps 50``). Prints a table per
-images-per-call setting, writes ``sampling.json``.
+images-per-call setting, writes ``sampling.json``. The README's CPU figures (1 torch thread, 2 cores) and the GPU
+command::
 
-    python benchmarks/sampling.py --threads 1 --num-images 1,4 --out bench_output
+    python benchmarks/sampling.py --threads 1 --steps 4 --repeats 7 --num-images 1,4 --out bench_output
     python benchmarks/sampling.py --sd15 --device cuda --dtype bfloat16 --steps 50 --num-images 1,4 --out $OUT
 """
 

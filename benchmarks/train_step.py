@@ -12,10 +12,10 @@ tokens are random tensors of the right shapes.
 
 Default shape (CPU): the SD-1.x UNet layout at half width (blocks 160/320/640/640, 2 layers, cross-attention like
 SD) on 32x32 latents, D=384 (ViT-S-32), so that D / first width = 2.4 as for SD-1.x with ViT-L/14 (768 / 320).
-Prints a table, writes JSON.
+Prints a table, writes ``train_step.json``. The README's CPU figures (1 torch thread, 2 cores)::
 
-    python benchmarks/train_step.py --out bench_output
-    python benchmarks/train_step.py --embed-dim 768 --out bench_output     # the full ViT-L/14 D on the same UNet
+    python benchmarks/train_step.py --threads 1 --out bench_output/train_d384
+    python benchmarks/train_step.py --threads 1 --embed-dim 768 --out bench_output/train_d768  # ViT-L/14's D
 """
 
 from __future__ import annotations

@@ -1,0 +1,81 @@
+"""The benchmark scripts' own arithmetic: subset size, unreliable overlap rates, record names, Fréchet timing."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch):
+    """Import a module from benchmarks/ as its scripts do (their folder on sys.path)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def load(name: str):
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    return load
+
+
+@pytest.mark.parametrize(("total", "fraction", "expected"), [
+    (2, 0.25, 1),  # 128 samples at 64 per tar: half is the nearest to a quarter
+    (3, 0.25, 1), (8, 0.25, 2), (16, 0.25, 4), (16, 1 / 16, 1), (1, 0.25, 1), (2, 0.9, 1), (4, 0.5, 2),
+])
+def test_subset_tar_count_nearest_at_least_one_fewer_than_all(bench, total, fraction, expected) -> None:
+    assert bench("corpus_subset").subset_tar_count(total, fraction) == expected
+
+
+def test_corpus_subset_links_and_drops_stale_links(bench, tmp_path: Path) -> None:
+    corpus_subset = bench("corpus_subset").corpus_subset
+    for i in range(8):
+        (tmp_path / f"shard-{i:05d}.tar").write_bytes(b"")
+    pattern = corpus_subset(str(tmp_path), 0.25)
+    folder = Path(pattern).parent
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-00000.tar", "shard-00001.tar"]
+    for i in range(4, 8):  # a smaller corpus written to the same folder
+        (tmp_path / f"shard-{i:05d}.tar").unlink()
+    corpus_subset(str(tmp_path), 0.25)
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-00000.tar"]
+
+
+def test_overlap_flags_rates_above_the_device_ceiling(bench, tmp_path: Path, monkeypatch) -> None:
+    overlap = bench("pipeline_overlap")
+    for i in range(16):
+        (tmp_path / f"shard-{i:05d}.tar").write_bytes(b"")
+    walls = iter([10.0, 10.5])  # subset, full: 96 more images in 0.5 s = 192 img/s against a 50 img/s device
+
+    def fake_build(config, beam_args):
+        images = 32 if "subset" in config.input else 128
+        return next(walls), {"counts": {"read": images, "accepted": images}}
+
+    monkeypatch.setattr(overlap, "timed_build", fake_build)
+    args = argparse.Namespace(out=str(tmp_path / "out"), segmenter_batch=8, clip_batch=8, image_size=128,
+                              ms_per_image=20.0)
+    fast = overlap.measure(args, str(tmp_path), "in_process")
+    assert fast["quarter_images"] == 32 and fast["vs_ceiling"] == pytest.approx(3.84)
+    assert fast["vs_ceiling_reliable"] is False
+    walls = iter([10.0, 14.0])  # 24 img/s: below the ceiling
+    slow = overlap.measure(args, str(tmp_path), "in_process")
+    assert slow["vs_ceiling_reliable"] is True
+    row = overlap.summarise([fast, slow, slow])
+    assert row["vs_ceiling_reliable"] is True and row["runs_unreliable"] == 1
+
+
+def test_loader_record_name_depends_on_the_step(bench) -> None:
+    loader = bench("loader")
+    assert loader.record_name(0.0) == "loader.json"
+    assert loader.record_name(60.0) == "loader_step60.json"
+
+
+def test_frechet_timing_warms_up_once_then_times_each_repeat(bench) -> None:
+    eval_throughput = bench("eval_throughput")
+    calls = []
+    value, times = eval_throughput._timed_calls(lambda: calls.append(1) or float(len(calls)), 3, "cpu")
+    assert len(calls) == 4 and len(times) == 3 and value == 4.0
