@@ -14,6 +14,7 @@ import warnings
 from importlib import metadata
 
 import apache_beam as beam
+import torch
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
@@ -24,7 +25,7 @@ from spatext.pipeline.clip import ClipEmbedder, ClipSpec, check_pretrained, clip
 from spatext.pipeline.config import BuildConfig, parse_args
 from spatext.pipeline.decode import Decode, DecodeOptions
 from spatext.pipeline.dedupe import DuplicateKeys
-from spatext.pipeline.read import COUNTS, REJECTS, ReadCorpus, check_input, has_annotations
+from spatext.pipeline.read import COUNTS, REJECTS, ReadCorpus, check_input, has_annotations, match_files
 from spatext.pipeline.records import Reject, rejects_from_failed_batch
 from spatext.pipeline.schema import sample_to_row, shard_schema
 from spatext.pipeline.segment import SegmenterModelHandler
@@ -32,6 +33,7 @@ from spatext.pipeline.segmenters.base import SegmenterSpec, may_read_ground_trut
 from spatext.pipeline.selection import Select, SelectOptions
 from spatext.pipeline.write import (
     BUILD_CONFIG,
+    UNITS_DIR,
     WriteUnits,
     clear_output,
     completed_tables,
@@ -134,8 +136,11 @@ def _keyed_reject(reject: Reject) -> tuple[str, Reject]:
     return reject.source, reject
 
 
-def build_pipeline(p: beam.Pipeline, config: BuildConfig, started_at: float, skip: frozenset[str] = frozenset()):
-    """Add the build's labelled steps to pipeline `p` (input units in `skip` are already complete)."""
+def build_pipeline(
+    p: beam.Pipeline, config: BuildConfig, started_at: float, skip: frozenset[str] = frozenset(), manifest: bool = True
+):
+    """Add the build's labelled steps to pipeline `p` (input units in `skip` are already complete, or left to
+    another job of --units-per-run); `manifest`: this job writes manifest.json (the last job of a build)."""
     segmenter = resolve_segmenter(config)
     decode_options = decode_options_for(config, segmenter)
     select_options = SelectOptions(config.min_area, config.k_min, config.k_max, config.seed)
@@ -166,6 +171,8 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, started_at: float, ski
     markers = {"rows": rows, "rejects": keyed_rejects, "read": read[COUNTS]} | "Write" >> WriteUnits(
         config.output, schema, int(config.target_shard_mb * 2**20), config.rows_per_group, winners
     )
+    if not manifest:
+        return
     _ = (
         p
         | "ManifestTrigger" >> beam.Create([None])
@@ -198,11 +205,16 @@ def prepare_output(config: BuildConfig) -> frozenset[str]:
                 "pass --resume to finish it or --overwrite to replace it"
             )
         else:
-            previous = read_json(config_path) if FileSystems.exists(config_path) else {}
+            if not FileSystems.exists(config_path):
+                raise ValueError(f"--resume: {config_path} is missing, so the settings of the interrupted build are "
+                                 "unknown; resume needs the build's own folder (or pass --overwrite)")
+            previous = read_json(config_path)
+            previous.pop("output", None)  # builds before output was left out of the comparison (moved builds resume)
             if previous != config.output_defining():
                 changed = sorted(k for k in {**previous, **config.output_defining()}
                                  if previous.get(k) != config.output_defining().get(k))
                 raise ValueError(f"--resume: settings differ from the interrupted build's: {', '.join(changed)}")
+            check_completed_files(config.output)
             done = frozenset(m["source"] for m in read_markers(config.output))
             logger.info("resume: %d input unit(s) already complete", len(done))
             return done
@@ -210,13 +222,51 @@ def prepare_output(config: BuildConfig) -> frozenset[str]:
     return frozenset()
 
 
+def check_completed_files(output: str) -> None:
+    """FileNotFoundError naming the first file a completion marker lists that is gone: a resume would otherwise
+    trust a unit whose shards are lost (and fail mid-job reading its keys)."""
+    missing = [path for _, _, path in completed_tables(output) if not FileSystems.exists(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"--resume: {len(missing)} file(s) listed by completed units in {FileSystems.join(output, UNITS_DIR)} "
+            f"are missing, e.g. {missing[0]}; delete those units' markers there to redo them, or --overwrite")
+
+
+def job_skips(config: BuildConfig, done: frozenset[str]) -> list[frozenset[str]]:
+    """The units each Beam job leaves out: one job for everything (`done` only), or with --units-per-run N, jobs of
+    N pending units each, in name order (units named first run first, so a key kept from a completed unit is also
+    the one an uninterrupted build keeps: the first by name)."""
+    if config.units_per_run == 0:
+        return [done]
+    fmt = check_input(config.input, config.read_options())
+    if fmt not in ("webdataset", "parquet"):
+        raise ValueError(f"--units-per-run applies to tar and parquet inputs (one unit per file); --input is {fmt}")
+    units = sorted(match_files(config.input))
+    pending = [unit for unit in units if unit not in done]
+    if not pending:
+        return [done]
+    everything = frozenset(units)
+    return [everything - frozenset(pending[i : i + config.units_per_run])
+            for i in range(0, len(pending), config.units_per_run)]
+
+
+def runs_here(options: PipelineOptions) -> bool:
+    """Whether the job runs on this machine (DirectRunner), not on a remote runner's workers."""
+    return options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct")
+
+
+def check_device(device: str) -> None:
+    """ValueError at launch when --device names a GPU this machine lacks (instead of a CUDA error in a worker)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device on this machine")
+
+
 def warn_if_device_would_idle(config: BuildConfig, options: PipelineOptions) -> bool:
     """Warn (and return True) when a GPU build runs on DirectRunner in one worker: the device then idles while that
     worker decodes, selects, crops and encodes (an emulated device was busy 0.53 of the time in-process, 0.64-0.90
     with 3 worker processes, 0.82-0.86 with 4 worker threads: benchmarks/pipeline_overlap.py)."""
-    direct = options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct")
     workers = options.view_as(DirectOptions).direct_num_workers
-    if not (config.device.startswith("cuda") and direct and workers in (None, 1)):
+    if not (config.device.startswith("cuda") and runs_here(options) and workers in (None, 1)):
         return False
     logger.warning("--device %s on DirectRunner with one worker: the GPU idles while it does the CPU work; add "
                    "--direct_num_workers=N --direct_running_mode=multi_processing (or multi_threading; N about the "
@@ -232,17 +282,25 @@ def execute(
     # on the launcher, before --output is touched: bad settings fail fast (exit status 2), leaving nothing behind
     check_input(config.input, config.read_options())
     check_pretrained(clip_spec(config))
-    skip = prepare_output(config)
-    started_at = time.time()
     if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
         beam_args = ["--runner=DirectRunner", *beam_args]  # Beam's default (Prism) downloads a binary at start
     options = PipelineOptions(beam_args)
+    if runs_here(options):  # a remote runner's workers have their own devices (a Dataflow launcher has no GPU)
+        check_device(config.device)
+    skip = prepare_output(config)
+    jobs = job_skips(config, skip)
+    if test_pipeline is not None and len(jobs) > 1:
+        raise ValueError("a test pipeline runs one job: drop --units-per-run")
+    started_at = time.time()
     warn_if_device_would_idle(config, options)
-    p = test_pipeline or beam.Pipeline(options=options)
-    build_pipeline(p, config, started_at, skip)
-    result = p.run()
-    state = result.wait_until_finish()
-    logger.info("pipeline finished: %s", state)
+    for number, job_skip in enumerate(jobs, 1):
+        if len(jobs) > 1:
+            logger.info("--units-per-run: job %d of %d", number, len(jobs))
+        p = test_pipeline or beam.Pipeline(options=options)
+        build_pipeline(p, config, started_at, job_skip, manifest=number == len(jobs))
+        result = p.run()
+        state = result.wait_until_finish()
+        logger.info("pipeline finished: %s", state)
     try:
         return result, read_manifest(config.output)
     except OSError:

@@ -7,6 +7,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from apache_beam.options.pipeline_options import PipelineOptions
+
 from spatext.pipeline.read import INPUT_FORMATS, ReadOptions
 from spatext.pipeline.schema import IMAGE_FORMATS
 from spatext.pipeline.segmenters import available_segmenters, check_segmenter_name
@@ -58,6 +60,7 @@ class BuildConfig:
     target_shard_mb: float = 128.0
     overwrite: bool = False
     resume: bool = False
+    units_per_run: int = 0  # 0: every input unit in one Beam job; N: jobs of N units each, units written per job
 
     def __post_init__(self) -> None:
         _check_choice("--input-format", self.input_format, INPUT_FORMATS)
@@ -88,6 +91,8 @@ class BuildConfig:
             raise ValueError(f"--rows-per-group must be >= 1, got {self.rows_per_group}")
         if min(self.segmenter_batch_size, self.clip_batch_size) < 1:
             raise ValueError("--segmenter-batch-size and --clip-batch-size must be >= 1")
+        if self.units_per_run < 0:
+            raise ValueError(f"--units-per-run must be >= 0 (0: one job for all units), got {self.units_per_run}")
 
     def to_dict(self) -> dict:
         """A JSON-ready copy."""
@@ -107,7 +112,7 @@ class BuildConfig:
     def output_defining(self) -> dict:
         """The settings that determine the rows: a resumed build must match them exactly."""
         volatile = ("overwrite", "resume", "device", "segmenter_batch_size", "clip_batch_size", "model_sharing",
-                    "model_copies")
+                    "model_copies", "units_per_run", "output")  # output: a moved or copied build resumes too
         unset = {k for k in _READ_FLAGS if getattr(self, k) is None}  # kept out: builds made before these flags
         return {k: v for k, v in self.to_dict().items() if k not in volatile and k not in unset}
 
@@ -188,10 +193,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete an existing build in --output first")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted build in --output: skip input units already completed")
+    p.add_argument("--units-per-run", type=int, default=d.units_per_run,
+                   help="tar/parquet inputs: run the job N input units at a time (one Beam job each, in name order), "
+                   "so units are written and a kill loses at most one job's work; 0 = one job for everything "
+                   "(a Beam batch job writes no unit before every unit has been read and embedded)")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, list[str]]:
-    """Split argv into the build's config and the Beam pipeline arguments."""
+    """Split argv into the build's config and the Beam pipeline arguments; ValueError for an argument that is
+    neither (Beam itself only logs 'Discarding unparseable args' and goes on without it)."""
     args, beam_args = build_parser().parse_known_args(argv)
+    check_beam_args(beam_args)
     return BuildConfig(**vars(args)), beam_args
+
+
+def check_beam_args(beam_args: list[str]) -> None:
+    """ValueError naming arguments that are no Beam pipeline option: a misspelt flag (``--rows-per-groups``) or a
+    stray word, typically an unquoted glob the shell expanded (``--input c/*.tar`` -> ``--input c/1.tar c/2.tar``:
+    the build would read only the first file)."""
+    options = PipelineOptions(beam_args)
+    known = options.get_all_options(drop_default=True)
+    unknown = sorted(set(options.get_all_options(retain_unknown_options=True, drop_default=True)) - set(known))
+    if unknown:
+        raise ValueError(f"unknown flag(s) {', '.join('--' + name for name in unknown)}: neither a build flag nor a "
+                         "Beam pipeline option (spatext build --help lists the build's)")
+    strays, i = [], 0
+    while i < len(beam_args):
+        token = beam_args[i]
+        if not token.startswith("-"):
+            strays.append(token)
+            i += 1
+            continue
+        name = token.lstrip("-").split("=", 1)[0].replace("-", "_")
+        takes_value = "=" not in token and not isinstance(known.get(name), bool)
+        i += 2 if takes_value and i + 1 < len(beam_args) and not beam_args[i + 1].startswith("-") else 1
+    if strays:
+        raise ValueError(f"unexpected argument(s) {' '.join(strays[:3])}{' ...' if len(strays) > 3 else ''}: quote "
+                         "glob patterns (--input 'data/*.tar') so that the shell does not expand them")

@@ -25,21 +25,27 @@ from spatext.pipeline.records import RawSample, Reject
 DUPLICATE_KEY = "duplicate_key"
 
 
-def key_source(sample: RawSample) -> tuple[str, str]:
-    """(key, unit) of a sample as read."""
-    return sample.key, sample.source
+_DONE, _READ = 0, 1  # a completed unit's copy of a key outranks any copy read now: it is written already
 
 
-def winner(element: tuple[str, Iterable[str]]) -> Iterator[tuple[str, str]]:
-    """(key, its units) -> (key, winning unit) when more than one unit holds the key; nothing otherwise."""
-    key, sources = element
-    distinct = set(sources)
-    if len(distinct) > 1:
-        yield key, min(distinct)
+def key_source(sample: RawSample) -> tuple[str, tuple[int, str]]:
+    """(key, (rank, unit)) of a sample as read."""
+    return sample.key, (_READ, sample.source)
 
 
-def done_keys(done: tuple[str, str, str]) -> Iterator[tuple[str, str]]:
-    """(unit, table, parquet file) of a completed unit -> the (key, unit) pairs of the samples it read.
+def winner(element: tuple[str, Iterable[tuple[int, str]]]) -> Iterator[tuple[str, str]]:
+    """(key, its (rank, unit)s) -> (key, winning unit) when more than one unit holds the key; nothing otherwise.
+
+    The winner is a unit completed earlier if any (its row is written; usually also the first by name, since units
+    run in name order: see ``--units-per-run``), else the unit whose name sorts first."""
+    key, ranked = element
+    distinct = set(ranked)
+    if len({source for _, source in distinct}) > 1:
+        yield key, min(distinct)[1]
+
+
+def done_keys(done: tuple[str, str, str]) -> Iterator[tuple[str, tuple[int, str]]]:
+    """(unit, table, parquet file) of a completed unit -> the (key, (rank, unit)) pairs of the samples it read.
 
     `table` is 'shards' (every row a sample) or 'rejects' (rows of stage read are not samples and are skipped).
     """
@@ -47,7 +53,7 @@ def done_keys(done: tuple[str, str, str]) -> Iterator[tuple[str, str]]:
     columns = ["key"] if table == "shards" else ["key", "stage"]  # write.SHARDS_DIR (write imports this module)
     for row in parquet_file(path).read(columns=columns).to_pylist():
         if row.get("stage", "") != "read":
-            yield row["key"], source
+            yield row["key"], (_DONE, source)
 
 
 def duplicate_reject(row_key: str, source: str, first: str) -> Reject:

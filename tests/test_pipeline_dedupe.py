@@ -35,9 +35,12 @@ def _build(corpus, out, *extra):
 
 
 def test_winner_is_the_smallest_unit_whatever_the_order():
-    assert list(winner(("k", ["b.tar", "a.tar", "b.tar"]))) == [("k", "a.tar")]
-    assert list(winner(("k", ["a.tar"]))) == []
-    assert list(winner(("k", ["a.tar", "a.tar"]))) == []  # one unit: the reader already deduplicated it
+    read = [(1, "b.tar"), (1, "a.tar"), (1, "b.tar")]
+    assert list(winner(("k", read))) == [("k", "a.tar")]
+    assert list(winner(("k", [(1, "a.tar")]))) == []
+    assert list(winner(("k", [(1, "a.tar"), (1, "a.tar")]))) == []  # one unit: the reader already deduplicated it
+    # a unit completed earlier (rank 0) keeps its written copy, even against a unit whose name sorts first
+    assert list(winner(("k", [(1, "a.tar"), (0, "c.tar")]))) == [("k", "c.tar")]
 
 
 def test_duplicate_keys_across_units_are_rejected_and_verify_passes(twin_corpus, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import assert_same_rows, read_rows
 from spatext.pipeline import build, verify
 from spatext.pipeline.demo_corpus import write_corpus
 from spatext.pipeline.write import UNITS_DIR, list_files, list_parquet, read_markers, row_bytes, unit_name
@@ -113,3 +115,71 @@ def test_target_shard_size_splits_units(corpus, tmp_path):
         rows = pq.read_table(path).to_pylist()
         assert len(rows) == 1 or sum(row_bytes(r) for r in rows) <= target
     assert sum(pq.read_metadata(p).num_rows for p in shards) == manifest["counts"]["accepted"] == 6
+
+
+def test_units_per_run_writes_units_job_by_job_and_equals_one_job(full, corpus, tmp_path, monkeypatch):
+    """--units-per-run 5: jobs of 5, 5 and 2 units in name order, the same rows as one job. A job that fails leaves
+    the earlier jobs' units written (and no manifest), and --resume finishes the rest to the same keys."""
+    out, manifest = full
+    chunked = tmp_path / "chunked"
+    again = build.run(_argv(corpus, chunked, "--units-per-run", "5"))
+    assert again["counts"] == manifest["counts"]
+    assert_same_rows(read_rows(chunked), read_rows(out))  # embeddings up to float16 rounding: batches differ
+    assert verify.verify_build(str(chunked), progress=False).ok
+
+    jobs = []
+    real = build.build_pipeline
+
+    def second_job_fails(p, config, started_at, skip=frozenset(), manifest=True):
+        jobs.append(12 - len(skip))  # units this job reads
+        if len(jobs) == 2:
+            raise RuntimeError("the machine went away")
+        return real(p, config, started_at, skip, manifest)
+
+    monkeypatch.setattr(build, "build_pipeline", second_job_fails)
+    failed = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="went away"):
+        build.run(_argv(corpus, failed, "--units-per-run", "5"))
+    markers = read_markers(str(failed))
+    assert jobs == [5, 5] and len(markers) == 5 and not os.path.exists(failed / "manifest.json")
+    assert sorted(m["source"] for m in markers) == sorted(m["source"] for m in read_markers(str(out)))[:5]
+    monkeypatch.setattr(build, "build_pipeline", real)
+    resumed = build.run(_argv(corpus, failed, "--resume", "--units-per-run", "4"))  # the job size may change
+    assert _keys(failed) == _keys(out) and resumed["counts"] == manifest["counts"]
+    with pytest.raises(ValueError, match="--units-per-run applies to tar and parquet"):
+        build.job_skips(build.BuildConfig(input=str(corpus), output="o", input_format="folder", units_per_run=2),
+                        frozenset())
+
+
+def test_resume_checks_completed_files_and_follows_a_moved_build(full, corpus, tmp_path):
+    out, _ = full
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    lost = read_markers(str(moved))[0]
+    os.remove(os.path.join(moved, "shards", lost["shards"][0]))
+    with pytest.raises(FileNotFoundError, match=r"missing, e\.g\. .*" + lost["shards"][0]):
+        build.run(_argv(corpus, moved, "--resume"))
+    os.remove(os.path.join(moved, UNITS_DIR, unit_name(lost["source"]) + ".json"))  # as the message advises
+    resumed = build.run(_argv(corpus, moved, "--resume"))  # another --output than the build was made with
+    assert resumed["units_this_run"] == 1 and _keys(moved) == _keys(out)
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (["--rows-per-groups", "2"], r"unknown flag\(s\) --rows_per_groups"),
+    (["corpus/shard-00001.tar", "corpus/shard-00002.tar"], r"unexpected argument\(s\) corpus/shard-00001\.tar"),
+])
+def test_unknown_arguments_are_refused(extra, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        build.parse_args(["--input", "corpus/shard-00000.tar", "--output", str(tmp_path / "o"), *extra])
+    beam = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing", "--save_main_session",
+            "--runner=PortableRunner", "--job_endpoint", "localhost:8099", "--environment_type", "LOOPBACK"]
+    assert build.parse_args(["--input", "c/*.tar", "--output", "o", *beam])[1] == beam
+
+
+def test_a_cuda_device_is_checked_where_the_job_runs(monkeypatch):
+    monkeypatch.setattr(build.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda:1: torch sees no CUDA device"):
+        build.check_device("cuda:1")
+    build.check_device("cpu")
+    assert build.runs_here(build.PipelineOptions([])) and build.runs_here(build.PipelineOptions(["--runner=direct"]))
+    assert not build.runs_here(build.PipelineOptions(["--runner=DataflowRunner"]))
