@@ -129,6 +129,10 @@ def check_input(pattern: str, options: ReadOptions) -> str:
     options.check_applies_to(fmt)
     if fmt in ("webdataset", "parquet") and not match_files(pattern):
         raise ValueError(f"--input {pattern!r} matches no file")
+    if fmt == "coco":  # its layout (image and PNG folders, both JSON files) before --output is touched
+        from spatext.pipeline.read_coco import find_coco  # lazy: read_coco builds on this module
+
+        find_coco(pattern, options.coco_split)
     return fmt
 
 

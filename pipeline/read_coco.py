@@ -13,8 +13,10 @@ category *name* as ``category``. An image without a caption or without a panopti
 decode rejects it (``missing_caption`` / ``missing_annotation``), like the other readers.
 
 Units of work are chunks of ``unit_images`` images in image-id order (``{panoptic json}#000003``), so ``--resume``
-works. The two JSON files are loaded inside a DoFn on a worker, never on the launcher; the per-image reads come after
-a Reshuffle, so they spread across workers.
+works. The two JSON files are loaded for the job inside a DoFn on a worker; the per-image reads come after a
+Reshuffle, so they spread across workers. At launch ``find_coco`` checks the layout (``check_coco_layout``): both
+folders hold files, and each JSON file is a whole JSON object (parsed there only up to LAUNCH_PARSE_BYTES). A segment
+whose category id is not among ``categories`` makes its image a ``read/unknown_category`` reject.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _PANOPTIC_JSON = re.compile(r"^panoptic_(.+)\.json$")
 _WILDCARDS = "*?[{"
+LAUNCH_PARSE_BYTES = 64 * 2**20  # COCO json files up to this size are parsed whole at launch (check_coco_json)
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,47 @@ def find_coco(pattern: str, split: str | None = None) -> CocoLayout:
     layout = CocoLayout(root, split)
     if not FileSystems.exists(layout.captions_json):
         raise ValueError(f"COCO split {split!r} needs captions: {layout.captions_json!r} does not exist")
+    check_coco_layout(layout)
     return layout
+
+
+def _has_a_file(folder: str) -> bool:
+    """Whether `folder` holds at least one file (a glob, so object stores without real folders work too)."""
+    return any(r.metadata_list for r in FileSystems.match([FileSystems.join(folder, "*")], limits=[1]))
+
+
+def check_coco_layout(layout: CocoLayout) -> None:
+    """Launch-time checks of what the job will read, so a missing or broken piece fails the launch (ValueError
+    naming it) instead of rejecting every image mid-job as missing: the image folder and the PNG folder hold files,
+    and both JSON files are whole JSON objects with the lists the reader uses."""
+    for folder, what in ((layout.image_dir, "its images"), (layout.png_dir, "its panoptic PNG id maps")):
+        if not _has_a_file(folder):
+            raise ValueError(f"COCO split {layout.split!r} needs {what}: no file in {folder!r}")
+    check_coco_json(layout.panoptic_json, ("images", "annotations", "categories"))
+    check_coco_json(layout.captions_json, ("annotations",))
+
+
+def check_coco_json(path: str, lists: tuple[str, ...]) -> None:
+    """ValueError naming `path` unless it is a JSON object whose `lists` are lists.
+
+    A file up to LAUNCH_PARSE_BYTES is parsed whole (a val split's files: a few MB, well under a second); a bigger
+    one (train2017) only has to start with '{' and end with '}' — that catches a truncated download or a wrong file
+    without loading hundreds of MB on the launcher; the worker that loads it names the file if it still fails."""
+    (match,) = FileSystems.match([path])
+    size = match.metadata_list[0].size_in_bytes
+    with FileSystems.open(path) as handle:
+        if size <= LAUNCH_PARSE_BYTES:
+            data = _parse_coco_json(handle.read(), path)
+            bad = [name for name in lists if not isinstance(data.get(name), list)]
+            if bad:
+                raise ValueError(f"COCO json {path!r}: {', '.join(repr(n) for n in bad)} missing or not a list")
+            return
+        head = handle.read(64)
+        handle.seek(size - 64)
+        tail = handle.read()
+    if not head.lstrip().startswith(b"{") or not tail.rstrip().endswith(b"}"):
+        raise ValueError(f"COCO json {path!r} ({size} bytes) is not a whole JSON object (truncated?): it starts "
+                         f"{head[:16]!r} and ends {tail[-16:]!r}")
 
 
 def _first_captions(captions: dict) -> dict[int, str]:
@@ -130,13 +173,27 @@ def _first_captions(captions: dict) -> dict[int, str]:
 
 
 def _segments_info(annotation: dict, categories: dict[int, dict]) -> list[dict]:
-    """COCO segments_info with the category name (decode's `category`) beside the category id."""
+    """COCO segments_info with the category name (decode's `category`) beside the category id (every id is one of
+    `categories`: `_annotation_problem` rejected the image otherwise)."""
     out = []
-    for seg in annotation.get("segments_info", []):
-        category = categories.get(seg.get("category_id"), {})
+    for seg in annotation["segments_info"]:
+        category = categories[seg.get("category_id")]
         out.append({"id": seg.get("id"), "category_id": seg.get("category_id"), "category": category.get("name"),
                     "isthing": bool(category.get("isthing", 0)), "area": seg.get("area"), "bbox": seg.get("bbox")})
     return out
+
+
+def _annotation_problem(annotation: dict, categories: dict[int, dict]) -> str | None:
+    """Why an image's panoptic annotation cannot be used (a reject reason), or None. A category id that `categories`
+    does not define would give its segment no label, silently; it is a reject naming the id instead."""
+    segments = annotation.get("segments_info")
+    if not isinstance(segments, list) or not all(isinstance(seg, dict) for seg in segments):
+        return "malformed_annotation: segments_info is not a list of objects"
+    ids = [seg.get("category_id") for seg in segments]
+    unknown = sorted({repr(i) for i in ids if not isinstance(i, int) or i not in categories})
+    if unknown:
+        return f"unknown_category: category_id {', '.join(unknown)} not in the panoptic json's categories"
+    return None
 
 
 def coco_index(
@@ -161,6 +218,10 @@ def coco_index(
             continue
         seen.add(image_id)
         annotation = annotations.get(image_id)
+        problem = _annotation_problem(annotation, categories) if annotation else None
+        if problem:
+            yield Reject(key, unit, "read", problem)
+            continue
         yield {
             "key": key, "unit": unit, "file_name": file_name, "caption": first_caption.get(image_id),
             "png": annotation.get("file_name") if annotation else None,
@@ -188,13 +249,21 @@ def load_coco_entry(entry: dict, layout: CocoLayout) -> RawSample | Reject:
     return RawSample(key, unit, image, entry["caption"], png, annotation)
 
 
+def _parse_coco_json(data: bytes, path: str) -> dict:
+    """JSON bytes -> the object they hold; ValueError naming `path` when they are not a JSON object."""
+    try:
+        parsed = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: neither names the file
+        raise ValueError(f"COCO json {path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise ValueError(f"COCO json {path!r} holds a JSON {type(parsed).__name__}, expected an object")
+    return parsed
+
+
 def _load_json(path: str) -> dict:
     """A JSON object from any Beam filesystem."""
     with FileSystems.open(path) as handle:
-        data = json.load(handle)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path!r} is not a COCO json object")
-    return data
+        return _parse_coco_json(handle.read(), path)
 
 
 class _IndexCoco(beam.DoFn):

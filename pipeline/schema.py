@@ -92,6 +92,18 @@ def encode_image(image: np.ndarray, image_format: str = "jpeg", quality: int = 9
     return buf.getvalue()
 
 
+# File signatures of the stored image formats (JPEG: SOI marker + the first segment's marker byte; PNG: its 8 bytes).
+_SIGNATURES = {"jpeg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}
+
+
+def stored_image_format(data: bytes) -> str | None:
+    """Which of IMAGE_FORMATS encoded image bytes are in, by their file signature; None for any other format.
+
+    A build declares one `image_format` in its shards' metadata; readers trust it (e.g. to pick a decoder), so verify
+    checks each stored image against it."""
+    return next((name for name, magic in _SIGNATURES.items() if data.startswith(magic)), None)
+
+
 def encode_segment_map(segment_map: np.ndarray) -> bytes:
     """Encode an H x W uint8 segment map as a single-channel (mode L) PNG."""
     buf = io.BytesIO()

@@ -1,8 +1,12 @@
 """`spatext verify DIR`: check every shard against schema v1 and the build's invariants; non-zero exit on violation.
 
 Invariants: masks decode at the image's size, the segment map holds exactly the indices 1..K of `segments`, areas and
-bboxes match the masks, embeddings are finite and unit-norm with the declared dimension, keys are unique, and the
-row counts match the manifest (accepted + rejected = read).
+bboxes match the masks, embeddings are finite and unit-norm with the declared dimension, each image is in the declared
+`image_format`, every page matches its CRC-32, keys are unique, and manifest.json agrees with the directory: row counts
+(accepted + rejected = read), rejects by reason, unit markers in `_units/` (which `--resume` trusts), shard names.
+
+Every problem is reported as a violation naming its file, a damaged or malformed file included; nothing aborts the
+report but a directory that holds no build.
 """
 
 from __future__ import annotations
@@ -14,20 +18,38 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from spatext.pipeline.crop import mask_bbox
-from spatext.pipeline.parquet_files import parquet_file
+from spatext.pipeline.parquet_files import local_path, read_into_arrow
+from spatext.pipeline.records import Reject
 from spatext.pipeline.schema import (
+    IMAGE_FORMATS,
     REJECT_SCHEMA,
     SCHEMA_VERSION,
     ShardSample,
     read_metadata,
     row_to_sample,
     shard_schema,
+    stored_image_format,
 )
-from spatext.pipeline.write import REJECTS_DIR, SHARDS_DIR, UNITS_DIR, existing_build, list_parquet, read_manifest
+from spatext.pipeline.write import (
+    MANIFEST,
+    REJECTS_DIR,
+    SHARDS_DIR,
+    SUFFIX,
+    UNITS_DIR,
+    existing_build,
+    list_files,
+    list_parquet,
+    read_json,
+    read_manifest,
+    reason_code,
+)
 
 logger = logging.getLogger(__name__)
 NORM_TOLERANCE = 2e-2  # float16 storage of a unit vector: the norm error stays well below this
@@ -60,10 +82,17 @@ class VerifyReport:
             kinds = Counter(message.split(":", 1)[0] for _, _, message in self.violations)
             lines.append("by kind: " + ", ".join(f"{k} x{n}" for k, n in kinds.most_common()))
             for where, key, message in self.violations[:limit]:
-                lines.append(f"  {FileSystems.split(where)[1] if where else '-'} [{key or '-'}] {message}")
+                lines.append(f"  {_short(where) if where else '-'} [{key or '-'}] {message}")
             if len(self.violations) > limit:
                 lines.append(f"  ... and {len(self.violations) - limit} more")
         return "\n".join(lines)
+
+
+def _short(path: str) -> str:
+    """'folder/name' of a path: enough to tell shards/X.parquet from rejects/X.parquet (same stem) in a report."""
+    head, name = FileSystems.split(path)
+    parent = FileSystems.split(head)[1] if head else ""
+    return f"{parent}/{name}" if parent else name
 
 
 def check_sample(sample: ShardSample, width: int, height: int, embed_dim: int | None) -> list[str]:
@@ -105,9 +134,74 @@ def _check_embedding(name: str, vector: np.ndarray, embed_dim: int | None) -> li
     return []
 
 
-def _verify_shard(path: str, report: VerifyReport, keys: Counter) -> None:
-    """Check one sample shard: schema, metadata, every row."""
-    parquet = parquet_file(path)
+def checked_parquet(path: str) -> pq.ParquetFile:
+    """`parquet_file(path)` (Arrow-owned reads; see spatext.pipeline.parquet_files) that verifies every page's CRC-32
+    as it reads: the writer stores one per page, and without the check a flipped bit inside a stored image (which
+    zstd keeps raw) decodes to a different, valid-looking image. Files written without CRCs read as before."""
+    local = local_path(path)
+    source = local if local is not None else pa.BufferReader(read_into_arrow(path))
+    return pq.ParquetFile(source, page_checksum_verification=True)
+
+
+def _damage_kind(exc: Exception, otherwise: str) -> str:
+    """'checksum' when a read failed a page CRC (pyarrow raises a plain OSError saying so), else `otherwise`."""
+    return "checksum" if "checksum" in str(exc).lower() else otherwise
+
+
+class _KeyIndex:
+    """Which shard files hold each key: the first file of every key, the full list only for duplicated keys (a
+    build of millions of rows keeps one small int per key, not a list)."""
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+        self.first: dict[str, int] = {}
+        self.duplicates: dict[str, list[int]] = {}
+
+    def add(self, key: str, path: str) -> None:
+        if not self.files or self.files[-1] != path:
+            self.files.append(path)
+        where = len(self.files) - 1
+        if key in self.first:
+            self.duplicates.setdefault(key, [self.first[key]]).append(where)
+        else:
+            self.first[key] = where
+
+    def report(self, report: VerifyReport) -> None:
+        for key, where in self.duplicates.items():
+            names = Counter(FileSystems.split(self.files[i])[1] for i in where)
+            held = ", ".join(name if n == 1 else f"{name} x{n}" for name, n in names.items())
+            report.add(self.files[where[0]], key, f"duplicate_key: appears {len(where)} times, in {held}")
+
+
+def _declared_format(path: str, meta: dict[str, str], report: VerifyReport) -> str | None:
+    """The shard's declared `image_format` (None when absent, or reported when it is not one of IMAGE_FORMATS)."""
+    declared = meta.get("image_format")
+    if declared is not None and declared not in IMAGE_FORMATS:
+        report.add(path, "", f"image_format: shard declares {declared!r}, expected one of {', '.join(IMAGE_FORMATS)}")
+        return None
+    return declared
+
+
+def _verify_row(path: str, row: dict, embed_dim: int | None, image_format: str | None, report: VerifyReport) -> None:
+    """Check one stored row: it decodes, satisfies `check_sample`, and its image is in the declared format."""
+    try:
+        sample = row_to_sample(row)
+    except (OSError, ValueError, SyntaxError) as exc:
+        # Pillow names the BytesIO object (a memory address) when it cannot identify an image: not reproducible
+        reason = "not an image format Pillow can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        report.add(path, row["key"], f"undecodable: {reason}")
+        return
+    stored = stored_image_format(row["image"])
+    if image_format is not None and stored != image_format:
+        report.add(path, row["key"], f"image_format: stored image is {stored or 'neither JPEG nor PNG'}, "
+                   f"shards declare {image_format}")
+    for problem in check_sample(sample, row["width"], row["height"], embed_dim):
+        report.add(path, row["key"], problem)
+
+
+def _verify_shard(path: str, report: VerifyReport, keys: _KeyIndex) -> None:
+    """Check one sample shard: schema, metadata, page checksums, every row."""
+    parquet = checked_parquet(path)
     schema = parquet.schema_arrow
     if not schema.remove_metadata().equals(shard_schema().remove_metadata()):
         report.add(path, "", f"schema: columns differ from schema v{SCHEMA_VERSION}: {schema.remove_metadata()}")
@@ -116,59 +210,170 @@ def _verify_shard(path: str, report: VerifyReport, keys: Counter) -> None:
     if meta.get("schema_version") != SCHEMA_VERSION:
         report.add(path, "", f"schema_version: {meta.get('schema_version')!r}, expected {SCHEMA_VERSION!r}")
     embed_dim = int(meta["embed_dim"]) if meta.get("embed_dim", "").isdigit() else None
+    image_format = _declared_format(path, meta, report)
     for group in range(parquet.num_row_groups):
-        for row in parquet.read_row_group(group).to_pylist():
+        try:
+            rows = parquet.read_row_group(group).to_pylist()
+        except (OSError, ValueError) as exc:  # a damaged page: the group's rows still count (the footer says how many)
+            report.rows += parquet.metadata.row_group(group).num_rows
+            report.add(path, "", f"{_damage_kind(exc, 'unreadable_shard')}: row group {group}: {exc}")
+            continue
+        for row in rows:
             report.rows += 1
-            keys[row["key"]] += 1
-            try:
-                sample = row_to_sample(row)
-            except (OSError, ValueError, SyntaxError) as exc:
-                report.add(path, row["key"], f"undecodable: {exc}")
-                continue
-            for problem in check_sample(sample, row["width"], row["height"], embed_dim):
-                report.add(path, row["key"], problem)
+            keys.add(row["key"], path)
+            _verify_row(path, row, embed_dim, image_format, report)
 
 
-def _verify_rejects(paths: list[str], report: VerifyReport) -> None:
+def _verify_rejects(paths: list[str], report: VerifyReport) -> Counter:
+    """Check the rejects tables; returns their rows counted by 'stage/reason' code (the manifest's grouping)."""
+    by_reason: Counter = Counter()
     for path in paths:
-        table = parquet_file(path).read()
-        if not table.schema.remove_metadata().equals(REJECT_SCHEMA.remove_metadata()):
-            report.add(path, "", "schema: rejects table columns differ from key, source, stage, reason")
-        report.rejects += table.num_rows
+        try:
+            parquet = checked_parquet(path)
+            if not parquet.schema_arrow.remove_metadata().equals(REJECT_SCHEMA.remove_metadata()):
+                report.add(path, "", "schema: rejects table columns differ from key, source, stage, reason")
+                report.rejects += parquet.metadata.num_rows
+                continue
+        except (OSError, ValueError) as exc:  # not Parquet at all, truncated, ...: a finding, not a crash
+            report.add(path, "", f"unreadable_rejects: {exc}")
+            continue
+        try:
+            rows = parquet.read().to_pylist()
+        except (OSError, ValueError) as exc:
+            report.rejects += parquet.metadata.num_rows
+            report.add(path, "", f"{_damage_kind(exc, 'unreadable_rejects')}: {exc}")
+            continue
+        report.rejects += len(rows)
+        by_reason.update(reason_code(Reject(**row)) for row in rows)
+    return by_reason
 
 
-def _verify_counts(output: str, shards: list[str], report: VerifyReport) -> None:
+def _load_manifest(output: str, report: VerifyReport) -> dict | None:
+    """manifest.json as a dict; None (reported) when it cannot be read or is not a JSON object."""
+    path = FileSystems.join(output, MANIFEST)
     try:
         manifest = read_manifest(output)
     except (OSError, ValueError) as exc:
-        report.add(output, "", f"manifest: cannot read manifest.json: {exc}")
-        return
-    counts = manifest.get("counts", {})
-    if counts.get("accepted") != report.rows:
-        report.add(output, "", f"count_accepted: manifest says {counts.get('accepted')}, shards hold {report.rows}")
-    if counts.get("rejected") != report.rejects:
-        report.add(output, "", f"count_rejected: manifest says {counts.get('rejected')}, rejects hold {report.rejects}")
-    if counts.get("read") != report.rows + report.rejects:
-        report.add(output, "", f"count_read: manifest read {counts.get('read')} != accepted + rejected "
+        report.add(path, "", f"manifest: cannot read {MANIFEST}: {exc}")
+        return None
+    if not isinstance(manifest, dict):
+        report.add(path, "", f"manifest: {MANIFEST} holds a JSON {type(manifest).__name__}, expected an object")
+        return None
+    return manifest
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_counts(manifest: dict, where: str, report: VerifyReport) -> dict | None:
+    """The manifest's `counts`, with every malformed entry reported (count_type) and dropped."""
+    counts = manifest.get("counts")
+    if not isinstance(counts, dict):
+        report.add(where, "", f"manifest: 'counts' is {counts!r}, expected an object")
+        return None
+    valid = {}
+    for name in ("units", "read", "accepted", "rejected"):
+        if _is_count(counts.get(name)):
+            valid[name] = counts[name]
+        else:
+            value = counts.get(name)
+            report.add(where, "", f"count_type: counts.{name} is {value!r} ({type(value).__name__}), "
+                       "expected a non-negative integer")
+    by_reason = counts.get("rejected_by_reason")
+    if isinstance(by_reason, dict) and all(_is_count(v) for v in by_reason.values()):
+        valid["rejected_by_reason"] = by_reason
+    else:
+        report.add(where, "", f"count_type: counts.rejected_by_reason is {by_reason!r}, expected an object of "
+                   "non-negative integers")
+    mismatches = counts.get("unit_count_mismatches", [])
+    valid["unit_count_mismatches"] = mismatches if isinstance(mismatches, list) else []
+    if not isinstance(mismatches, list):
+        report.add(where, "", f"count_type: counts.unit_count_mismatches is {mismatches!r}, expected a list")
+    return valid
+
+
+def _names(names: set[str], limit: int = 5) -> str:
+    listed = sorted(names)
+    return ", ".join(listed[:limit]) + (f" and {len(listed) - limit} more" if len(listed) > limit else "")
+
+
+def _verify_markers(output: str, shard_names: set[str], reject_names: set[str], report: VerifyReport) -> int:
+    """Check the `_units/` markers that `--resume` trusts: each is readable and its files exist; returns how many."""
+    paths = list_files(output, UNITS_DIR, ".json")
+    for path in paths:
+        try:
+            marker = read_json(path)
+            missing = {f"{SHARDS_DIR}/{n}" for n in set(marker["shards"]) - shard_names}
+            if marker["rejects"] and marker["rejects"] not in reject_names:
+                missing.add(f"{REJECTS_DIR}/{marker['rejects']}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            report.add(path, "", f"unit_marker: unreadable or malformed ({type(exc).__name__}: {exc})")
+            continue
+        if missing:
+            report.add(path, "", f"unit_marker: lists missing file(s): {_names(missing)}")
+    return len(paths)
+
+
+def _compare(where: str, kind: str, what: str, manifest_says: int | None, found: int, report: VerifyReport) -> None:
+    if manifest_says is not None and manifest_says != found:
+        report.add(where, "", f"{kind}: manifest says {manifest_says}, {what} {found}")
+
+
+def _verify_counts(output: str, manifest: dict, found: dict, report: VerifyReport) -> None:
+    """Cross-check manifest.json against what the directory holds: `found` has 'shards' and 'rejects' (file names),
+    'by_reason' (the rejects tables' Counter by reason code) and 'markers' (how many `_units/` markers)."""
+    where = FileSystems.join(output, MANIFEST)
+    counts = _manifest_counts(manifest, where, report) or {}
+    _compare(where, "count_accepted", "shards hold", counts.get("accepted"), report.rows, report)
+    _compare(where, "count_rejected", "rejects hold", counts.get("rejected"), report.rejects, report)
+    if "read" in counts and counts["read"] != report.rows + report.rejects:
+        report.add(where, "", f"count_read: manifest read {counts['read']} != accepted + rejected "
                    f"{report.rows + report.rejects}")
+    by_reason = counts.get("rejected_by_reason")
+    if by_reason is not None and Counter(by_reason) != found["by_reason"]:
+        differ = sorted(r for r in {*by_reason, *found["by_reason"]} if by_reason.get(r, 0) != found["by_reason"][r])
+        report.add(where, "", "count_by_reason: " + "; ".join(
+            f"{r}: manifest {by_reason.get(r, 0)}, rejects hold {found['by_reason'][r]}" for r in differ))
+    if counts.get("units") and not found["markers"]:
+        report.add(where, "", f"units_missing: manifest counts {counts['units']} unit(s) but {UNITS_DIR}/ holds no "
+                   "marker; --resume relies on them to skip completed units")
+    else:
+        _compare(where, "count_units", f"{UNITS_DIR}/ holds markers for", counts.get("units"), found["markers"], report)
     for source in counts.get("unit_count_mismatches", []):
-        report.add(output, source, "count_unit: a unit's read count differs from its accepted + rejected")
-    listed = sorted(manifest.get("shards", []))
-    present = sorted(FileSystems.split(p)[1] for p in shards)
-    if listed != present:
-        report.add(output, "", f"shard_files: manifest lists {len(listed)} shard(s), directory has {len(present)}")
+        report.add(where, str(source), "count_unit: a unit's read count differs from its accepted + rejected")
+    listed = manifest.get("shards")
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        report.add(where, "", f"manifest: 'shards' is {listed!r}, expected a list of file names")
+    elif set(listed) != found["shards"] or len(listed) != len(set(listed)):
+        missing, extra = set(listed) - found["shards"], found["shards"] - set(listed)
+        report.add(where, "", f"shard_files: manifest lists {len(listed)} shard(s), {SHARDS_DIR}/ has "
+                   f"{len(found['shards'])}" + (f"; missing from {SHARDS_DIR}/: {_names(missing)}" if missing else "")
+                   + (f"; not in the manifest: {_names(extra)}" if extra else ""))
 
 
-def _all_rejected(output: str) -> bool:
-    """Whether the manifest says the build accepted no sample (then no shards is right, not a violation)."""
-    try:
-        return read_manifest(output).get("counts", {}).get("accepted") == 0
-    except (OSError, ValueError):
-        return False
+def _verify_shard_sizes(output: str, manifest: dict, report: VerifyReport) -> None:
+    """Shards stay within the build's `--target-shard-mb` (its help calls it the maximum); a shard of one row may
+    exceed it, since a row is never split."""
+    config = manifest.get("config")
+    target_mb = config.get("target_shard_mb") if isinstance(config, dict) else None
+    if not isinstance(target_mb, (int, float)) or isinstance(target_mb, bool) or target_mb <= 0:
+        return
+    limit = int(target_mb * 2**20)
+    matched = FileSystems.match([FileSystems.join(output, SHARDS_DIR, f"*{SUFFIX}")])
+    for meta in sorted((m for r in matched for m in r.metadata_list), key=lambda m: m.path):
+        if meta.size_in_bytes > limit:
+            try:
+                rows = checked_parquet(meta.path).metadata.num_rows
+            except (OSError, ValueError):  # unreadable: reported by the shard check
+                continue
+            if rows > 1:
+                report.add(meta.path, "", f"shard_size: {meta.size_in_bytes} bytes in {rows} rows exceed "
+                           f"--target-shard-mb {target_mb} ({limit} bytes)")
 
 
 def verify_build(output: str, progress: bool = True) -> VerifyReport:
-    """Verify a build directory; returns the report (never raises for a bad shard: it is reported).
+    """Verify a build directory; returns the report (never raises for a damaged file: it is reported).
 
     FileNotFoundError when `output` holds no build at all. A build whose manifest accepted no sample (every input
     rejected) has no shards; that is consistent, and the report says so instead of failing."""
@@ -176,21 +381,25 @@ def verify_build(output: str, progress: bool = True) -> VerifyReport:
         raise FileNotFoundError(f"{output!r} holds no build (no manifest.json, shards/ or {UNITS_DIR}/); "
                                 "pass the --output of a `spatext build`")
     report = VerifyReport()
-    shards = list_parquet(output, SHARDS_DIR)
+    manifest = _load_manifest(output, report)
+    counts = manifest.get("counts") if manifest is not None else None
+    all_rejected = isinstance(counts, dict) and counts.get("accepted") == 0
+    shards, rejects = list_parquet(output, SHARDS_DIR), list_parquet(output, REJECTS_DIR)
     report.shards = len(shards)
-    if not shards and not _all_rejected(output):
+    if not shards and not all_rejected:
         report.add(output, "", f"no_shards: no Parquet files under {FileSystems.join(output, SHARDS_DIR)}")
-    keys: Counter = Counter()
+    keys = _KeyIndex()
     for path in tqdm(shards, desc="verify", unit="shard", disable=not progress):
         try:
             _verify_shard(path, report, keys)
         except (OSError, ValueError) as exc:  # an unreadable file is a finding, not a crash
             report.add(path, "", f"unreadable_shard: {exc}")
-    for key, count in keys.items():
-        if count > 1:
-            report.add("", key, f"duplicate_key: appears {count} times")
-    _verify_rejects(list_parquet(output, REJECTS_DIR), report)
-    _verify_counts(output, shards, report)
+    keys.report(report)
+    found = {"shards": {FileSystems.split(p)[1] for p in shards}, "by_reason": _verify_rejects(rejects, report)}
+    found["markers"] = _verify_markers(output, found["shards"], {FileSystems.split(p)[1] for p in rejects}, report)
+    if manifest is not None:
+        _verify_counts(output, manifest, found, report)
+        _verify_shard_sizes(output, manifest, report)
     return report
 
 

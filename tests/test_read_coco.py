@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import apache_beam as beam
 import numpy as np
@@ -10,11 +11,11 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import read_rows
-from spatext.pipeline import build, read, verify
+from spatext.pipeline import build, read, read_coco, verify
 from spatext.pipeline.demo_corpus import CATEGORIES, STUFF_CATEGORIES, encode_jpeg, generate_sample
 from spatext.pipeline.panoptic import encode_id_map
 from spatext.pipeline.read import COUNTS, ReadCorpus, ReadOptions
-from spatext.pipeline.read_coco import CocoLayout, coco_index, find_coco, load_coco_entry
+from spatext.pipeline.read_coco import CocoLayout, coco_index, coco_key, find_coco, load_coco_entry
 from spatext.pipeline.records import Reject
 from spatext.pipeline.schema import row_to_sample
 
@@ -140,3 +141,76 @@ def test_build_uses_coco_ground_truth(built, coco):
             assert seg["label"] == categories[gt_id]
     report = verify.verify_build(str(out), progress=False)
     assert report.ok, report.format()
+
+
+def _broken_copy(coco, tmp_path, name):
+    """A copy of the module's COCO root, to break one piece of."""
+    root, _ = coco
+    copy = tmp_path / name
+    shutil.copytree(root, copy)
+    return copy
+
+
+@pytest.mark.parametrize(("breakage", "message"), [
+    ("no_images", r"needs its images: no file in .*val2017'"),
+    ("no_pngs", r"needs its panoptic PNG id maps: no file in .*annotations/panoptic_val2017'"),
+    ("truncated_panoptic", r"COCO json .*panoptic_val2017\.json' is not valid JSON"),
+    ("list_captions", r"COCO json .*captions_val2017\.json' holds a JSON list, expected an object"),
+    ("no_categories", r"COCO json .*panoptic_val2017\.json': 'categories' missing or not a list"),
+])
+def test_find_coco_fails_at_launch_on_a_missing_or_broken_piece(coco, tmp_path, breakage, message):
+    """Each of these used to launch the job: it then rejected every image (no folder) or failed mid-job with a
+    traceback (bad json)."""
+    root = _broken_copy(coco, tmp_path, breakage)
+    panoptic = root / "annotations" / "panoptic_val2017.json"
+    if breakage == "no_images":
+        shutil.rmtree(root / "val2017")
+    elif breakage == "no_pngs":
+        shutil.rmtree(root / "annotations" / "panoptic_val2017")
+    elif breakage == "truncated_panoptic":
+        panoptic.write_bytes(panoptic.read_bytes()[:100])
+    elif breakage == "list_captions":
+        (root / "annotations" / "captions_val2017.json").write_text("[1, 2]")
+    else:
+        panoptic.write_text(json.dumps({k: v for k, v in json.loads(panoptic.read_text()).items()
+                                        if k != "categories"}))
+    with pytest.raises(ValueError, match=message):
+        find_coco(str(root))
+    out = tmp_path / f"{breakage}-build"
+    with pytest.raises(ValueError, match=message):  # the build fails the same way before --output is touched
+        build.run(["--input", str(root), "--output", str(out), "--clip-model", "spatext-tiny", "--clip-pretrained",
+                   "none"])
+    assert not out.exists()
+
+
+def test_a_big_coco_json_is_only_sniffed_at_launch(coco, tmp_path, monkeypatch):
+    """Over LAUNCH_PARSE_BYTES (train2017-sized) a json is not parsed at launch; a truncated one is still caught."""
+    monkeypatch.setattr(read_coco, "LAUNCH_PARSE_BYTES", 100)
+    root = _broken_copy(coco, tmp_path, "big")
+    assert find_coco(str(root)).split == "val2017"  # whole files pass without a parse
+    panoptic = root / "annotations" / "panoptic_val2017.json"
+    panoptic.write_bytes(panoptic.read_bytes()[:-50])
+    with pytest.raises(ValueError, match=r"panoptic_val2017\.json' \(\d+ bytes\) is not a whole JSON object"):
+        find_coco(str(root))
+
+
+def test_unknown_category_or_malformed_segments_are_rejected(coco):
+    """A segment whose category id is not in `categories` used to get label None silently."""
+    root, _ = coco
+    layout = find_coco(str(root))
+    panoptic = json.loads((root / "annotations" / "panoptic_val2017.json").read_text())
+    captions = json.loads((root / "annotations" / "captions_val2017.json").read_text())
+    first, second = sorted(panoptic["annotations"], key=lambda a: a["image_id"])[:2]
+    first["segments_info"][0]["category_id"] = 999
+    second["segments_info"] = None
+    items = {(i.key if isinstance(i, Reject) else i["key"]): i for i in coco_index(panoptic, captions, layout)}
+    rejected = {key: (i.stage, i.reason) for key, i in items.items() if isinstance(i, Reject)}
+    assert rejected == {
+        coco_key("val2017", first["image_id"]):
+            ("read", "unknown_category: category_id 999 not in the panoptic json's categories"),
+        coco_key("val2017", second["image_id"]):
+            ("read", "malformed_annotation: segments_info is not a list of objects"),
+    }
+    labels = [s["category"] for i in items.values() if isinstance(i, dict) and i["segments_info"]
+              for s in i["segments_info"]]
+    assert labels and None not in labels

@@ -1,0 +1,211 @@
+"""`spatext verify` reports every damaged or inconsistent piece of a build as a violation naming its file (it used to
+abort on some, or pass them), and the writer keeps the promises verify checks: page CRCs, shards within
+`--target-shard-mb`.
+
+Each test copies the session's demo build (12 PNG samples, 2 shards, no rejects) and breaks one thing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from spatext.pipeline import verify
+from spatext.pipeline.schema import shard_schema
+from spatext.pipeline.write import BLOB_COLUMNS, UNITS_DIR, _WriteUnit, leaf_columns, list_parquet
+
+
+@pytest.fixture
+def build(demo_shards, tmp_path):
+    """A private copy of the demo build, to damage."""
+    copy = tmp_path / "build"
+    shutil.copytree(demo_shards, copy)
+    return copy
+
+
+def _kinds(report: verify.VerifyReport) -> set[str]:
+    return {message.split(":", 1)[0] for _, _, message in report.violations}
+
+
+def _edit_manifest(build, edit) -> None:
+    path = build / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(manifest)))
+
+
+def test_a_damaged_rejects_file_is_reported_not_raised(build):
+    """`truncate -s 50 rejects/X.parquet` made verify exit with pyarrow's 'magic bytes' error, naming no file."""
+    (build / "rejects").mkdir(exist_ok=True)
+    (build / "rejects" / "unit-a.parquet").write_bytes(open(list_parquet(str(build))[0], "rb").read()[:50])
+    report = verify.verify_build(str(build), progress=False)
+    assert "unreadable_rejects" in _kinds(report)
+    assert "rejects/unit-a.parquet [-] unreadable_rejects: " in report.format()
+    assert verify.main([str(build)]) == 1
+
+
+@pytest.mark.parametrize(("content", "kind", "says"), [
+    ("[1, 2]", "manifest", "manifest.json holds a JSON list, expected an object"),
+    ('{"counts": null, "shards": []}', "manifest", "'counts' is None, expected an object"),
+    ("{not json", "manifest", "cannot read manifest.json"),
+])
+def test_a_malformed_manifest_is_reported_not_raised(build, content, kind, says):
+    """A list or `counts: null` raised AttributeError out of verify."""
+    (build / "manifest.json").write_text(content)
+    report = verify.verify_build(str(build), progress=False)
+    assert kind in _kinds(report) and says in report.format()
+    assert "build/manifest.json [-]" in report.format()
+
+
+def test_a_non_integer_count_is_a_type_problem(build):
+    _edit_manifest(build, lambda m: {**m, "counts": {**m["counts"], "accepted": "12", "read": 12.5}})
+    report = verify.verify_build(str(build), progress=False)
+    assert _kinds(report) == {"count_type"}, report.format()
+    assert "counts.accepted is '12' (str)" in report.format() and "counts.read is 12.5 (float)" in report.format()
+
+
+def _image_chunk(path: str) -> tuple[int, int]:
+    """(offset, length) of the image column's bytes in row group 0."""
+    parquet = pq.ParquetFile(path)
+    names = [parquet.metadata.row_group(0).column(i).path_in_schema for i in range(parquet.metadata.num_columns)]
+    column = parquet.metadata.row_group(0).column(names.index("image"))
+    start = column.dictionary_page_offset or column.data_page_offset
+    return start, column.total_compressed_size
+
+
+def test_flipped_bytes_inside_an_image_fail_the_page_checksum(build):
+    """Images are incompressible, so zstd stores them raw: 64 flipped bytes changed an image and verify said OK."""
+    path = list_parquet(str(build))[0]
+    before = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+    start, length = _image_chunk(path)
+    data = bytearray(open(path, "rb").read())
+    for i in range(start + length // 2, start + length // 2 + 64):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    after = pq.read_table(path, columns=["image"]).column("image").to_pylist()  # without CRCs: reads fine
+    assert after != before
+    report = verify.verify_build(str(build), progress=False)
+    assert _kinds(report) == {"checksum"}, report.format()
+    assert f"shards/{path.rsplit('/', 1)[1]} [-] checksum: row group 0" in report.format()
+
+
+def test_an_image_in_another_format_than_declared(build):
+    """The demo build declares PNG; a JPEG decodes fine, so only the format check sees it."""
+    path = list_parquet(str(build))[0]
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    with Image.open(io.BytesIO(rows[0]["image"])) as im:
+        buffer = io.BytesIO()
+        im.convert("RGB").save(buffer, format="JPEG")
+    rows[0]["image"] = buffer.getvalue()
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    report = verify.verify_build(str(build), progress=False)
+    assert [m for _, _, m in report.violations] == ["image_format: stored image is jpeg, shards declare png"]
+    assert report.violations[0][1] == rows[0]["key"]
+
+
+def test_manifest_reasons_and_units_are_checked_against_rejects_and_markers(build):
+    _edit_manifest(build, lambda m: {**m, "counts": {**m["counts"], "rejected_by_reason": {"decode/x": 2}}})
+    assert [m for _, _, m in verify.verify_build(str(build), progress=False).violations] == [
+        "count_by_reason: decode/x: manifest 2, rejects hold 0"]
+    _edit_manifest(build, lambda m: {**m, "counts": {**m["counts"], "rejected_by_reason": {}, "units": 7}})
+    report = verify.verify_build(str(build), progress=False)
+    assert _kinds(report) == {"count_units"} and "manifest says 7, _units/ holds markers for 2" in report.format()
+
+
+def test_a_missing_units_folder_is_a_violation(build):
+    """--resume trusts `_units/`; without it the build verified OK."""
+    shutil.rmtree(build / UNITS_DIR)
+    report = verify.verify_build(str(build), progress=False)
+    assert _kinds(report) == {"units_missing"}, report.format()
+
+
+def test_a_marker_listing_a_missing_file(build):
+    marker = sorted((build / UNITS_DIR).glob("*.json"))[0]
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "shards": ["gone.parquet"]}))
+    report = verify.verify_build(str(build), progress=False)
+    assert "unit_marker: lists missing file(s): shards/gone.parquet" in report.format()
+
+
+def test_shard_name_mismatch_and_duplicate_keys_name_the_files(build):
+    names = sorted(p.name for p in (build / "shards").glob("*.parquet"))
+    _edit_manifest(build, lambda m: {**m, "shards": [names[0], "renamed.parquet"]})
+    shutil.copy(build / "shards" / names[0], build / "shards" / "copy.parquet")
+    report = verify.verify_build(str(build), progress=False)
+    text = report.format(limit=100)
+    assert f"missing from shards/: renamed.parquet; not in the manifest: copy.parquet, {names[1]}" in text
+    duplicates = [m for _, _, m in report.violations if m.startswith("duplicate_key")]
+    assert duplicates and all(m.endswith(f"in copy.parquet, {names[0]}") for m in duplicates)
+
+
+def _rows(count: int, seed: int, image_bytes: int = 9000) -> list[dict]:
+    """Schema-v1 rows with incompressible 'images' (random bytes: the writer does not decode) and ~3 KB maps, whose
+    min/max Parquet statistics used to add ~4 copies of the map to every row group."""
+    rng = np.random.default_rng(seed)
+
+    def blob(n: int) -> bytes:
+        return rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+
+    def unit(d: int = 64) -> list[float]:
+        v = rng.normal(size=d)
+        return list(v / np.linalg.norm(v))
+
+    return [{
+        "key": f"k{seed}-{i:04d}", "caption": f"caption {i}", "image": blob(int(rng.integers(1, 2 * image_bytes))),
+        "width": 64, "height": 48, "segment_map": blob(int(rng.integers(2000, 3600))),
+        "segments": [{"index": 1, "area": 0.5, "bbox": [0, 0, 8, 8], "embedding": unit(), "label": "x", "score": None}],
+        "image_embedding": unit(), "caption_embedding": unit(),
+    } for i in range(count)]
+
+
+def _write_unit(out, rows: list[dict], target: int, rows_per_group: int) -> list[str]:
+    """Run the write stage's DoFn on one unit; returns its shard paths in order."""
+    write = _WriteUnit(str(out), shard_schema({"image_format": "png"}), target, rows_per_group)
+    (marker,) = write.process(("unit-a", {"rows": rows, "rejects": [], "read": [len(rows)]}))
+    return [str(out / "shards" / name) for name in marker["shards"]]
+
+
+@pytest.mark.parametrize(("target", "rows_per_group"), [(40_000, 3), (40_000, 1), (25_000, 2), (200_000, 256)])
+def test_shards_stay_within_the_target_size(tmp_path, target, rows_per_group):
+    """--target-shard-mb 0.1 --rows-per-group 3 gave shards of up to 122,435 B for a limit of 104,858 B."""
+    rows = _rows(40, seed=1)
+    paths = _write_unit(tmp_path / "a", rows, target, rows_per_group)
+    tables = [pq.read_table(p) for p in paths]
+    assert sum((t.column("key").to_pylist() for t in tables), []) == sorted(r["key"] for r in rows)
+    for path, table in zip(paths, tables, strict=True):
+        assert table.num_rows == 1 or len(open(path, "rb").read()) <= target, path
+    again = _write_unit(tmp_path / "b", rows, target, rows_per_group)  # deterministic: the same files
+    assert [open(p, "rb").read() for p in again] == [open(p, "rb").read() for p in paths]
+
+
+def test_a_row_larger_than_the_target_gets_its_own_shard(tmp_path):
+    rows = _rows(5, seed=2)
+    rows[2]["image"] = bytes(range(256)) * 200  # 51 KB
+    paths = _write_unit(tmp_path, rows, 20_000, 3)
+    sizes = {pq.read_table(p).column("key").to_pylist()[0]: pq.read_metadata(p).num_rows for p in paths}
+    assert sizes[rows[2]["key"]] == 1
+
+
+def test_blob_columns_carry_no_statistics_or_dictionary(tmp_path):
+    """The writer's per-column options reach nested leaves too (they are matched by full leaf path)."""
+    (path,) = _write_unit(tmp_path, _rows(4, seed=3), 10**7, 256)
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    assert sorted(columns) == sorted(leaf_columns(shard_schema()))
+    for name, column in columns.items():
+        assert column.is_stats_set == (name not in BLOB_COLUMNS), name
+        assert ("RLE_DICTIONARY" in column.encodings) == (name not in BLOB_COLUMNS), name
+
+
+def test_verify_flags_a_shard_over_the_target(build):
+    """A build written before the size fix (or by hand) is caught: the manifest's config holds the target."""
+    _edit_manifest(build, lambda m: {**m, "config": {**m["config"], "target_shard_mb": 0.01}})
+    report = verify.verify_build(str(build), progress=False)
+    assert _kinds(report) == {"shard_size"}, report.format()
+    assert "exceed --target-shard-mb 0.01 (10485 bytes)" in report.format()
