@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import os
+import textwrap
 from collections.abc import Sequence
 
 import fsspec
@@ -86,17 +87,31 @@ def stack_rows(rows: Sequence[Image.Image]) -> Image.Image:
     return grid
 
 
+def with_title(image: Image.Image, lines: Sequence[str]) -> Image.Image:
+    """``image`` under a dark strip of text lines (wrapped to its width), e.g. which weights made it."""
+    chars = max(8, image.width // 6)
+    wrapped = [piece for line in lines for piece in textwrap.wrap(line, chars) or [""]]
+    out = Image.new("RGB", (image.width, image.height + LINE * len(wrapped) + 4), (20, 20, 20))
+    draw = ImageDraw.Draw(out)
+    for k, text in enumerate(wrapped):
+        draw.text((2, 2 + LINE * k), text, fill=(255, 255, 255))
+    out.paste(image, (0, LINE * len(wrapped) + 4))
+    return out
+
+
 @torch.no_grad()
 def sample_grid(pipe: SpaTextPipeline, scenes: Sequence[tuple[Scene, np.ndarray]], steps: int, guidance_scale: float,
-                seed: int, tile: int = 128) -> Image.Image:
-    """Per scene a row: real image | scene | what ``pipe`` generates for it (joint guidance, seed + row)."""
+                seed: int, tile: int = 128, title: Sequence[str] = ()) -> Image.Image:
+    """Per scene a row: real image | scene | what ``pipe`` generates for it (joint guidance, seed + row); ``title``
+    lines above (the training loop names the step and any random-weight parts there)."""
     rows = []
     for i, (scene, image) in enumerate(scenes):
         out = pipe(scene=scene, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
                    generator=torch.Generator(pipe.device).manual_seed(seed + i)).images
         generated = (out[0] * 255).round().astype(np.uint8)
         rows.append(tile_row([image, draw_scene(scene, (tile, tile)), generated], tile=tile))
-    return stack_rows(rows)
+    grid = stack_rows(rows)
+    return with_title(grid, title) if title else grid
 
 
 def _segments_by_key(files: list[str], keys: list[str]) -> dict[str, list[dict]]:

@@ -60,8 +60,14 @@ class Loop:
 
 def write_sample_grid(s: Session, scenes: list, step: int) -> None:
     """samples/step-N.png of the current weights on the validation scenes."""
+    args = s.args
+    title = [f"step {step}: real | scene | generated ({args.sample_steps} steps, "
+             f"guidance {args.sample_guidance_scale})"]
+    if s.lineage["random_init"]:  # random weights are never silent, in pictures either
+        title.append(f"random weights (pretrained: none): {', '.join(s.lineage['random_init'])}")
     with s.accelerator.autocast():
-        grid = sample_grid(s.pipe, scenes, s.args.sample_steps, s.args.sample_guidance_scale, s.args.seed)
+        grid = sample_grid(s.pipe, scenes, s.args.sample_steps, s.args.sample_guidance_scale, s.args.seed,
+                           title=title)
     os.makedirs(os.path.join(s.args.output, "samples"), exist_ok=True)
     grid.save(os.path.join(s.args.output, "samples", f"step-{step}.png"))
 

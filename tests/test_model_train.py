@@ -11,8 +11,10 @@ import json
 import os
 import shutil
 import statistics
+import textwrap
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -192,7 +194,9 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(resume
         torch.load(checkpoint / name, weights_only=True)
     assert accelerate_load(checkpoint / "random_states_0.pkl")["step"] == 6  # weights_only + numpy allowlist
     assert sorted(os.listdir(out / "samples")) == ["step-2.png", "step-4.png", "step-6.png"]
-    assert Image.open(out / "samples" / "step-6.png").size[1] > 2 * 128  # two validation rows
+    grid = Image.open(out / "samples" / "step-6.png")
+    assert grid.size[1] > 2 * 128  # two validation rows
+    assert _title_lines(grid, 2)  # the step line and the random-weights line (this run's parts are random)
     # an uninterrupted 6-step run ends with the same weights, EMA included: the checkpoint restored everything
     a, b = _weights(out), _weights(straight)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -274,6 +278,22 @@ def test_gradient_accumulation_counts_optimizer_steps(four_rows, base, tmp_path)
     state = json.loads((out / "checkpoints" / "checkpoint-2" / STATE_FILE).read_text())
     assert state["global_step"] == 2 and state["micro_step"] == 4
     assert len(_losses(out)) == 2
+
+
+def _title_lines(image: Image.Image, lines: int) -> bool:
+    """Whether ``image`` starts with a title strip (its dark background at the top left) holding text in each of its
+    first ``lines`` 12-px lines."""
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    bands = [pixels[2 + 12 * k : 14 + 12 * k] for k in range(lines)]
+    return tuple(pixels[0, 0]) == (20, 20, 20) and all((band > 128).any() for band in bands)
+
+
+def test_sample_grid_title_wraps_to_the_width():
+    image = Image.new("RGB", (300, 100), "black")
+    lines = ["step 3", "random weights (pretrained: none): " + "local_encoder, " * 6]
+    titled = sample.with_title(image, lines)
+    wrapped = 1 + len(textwrap.wrap(lines[1], 300 // 6))
+    assert titled.size == (300, 100 + 12 * wrapped + 4) and wrapped >= 3 and _title_lines(titled, wrapped)
 
 
 def test_prior_training_names_every_flag_it_ignores():
