@@ -137,10 +137,12 @@ def _keyed_reject(reject: Reject) -> tuple[str, Reject]:
 
 
 def build_pipeline(
-    p: beam.Pipeline, config: BuildConfig, started_at: float, skip: frozenset[str] = frozenset(), manifest: bool = True
+    p: beam.Pipeline, config: BuildConfig, started_at: float, skip: frozenset[str] = frozenset(), manifest: bool = True,
+    earlier_jobs: int = 0,
 ):
     """Add the build's labelled steps to pipeline `p` (input units in `skip` are already complete, or left to
-    another job of --units-per-run); `manifest`: this job writes manifest.json (the last job of a build)."""
+    another job of --units-per-run); `manifest`: this job writes manifest.json (the last job of a build), counting
+    `earlier_jobs` units completed by this launch's earlier jobs as this run's too."""
     segmenter = resolve_segmenter(config)
     decode_options = decode_options_for(config, segmenter)
     select_options = SelectOptions(config.min_area, config.k_min, config.k_max, config.seed)
@@ -183,6 +185,7 @@ def build_pipeline(
             lineage=lineage(config, segmenter),
             started_at=started_at,
             this_run=beam.pvalue.AsList(markers),  # also orders the manifest after every unit
+            earlier_jobs=earlier_jobs,
         )
     )
 
@@ -293,11 +296,13 @@ def execute(
         raise ValueError("a test pipeline runs one job: drop --units-per-run")
     started_at = time.time()
     warn_if_device_would_idle(config, options)
+    done_before = len(read_markers(config.output))
     for number, job_skip in enumerate(jobs, 1):
         if len(jobs) > 1:
             logger.info("--units-per-run: job %d of %d", number, len(jobs))
         p = test_pipeline or beam.Pipeline(options=options)
-        build_pipeline(p, config, started_at, job_skip, manifest=number == len(jobs))
+        earlier = len(read_markers(config.output)) - done_before if number == len(jobs) > 1 else 0
+        build_pipeline(p, config, started_at, job_skip, manifest=number == len(jobs), earlier_jobs=earlier)
         result = p.run()
         state = result.wait_until_finish()
         logger.info("pipeline finished: %s", state)

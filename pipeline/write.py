@@ -291,13 +291,16 @@ def summarize(markers: Iterable[dict]) -> dict:
     }
 
 
-def write_manifest(_: object, output: str, config: dict, lineage: dict, started_at: float, this_run: list) -> str:
-    """Write manifest.json from every completed unit (this run's and, on --resume, earlier ones)."""
+def write_manifest(
+    _: object, output: str, config: dict, lineage: dict, started_at: float, this_run: list, earlier_jobs: int = 0
+) -> str:
+    """Write manifest.json from every completed unit (this run's and, on --resume, earlier ones); `earlier_jobs`:
+    units that earlier jobs of this launch completed (--units-per-run), counted in ``units_this_run`` too."""
     manifest = summarize(read_markers(output))
     manifest.update({
         "config": config,
         "lineage": lineage,
-        "units_this_run": len(this_run),
+        "units_this_run": len(this_run) + earlier_jobs,
         "started_at": started_at,
         "finished_at": time.time(),
         "wall_time_s": round(time.time() - started_at, 3),

@@ -123,18 +123,18 @@ def test_units_per_run_writes_units_job_by_job_and_equals_one_job(full, corpus, 
     out, manifest = full
     chunked = tmp_path / "chunked"
     again = build.run(_argv(corpus, chunked, "--units-per-run", "5"))
-    assert again["counts"] == manifest["counts"]
+    assert again["counts"] == manifest["counts"] and again["units_this_run"] == 12  # the three jobs' units
     assert_same_rows(read_rows(chunked), read_rows(out))  # embeddings up to float16 rounding: batches differ
     assert verify.verify_build(str(chunked), progress=False).ok
 
     jobs = []
     real = build.build_pipeline
 
-    def second_job_fails(p, config, started_at, skip=frozenset(), manifest=True):
+    def second_job_fails(p, config, started_at, skip=frozenset(), manifest=True, earlier_jobs=0):
         jobs.append(12 - len(skip))  # units this job reads
         if len(jobs) == 2:
             raise RuntimeError("the machine went away")
-        return real(p, config, started_at, skip, manifest)
+        return real(p, config, started_at, skip, manifest, earlier_jobs)
 
     monkeypatch.setattr(build, "build_pipeline", second_job_fails)
     failed = tmp_path / "failed"
@@ -146,6 +146,7 @@ def test_units_per_run_writes_units_job_by_job_and_equals_one_job(full, corpus, 
     monkeypatch.setattr(build, "build_pipeline", real)
     resumed = build.run(_argv(corpus, failed, "--resume", "--units-per-run", "4"))  # the job size may change
     assert _keys(failed) == _keys(out) and resumed["counts"] == manifest["counts"]
+    assert resumed["units_this_run"] == 7  # jobs of 4 and 3 units
     with pytest.raises(ValueError, match="--units-per-run applies to tar and parquet"):
         build.job_skips(build.BuildConfig(input=str(corpus), output="o", input_format="folder", units_per_run=2),
                         frozenset())
