@@ -285,6 +285,10 @@ def execute(
     # on the launcher, before --output is touched: bad settings fail fast (exit status 2), leaving nothing behind
     check_input(config.input, config.read_options())
     check_pretrained(clip_spec(config))
+    if resolve_segmenter(config) == "mask2former":
+        from spatext.pipeline.segmenters.mask2former import check_weights  # lazy: transformers' Mask2Former
+
+        check_weights(config.segmenter_weights)
     if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
         beam_args = ["--runner=DirectRunner", *beam_args]  # Beam's default (Prism) downloads a binary at start
     options = PipelineOptions(beam_args)

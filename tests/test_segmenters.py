@@ -361,3 +361,30 @@ def test_failing_segmenter_goes_to_failed_inferences(monkeypatch) -> None:
         failed = dlq.failed_inferences | beam.FlatMap(_failure_summary)
         expected = [(k, "RuntimeError", "segmenter_error") for k in ("bad1", "bad2")]
         assert_that(failed, equal_to(expected), label="failed")
+
+
+def test_mask2former_weights_are_checked_at_launch(tmp_path, monkeypatch) -> None:
+    """What a build checks before it writes anything: a local folder needs config.json, a local-looking path must
+    exist, a hub name must be cached while offline; `none` always passes."""
+    import huggingface_hub.constants
+
+    from spatext.pipeline import build
+    from spatext.pipeline.demo_corpus import write_corpus
+    from spatext.pipeline.segmenters.mask2former import check_weights
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    check_weights("none")
+    with pytest.raises(OSError, match="directory without config.json"):
+        check_weights(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    check_weights(str(tmp_path))
+    with pytest.raises(OSError, match="no such directory"):
+        check_weights(str(tmp_path / "missing"))
+    with pytest.raises(OSError, match="not in the Hugging Face cache and the hub is offline"):
+        check_weights("spatext-test/no-such-mask2former")
+    write_corpus(str(tmp_path / "corpus"), 2, seed=0, fmt="webdataset")
+    out = tmp_path / "build"
+    with pytest.raises(OSError, match="--segmenter-weights"):  # the default weights, offline: before --output
+        build.run(["--input", str(tmp_path / "corpus" / "*.tar"), "--output", str(out), "--clip-model",
+                   "spatext-tiny", "--clip-pretrained", "none", "--segmenter", "mask2former"])
+    assert not out.exists()

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import numpy as np
 import torch
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
@@ -78,6 +80,29 @@ def _random_init(spec: SegmenterSpec) -> tuple[Mask2FormerForUniversalSegmentati
         torch.manual_seed(RANDOM_INIT_SEED)
         model = Mask2FormerForUniversalSegmentation(config)
     return model, Mask2FormerImageProcessor(**_size_kwargs(spec.processor_size))
+
+
+def check_weights(weights: str | None) -> None:
+    """Launcher-side check of --segmenter-weights, before any output is written (a worker would fail later, on
+    Dataflow after GPU workers started): OSError for a local directory without config.json, a local-looking path
+    that does not exist, or a hub name that is not cached while the hub is offline (HF_HUB_OFFLINE: a cache
+    lookup, no download; online, the workers fetch the weights themselves). ``none`` (random init) passes."""
+    weights = weights or DEFAULT_WEIGHTS
+    if weights.strip().lower() == "none":
+        return
+    hint = "pass --segmenter-weights <local directory> or --segmenter-weights none (random init, for tests only)"
+    if os.path.isdir(weights):
+        if not os.path.isfile(os.path.join(weights, "config.json")):
+            raise OSError(f"--segmenter-weights {weights!r} is a directory without config.json (a save_pretrained "
+                          f"folder of Mask2Former is expected); {hint}")
+        return
+    if weights.startswith(("/", "./", "../", "~")) or os.sep + os.sep in weights:
+        raise OSError(f"--segmenter-weights {weights!r}: no such directory; {hint}")
+    if huggingface_hub.constants.HF_HUB_OFFLINE and not isinstance(
+        huggingface_hub.try_to_load_from_cache(weights, "config.json"), str
+    ):
+        raise OSError(f"cannot load Mask2Former weights {weights!r} (--segmenter-weights): not in the Hugging Face "
+                      f"cache and the hub is offline (HF_HUB_OFFLINE); {hint}")
 
 
 def _pretrained(weights: str, spec: SegmenterSpec) -> tuple[Mask2FormerForUniversalSegmentation, Any]:
