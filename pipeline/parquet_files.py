@@ -20,7 +20,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import IO
+from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
@@ -72,13 +72,14 @@ def read_into_arrow(path: str, opener: Opener | None = None) -> pa.Buffer:
     return buffer
 
 
-def parquet_file(path: str, opener: Opener | None = None) -> pq.ParquetFile:
+def parquet_file(path: str, opener: Opener | None = None, **options: Any) -> pq.ParquetFile:
     """A ``pq.ParquetFile`` that reads only Arrow-owned files and memory: local paths natively, anything else read
-    whole through ``opener`` (default Beam's FileSystems.open; pass an fsspec opener for fsspec storage)."""
+    whole through ``opener`` (default Beam's FileSystems.open; pass an fsspec opener for fsspec storage).
+    ``options`` go to ``pq.ParquetFile`` (e.g. ``page_checksum_verification=True``)."""
     local = local_path(path)
     if local is not None:
-        return pq.ParquetFile(local)
-    return pq.ParquetFile(pa.BufferReader(read_into_arrow(path, opener)))
+        return pq.ParquetFile(local, **options)
+    return pq.ParquetFile(pa.BufferReader(read_into_arrow(path, opener)), **options)
 
 
 @contextlib.contextmanager

@@ -18,14 +18,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from spatext.pipeline.crop import mask_bbox
-from spatext.pipeline.parquet_files import local_path, read_into_arrow
+from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import Reject
 from spatext.pipeline.schema import (
     IMAGE_FORMATS,
@@ -138,9 +137,7 @@ def checked_parquet(path: str) -> pq.ParquetFile:
     """`parquet_file(path)` (Arrow-owned reads; see spatext.pipeline.parquet_files) that verifies every page's CRC-32
     as it reads: the writer stores one per page, and without the check a flipped bit inside a stored image (which
     zstd keeps raw) decodes to a different, valid-looking image. Files written without CRCs read as before."""
-    local = local_path(path)
-    source = local if local is not None else pa.BufferReader(read_into_arrow(path))
-    return pq.ParquetFile(source, page_checksum_verification=True)
+    return parquet_file(path, page_checksum_verification=True)
 
 
 def _damage_kind(exc: Exception, otherwise: str) -> str:
