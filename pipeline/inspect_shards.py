@@ -54,9 +54,14 @@ def render_sample(sample: ShardSample, tile: int = 320) -> Image.Image:
         box = draw.textbbox(xy, text, font=font)
         draw.rectangle(box, fill=PALETTE[(seg["index"] - 1) % len(PALETTE)])
         draw.text(xy, text, fill=(0, 0, 0), font=font)
-    caption = "\n".join(textwrap.wrap(sample.caption, width=tile // 6)[:4])
-    draw.text((4, tile + 2), caption, fill=(0, 0, 0), font=font)
+    draw.text((4, tile + 2), caption_lines(sample.caption, tile // 6), fill=(0, 0, 0), font=font)
     return canvas
+
+
+def caption_lines(caption: str, width: int, lines: int = 4) -> str:
+    """A caption wrapped to `width` characters, at most `lines` lines; a cut caption ends with " ..." (so that a
+    reader sees it goes on)."""
+    return "\n".join(textwrap.wrap(caption, width=width, max_lines=lines, placeholder=" ..."))
 
 
 def render_grid(samples: list[ShardSample], columns: int = 4, tile: int = 320, title: str = "") -> Image.Image:

@@ -20,7 +20,7 @@ from spatext.pipeline.clip import ClipSpec, embed_images, embed_texts, load_clip
 from spatext.pipeline.config import BuildConfig
 from spatext.pipeline.crop import segment_crop
 from spatext.pipeline.demo_corpus import write_corpus
-from spatext.pipeline.inspect_shards import inspect_build
+from spatext.pipeline.inspect_shards import caption_lines, inspect_build
 from spatext.pipeline.panoptic import encode_id_map
 from spatext.pipeline.schema import read_metadata, row_to_sample
 from spatext.pipeline.write import list_parquet
@@ -184,6 +184,13 @@ def test_inspect_draws_a_grid(built, tmp_path):
     with Image.open(png) as im:
         assert im.size == (600, 24 + 2 * 270)
         assert len(set(np.asarray(im.convert("RGB")).reshape(-1, 3)[::97].tobytes())) > 50  # not blank
+
+
+def test_inspect_captions_say_when_they_are_cut():
+    long = " ".join(f"word{i}" for i in range(60))
+    lines = caption_lines(long, 30).split("\n")
+    assert len(lines) == 4 and lines[-1].endswith(" ...") and all(len(line) <= 30 for line in lines)
+    assert caption_lines("a short caption", 30) == "a short caption"
 
 
 def test_entry_points(built, capsys):
