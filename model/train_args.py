@@ -13,6 +13,11 @@ from spatext.model.prior import list_prior_configs
 DEFAULTS = {"denoiser": {"steps": 1000, "batch": 16, "lr": 1e-4}, "prior": {"steps": 500, "batch": 256, "lr": 1e-3}}
 
 
+def flag(name: str) -> str:
+    """``max_train_steps`` → ``--max-train-steps``: an argument's name as the user types it."""
+    return f"--{name.replace('_', '-')}"
+
+
 def _io_flags(p: argparse.ArgumentParser) -> None:
     """Data, model and run-directory flags."""
     denoisers = ", ".join(c for c in list_configs() if not c.startswith("prior-"))
@@ -97,7 +102,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
 def ignored_by_prior(args: argparse.Namespace) -> list[str]:
     """The flags set away from their defaults that prior training does not use (it reads only ``PRIOR_FLAGS``)."""
     parser = build_parser()
-    return [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+    return [flag(name) for name, value in vars(args).items()
             if name not in PRIOR_FLAGS and value != parser.get_default(name)]
 
 
@@ -128,17 +133,17 @@ def check_args(args: argparse.Namespace, prior: bool) -> None:
     args.max_train_steps = kind["steps"] if args.max_train_steps is None else args.max_train_steps
     args.train_batch_size = kind["batch"] if args.train_batch_size is None else args.train_batch_size
     args.learning_rate = kind["lr"] if args.learning_rate is None else args.learning_rate
-    for flag in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_validation",
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_validation",
                  "sample_steps", "max_segments", "decode_threads"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("checkpointing_steps", "sample_every", "dataloader_num_workers", "lr_warmup_steps", "shuffle_buffer"):
-        if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    for flag in ("p_drop_text", "p_drop_st", "ema_decay"):
-        if not 0.0 <= getattr(args, flag) <= 1.0 or (flag == "ema_decay" and args.ema_decay == 1.0):
-            raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1{']' if flag != 'ema_decay' else ')'}, "
-                             f"got {getattr(args, flag)}")
+        if getattr(args, name) < 1:
+            raise ValueError(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
+    for name in ("checkpointing_steps", "sample_every", "dataloader_num_workers", "lr_warmup_steps", "shuffle_buffer"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
+    for name in ("p_drop_text", "p_drop_st", "ema_decay"):
+        if not 0.0 <= getattr(args, name) <= 1.0 or (name == "ema_decay" and args.ema_decay == 1.0):
+            raise ValueError(f"{flag(name)} must be in [0, 1{']' if name != 'ema_decay' else ')'}, "
+                             f"got {getattr(args, name)}")
     if args.learning_rate <= 0:
         raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
     if not prior and args.base_model is None:

@@ -27,6 +27,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from spatext.model.checkpoint import RUN_FILE, STATE_FILE, resolve_resume
 from spatext.model.config import DenoiserConfig, get_config
+from spatext.model.train_args import flag
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ class Preflight:
     resume: str | None
     resume_state: dict | None
     finished: dict | None
-
-
-def flag(name: str) -> str:
-    """``max_train_steps`` → ``--max-train-steps``."""
-    return f"--{name.replace('_', '-')}"
 
 
 def check_base_model(path: str | None, latent: bool) -> None:
