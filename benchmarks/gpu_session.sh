@@ -8,9 +8,11 @@
 #
 # --run installs the wheels and this checkout under /tmp (outside the repository, so its folders do not shadow the
 # installed package), then runs, each under its own time limit (seconds; override with the variables):
-#   pipeline_gpu.py  CLIP + Mask2Former stages and the Beam job vs its ceiling      PIPELINE_S (default 330)
-#   sampling.py      SD-1.x-sized sampling: joint / per-condition guidance vs CFG  SAMPLING_S (default 150)
-# Logs and JSON land in $OUT/{pipeline,sampling}/ and $OUT/*.log; a section that runs out of time still leaves its log.
+#   pipeline_gpu.py  CLIP + Mask2Former stages and the Beam job vs its ceiling      PIPELINE_S (default 300)
+#   sampling.py      SD-1.x-sized sampling: joint / per-condition guidance vs CFG  SAMPLING_S (default 140)
+#   train_gpu.py     `spatext train` (bf16, resume) and `spatext sample` on cuda    TRAINER_S (default 70)
+# Each section works in /tmp/gpu_session/NAME (corpora, builds) and copies only its JSON to $OUT, next to its log
+# $OUT/NAME.log, so the few small files the device tool brings back are these; a section out of time keeps its log.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,7 +45,7 @@ one_wheel_per_project() {  # pip refuses two files of one project (e.g. two plat
     done
 }
 
-run_section() {  # name, seconds, command...: run with a time limit, log to $OUT/name.log, report the exit status
+run_section() {  # name, seconds, command...: run with a time limit, log to $OUT/name.log, copy the JSON it wrote
     local name=$1 seconds=$2
     shift 2
     echo "== $name (limit ${seconds}s): $*"
@@ -52,19 +54,25 @@ run_section() {  # name, seconds, command...: run with a time limit, log to $OUT
     local status=$?
     echo "   exit $status after $((SECONDS - started))s (124: out of time); last lines:"
     tail -n 25 "$OUT/$name.log" | sed 's/^/   | /'
+    cp "$WORK/$name"/*.json "$OUT/" 2>/dev/null || echo "   (no JSON from $name)"
 }
 
-benchmarks() {  # python, extra flags for pipeline_gpu.py, extra flags for sampling.py
-    local python=$1 pipeline_flags=$2 sampling_flags=$3
-    mkdir -p "$OUT/pipeline" "$OUT/sampling"
+benchmarks() {  # python, extra flags for pipeline_gpu.py, for sampling.py, for train_gpu.py
+    local python=$1 pipeline_flags=$2 sampling_flags=$3 trainer_flags=$4
+    WORK=/tmp/gpu_session
+    rm -rf "$WORK"
+    mkdir -p "$OUT" "$WORK"
     [[ $python == */* ]] && python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"  # before the cd
     cd /tmp || exit 1
     # shellcheck disable=SC2086
-    run_section pipeline_gpu "${PIPELINE_S:-330}" "$python" "$REPO/benchmarks/pipeline_gpu.py" \
-        --out "$OUT/pipeline" $pipeline_flags
+    run_section pipeline_gpu "${PIPELINE_S:-300}" "$python" "$REPO/benchmarks/pipeline_gpu.py" \
+        --out "$WORK/pipeline_gpu" $pipeline_flags
     # shellcheck disable=SC2086
-    run_section sampling "${SAMPLING_S:-150}" "$python" "$REPO/benchmarks/sampling.py" \
-        --out "$OUT/sampling" $sampling_flags
+    run_section sampling "${SAMPLING_S:-140}" "$python" "$REPO/benchmarks/sampling.py" \
+        --out "$WORK/sampling" $sampling_flags
+    # shellcheck disable=SC2086
+    run_section trainer "${TRAINER_S:-70}" "$python" "$REPO/benchmarks/train_gpu.py" --sections trainer \
+        --out "$WORK/trainer" $trainer_flags
 }
 
 case "${1:-}" in
@@ -74,21 +82,23 @@ case "${1:-}" in
     --run)
         : "${OUT:?set OUT to the output folder}"
         SITE=/tmp/spatext_site
+        python=${PYTHON:-python3}  # the image's python3 holds torch
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
         mapfile -t wheels < <(one_wheel_per_project)
-        python -m pip install --quiet --no-index --no-deps --target "$SITE/deps" "${wheels[@]}" || exit 1
-        python -m pip install --quiet --no-deps --no-build-isolation --target "$SITE/pkg" "$REPO" || exit 1
+        "$python" -m pip install --quiet --no-compile --no-index --no-deps --target "$SITE/deps" "${wheels[@]}" || exit 1
+        "$python" -m pip install --quiet --no-compile --no-deps --no-build-isolation --target "$SITE/pkg" "$REPO" || exit 1
         export PYTHONPATH="$SITE/pkg:$SITE/deps" HF_HUB_OFFLINE=1
-        benchmarks python "--num-samples 512" \
-            "--sd15 --device cuda --dtype bfloat16 --steps 50 --num-images 1,4"
+        benchmarks "$python" "--num-samples 512 --build-modes processes:8,threads:8,in_process" \
+            "--sd15 --device cuda --dtype bfloat16 --steps 50 --num-images 1,4" ""
         ;;
     --smoke)
         OUT="${OUT:-/tmp/gpu_session_smoke}"
         export HF_HUB_OFFLINE=1
-        benchmarks "${PYTHON:-python}" "--smoke" "--steps 2 --repeats 1 --num-images 1 --latent 8 --widths 32,32,32,32"
+        benchmarks "${PYTHON:-python}" "--smoke" "--steps 2 --repeats 1 --num-images 1 --latent 8 --widths 32,32,32,32" \
+            "--smoke"
         ;;
     *)
-        sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac
