@@ -13,6 +13,7 @@
 #   train_gpu.py     `spatext train` (bf16, resume) and `spatext sample` on cuda    TRAINER_S (default 70)
 # Each section works in /tmp/gpu_session/NAME (corpora, builds) and copies only its JSON to $OUT, next to its log
 # $OUT/NAME.log, so the few small files the device tool brings back are these; a section out of time keeps its log.
+# SECTIONS="sampling trainer" runs only those sections.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,6 +49,7 @@ one_wheel_per_project() {  # pip refuses two files of one project (e.g. two plat
 run_section() {  # name, seconds, command...: run with a time limit, log to $OUT/name.log, copy the JSON it wrote
     local name=$1 seconds=$2
     shift 2
+    [[ " ${SECTIONS:-pipeline_gpu sampling trainer} " == *" $name "* ]] || return 0
     echo "== $name (limit ${seconds}s): $*"
     local started=$SECONDS
     timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
@@ -89,7 +91,7 @@ case "${1:-}" in
         "$python" -m pip install --quiet --no-compile --no-deps --no-build-isolation --target "$SITE/pkg" "$REPO" || exit 1
         export PYTHONPATH="$SITE/pkg:$SITE/deps" HF_HUB_OFFLINE=1
         benchmarks "$python" "--num-samples 512 --build-modes processes:8,threads:8,in_process" \
-            "--sd15 --device cuda --dtype bfloat16 --steps 50 --num-images 1,4" ""
+            "--sd15 --device cuda --dtype bfloat16 --steps 50 --num-images 1,4 --no-flops" ""
         ;;
     --smoke)
         OUT="${OUT:-/tmp/gpu_session_smoke}"
@@ -98,7 +100,7 @@ case "${1:-}" in
             "--smoke"
         ;;
     *)
-        sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -190,8 +190,10 @@ def summarize(times: dict[str, list[float]], flops: dict[str, int]) -> dict:
 
 
 def run_sampling_sets(config: DenoiserConfig, clip_model: str, steps: int, repeats: int, images: list[int],
-                      device: str, dtype: torch.dtype, modes: tuple[str, ...] = MODES) -> dict[str, dict]:
-    """Build the pipelines once, time every (images per call, mode) pair interleaved; a result per ``images_N``."""
+                      device: str, dtype: torch.dtype, modes: tuple[str, ...] = MODES,
+                      flops: bool = True) -> dict[str, dict]:
+    """Build the pipelines once, time every (images per call, mode) pair interleaved; a result per ``images_N``.
+    ``flops=False`` skips the FLOP count (torch's counter runs each call again, slowly: minutes at the SD-1.x shape)."""
     if "plain" not in modes:
         raise ValueError("modes: the ratios need 'plain'")
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
@@ -199,10 +201,10 @@ def run_sampling_sets(config: DenoiserConfig, clip_model: str, steps: int, repea
         size = config.resolution
         calls = {(n, mode): sampler(pipes, mode, steps, size, n, device) for n in images for mode in modes}
         times = time_calls(calls, repeats, device)
-        flops = count_flops(calls)
+        counted = count_flops(calls) if flops else {}
     out = {}
     for n in images:
-        result = summarize({m: times[n, m] for m in modes}, {m: flops[n, m] for m in modes})
+        result = summarize({m: times[n, m] for m in modes}, {m: counted[n, m] for m in modes if (n, m) in counted})
         result.update(steps=steps, images_per_call=n, size=size, dtype=str(dtype).removeprefix("torch."))
         out[f"images_{n}"] = result
     return out
@@ -214,6 +216,12 @@ def run_sampling(config: DenoiserConfig, clip_model: str, steps: int, repeats: i
     return run_sampling_sets(config, clip_model, steps, repeats, [images], device, dtype, modes)[f"images_{images}"]
 
 
+def _flop_ratio(result: dict, mode: str) -> str:
+    """The FLOP ratio to plain for the table, or "-" where FLOPs were not counted (``--no-flops``)."""
+    ratio = result["flop_ratio_to_plain"].get(mode)
+    return "-" if ratio is None else f"{ratio:.4f}"
+
+
 def print_table(result: dict) -> None:
     """The markdown table of one sampling result (one images-per-call setting)."""
     print("| mode | passes | median call (s) | time / plain | paired time / plain | FLOPs / plain | goal |")
@@ -222,7 +230,7 @@ def print_table(result: dict) -> None:
         base = mode.removesuffix("-concat")
         goal = f"<= {GOALS[base]}" if mode in GOALS else ""
         print(f"| {mode} | {PASSES[base]} | {median:.3f} | {result['ratio_to_plain'][mode]:.3f} "
-              f"| {result['paired_ratio_to_plain'][mode]:.3f} | {result['flop_ratio_to_plain'][mode]:.4f} | {goal} |")
+              f"| {result['paired_ratio_to_plain'][mode]:.3f} | {_flop_ratio(result, mode)} | {goal} |")
     for mode, ratio in result.get("concat_over_cached", {}).items():
         print(f"{mode}: concatenated conv_in every step / cached ST term = {ratio:.3f} "
               f"(paired {result['paired_concat_over_cached'][mode]:.3f})")
@@ -245,6 +253,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated modes, from {', '.join(MODES)}")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype")
+    p.add_argument("--no-flops", dest="flops", action="store_false",
+                   help="skip the FLOP count (device-independent, and slow at the SD-1.x shape: one more call per "
+                        "mode under torch's counter)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--out", default="bench_output", help="folder for sampling.json")
     args = p.parse_args(input_args)
@@ -275,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     images = [int(n) for n in args.num_images.split(",")]
     modes = tuple(m for m in MODES if m in args.modes.split(","))
     results = run_sampling_sets(config, clip_model, args.steps, args.repeats, images, args.device,
-                                DTYPES[args.dtype], modes)
+                                DTYPES[args.dtype], modes, flops=args.flops)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     record = {**results, "config": config.to_dict(), "args": vars(args), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "device": device, "machine": platform.machine(),
