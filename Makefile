@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/pipeline_cpu.py --out bench_output
 	$(PY) benchmarks/pipeline_cpu.py --num-samples 512 --clip-model spatext-tiny-224 --out bench_output/tiny224
 	$(PY) benchmarks/loader.py --num-samples 256 --modes uint8 --repeats 5 --out bench_output
+	$(PY) benchmarks/shared_model.py --repeats 5 --out bench_output
 	$(PY) benchmarks/pipeline_overlap.py --num-samples 512 --ms-per-image 10 \
 		--modes in_process,processes:3,threads:4 --out bench_output/overlap
 

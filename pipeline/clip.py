@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -76,20 +77,26 @@ class ClipModel:
     pretrained_label: str  # the tag or checkpoint path, or exactly "none (random init)"
     spec: ClipSpec
     pixel_transform: PixelTransform | None = None  # ``preprocess`` on uint8 tensors; None: use the PIL path
+    # One batch at a time on the device when threads share the model (see segment.SerialSegmenter for why).
+    device_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False, repr=False,
+                                                    compare=False)
 
     def embed_samples(self, samples: Sequence[Sample]) -> tuple[list[Embeddings], dict[str, float]]:
         """The embed stage's work on a batch: every segment crop and whole image through the image tower in one
         pass, every caption through the text tower; also the wall / thread-CPU milliseconds of preprocessing and of
         the forwards (``TIMINGS``). A method, so that it runs in the model's process behind Beam's model proxy."""
         started, started_cpu = time.perf_counter(), time.thread_time()
-        crops = [segment_crops(sample) for sample in samples]
+        crops = [segment_crops(sample) for sample in samples]  # CPU work: outside the device lock
         images = [crop for sample_crops in crops for crop in sample_crops] + [sample.image for sample in samples]
-        pixels = preprocess_images(self, images)
-        preprocessed, preprocessed_cpu = time.perf_counter(), time.thread_time()
-        vectors = encode_pixels(self, pixels)
-        captions = embed_texts(self, [sample.caption for sample in samples])
+        before_lock = time.perf_counter()
+        with self.device_lock:
+            waited = time.perf_counter() - before_lock  # behind another thread's batch: not this batch's work
+            pixels = preprocess_images(self, images)
+            preprocessed, preprocessed_cpu = time.perf_counter(), time.thread_time()
+            vectors = encode_pixels(self, pixels)
+            captions = embed_texts(self, [sample.caption for sample in samples])
         timings = {
-            "preprocess_ms": 1000 * (preprocessed - started),
+            "preprocess_ms": 1000 * (preprocessed - started - waited),
             "preprocess_cpu_ms": 1000 * (preprocessed_cpu - started_cpu),
             "forward_ms": 1000 * (time.perf_counter() - preprocessed),
             "forward_cpu_ms": 1000 * (time.thread_time() - preprocessed_cpu),

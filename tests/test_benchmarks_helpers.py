@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,21 @@ def test_frechet_timing_warms_up_once_then_times_each_repeat(bench) -> None:
     calls = []
     value, times = eval_throughput._timed_calls(lambda: calls.append(1) or float(len(calls)), 3, "cpu")
     assert len(calls) == 4 and len(times) == 3 and value == 4.0
+
+
+def test_calls_per_second_runs_every_call_on_the_threads(bench) -> None:
+    shared_model = bench("shared_model")
+    seen: list[str] = []
+    rate = shared_model.calls_per_second(lambda: seen.append(threading.current_thread().name), threads=3, calls=7)
+    assert len(seen) == 6 and len(set(seen)) == 3  # 7 // 3 calls on each of 3 threads
+    assert rate > 0
+
+
+def test_shared_model_table_has_every_model_and_thread_count(bench, tmp_path: Path) -> None:
+    shared_model = bench("shared_model")
+    assert shared_model.main(["--threads", "1,2", "--calls", "2", "--repeats", "1", "--image-size", "32",
+                              "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "shared_model.json").read_text())["rows"]
+    assert {(r["model"], r["threads"]) for r in rows} == {(m, n) for m in ("mask2former-tiny", "clip spatext-tiny")
+                                                          for n in (1, 2)}
+    assert all(r["free_calls_s"] > 0 and r["serial_calls_s"] > 0 for r in rows)

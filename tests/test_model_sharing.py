@@ -3,18 +3,21 @@ method calls, so Beam's cross-process model proxy gives the same outputs as the 
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 
 import numpy as np
 import pytest
 from apache_beam.utils import multi_process_shared
 
+from spatext.pipeline import clip as clip_module
 from spatext.pipeline.clip import TINY_MODEL, ClipEmbedder, ClipSpec, load_clip
 from spatext.pipeline.config import BuildConfig
 from spatext.pipeline.crop import mask_bbox
 from spatext.pipeline.records import Sample, Segment, Segmentation, SelectedSegment
-from spatext.pipeline.segment import SegmenterModelHandler
-from spatext.pipeline.segmenters.base import SegmenterSpec, create_segmenter
+from spatext.pipeline.segment import SegmenterModelHandler, SerialSegmenter
+from spatext.pipeline.segmenters.base import Segmenter, SegmenterSpec, create_segmenter
 
 CLIP = ClipSpec(model=TINY_MODEL, pretrained="none", batch_size=4)
 SEGMENTER = SegmenterSpec(name="annotations")
@@ -49,7 +52,7 @@ def test_clip_embedder_through_a_proxy_equals_local() -> None:
     assert not ClipEmbedder(CLIP).share_model_across_processes()
     batch = [_sample(1), _sample(2)]
     local = handler.run_inference(batch, load_clip(CLIP))
-    remote = handler.run_inference(batch, _proxy(lambda: load_clip(CLIP)))
+    remote = handler.run_inference(batch, _proxy(handler.load_model))
     for (sample_a, emb_a), (sample_b, emb_b), sample in zip(local, remote, batch, strict=True):
         assert sample_a is sample and sample_b is sample  # the caller's samples, not the server's copies
         np.testing.assert_array_equal(emb_a.segments, emb_b.segments)
@@ -62,7 +65,7 @@ def test_segmenter_handler_through_a_proxy_equals_local() -> None:
     assert handler.share_model_across_processes() and handler.model_copies() == 3
     batch = [_sample(3), _sample(4)]
     local = handler.run_inference(batch, create_segmenter(SEGMENTER))
-    remote = handler.run_inference(batch, _proxy(lambda: create_segmenter(SEGMENTER)))
+    remote = handler.run_inference(batch, _proxy(handler.load_model))  # the SerialSegmenter behind the proxy
     for a, b in zip(local, remote, strict=True):
         np.testing.assert_array_equal(a.segmentation.id_map, b.segmentation.id_map)
         assert a.segmentation.segments == b.segmentation.segments
@@ -86,3 +89,90 @@ def test_bad_sharing_flags_fail() -> None:
         BuildConfig("in", "out", model_sharing="process", model_copies=2)
     with pytest.raises(ValueError, match="--model-sharing must be one of"):
         BuildConfig("in", "out", model_sharing="gpu")
+
+
+class _Overlaps:
+    """Counts how many threads are inside ``call`` at once (each call sleeps, so threads would overlap)."""
+
+    def __init__(self) -> None:
+        self.inside = self.most = 0
+        self._count = threading.Lock()
+
+    def call(self, result):
+        with self._count:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        time.sleep(0.02)
+        with self._count:
+            self.inside -= 1
+        return result
+
+
+def _in_threads(fn, threads: int = 6) -> list:
+    """fn(i) for i in range(threads), each on its own thread, started together; results in order."""
+    results = [None] * threads
+    start = threading.Barrier(threads)
+
+    def work(i: int) -> None:
+        start.wait()
+        results[i] = fn(i)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return results
+
+
+class _Sleepy(Segmenter):
+    """The ground truth, after a sleep that records overlapping calls."""
+
+    name, weights_label = "sleepy", "test"
+
+    def __init__(self) -> None:
+        self.overlaps = _Overlaps()
+
+    def segment(self, samples):
+        return self.overlaps.call([s.annotation for s in samples])
+
+
+def test_threads_sharing_a_segmenter_run_it_one_call_at_a_time() -> None:
+    free = _Sleepy()
+    _in_threads(lambda i: free.segment([_sample(i)]))
+    assert free.overlaps.most > 1  # unwrapped, the threads do overlap: the check below can fail
+    inner = _Sleepy()
+    serial = SerialSegmenter(inner)
+    results = _in_threads(lambda i: serial.segment([_sample(i)]))
+    assert inner.overlaps.most == 1
+    assert (serial.name, serial.weights_label) == ("sleepy", "test")
+    for i, (segmentation,) in enumerate(results):  # each caller gets its own batch's result
+        np.testing.assert_array_equal(segmentation.id_map, _sample(i).annotation.id_map)
+
+
+def test_the_segment_stage_loads_a_serial_segmenter() -> None:
+    model = SegmenterModelHandler(SEGMENTER).load_model()
+    assert isinstance(model, SerialSegmenter) and model.name == "annotations"
+
+
+def test_threads_sharing_clip_run_its_device_work_one_batch_at_a_time(monkeypatch) -> None:
+    model = load_clip(CLIP)
+    overlaps = _Overlaps()
+    encode = clip_module.encode_pixels
+    monkeypatch.setattr(clip_module, "encode_pixels", lambda m, pixels: overlaps.call(encode(m, pixels)))
+    results = _in_threads(lambda i: model.embed_samples([_sample(i)])[0])
+    assert overlaps.most == 1
+    alone = model.embed_samples([_sample(4)])[0]
+    np.testing.assert_array_equal(results[4][0].image, alone[0].image)  # threads do not mix up batches
+
+
+def test_clip_timings_leave_out_the_wait_for_another_batch() -> None:
+    model = load_clip(CLIP)
+    model.embed_samples([_sample(0)])  # warm-up
+    timings = []
+    with model.device_lock:  # another batch holds the device for 0.5 s
+        waiting = threading.Thread(target=lambda: timings.append(model.embed_samples([_sample(1)])[1]))
+        waiting.start()
+        time.sleep(0.5)
+    waiting.join()
+    assert timings[0]["preprocess_ms"] < 250
