@@ -99,3 +99,19 @@ def test_shared_model_table_has_every_model_and_thread_count(bench, tmp_path: Pa
     assert {(r["model"], r["threads"]) for r in rows} == {(m, n) for m in ("mask2former-tiny", "clip spatext-tiny")
                                                           for n in (1, 2)}
     assert all(r["free_calls_s"] > 0 and r["serial_calls_s"] > 0 for r in rows)
+
+
+def test_sampling_table_without_flop_counts(bench, capsys) -> None:
+    sampling = bench("sampling")
+    times = {"plain": [1.0, 2.0, 1.0], "joint": [1.1, 2.1, 1.2], "joint-concat": [1.2, 2.4, 1.2]}
+    result = sampling.summarize(times, {})  # --no-flops: nothing counted
+    assert result["flop_ratio_to_plain"] == {}
+    assert result["ratio_to_plain"]["joint"] == pytest.approx(1.2)  # median 1.2 over median 1.0
+    assert result["paired_ratio_to_plain"]["joint"] == pytest.approx(1.1)  # median of 1.1, 1.05, 1.2
+    sampling.print_table(result)
+    rows = {line.split("|")[1].strip(): line.split("|")[6].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "mode" not in line}
+    assert rows == {"plain": "-", "joint": "-", "joint-concat": "-"}
+    counted = sampling.summarize(times, {"plain": 10, "joint": 12, "joint-concat": 15})
+    sampling.print_table(counted)
+    assert "| 1.2000 |" in capsys.readouterr().out
