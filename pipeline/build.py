@@ -258,6 +258,16 @@ def runs_here(options: PipelineOptions) -> bool:
     return options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct")
 
 
+def check_detectron2() -> None:
+    """ValueError with the install hint when --segmenter detectron2 would run here and detectron2 is missing."""
+    from spatext.pipeline.segmenters.detectron2_backend import import_detectron2  # lazy: optional backend
+
+    try:
+        import_detectron2()
+    except ImportError as exc:
+        raise ValueError(str(exc)) from exc  # the hint names the flag
+
+
 def check_device(device: str) -> None:
     """ValueError at launch when --device names a GPU this machine lacks (instead of a CUDA error in a worker)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -294,6 +304,8 @@ def execute(
     options = PipelineOptions(beam_args)
     if runs_here(options):  # a remote runner's workers have their own devices (a Dataflow launcher has no GPU)
         check_device(config.device)
+        if config.segmenter == "detectron2":  # and their own packages (a worker container may hold it)
+            check_detectron2()
     skip = prepare_output(config)
     jobs = job_skips(config, skip)
     if test_pipeline is not None and len(jobs) > 1:

@@ -89,6 +89,13 @@ class BuildConfig:
             raise ValueError(f"--target-shard-mb must be > 0, got {self.target_shard_mb}")
         if self.rows_per_group < 1:
             raise ValueError(f"--rows-per-group must be >= 1, got {self.rows_per_group}")
+        for flag, value in (("--segmenter-threshold", self.segmenter_threshold),
+                            ("--segmenter-mask-threshold", self.segmenter_mask_threshold),
+                            ("--segmenter-overlap-threshold", self.segmenter_overlap_threshold)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{flag} must lie in [0, 1], got {value}")
+        if self.segmenter_processor_size is not None and self.segmenter_processor_size < 1:
+            raise ValueError(f"--segmenter-processor-size must be >= 1, got {self.segmenter_processor_size}")
         if min(self.segmenter_batch_size, self.clip_batch_size) < 1:
             raise ValueError("--segmenter-batch-size and --clip-batch-size must be >= 1")
         if self.units_per_run < 0:

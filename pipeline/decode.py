@@ -55,6 +55,7 @@ def target_size(width: int, height: int, image_size: int) -> tuple[int, int]:
 
 def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> H x W x 3 uint8 RGB, EXIF-oriented, longest side <= image_size; DecodeError if unusable."""
+    allow_pixels(max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size  # read from the header: no pixel decoded yet
@@ -78,8 +79,17 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIX
         raise
     except UnidentifiedImageError as exc:  # its message names the BytesIO object's address: not reproducible
         raise DecodeError("unreadable_image", "not an image format Pillow can read") from exc
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own check at open, above twice its MAX_IMAGE_PIXELS
+        raise DecodeError("image_too_large", f"exceeds {max_pixels} pixels ({exc})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise DecodeError("unreadable_image", str(exc)) from exc
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's decompression-bomb limit to `max_pixels` where it is lower (--max-pixels is the limit a build
+    sets; Pillow's default refuses images over ~179 M pixels at open, before this module's own header check)."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def deep_to_8bit(im: Image.Image) -> Image.Image:

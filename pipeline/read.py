@@ -43,6 +43,7 @@ BAD_CAPTION_ENCODING = "bad_caption_encoding"  # a caption that is not UTF-8: re
 OUTSIDE_CORPUS = "path_outside_corpus"  # a folder entry naming a file outside the corpus root
 
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_GLOB_CHARS = re.compile(r"[*?[]")  # what makes a path a glob for FileSystems.match
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,19 @@ def expand_braces(pattern: str) -> list[str]:
 
 def match_files(pattern: str) -> list[str]:
     """All files matching a pattern (globs and brace ranges), sorted; empty if none."""
+    return _match(pattern)[0]
+
+
+def _match(pattern: str) -> tuple[list[str], list[str]]:
+    """(the files matching a pattern, sorted; the names its brace range spells out without a glob that match none)."""
     paths: list[str] = []
+    missing: list[str] = []
     for expanded in expand_braces(pattern):
-        for result in FileSystems.match([expanded]):
-            paths.extend(m.path for m in result.metadata_list)
-    return sorted(set(paths))
+        found = [m.path for result in FileSystems.match([expanded]) for m in result.metadata_list]
+        if not found and expanded != pattern and not _GLOB_CHARS.search(expanded):
+            missing.append(expanded)
+        paths.extend(found)
+    return sorted(set(paths)), missing
 
 
 def detect_format(pattern: str) -> str:
@@ -122,13 +131,28 @@ def detect_format(pattern: str) -> str:
     )
 
 
+def folder_captions(pattern: str) -> str:
+    """The captions.jsonl of a folder corpus given as its directory or as the file itself."""
+    root = pattern.rstrip("/")
+    return root if root.endswith(CAPTIONS_FILE) else FileSystems.join(root, CAPTIONS_FILE)
+
+
 def check_input(pattern: str, options: ReadOptions) -> str:
     """The format of `--input` (detected for auto) after the launcher's checks: a file pattern matches some file, and
     no format-specific flag is set for another format; ValueError naming the flag otherwise."""
     fmt = detect_format(pattern) if options.input_format == "auto" else options.input_format
     options.check_applies_to(fmt)
-    if fmt in ("webdataset", "parquet") and not match_files(pattern):
-        raise ValueError(f"--input {pattern!r} matches no file")
+    if fmt in ("webdataset", "parquet"):
+        files, missing = _match(pattern)
+        if not files:
+            raise ValueError(f"--input {pattern!r} matches no file")
+        if missing:  # a range names its files: a gap is a lost or misnamed shard, not an empty one
+            raise ValueError(
+                f"--input {pattern!r}: {len(missing)} of the {len(files) + len(missing)} files its brace range names "
+                f"do not exist, e.g. {missing[0]}; to read whichever exist, use a glob (e.g. shard-*.tar)")
+    if fmt == "folder" and not FileSystems.exists(folder_captions(pattern)):
+        raise ValueError(f"--input {pattern!r} with --input-format folder: {folder_captions(pattern)} does not exist "
+                         f"(a folder corpus is a directory holding {CAPTIONS_FILE}); valid inputs: {VALID_INPUTS}")
     if fmt == "coco":  # its layout (image and PNG folders, both JSON files) before --output is touched
         from spatext.pipeline.read_coco import find_coco  # lazy: read_coco builds on this module
 
@@ -229,20 +253,39 @@ def iter_caption_lines(
                 yield Reject(f"{source}:{number}", unit, "read",
                              f"{BAD_CAPTION_ENCODING}: line {number} is not UTF-8 ({exc.reason} at byte {exc.start})")
                 continue
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark some editors write at the start of UTF-8 files
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
             image = entry.get("image") or entry.get("file_name")
-            key = str(entry.get("key") or posixpath.splitext(posixpath.basename(image))[0])
+            key = entry.get("key")
+            if key is None or key == "":
+                key = posixpath.splitext(posixpath.basename(image))[0]
         except (ValueError, AttributeError, TypeError):
             yield Reject(f"{source}:{number}", unit, "read", "malformed_caption_line")
             continue
+        wrong = next((f'"{name}" is a {type(value).__name__}, not a {kind}'
+                      for name, value, kind in (("key", key, "string or integer"), ("image", image, "string"),
+                                                ("caption", entry.get("caption"), "string"))
+                      if value is not None and not _fits(value, kind)), None)
+        if wrong:
+            yield Reject(f"{source}:{number}", unit, "read", f"malformed_caption_line: line {number}: {wrong}")
+            continue
+        key = str(key)
         if key in seen:
             yield Reject(key, unit, "read", "duplicate_key")
             continue
         seen.add(key)
         yield {"key": key, "image": image, "caption": entry.get("caption"), "unit": unit}
+
+
+def _fits(value: object, kind: str) -> bool:
+    """Whether a captions.jsonl value has the type `kind` names ("string", or "string or integer" for keys)."""
+    if kind == "string":
+        return isinstance(value, str)
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def outside_corpus(relative: str) -> bool:
@@ -380,9 +423,7 @@ class ReadCorpus(beam.PTransform):
 
     def _expand_folder(self, pbegin) -> dict:
         """captions.jsonl (in units of lines) -> entries -> images read after a Reshuffle."""
-        root = self.pattern.rstrip("/")
-        if root.endswith(CAPTIONS_FILE):
-            root = posixpath.dirname(root)
+        root = posixpath.dirname(folder_captions(self.pattern))
         entries = (
             pbegin
             | "ListCaptions" >> beam.Create([FileSystems.join(root, CAPTIONS_FILE)])

@@ -186,6 +186,8 @@ def _segments_info(annotation: dict, categories: dict[int, dict]) -> list[dict]:
 def _annotation_problem(annotation: dict, categories: dict[int, dict]) -> str | None:
     """Why an image's panoptic annotation cannot be used (a reject reason), or None. A category id that `categories`
     does not define would give its segment no label, silently; it is a reject naming the id instead."""
+    if not isinstance(annotation.get("file_name"), str):
+        return f"malformed_annotation: file_name is {type(annotation.get('file_name')).__name__}, not a string"
     segments = annotation.get("segments_info")
     if not isinstance(segments, list) or not all(isinstance(seg, dict) for seg in segments):
         return "malformed_annotation: segments_info is not a list of objects"
@@ -203,12 +205,12 @@ def coco_index(
     categories = {c["id"]: c for c in panoptic.get("categories", []) if isinstance(c, dict) and "id" in c}
     annotations = {a.get("image_id"): a for a in panoptic.get("annotations", []) if isinstance(a, dict)}
     first_caption = _first_captions(captions)
-    images = [im for im in panoptic.get("images", []) if isinstance(im, dict)]
-    images.sort(key=lambda im: im["id"] if isinstance(im.get("id"), int) else -1)
+    images = list(panoptic.get("images", []))  # entries that are not objects too: each is a reject, never dropped
+    images.sort(key=lambda im: im["id"] if isinstance(im, dict) and isinstance(im.get("id"), int) else -1)
     seen: set[int] = set()
     for position, image in enumerate(images):
         unit = f"{layout.panoptic_json}#{position // unit_images:06d}"
-        image_id, file_name = image.get("id"), image.get("file_name")
+        image_id, file_name = (image.get("id"), image.get("file_name")) if isinstance(image, dict) else (None, None)
         if not isinstance(image_id, int) or not isinstance(file_name, str):
             yield Reject(f"{layout.panoptic_json}:images[{position}]", unit, "read", "malformed_coco_image")
             continue

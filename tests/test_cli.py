@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import os
@@ -44,6 +45,13 @@ def test_usage_and_unknown_command(capsys):
     (["--k-min", "3", "--k-max", "2"], "--k-min <= --k-max"),
     # the default CLIP weights offline: checked on the launcher, before --output is created
     (["--clip-model", "ViT-B-32"], "--clip-pretrained 'openai': the weights of ViT-B-32 are not available"),
+    (["--segmenter-threshold", "1.5"], "--segmenter-threshold must lie in [0, 1], got 1.5"),
+    (["--segmenter-mask-threshold", "-0.1"], "--segmenter-mask-threshold must lie in [0, 1], got -0.1"),
+    (["--segmenter-overlap-threshold", "nan"], "--segmenter-overlap-threshold must lie in [0, 1], got nan"),
+    (["--input-format", "folder"], "in.tar/captions.jsonl does not exist (a folder corpus is a directory holding"),
+    *([] if importlib.util.find_spec("detectron2") else [  # a launcher that would run it without the package
+        (["--segmenter", "detectron2", "--clip-model", "spatext-tiny", "--clip-pretrained", "none"],
+         "--segmenter detectron2 needs detectron2, which is not on PyPI")]),
 ])
 def test_bad_build_settings_are_a_message_and_status_2(flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv(DEBUG_ENV, raising=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -71,6 +73,34 @@ def test_decompression_bomb_is_rejected_before_decoding():
     with pytest.raises(DecodeError) as err:
         decode_image(buf.getvalue(), 512, max_pixels=64_000_000)
     assert err.value.reason == "image_too_large"
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height and holds no pixel data (what Pillow's open reads: the header)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
+        b"IEND", b"")
+
+
+def test_a_header_past_pillows_own_bomb_limit_is_too_large_not_unreadable(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    with pytest.raises(DecodeError) as err:  # 900 M pixels: Pillow refuses it at open
+        decode_image(_png_header(30_000, 30_000), 512)
+    assert err.value.reason == "image_too_large"
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns between 1x and 2x its limit
+def test_max_pixels_above_pillows_limit_is_honoured(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    bomb = _png_header(20_000, 20_000)  # 400 M pixels, over Pillow's default limit (~179 M)
+    with pytest.raises(DecodeError) as err:
+        decode_image(bomb, 512, max_pixels=300_000_000)
+    assert err.value.reason == "image_too_large" and "20000x20000 exceeds 300000000" in str(err.value)
+    with pytest.raises(DecodeError) as err:  # allowed: the header passes, and the missing pixel data is the error
+        decode_image(bomb, 512, max_pixels=500_000_000)
+    assert err.value.reason == "unreadable_image"
 
 
 @pytest.mark.parametrize(

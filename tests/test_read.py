@@ -75,6 +75,27 @@ def test_caption_lines_parse_dedupe_and_reject(tmp_path):
     assert len(items) == 4
 
 
+@pytest.mark.parametrize(("entry", "wrong"), [
+    ({"key": "a", "image": ["images/x.jpg"], "caption": "c"}, '"image" is a list'),
+    ({"key": "a", "image": 5, "caption": "c"}, '"image" is a int'),
+    ({"image": "images/x.jpg", "caption": 123}, '"caption" is a int'),
+    ({"image": "images/x.jpg", "caption": ["a", "b"]}, '"caption" is a list'),
+    ({"key": {"k": 1}, "image": "images/x.jpg", "caption": "c"}, '"key" is a dict'),
+    ({"key": True, "image": "images/x.jpg", "caption": "c"}, '"key" is a bool'),
+])
+def test_caption_lines_with_values_of_the_wrong_type_are_rejects(entry, wrong):
+    [reject] = read.iter_caption_lines([json.dumps(entry)], "captions.jsonl")
+    assert isinstance(reject, Reject) and reject.reason == f"malformed_caption_line: line 1: {wrong}, not a " + (
+        "string or integer" if wrong.startswith('"key"') else "string")
+
+
+def test_caption_lines_keep_a_zero_key_and_read_past_a_byte_order_mark():
+    lines = ['\ufeff' + json.dumps({"key": 0, "image": "images/other.jpg", "caption": "zero key"}),
+             json.dumps({"image": "images/other.jpg", "caption": "same stem, other key"})]
+    entries = list(read.iter_caption_lines([line.encode() for line in lines], "captions.jsonl"))
+    assert [e["key"] for e in entries] == ["0", "other"]
+
+
 def test_folder_entry_reads_image_and_ground_truth(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "panoptic").mkdir()
@@ -100,6 +121,16 @@ def test_detect_format_and_brace_ranges(tmp_path, make_tar):
         read.detect_format(str(tmp_path / "*"))
     with pytest.raises(ValueError, match="matches no file"):
         read.detect_format(os.path.join(str(tmp_path), "nothing-*.tar"))
+
+
+def test_a_brace_range_with_a_missing_file_fails_at_launch(tmp_path, make_tar):
+    for i in (0, 2):
+        make_tar(f"shard-{i:03d}.tar", [("k.txt", b"c")])
+    options = read.ReadOptions()
+    assert read.check_input(str(tmp_path / "shard-{000..000}.tar"), options) == "webdataset"
+    assert read.check_input(str(tmp_path / "shard-*.tar"), options) == "webdataset"  # a glob reads whichever exist
+    with pytest.raises(ValueError, match=r"1 of the 3 files its brace range names do not exist, e.g. .*shard-001"):
+        read.check_input(str(tmp_path / "shard-{000..002}.tar"), options)
 
 
 def test_a_repeated_key_is_one_reject_however_many_members_it_has(make_tar, monkeypatch):

@@ -87,17 +87,19 @@ def test_index_names_categories_picks_the_first_caption_and_chunks_units(coco):
     captions = json.loads((root / "annotations" / "captions_val2017.json").read_text())
     panoptic["images"].append(dict(panoptic["images"][0]))  # a duplicate image id
     panoptic["images"].append({"file_name": "no-id.jpg"})
+    panoptic["images"].append("not an object")  # a reject too, never dropped uncounted
     items = list(coco_index(panoptic, captions, layout, unit_images=4))
     entries = [i for i in items if isinstance(i, dict)]
     assert [e["key"] for e in entries] == [f"coco-val2017-{i:012d}" for i in IMAGE_IDS]
-    assert [e["unit"][-6:] for e in entries] == ["000000", "000000", "000000", "000001", "000001", "000001"]
+    # units of 4 positions; the two entries without an id sort first (positions 0 and 1), the duplicate next to its id
+    assert [e["unit"][-6:] for e in entries] == ["000000", "000000", "000001", "000001", "000001", "000001"]
     assert entries[0]["unit"] == f"{layout.panoptic_json}#000000"
     assert entries[0]["caption"] == samples[139].caption and entries[4]["caption"] is None
     first = entries[0]["segments_info"]
     assert [(s["id"], s["category"]) for s in first] == [(g["id"], g["category"]) for g in samples[139].segments]
     assert entries[5]["png"] is None and entries[5]["segments_info"] is None
     rejects = sorted(i.reason for i in items if isinstance(i, Reject))
-    assert rejects == ["duplicate_key", "malformed_coco_image"]
+    assert rejects == ["duplicate_key", "malformed_coco_image", "malformed_coco_image"]
     unsafe = load_coco_entry({**entries[0], "file_name": "../../etc/passwd"}, layout)
     assert isinstance(unsafe, Reject) and unsafe.reason.startswith("bad_file_name")
 
@@ -200,9 +202,10 @@ def test_unknown_category_or_malformed_segments_are_rejected(coco):
     layout = find_coco(str(root))
     panoptic = json.loads((root / "annotations" / "panoptic_val2017.json").read_text())
     captions = json.loads((root / "annotations" / "captions_val2017.json").read_text())
-    first, second = sorted(panoptic["annotations"], key=lambda a: a["image_id"])[:2]
+    first, second, third = sorted(panoptic["annotations"], key=lambda a: a["image_id"])[:3]
     first["segments_info"][0]["category_id"] = 999
     second["segments_info"] = None
+    third["file_name"] = 5
     items = {(i.key if isinstance(i, Reject) else i["key"]): i for i in coco_index(panoptic, captions, layout)}
     rejected = {key: (i.stage, i.reason) for key, i in items.items() if isinstance(i, Reject)}
     assert rejected == {
@@ -210,6 +213,7 @@ def test_unknown_category_or_malformed_segments_are_rejected(coco):
             ("read", "unknown_category: category_id 999 not in the panoptic json's categories"),
         coco_key("val2017", second["image_id"]):
             ("read", "malformed_annotation: segments_info is not a list of objects"),
+        coco_key("val2017", third["image_id"]): ("read", "malformed_annotation: file_name is int, not a string"),
     }
     labels = [s["category"] for i in items.values() if isinstance(i, dict) and i["segments_info"]
               for s in i["segments_info"]]
