@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import posixpath
 import re
 import time
 from collections import Counter
@@ -221,6 +222,7 @@ class _WriteUnit(beam.DoFn):
             reject_name = f"{name}{SUFFIX}"
             data = _parquet_bytes([reject_to_row(r) for r in rejects], REJECT_SCHEMA, 4096)
             write_atomic(FileSystems.join(self.output, REJECTS_DIR, reject_name), data)
+        remove_stale_files(self.output, name, shard_names, reject_name)
         marker = unit_marker(source, sum(grouped["read"]), len(rows), rejects, shard_names, reject_name)
         if marker["read"] != marker["accepted"] + marker["rejected"]:
             self.mismatches.inc()
@@ -230,6 +232,22 @@ class _WriteUnit(beam.DoFn):
         self.units.inc()
         self.shards.inc(len(shard_names))
         yield marker
+
+
+def remove_stale_files(output: str, name: str, shard_names: list[str], reject_name: str | None) -> None:
+    """Delete the files an earlier attempt at unit `name` wrote that this attempt did not overwrite (it was killed
+    before its marker, or a runner retried the bundle): a redo that splits into fewer shards, or has no rejects,
+    would otherwise leave the old ones in shards/ and rejects/, with rows that duplicate the new shards'."""
+    own = re.compile(re.escape(name) + r"-\d{5}" + re.escape(SUFFIX))
+    matches = FileSystems.match([FileSystems.join(output, SHARDS_DIR, f"{name}-*{SUFFIX}")])
+    stale = [m.path for r in matches for m in r.metadata_list
+             if own.fullmatch(posixpath.basename(m.path)) and posixpath.basename(m.path) not in shard_names]
+    if reject_name is None:
+        rejects = FileSystems.join(output, REJECTS_DIR, f"{name}{SUFFIX}")
+        stale += [rejects] if FileSystems.exists(rejects) else []
+    if stale:
+        logger.info("unit %s: removing %d file(s) of an earlier attempt: %s", name, len(stale), stale)
+        FileSystems.delete(stale)
 
 
 def reason_code(reject: Reject) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 
 import numpy as np
@@ -209,3 +210,21 @@ def test_verify_flags_a_shard_over_the_target(build):
     report = verify.verify_build(str(build), progress=False)
     assert _kinds(report) == {"shard_size"}, report.format()
     assert "exceed --target-shard-mb 0.01 (10485 bytes)" in report.format()
+
+
+def test_a_redone_unit_leaves_no_file_of_its_earlier_attempt(tmp_path):
+    """A unit killed after its shards but before its marker, redone with fewer shards and no rejects, used to leave
+    the earlier attempt's extra shards (duplicate rows) and rejects file behind."""
+    from spatext.pipeline.records import Reject
+
+    rows = _rows(40, seed=4)
+    write = _WriteUnit(str(tmp_path), shard_schema({"image_format": "png"}), 40_000, 3)
+    (first,) = write.process(("unit-a", {"rows": rows, "rejects": [Reject("bad", "unit-a", "decode", "x")],
+                                         "read": [41]}))
+    assert len(first["shards"]) > 2 and first["rejects"]
+    (other,) = write.process(("unit-a2", {"rows": _rows(3, seed=5), "rejects": [Reject("b", "unit-a2", "read", "y")],
+                                          "read": [4]}))  # another unit (its name extends unit-a's): kept
+    (redo,) = write.process(("unit-a", {"rows": rows[:3], "rejects": [], "read": [3]}))
+    assert len(redo["shards"]) == 1 and redo["rejects"] is None
+    assert sorted(os.listdir(tmp_path / "shards")) == sorted(redo["shards"] + other["shards"])
+    assert os.listdir(tmp_path / "rejects") == [other["rejects"]]

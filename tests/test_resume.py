@@ -147,9 +147,11 @@ def test_units_per_run_writes_units_job_by_job_and_equals_one_job(full, corpus, 
     resumed = build.run(_argv(corpus, failed, "--resume", "--units-per-run", "4"))  # the job size may change
     assert _keys(failed) == _keys(out) and resumed["counts"] == manifest["counts"]
     assert resumed["units_this_run"] == 7  # jobs of 4 and 3 units
+    folder = tmp_path / "folder_corpus"
+    folder.mkdir()
+    (folder / "captions.jsonl").write_text("")
     with pytest.raises(ValueError, match="--units-per-run applies to tar and parquet"):
-        build.job_skips(build.BuildConfig(input=str(corpus), output="o", input_format="folder", units_per_run=2),
-                        frozenset())
+        build.job_skips(build.BuildConfig(input=str(folder), output="o", units_per_run=2), frozenset())
 
 
 def test_resume_checks_completed_files_and_follows_a_moved_build(full, corpus, tmp_path):
