@@ -10,6 +10,7 @@ zero ST. A *pass* names which conditions are real in one forward: ``uncond``, ``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -63,10 +64,18 @@ def guidance_plan(
     if text_scale is None and st_scale is None:
         if guidance_scale is None:
             raise ValueError("guidance_scale: give it, or text_guidance_scale / st_guidance_scale")
-        return GuidancePlan(("uncond", "joint"), (float(guidance_scale),))
+        return GuidancePlan(("uncond", "joint"), (_finite("guidance_scale", guidance_scale),))
     if text_scale is None or st_scale is None:
         raise ValueError("text_guidance_scale and st_guidance_scale: give both (or neither, for the joint form)")
-    return GuidancePlan(("uncond", "text", "st"), (float(text_scale), float(st_scale)))
+    return GuidancePlan(("uncond", "text", "st"), (_finite("text_guidance_scale", text_scale),
+                                                   _finite("st_guidance_scale", st_scale)))
+
+
+def _finite(name: str, value: float) -> float:
+    """``value`` as a float; ValueError for nan or infinity (they turn every pixel into nan: a black image)."""
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
 
 
 def batch_passes(cond: Conditions, null: Conditions, passes: Sequence[str]) -> Conditions:

@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import os
 import textwrap
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from spatext.cli import command_logging
+from spatext.device import check_device
 from spatext.model.data import ShardDataset
 from spatext.model.pipeline import SpaTextPipeline
 from spatext.model.scene import Scene, load_painted_scene, load_scene
@@ -218,10 +220,13 @@ def read_scene(args: argparse.Namespace, size: tuple[int, int]) -> Scene:
 
 
 def output_paths(out: str, count: int) -> list[str]:
-    """OUT for one image; OUT-0.png ... for several."""
-    if count == 1:
-        return [out]
+    """OUT for one image; OUT-0.png ... for several; ``.png`` added where OUT has no extension. ValueError for an
+    extension Pillow cannot write, before any image is generated."""
     stem, ext = os.path.splitext(out)
+    if ext and ext.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out!r}: Pillow writes no {ext!r} files; use e.g. .png or .jpg")
+    if count == 1:
+        return [stem + (ext or ".png")]
     return [f"{stem}-{i}{ext or '.png'}" for i in range(count)]
 
 
@@ -235,7 +240,13 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     if (args.text_scale is None) != (args.st_scale is None):
         raise ValueError("--text-scale and --st-scale go together (one scale per condition); give both, or neither "
                          "for the joint --guidance-scale")
+    for name in ("guidance_scale", "text_scale", "st_scale"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    paths = output_paths(args.out, args.num_images)  # a bad --out fails now, not after generating
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     pipe = load_run(args.run, device)
     height, width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
     scene = read_scene(args, (height, width))
@@ -249,7 +260,6 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         guidance_scale=args.guidance_scale, text_guidance_scale=args.text_scale, st_guidance_scale=args.st_scale,
         num_images_per_prompt=args.num_images, generator=torch.Generator(device).manual_seed(args.seed),
     ).images
-    paths = output_paths(args.out, len(images))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for image, path in zip(images, paths, strict=True):
         image.save(path)

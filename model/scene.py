@@ -153,16 +153,18 @@ def box_mask(box: Sequence[float], size: tuple[int, int]) -> np.ndarray:
 
 
 def polygon_mask(points: Sequence[Sequence[float]], size: tuple[int, int]) -> np.ndarray:
-    """Pixels whose centre lies inside the polygon (even-odd rule)."""
+    """Pixels whose centre lies inside the polygon, by the non-zero winding rule (SVG's default fill): a
+    self-intersecting outline such as a five-point star is filled, its centre included (the even-odd rule leaves the
+    centre pentagon out)."""
     xs, ys = _pixel_centres(size)
-    inside = np.zeros(size, dtype=bool)
+    winding = np.zeros(size, dtype=np.int32)
     for (xa, ya), (xb, yb) in zip(points, [*points[1:], points[0]], strict=True):
         if ya == yb:
             continue
         crosses = (ys >= min(ya, yb)) & (ys < max(ya, yb))
         x_at = xa + (ys - ya) * (xb - xa) / (yb - ya)
-        inside ^= crosses & (xs < x_at)
-    return inside
+        winding += np.where(crosses & (xs < x_at), 1 if yb > ya else -1, 0).astype(np.int32)
+    return winding != 0
 
 
 def _image_mask(path: str, size: tuple[int, int], label: str) -> np.ndarray:
@@ -213,7 +215,7 @@ def _read_json(path: str, allowed: set[str]) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:  # e.g. a PNG passed as --scene, UTF-16 JSON
         raise ValueError(f"{path}: cannot read a scene from it ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")

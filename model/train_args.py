@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Sequence
 
@@ -144,8 +145,13 @@ def check_args(args: argparse.Namespace, prior: bool) -> None:
         if not 0.0 <= getattr(args, name) <= 1.0 or (name == "ema_decay" and args.ema_decay == 1.0):
             raise ValueError(f"{flag(name)} must be in [0, 1{']' if name != 'ema_decay' else ')'}, "
                              f"got {getattr(args, name)}")
-    if args.learning_rate <= 0:
-        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
+    for name in ("checkpoints_total_limit", "resolution"):  # None: keep every checkpoint / the config's resolution
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"{flag(name)} must be >= 1 (or left out), got {getattr(args, name)}")
+    if not math.isfinite(args.sample_guidance_scale):
+        raise ValueError(f"--sample-guidance-scale must be a finite number, got {args.sample_guidance_scale}")
+    if not 0 < args.learning_rate < math.inf:  # also refuses nan
+        raise ValueError(f"--learning-rate must be a finite number > 0, got {args.learning_rate}")
     if not prior and args.base_model is None:
         raise ValueError("--base-model is required for a denoiser config: its text encoder, tokenizer and scheduler "
                          "(and, for latent configs, VAE and UNet); tests use spatext.model.tiny_base")

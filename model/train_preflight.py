@@ -72,6 +72,20 @@ def check_base_model(path: str | None, latent: bool) -> None:
                      "tokenizer/, vae/, unet/, scheduler/)")
 
 
+def check_resolution(resolution: int | None, config: DenoiserConfig) -> None:
+    """Refuse a ``--resolution`` the denoiser cannot take: it must be a multiple of the pixels per latent cell times
+    the UNet's downsampling (2 per down block but the last), as the config's own resolution is."""
+    if resolution is None:
+        return
+    per_cell = config.resolution // config.sample_size
+    downsampling = 2 ** (len(config.unet["block_out_channels"]) - 1)
+    step = per_cell * downsampling
+    if resolution % step:
+        raise ValueError(f"--resolution {resolution} does not fit config {config.name!r}: it must be a multiple of "
+                         f"{step} ({per_cell} pixels per latent cell x {downsampling}, the UNet's downsampling), "
+                         f"e.g. {max(1, round(resolution / step)) * step}")
+
+
 def read_json(path: str) -> dict | None:
     """The JSON object in ``path``, or None when there is no such file."""
     if not os.path.isfile(path):
@@ -85,14 +99,34 @@ def checkpoint_run(checkpoint: str) -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
 
 
-def changed_flags(args: argparse.Namespace, saved: dict) -> list[str]:
+PATH_FLAGS = ("data", "base_model", "prior", "config")  # compared as the files they name, not as strings
+
+
+def _named_path(value: object, cwd: str) -> object:
+    """A path flag's value as the real path it names from ``cwd`` when that exists; else the value itself (a bundled
+    config name, a Hub id, a remote URL)."""
+    if not isinstance(value, str):
+        return value
+    path = os.path.join(cwd, os.path.expanduser(value))
+    return os.path.realpath(path) if os.path.exists(path) else value
+
+
+def changed_flags(args: argparse.Namespace, saved: dict, saved_cwd: str | None = None) -> list[str]:
     """``--flag NEW (run: OLD)`` for each flag that differs from the saved run's and may not change on resume.
 
-    A flag the saved run does not record (added to the parser later) is not compared.
+    A flag the saved run does not record (added to the parser later) is not compared. Path flags compare the paths
+    they name: the saved run's from its working directory ``saved_cwd`` (run.json's ``cwd``; runs without one: this
+    one's), so a resume from another directory, or with an absolute path, is the same run.
     """
-    new = vars(args)
+    new, here = vars(args), os.getcwd()
+
+    def differs(k: str) -> bool:
+        if k in PATH_FLAGS:
+            return _named_path(saved[k], saved_cwd or here) != _named_path(new[k], here)
+        return saved[k] != new[k]
+
     return [f"{flag(k)} {new[k]!r} (run: {saved[k]!r})" for k in sorted(new)
-            if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != new[k]]
+            if k not in RESUME_MAY_CHANGE and k in saved and differs(k)]
 
 
 def check_resumed_run(args: argparse.Namespace, config: DenoiserConfig, checkpoint: str) -> dict | None:
@@ -108,7 +142,7 @@ def check_resumed_run(args: argparse.Namespace, config: DenoiserConfig, checkpoi
     if saved is not None and saved != config.to_dict():
         raise ValueError(f"--config {args.config!r} differs from the config of the run in {run_dir!r} "
                          f"({saved.get('name')!r}); resume with the same config")
-    changed = changed_flags(args, record.get("args", {}))
+    changed = changed_flags(args, record.get("args", {}), record.get("cwd"))
     if changed:
         raise ValueError(f"--resume-from-checkpoint: flags differ from the run in {run_dir!r} and would change what "
                          f"it trains: {', '.join(changed)}; resume with the run's values (a resume may change only "
@@ -132,6 +166,7 @@ def check_steps(args: argparse.Namespace, checkpoint: str, state: dict, record: 
 def preflight(args: argparse.Namespace) -> Preflight:
     """Check a denoiser run's config, base model and resume before anything is written (ValueError naming the flag)."""
     config = get_config(args.config)
+    check_resolution(args.resolution, config)
     check_base_model(args.base_model, latent=config.variant == "latent")
     resume = resolve_resume(args)
     if resume is None:

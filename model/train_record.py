@@ -99,7 +99,7 @@ def run_record(s: Session, state: dict, status: str, elapsed: float, last_loss: 
     return {
         "kind": "denoiser", "status": status, "global_step": state["global_step"], "epoch": state["epoch"],
         "max_train_steps": s.args.max_train_steps, "last_loss": last_loss, "config": s.config.to_dict(),
-        "args": vars(s.args), "lineage": s.lineage, "random_init": s.lineage["random_init"],
+        "args": vars(s.args), "cwd": os.getcwd(), "lineage": s.lineage, "random_init": s.lineage["random_init"],
         "ema": s.ema is not None, "pipeline_weights": "EMA" if s.ema is not None else "trained",
         "accelerate": {"num_processes": s.accelerator.num_processes, "mixed_precision": s.args.mixed_precision,
                        "device": str(s.accelerator.device)},

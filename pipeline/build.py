@@ -14,12 +14,12 @@ import warnings
 from importlib import metadata
 
 import apache_beam as beam
-import torch
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult
 
+from spatext.device import check_device as check_torch_device
 from spatext.pipeline.clip import RANDOM_INIT_LABEL as CLIP_RANDOM_INIT_LABEL
 from spatext.pipeline.clip import ClipEmbedder, ClipSpec, check_pretrained, clip_embed_dim
 from spatext.pipeline.config import BuildConfig, parse_args
@@ -270,8 +270,7 @@ def check_detectron2() -> None:
 
 def check_device(device: str) -> None:
     """ValueError at launch when --device names a GPU this machine lacks (instead of a CUDA error in a worker)."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: torch sees no CUDA device on this machine")
+    check_torch_device(device)
 
 
 def warn_if_device_would_idle(config: BuildConfig, options: PipelineOptions) -> bool:

@@ -89,6 +89,10 @@ def test_painted_scene_per_condition_guidance_and_several_images(run, scene_file
         (["--scene", "S", "--num-images", "0"], "--num-images"),
         (["--scene", "S", "--text-scale", "3"], r"^--text-scale and --st-scale go together"),
         (["--scene", "S", "--st-scale", "3"], r"^--text-scale and --st-scale go together"),
+        (["--scene", "S", "--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
+        (["--scene", "S", "--text-scale", "inf", "--st-scale", "1"], "--text-scale must be a finite number"),
+        (["--scene", "S", "--device", "tpu"], r"--device 'tpu' is not a torch device"),
+        (["--scene", "S", "--out", "OUT.webpx"], r"Pillow writes no '.webpx' files"),
     ],
 )
 def test_bad_sample_flags_raise_clear_errors(run, scene_files, tmp_path, extra, message):
@@ -141,3 +145,11 @@ def test_draw_scene_colours_each_region_and_lists_the_prompts():
     assert tuple(plain[0, 0]) == sample.PALETTE[0] and tuple(plain[7, 7]) == sample.PALETTE[1]
     with_legend = sample.draw_scene(scene, (64, 64))
     assert with_legend.size == (64, 64 + 3 * sample.LINE + 4)
+
+
+def test_output_paths_add_png_where_out_has_no_extension():
+    assert sample.output_paths("out/a", 1) == ["out/a.png"]
+    assert sample.output_paths("out/a.jpg", 1) == ["out/a.jpg"]
+    assert sample.output_paths("out/a", 2) == ["out/a-0.png", "out/a-1.png"]
+    with pytest.raises(ValueError, match="Pillow writes no '.xyz' files"):
+        sample.output_paths("out/a.xyz", 2)

@@ -70,6 +70,36 @@ def test_box_and_polygon_use_pixel_centres():
     assert np.array_equal(square, box_mask((0.25, 0.25, 0.75, 0.75), (8, 8)))
 
 
+def _winding_numbers(points, size):
+    """Reference: each pixel centre's winding number from the polygon's signed angles (float64, no crossing test)."""
+    h, w = size
+    ys, xs = np.mgrid[0:h, 0:w]
+    px, py = (xs + 0.5) / w, (ys + 0.5) / h
+    total = np.zeros(size)
+    for (xa, ya), (xb, yb) in zip(points, [*points[1:], points[0]], strict=True):
+        a = np.arctan2(ya - py, xa - px)
+        b = np.arctan2(yb - py, xb - px)
+        total += (b - a + np.pi) % (2 * np.pi) - np.pi
+    return np.rint(total / (2 * np.pi)).astype(int)
+
+
+def test_a_self_crossing_star_is_filled_by_the_nonzero_rule():
+    star = [(0.5 + 0.45 * np.sin(4 * np.pi * k / 5), 0.5 - 0.45 * np.cos(4 * np.pi * k / 5)) for k in range(5)]
+    mask = polygon_mask(star, (33, 33))
+    winding = _winding_numbers(star, (33, 33))
+    assert (np.abs(winding) == 2).any()  # the centre pentagon is wound twice: even-odd would leave it empty
+    assert mask[16, 16] and np.array_equal(mask, winding != 0)
+    square = [(0.25, 0.25), (0.25, 0.75), (0.75, 0.75), (0.75, 0.25)]  # either orientation fills
+    assert np.array_equal(polygon_mask(square, (8, 8)), polygon_mask(square[::-1], (8, 8)))
+
+
+def test_a_scene_file_that_is_not_utf8_json_is_named(tmp_path):
+    png = tmp_path / "painted.png"
+    Image.new("RGB", (4, 4)).save(png)
+    with pytest.raises(ValueError, match=re.escape(f"{png}: cannot read a scene from it")):
+        load_scene(str(png), (16, 16))
+
+
 def test_load_scene_with_box_polygon_and_mask_png(tmp_path):
     mask = np.zeros((20, 20), np.uint8)
     mask[10:, 10:] = 255

@@ -352,6 +352,13 @@ def test_a_bf16_run_saves_the_base_weights_in_fp32_and_samples(four_rows, base, 
         (["--p-drop-text", "1.5"], "--p-drop-text must be in"),
         (["--ema-decay", "1"], "--ema-decay must be in"),
         (["--decode-threads", "0"], "--decode-threads must be >= 1"),
+        (["--checkpoints-total-limit", "-5"], r"--checkpoints-total-limit must be >= 1 \(or left out\), got -5"),
+        (["--checkpoints-total-limit", "0"], "--checkpoints-total-limit must be >= 1"),
+        (["--resolution", "0"], "--resolution must be >= 1"),
+        (["--resolution", "63"], "--resolution 63 does not fit config 'latent-tiny': it must be a multiple of 8 "
+                                 r"\(4 pixels per latent cell x 2, the UNet's downsampling\), e.g. 64"),
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number > 0, got nan"),
+        (["--sample-guidance-scale", "inf"], "--sample-guidance-scale must be a finite number, got inf"),
         (["--resume-from-checkpoint", "/nonexistent"], "is not a checkpoint dir"),
         (["--base-model", None], "--base-model is required"),
         (["--base-model", "MISSING"], r"--base-model '.*/nope': no such folder; give a diffusers model folder"),
@@ -380,3 +387,23 @@ def test_a_missing_base_model_that_looks_like_a_hub_id_is_named(demo_shards, bas
     with pytest.raises(ValueError, match="'nobody-here/no-such-model': no such folder nor a Hub model in the local "
                                          "cache"):
         run_train(argv)
+
+
+def test_resume_compares_path_flags_as_the_files_they_name(tmp_path, monkeypatch):
+    """A resume from another directory, or with an absolute path, named the same data: it used to be refused."""
+    import argparse
+
+    from spatext.model.train_preflight import changed_flags
+
+    (tmp_path / "a" / "data").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    saved = {"data": "data", "config": "latent-tiny", "prior": None, "seed": 0}
+    monkeypatch.chdir(tmp_path / "b")
+    same = argparse.Namespace(data=str(tmp_path / "a" / "data"), config="latent-tiny", prior=None, seed=0)
+    assert changed_flags(same, saved, saved_cwd=str(tmp_path / "a")) == []
+    assert changed_flags(argparse.Namespace(data="../a/data", config="latent-tiny", prior=None, seed=0), saved,
+                         saved_cwd=str(tmp_path / "a")) == []
+    (tmp_path / "b" / "data").mkdir()
+    other = argparse.Namespace(data="data", config="latent-tiny", prior=None, seed=1)  # b/data, not a/data
+    assert changed_flags(other, saved, saved_cwd=str(tmp_path / "a")) == [
+        "--data 'data' (run: 'data')", "--seed 1 (run: 0)"]

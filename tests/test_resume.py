@@ -11,6 +11,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from conftest import assert_same_rows, read_rows
 from spatext.pipeline import build, verify
@@ -180,7 +181,7 @@ def test_unknown_arguments_are_refused(extra, match, tmp_path):
 
 
 def test_a_cuda_device_is_checked_where_the_job_runs(monkeypatch):
-    monkeypatch.setattr(build.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="--device cuda:1: torch sees no CUDA device"):
         build.check_device("cuda:1")
     build.check_device("cpu")
