@@ -256,11 +256,15 @@ def _painted_colors(data: dict, path: str) -> tuple[list[tuple[tuple[int, int, i
     colors = data.get("colors")
     if not isinstance(colors, dict) or not colors:
         raise ValueError(f"{path}: 'colors' must be a non-empty object mapping '#rrggbb' to a local prompt")
-    pairs = []
+    pairs, keys = [], {}
     for key, prompt in colors.items():
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{path}: colors[{key!r}] must be a non-empty prompt, got {prompt!r}")
-        pairs.append((parse_color(key, f"{path}: colors"), prompt))
+        color = parse_color(key, f"{path}: colors")
+        if color in keys:  # '#FF0000' and '#ff0000': one colour, two prompts
+            raise ValueError(f"{path}: colors {keys[color]!r} and {key!r} are the same colour")
+        keys[color] = key
+        pairs.append((color, prompt))
     background = data.get("background", list(DEFAULT_BACKGROUND))
     background = [background] if isinstance(background, str) else background
     if not isinstance(background, list):

@@ -189,6 +189,9 @@ def test_painted_scene_errors(tmp_path):
     png, mapping = _painted(tmp_path, pixels, {"colours": {"#ff0000": "a kite"}})
     with pytest.raises(ValueError, match=r"unknown keys \['colours'\]"):
         load_painted_scene(png, mapping, (4, 4))
+    png, mapping = _painted(tmp_path, pixels, {"colors": {"#FF0000": "a kite", "#ff0000": "a ball"}})
+    with pytest.raises(ValueError, match="colors '#FF0000' and '#ff0000' are the same colour"):
+        load_painted_scene(png, mapping, (4, 4))
 
 
 def test_painted_scene_background_options(tmp_path):
