@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 
 def write_record(out: str, filename: str, record: dict) -> str:
-    """Write `record` as indented JSON to `out`/`filename` (values JSON lacks as strings), say so, return the path."""
+    """Write `record` as indented JSON to `out`/`filename` (values JSON lacks as strings, NaN and infinities as null:
+    the bare NaN token json writes by default is not JSON), say so, return the path."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, filename)
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2, default=str)
+        json.dump(_finite(record), handle, indent=2, default=str, allow_nan=False)
     print(f"wrote {path}")
     return path
+
+
+def _finite(value):
+    """`value` with every float that is NaN or infinite, at any depth of dicts, lists and tuples, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def build_mode(mode: str) -> tuple[list[str], str]:

@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ms-per-image must be > 0")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    for mode in args.modes.split(","):
+        try:
+            build_mode(mode.strip())
+        except ValueError as exc:
+            parser.error(f"--modes: {exc}")
     here = os.path.dirname(os.path.abspath(__file__))
     # the worker processes and the model server import emulated_device too, and read the time per image
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)

@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = [int(n) for n in args.threads.split(",")]
     if min(threads) < 1 or args.calls < max(threads):
         parser.error("--threads must be >= 1 and --calls at least the largest of them")
+    if min(args.repeats, args.batch, args.image_size) < 1:
+        parser.error("--repeats, --batch and --image-size must be >= 1")
     intra_op = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

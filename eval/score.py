@@ -86,6 +86,8 @@ class ScoreSpec:
             raise ValueError("--generations: give at least one generations folder")
         if self.fid_extractor not in EXTRACTORS:
             raise ValueError(f"--fid-extractor {self.fid_extractor!r} is not valid; choose one of {EXTRACTORS}")
+        if self.grid_samples < 1:
+            raise ValueError(f"--grid-samples must be >= 1 (rows of the image grid), got {self.grid_samples}")
         if self.bootstrap != 0 and self.bootstrap < MIN_BOOTSTRAP:
             raise ValueError(f"--bootstrap must be 0 (means without intervals) or >= {MIN_BOOTSTRAP} resamples for "
                              f"a 95% percentile interval, got {self.bootstrap}")

@@ -115,3 +115,22 @@ def test_sampling_table_without_flop_counts(bench, capsys) -> None:
     counted = sampling.summarize(times, {"plain": 10, "joint": 12, "joint-concat": 15})
     sampling.print_table(counted)
     assert "| 1.2000 |" in capsys.readouterr().out
+
+
+def test_records_write_nan_and_infinity_as_null(bench, tmp_path: Path) -> None:
+    bench_record = bench("bench_record")
+    path = bench_record.write_record(str(tmp_path), "r.json", {"a": float("nan"), "b": [1.5, float("inf")],
+                                                               "c": {"d": (float("-inf"), 2)}, "e": "x"})
+    assert json.loads(Path(path).read_text()) == {"a": None, "b": [1.5, None], "c": {"d": [None, 2]}, "e": "x"}
+    assert "NaN" not in Path(path).read_text()
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("pipeline_overlap", ["--modes", "in_process,bogus"], "--modes: build mode 'bogus' is none of"),
+    ("pipeline_overlap", ["--modes", "processes:0"], "--modes: build mode 'processes:0'"),
+    ("shared_model", ["--repeats", "0"], "--repeats, --batch and --image-size must be >= 1"),
+])
+def test_benchmark_flags_are_usage_errors(bench, capsys, script, argv, message) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench(script).main([*argv, "--out", "unused"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

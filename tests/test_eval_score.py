@@ -153,6 +153,9 @@ def test_bootstrap_zero_means_no_interval_and_small_counts_are_refused(generatio
         with pytest.raises(ValueError, match="--bootstrap must be 0 .* or >= 100"):
             ScoreSpec(benchmark=str(bench), generations=(str(folders[0]),), out="r", bootstrap=resamples)
     assert ScoreSpec(benchmark=str(bench), generations=(str(folders[0]),), out="r", bootstrap=0).bootstrap == 0
+    for rows in (0, -2):  # -2 used to show all but the last two samples; 0 failed in matplotlib after scoring
+        with pytest.raises(ValueError, match=f"--grid-samples must be >= 1 \\(rows of the image grid\\), got {rows}"):
+            ScoreSpec(benchmark=str(bench), generations=(str(folders[0]),), out="r", grid_samples=rows)
 
 
 def test_error_bars_are_never_negative(tmp_path) -> None:
