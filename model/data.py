@@ -3,8 +3,9 @@
 `ShardDataset` reads the Parquet shards the pipeline writes and yields decoded, cropped training samples:
 
 1. The work unit is a slice of one row group of one file. Units are planned from the files' footers (read once, in
-   `__init__`), split across distributed ranks and then across the DataLoader workers of each rank; when there are
-   fewer row groups than consumers, the largest units are halved so that every consumer gets some rows.
+   `__init__`), laid end to end and cut into equal row ranges, one per distributed rank, each cut again across the
+   rank's DataLoader workers: every consumer gets the same number of rows to within one (a cut inside a row group
+   gives two slices of it, each read by its consumer).
 2. The order of the units is a permutation drawn from (seed, epoch); `set_epoch` reshuffles. Every row is seen
    exactly once per epoch over all ranks x workers (tested), given the same file list, seed, epoch and world size.
 3. Within a worker, rows pass through a shuffle buffer (random generator from (seed, epoch, rank, worker)).
@@ -39,6 +40,8 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -90,13 +93,13 @@ def _has_magic(path: str) -> bool:
 def _glob(data: str, storage_options: dict) -> list[str]:
     """The Parquet files one path names: a build dir, a glob or a file (full URLs, sorted)."""
     fs, path = url_to_fs(data, **storage_options)
-    if _has_magic(path):
-        found = fs.glob(path)
-    elif fs.isdir(path):  # a build dir (its shards/ folder), or else a folder of Parquet files
-        root = path.rstrip("/")
+    if fs.isdir(path):  # a build dir (its shards/ folder), or else a folder of Parquet files
+        root = _escape_glob(path.rstrip("/"))  # a folder named 'run[1]' is a folder, not a pattern
         found = fs.glob(f"{root}/{SHARDS_DIR}/*{SUFFIX}") or fs.glob(f"{root}/*{SUFFIX}")
     elif fs.exists(path):
         found = [path]
+    elif _has_magic(path):
+        found = fs.glob(path)
     else:
         raise ValueError(f"data={data!r} does not exist (expected a build dir, a glob or a Parquet file)")
     if "://" not in data:  # keep plain local paths plain
@@ -104,9 +107,24 @@ def _glob(data: str, storage_options: dict) -> list[str]:
     return sorted(fs.unstrip_protocol(p) for p in found)
 
 
+def _escape_glob(path: str) -> str:
+    """`path` with glob characters bracketed, so that a glob of it matches the literal name."""
+    return re.sub(r"([*?[])", r"[\1]", path)
+
+
+def _canonical(path: str) -> str:
+    """One spelling per local file (a plain path, relative or absolute, and its file:// URL), for deduplication."""
+    if "://" not in path:
+        return "file://" + os.path.abspath(path)
+    if path.startswith("file://"):
+        return "file://" + os.path.abspath(path[len("file://"):])
+    return path
+
+
 def resolve_files(data: str | list[str], storage_options: dict | None = None) -> list[str]:
     """Parquet files of `data`: a build dir (DIR/shards/*.parquet), a folder of Parquet files, a glob, a file, or a
-    list of those; sorted, deduplicated."""
+    list of those; sorted, deduplicated (a file named twice, e.g. as a path and as a file:// URL, is read once).
+    An existing path is taken as it is, glob characters and all."""
     items = [data] if isinstance(data, str) else list(data)
     if not items:
         raise ValueError("data is an empty list; pass a build dir, a glob or Parquet paths")
@@ -114,8 +132,8 @@ def resolve_files(data: str | list[str], storage_options: dict | None = None) ->
     seen: set[str] = set()
     for item in items:
         for found in _glob(item, storage_options or {}):
-            if found not in seen:
-                seen.add(found)
+            if _canonical(found) not in seen:
+                seen.add(_canonical(found))
                 files.append(found)
     if not files:
         raise ValueError(f"data={data!r} matched no Parquet shards")
@@ -128,11 +146,14 @@ def open_shard(path: str, storage_options: dict | None = None) -> AbstractContex
 
 
 def _footer(path: str, storage_options: dict) -> tuple[list[int], dict[str, str]]:
-    """Rows per row group and the spatext metadata of one file."""
-    with open_shard(path, storage_options) as parquet:
-        meta = parquet.metadata
-        rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        return rows, read_metadata(meta.schema.to_arrow_schema())
+    """Rows per row group and the spatext metadata of one file; ValueError naming a file that is no Parquet."""
+    try:
+        with open_shard(path, storage_options) as parquet:
+            meta = parquet.metadata
+            rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            return rows, read_metadata(meta.schema.to_arrow_schema())
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Parquet shard ({exc})") from exc
 
 
 def read_footers(files: list[str], storage_options: dict | None = None) -> list[tuple[list[int], dict[str, str]]]:
@@ -153,29 +174,32 @@ def check_metadata(data: object, metas: list[dict[str, str]]) -> dict[str, str]:
     return dict(metas[0])
 
 
-def split_units(units: list[WorkUnit], parts: int) -> list[WorkUnit]:
-    """Halve the largest unit (first on ties) until there are >= `parts` units or all are single rows."""
-    units = list(units)
-    while 0 < len(units) < parts:
-        j = max(range(len(units)), key=lambda k: (units[k].num_rows, -k))
-        unit = units[j]
-        if unit.num_rows < 2:
+def row_slice(units: list[WorkUnit], part: int, parts: int) -> list[WorkUnit]:
+    """Part `part` of `parts` equal row ranges of the units laid end to end (rows [part*N//parts, (part+1)*N//parts)
+    of N), as units: a boundary inside a row group cuts it into two pieces, read by the two consumers."""
+    total = sum(unit.num_rows for unit in units)
+    low, high = part * total // parts, (part + 1) * total // parts
+    out, offset = [], 0
+    for unit in units:
+        start, stop = max(low, offset), min(high, offset + unit.num_rows)
+        if start < stop:
+            out.append(replace(unit, start=unit.start + start - offset, stop=unit.start + stop - offset))
+        offset += unit.num_rows
+        if offset >= high:
             break
-        mid = unit.start + unit.num_rows // 2
-        units[j : j + 1] = [replace(unit, stop=mid), replace(unit, start=mid)]
-    return units
+    return out
 
 
 def assign_units(
     units: list[WorkUnit], *, seed: int, epoch: int, rank: int, world_size: int, worker: int, num_workers: int,
     shuffle: bool = True,
 ) -> list[WorkUnit]:
-    """The units one (rank, worker) reads this epoch: ranks take every world_size-th unit of a (seed, epoch)
-    permutation, then each rank's units are split again across its workers."""
-    units = split_units(units, world_size)
+    """The units one (rank, worker) reads this epoch: the units in a (seed, epoch) permutation, laid end to end and
+    cut into world_size equal row ranges, one per rank; each rank's range cut again into one per worker. Ranks and
+    workers get the same number of rows to within one, whatever the shard and row-group sizes."""
     order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
-    mine = split_units([units[i] for i in order[rank::world_size]], num_workers)
-    return mine[worker::num_workers]
+    mine = row_slice([units[i] for i in order], rank, world_size)
+    return row_slice(mine, worker, num_workers)
 
 
 def stable_hash(text: str) -> int:
@@ -216,9 +240,16 @@ def table_rows(table: pa.Table) -> list[dict]:
 
 
 def read_unit(unit: WorkUnit, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:
-    """The rows of one work unit as a table."""
-    with open_shard(unit.path, storage_options) as parquet:
-        table = parquet.read_row_group(unit.row_group, columns=columns or READ_COLUMNS)
+    """The rows of one work unit as a table; ValueError naming the shard and row group when they cannot be read (a
+    damaged page, a missing column), so that one bad file among thousands can be found."""
+    try:
+        with open_shard(unit.path, storage_options) as parquet:
+            table = parquet.read_row_group(unit.row_group, columns=columns or READ_COLUMNS)
+    except (pa.ArrowException, OSError, KeyError) as exc:
+        raise ValueError(f"{unit.path}: row group {unit.row_group} cannot be read ({exc})") from exc
+    missing = [name for name in columns or READ_COLUMNS if name not in table.column_names]
+    if missing:  # pyarrow reads the columns it finds and skips the rest
+        raise ValueError(f"{unit.path}: row group {unit.row_group} has no column {', '.join(missing)}")
     if unit.start or unit.stop < table.num_rows:
         table = table.slice(unit.start, unit.num_rows)
     return table
@@ -483,8 +514,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         decode_threads: int = 1, decode_ahead: int = 64,
     ) -> None:
         super().__init__()
-        if resolution < 1:
-            raise ValueError(f"resolution must be >= 1, got {resolution}")
+        if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
+            raise ValueError(f"resolution must be an int >= 1, got {resolution!r}")
         if decode_threads < 1 or decode_ahead < 1:
             raise ValueError(f"decode_threads and decode_ahead must be >= 1, got {decode_threads}, {decode_ahead}")
         if max_segments < 1:

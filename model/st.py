@@ -132,6 +132,9 @@ def build_st(
     if size is not None and tuple(size) != tuple(label_map.shape[1:]):
         label_map = downsample_label_map(label_map, size, num_segments)
     _, h, w = label_map.shape
+    if label_map.device.type == "cpu" and label_map.numel() and int(label_map.max()) > num_segments:
+        # checked on the CPU only: on a GPU this would wait for the device every step, and its gather fails loudly
+        raise ValueError(f"label_map holds labels > num_segments={num_segments}")
     embeddings = segment_embeddings.to(label_map.device)
     table = torch.cat([embeddings.new_zeros(batch, 1, dim), embeddings], dim=1)  # B x (K+1) x D, row 0 = nothing
     index = label_map.reshape(batch, h * w, 1).long().expand(batch, h * w, dim)

@@ -2,7 +2,8 @@
 
 Data parallel: every rank reads its own part of each epoch (``ShardDataset`` splits the shards' row groups across
 ranks) and all ranks train on the same number of batches per epoch, the fewest any rank's part makes; a rank with
-more (uneven shards) skips the rest of its part in that epoch, and the main process says so. Epoch counters, and so
+more (its rows, equal to within one per worker, round up to one more batch) skips the rest of its part in that epoch,
+and the main process says so. Epoch counters, and so
 the checkpoints' ``training_state.json``, are the same on every rank. Files are written by the main process; every
 rank adds its RNG state to a checkpoint.
 """
@@ -103,8 +104,8 @@ def epoch_batches(s: Session, announce: bool) -> int:
         raise ValueError(f"--data {args.data!r}: rank {counts.index(0)} got no batch in epoch {epoch} "
                          "(fewer rows than processes?)")
     if fewest < max(counts):
-        logger.log(logging.WARNING if announce else logging.DEBUG, "epoch %d: batches per rank %s (uneven shards); "
-                   "every rank trains on %d, the rest is skipped this epoch", epoch, counts, fewest)
+        logger.log(logging.WARNING if announce else logging.DEBUG, "epoch %d: batches per rank %s; every rank "
+                   "trains on %d, the rest is skipped this epoch", epoch, counts, fewest)
     return fewest
 
 

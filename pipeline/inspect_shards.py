@@ -79,11 +79,18 @@ def render_grid(samples: list[ShardSample], columns: int = 4, tile: int = 320, t
     return grid
 
 
+MAX_TILE = 2048  # pixels per tile side; stored images are at most --image-size (512 by default)
+MAX_GRID_SIDE = 16384  # pixels across the grid
+
+
 def inspect_build(output: str, out: str, num: int = 16, columns: int = 4, tile: int = 320) -> str:
     """Draw the first `num` samples of a build into a PNG at `out`; returns `out`."""
     for flag, value, least in (("--num", num, 1), ("--columns", columns, 1), ("--tile", tile, 32)):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if tile > MAX_TILE or columns * tile > MAX_GRID_SIDE:  # a grid of 100,000-px tiles exhausts memory
+        raise ValueError(f"--tile must be <= {MAX_TILE} and --columns x --tile <= {MAX_GRID_SIDE}, got --tile {tile} "
+                         f"and --columns {columns}")
     pairs = list(itertools.islice(iter_samples(output), num))
     if not pairs:
         raise ValueError(f"{output!r} holds no samples (no rows under shards/)")

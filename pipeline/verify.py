@@ -353,7 +353,11 @@ def _verify_shard_sizes(output: str, manifest: dict, report: VerifyReport) -> No
     """Shards stay within the build's `--target-shard-mb` (its help calls it the maximum); a shard of one row may
     exceed it, since a row is never split."""
     config = manifest.get("config")
-    target_mb = config.get("target_shard_mb") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        report.add(FileSystems.join(output, MANIFEST), "", f"manifest: 'config' is {config!r}, expected the build's "
+                   "settings (an object); the shard sizes cannot be checked against --target-shard-mb")
+        return
+    target_mb = config.get("target_shard_mb")
     if not isinstance(target_mb, (int, float)) or isinstance(target_mb, bool) or target_mb <= 0:
         return
     limit = int(target_mb * 2**20)

@@ -71,6 +71,8 @@ def test_verify_and_inspect_without_a_build_are_errors(tmp_path, capsys, monkeyp
     for num in ("0", "-3"):
         assert main(["inspect", str(tmp_path), "--out", str(tmp_path / "g.png"), "--num", num]) == 2
         assert f"spatext inspect: error: --num must be >= 1, got {num}" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path), "--out", str(tmp_path / "g.png"), "--tile", "100000"]) == 2  # was OOM
+    assert "spatext inspect: error: --tile must be <= 2048" in capsys.readouterr().err
 
 
 def test_a_build_that_rejects_every_input_verifies_and_says_so(tmp_path, capsys):

@@ -4,6 +4,8 @@ the decode / resize / renumber fast path against PIL and brute-force references,
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import time
 
 import fsspec
@@ -24,6 +26,7 @@ from spatext.model.data import (
     dct_scale,
     decode_rgb,
     load_image_crop,
+    read_unit,
     renumber,
     resize_crop,
     resolve_files,
@@ -89,6 +92,18 @@ def test_assign_units_partitions_rows_for_any_split():
                 rows.extend((u.path, u.row_group, r) for u in got for r in range(u.start, u.stop))
         expected = [(u.path, u.row_group, r) for u in units for r in range(u.start, u.stop)]
         assert sorted(rows) == sorted(expected)
+
+
+@pytest.mark.parametrize(("groups", "world", "workers"), [
+    ([16] * 4, 3, 1), ([16] * 4, 5, 1), ([100], 3, 1), ([25] * 40, 32, 1), ([7, 1, 30, 2], 3, 2), ([5], 8, 3),
+])
+def test_ranks_and_workers_get_equal_rows(groups, world, workers):
+    """Four 16-row shards over 3 ranks used to give 32/16/16 rows, and the loop trains every rank on the fewest."""
+    units = [WorkUnit(f"f{i}", 0, 0, n) for i, n in enumerate(groups)]
+    counts = [sum(u.num_rows for u in assign_units(units, seed=0, epoch=0, rank=r, world_size=world, worker=w,
+                                                   num_workers=workers))
+              for r in range(world) for w in range(workers)]
+    assert sum(counts) == sum(groups) and max(counts) - min(counts) <= 1
 
 
 def test_shuffle_is_deterministic_given_seed(resharded):
@@ -237,6 +252,29 @@ def test_memory_url_and_bad_paths(demo_shards):
         ShardDataset("memory://spatext-test/nothing", 16)
     with pytest.raises(ValueError, match="rank"):
         ShardDataset(str(demo_shards), 16, rank=2, world_size=2)
+
+
+def test_paths_name_files_not_patterns_and_each_file_is_read_once(demo_shards, tmp_path):
+    build = str(demo_shards)
+    files = resolve_files(build)
+    assert resolve_files([build, "file://" + build, os.path.relpath(build)]) == files  # one file, three spellings
+    bracketed = tmp_path / "run[1]"
+    shutil.copytree(demo_shards / "shards", bracketed / "build" / "shards")
+    literal = ShardDataset(str(bracketed / "build"), 16)  # 'run[1]' is a folder, not a glob
+    assert literal.num_rows == ShardDataset(build, 16).num_rows
+    assert ShardDataset(resolve_files(str(bracketed / "build"))[0], 16).num_rows > 0
+
+
+def test_unreadable_shards_and_bad_resolutions_are_named(demo_shards, tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"x\.parquet: not a readable Parquet shard"):
+        ShardDataset(str(tmp_path), 16)
+    unit = WorkUnit(resolve_files(str(demo_shards))[0], 0, 0, 1)
+    with pytest.raises(ValueError, match=r"\.parquet: row group 0 has no column no_such_column"):
+        read_unit(unit, columns=["key", "no_such_column"])
+    for resolution in (32.5, 0, True):
+        with pytest.raises(ValueError, match="resolution must be an int >= 1"):
+            ShardDataset(str(demo_shards), resolution)
 
 
 def _smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -171,3 +171,9 @@ def test_build_st_keeps_device_and_dtype(dtype):
 def test_build_st_rejects_mismatched_batches():
     with pytest.raises(ValueError, match="batch"):
         build_st(torch.zeros(2, 4, 4, dtype=torch.long), torch.zeros(3, 2, 8))
+
+
+def test_labels_above_the_segment_count_are_an_error_on_the_cpu():
+    with pytest.raises(ValueError, match="label_map holds labels > num_segments=3"):  # was an index error
+        build_st(torch.full((1, 4, 4), 9), torch.zeros(1, 3, 5))
+    assert build_st(torch.full((1, 4, 4), 3), torch.ones(1, 3, 5)).sum() == 16 * 5

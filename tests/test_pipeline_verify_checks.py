@@ -64,6 +64,15 @@ def test_a_malformed_manifest_is_reported_not_raised(build, content, kind, says)
     assert "build/manifest.json [-]" in report.format()
 
 
+@pytest.mark.parametrize("config", [None, "x", "DROP"])
+def test_a_manifest_without_its_config_is_reported(build, config):
+    """verify said OK, and skipped the shard-size check, when the manifest's config was gone or not an object."""
+    _edit_manifest(build, lambda m: {k: v for k, v in m.items() if k != "config"} if config == "DROP"
+                   else {**m, "config": config})
+    report = verify.verify_build(str(build), progress=False)
+    assert not report.ok and "expected the build's settings (an object)" in report.format()
+
+
 def test_a_non_integer_count_is_a_type_problem(build):
     _edit_manifest(build, lambda m: {**m, "counts": {**m["counts"], "accepted": "12", "read": 12.5}})
     report = verify.verify_build(str(build), progress=False)
