@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-batch-size", type=int, default=d.clip_batch_size, help="samples per CLIP batch")
     p.add_argument("--device", default=d.device, help="torch device for the models: cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                   help="model forwards in fp32, or with bf16 / fp16 autocast (on cuda only)")
+                   help="model forwards in fp32, or in bf16 / fp16 on cuda only (CLIP: half-precision weights; "
+                        "the segmenter: autocast); on the CPU the models run in fp32")
     p.add_argument("--model-sharing", default=d.model_sharing, choices=MODEL_SHARING,
                    help="process = each worker process loads its own models; machine = one model server per "
                    "machine that all its worker processes send batches to (Beam's large_model: decode overlaps "

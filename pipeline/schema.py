@@ -172,8 +172,10 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def decode_segment_map(data: bytes) -> np.ndarray:
-    """Decode a stored segment map to H x W uint8 (raises if the PNG is not single-channel)."""
+    """Decode a stored segment map to H x W uint8 (raises if it is not a single-channel PNG)."""
     with Image.open(io.BytesIO(data)) as im:
+        if im.format != "PNG":
+            raise ValueError(f"segment_map must be a PNG, got {im.format}")
         if im.mode != "L":
             raise ValueError(f"segment_map must be a single-channel (L) PNG, got mode {im.mode}")
         return np.asarray(im)

@@ -53,6 +53,24 @@ from spatext.pipeline.write import (
 logger = logging.getLogger(__name__)
 NORM_TOLERANCE = 2e-2  # float16 storage of a unit vector: the norm error stays well below this
 AREA_TOLERANCE = 1e-5
+# File metadata every samples shard carries (DESIGN.md "The shard contract"; build.shard_metadata writes it).
+REQUIRED_METADATA = ("schema_version", "table", "clip_model", "clip_pretrained", "embed_dim", "segmenter",
+                     "segmenter_weights", "min_area", "k_min", "k_max", "seed", "image_size", "package_version",
+                     "created")
+# What decides a build's rows: the same in every shard of one build (a resume refuses to change it).
+BUILD_METADATA = ("clip_model", "clip_pretrained", "embed_dim", "segmenter", "segmenter_weights", "min_area", "k_min",
+                  "k_max", "seed", "image_size", "image_format")
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A shard's declared settings that its rows must keep (None: not declared, or reported as unreadable)."""
+
+    embed_dim: int | None = None
+    image_format: str | None = None
+    k_max: int | None = None
+    min_area: float | None = None
+    image_size: int | None = None
 
 
 @dataclass
@@ -94,11 +112,22 @@ def _short(path: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
-def check_sample(sample: ShardSample, width: int, height: int, embed_dim: int | None) -> list[str]:
-    """Invariant violations of one decoded row (empty list when it is sound)."""
+def check_sample(sample: ShardSample, width: int, height: int, embed_dim: int | None,
+                 declared: Declared | None = None) -> list[str]:
+    """Invariant violations of one decoded row (empty list when it is sound); `declared`: the shard's settings the
+    row must keep (K <= k_max, areas >= min_area, longest side <= image_size)."""
     problems = []
     if not sample.caption.strip():
         problems.append("empty_caption")
+    declared = declared or Declared()
+    if declared.image_size is not None and max(width, height) > declared.image_size:
+        problems.append(f"image_size: {width}x{height}, shards declare image_size {declared.image_size}")
+    if declared.k_max is not None and len(sample.segments) > declared.k_max:
+        problems.append(f"segment_count: {len(sample.segments)} segments, shards declare k_max {declared.k_max}")
+    if declared.min_area is not None:
+        small = [seg["index"] for seg in sample.segments if seg["area"] < declared.min_area - AREA_TOLERANCE]
+        if small:
+            problems.append(f"segment_area: segments {small} are below the declared min_area {declared.min_area}")
     if sample.image.shape[:2] != (height, width):
         actual = f"{sample.image.shape[1]}x{sample.image.shape[0]}"
         problems.append(f"image_size: image is {actual}, row says {width}x{height}")
@@ -179,11 +208,12 @@ def _declared_format(path: str, meta: dict[str, str], report: VerifyReport) -> s
     return declared
 
 
-def _verify_row(path: str, row: dict, embed_dim: int | None, image_format: str | None, report: VerifyReport) -> None:
+def _verify_row(path: str, row: dict, declared: Declared, report: VerifyReport) -> None:
     """Check one stored row: it decodes, satisfies `check_sample`, and its image is in the declared format."""
+    embed_dim, image_format = declared.embed_dim, declared.image_format
     try:
         sample = row_to_sample(row)
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError, AttributeError) as exc:  # a null segment, too
         # Pillow names the BytesIO object (a memory address) when it cannot identify an image: not reproducible
         reason = "not an image format Pillow can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
         report.add(path, row["key"], f"undecodable: {reason}")
@@ -192,22 +222,57 @@ def _verify_row(path: str, row: dict, embed_dim: int | None, image_format: str |
     if image_format is not None and stored != image_format:
         report.add(path, row["key"], f"image_format: stored image is {stored or 'neither JPEG nor PNG'}, "
                    f"shards declare {image_format}")
-    for problem in check_sample(sample, row["width"], row["height"], embed_dim):
+    try:
+        problems = check_sample(sample, row["width"], row["height"], embed_dim, declared)
+    except (TypeError, KeyError, ValueError) as exc:  # e.g. a segment whose fields are null
+        problems = [f"undecodable: {type(exc).__name__}: {exc}"]
+    for problem in problems:
         report.add(path, row["key"], problem)
 
 
-def _verify_shard(path: str, report: VerifyReport, keys: _KeyIndex) -> None:
-    """Check one sample shard: schema, metadata, page checksums, every row."""
+def _number(path: str, meta: dict[str, str], name: str, kind: type, report: VerifyReport) -> int | float | None:
+    """A numeric metadata value, or None (reported when present but not a number of that kind)."""
+    text = meta.get(name)
+    if text is None:
+        return None
+    try:
+        if text != text.strip():  # int(' 512') parses, but readers compare the strings
+            raise ValueError(text)
+        return kind(text)
+    except ValueError:
+        report.add(path, "", f"metadata: {name} is {text!r}, expected {'an integer' if kind is int else 'a number'}")
+        return None
+
+
+def _declared(path: str, meta: dict[str, str], report: VerifyReport) -> Declared:
+    """Check the shard's file metadata (every DESIGN key present, the samples table, numbers where numbers belong);
+    return the settings its rows are checked against."""
+    missing = [name for name in REQUIRED_METADATA if name not in meta]
+    if missing:
+        report.add(path, "", f"metadata: missing {', '.join(missing)} (DESIGN.md: what made these rows)")
+    if meta.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        report.add(path, "", f"schema_version: {meta.get('schema_version')!r}, expected {SCHEMA_VERSION!r}")
+    if meta.get("table", "samples") != "samples":
+        report.add(path, "", f"metadata: table is {meta['table']!r}, expected 'samples' under {SHARDS_DIR}/")
+    embed_dim = _number(path, meta, "embed_dim", int, report)
+    if embed_dim is not None and embed_dim < 1:
+        report.add(path, "", f"metadata: embed_dim is {embed_dim}, expected >= 1")
+        embed_dim = None
+    return Declared(embed_dim=embed_dim, image_format=_declared_format(path, meta, report),
+                    k_max=_number(path, meta, "k_max", int, report),
+                    min_area=_number(path, meta, "min_area", float, report),
+                    image_size=_number(path, meta, "image_size", int, report))
+
+
+def _verify_shard(path: str, report: VerifyReport, keys: _KeyIndex) -> dict[str, str]:
+    """Check one sample shard: schema, metadata, page checksums, every row; returns its metadata."""
     parquet = checked_parquet(path)
     schema = parquet.schema_arrow
     if not schema.remove_metadata().equals(shard_schema().remove_metadata()):
         report.add(path, "", f"schema: columns differ from schema v{SCHEMA_VERSION}: {schema.remove_metadata()}")
-        return
+        return {}
     meta = read_metadata(schema)
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        report.add(path, "", f"schema_version: {meta.get('schema_version')!r}, expected {SCHEMA_VERSION!r}")
-    embed_dim = int(meta["embed_dim"]) if meta.get("embed_dim", "").isdigit() else None
-    image_format = _declared_format(path, meta, report)
+    declared = _declared(path, meta, report)
     for group in range(parquet.num_row_groups):
         try:
             rows = parquet.read_row_group(group).to_pylist()
@@ -218,7 +283,20 @@ def _verify_shard(path: str, report: VerifyReport, keys: _KeyIndex) -> None:
         for row in rows:
             report.rows += 1
             keys.add(row["key"], path)
-            _verify_row(path, row, embed_dim, image_format, report)
+            _verify_row(path, row, declared, report)
+    return meta
+
+
+def _verify_one_build(output: str, metas: dict[str, dict[str, str]], report: VerifyReport) -> None:
+    """The settings that decide a build's rows are the same in every shard: shards of two CLIP spaces (or embedding
+    sizes, segmenters, thresholds) are two datasets, which the training loader refuses to mix."""
+    for name in BUILD_METADATA:
+        values: dict[str | None, list[str]] = {}
+        for path, meta in metas.items():
+            values.setdefault(meta.get(name), []).append(path)
+        if len(values) > 1:
+            report.add(FileSystems.join(output, SHARDS_DIR), "", f"metadata_differs: {name} is " + "; ".join(
+                f"{value!r} in {len(paths)} shard(s), e.g. {_short(paths[0])}" for value, paths in values.items()))
 
 
 def _verify_rejects(paths: list[str], report: VerifyReport) -> Counter:
@@ -390,11 +468,13 @@ def verify_build(output: str, progress: bool = True) -> VerifyReport:
     if not shards and not all_rejected:
         report.add(output, "", f"no_shards: no Parquet files under {FileSystems.join(output, SHARDS_DIR)}")
     keys = _KeyIndex()
+    metas: dict[str, dict[str, str]] = {}
     for path in tqdm(shards, desc="verify", unit="shard", disable=not progress):
         try:
-            _verify_shard(path, report, keys)
+            metas[path] = _verify_shard(path, report, keys)
         except (OSError, ValueError) as exc:  # an unreadable file is a finding, not a crash
             report.add(path, "", f"unreadable_shard: {exc}")
+    _verify_one_build(output, {path: meta for path, meta in metas.items() if meta}, report)
     keys.report(report)
     found = {"shards": {FileSystems.split(p)[1] for p in shards}, "by_reason": _verify_rejects(rejects, report)}
     found["markers"] = _verify_markers(output, found["shards"], {FileSystems.split(p)[1] for p in rejects}, report)

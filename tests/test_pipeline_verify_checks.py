@@ -237,3 +237,57 @@ def test_a_redone_unit_leaves_no_file_of_its_earlier_attempt(tmp_path):
     assert len(redo["shards"]) == 1 and redo["rejects"] is None
     assert sorted(os.listdir(tmp_path / "shards")) == sorted(redo["shards"] + other["shards"])
     assert os.listdir(tmp_path / "rejects") == [other["rejects"]]
+
+
+def _rewrite_shard(path, rows=None, metadata=None) -> None:
+    """Rewrite one shard with edited rows (pylist) and/or edited spatext metadata, keeping the schema's types."""
+    table = pq.read_table(path)
+    meta = dict(table.schema.metadata)
+    for key, value in (metadata or {}).items():
+        name = f"spatext.{key}".encode()
+        if value is None:
+            meta.pop(name, None)
+        else:
+            meta[name] = str(value).encode()
+    schema = table.schema.with_metadata(meta)
+    data = rows(table.to_pylist()) if rows else table.to_pylist()
+    pq.write_table(pa.Table.from_pylist(data, schema=schema), path, compression="zstd", write_page_checksum=True)
+
+
+def _first_shard(build):
+    return sorted((build / "shards").iterdir())[0]
+
+
+def test_a_null_segment_is_reported_not_raised(build):
+    """A None element in `segments` (the schema allows it) crashed verify with a TypeError."""
+    _rewrite_shard(_first_shard(build), rows=lambda rows: [{**rows[0], "segments": [*rows[0]["segments"], None]},
+                                                           *rows[1:]])
+    report = verify.verify_build(str(build), progress=False)
+    assert "undecodable" in _kinds(report), report.format()
+
+
+@pytest.mark.parametrize(("metadata", "says"), [
+    ({"clip_model": "ViT-L-14"}, "metadata_differs: clip_model is"),
+    ({"clip_pretrained": None, "created": None}, "metadata: missing clip_pretrained, created"),
+    ({"embed_dim": "64 "}, "metadata: embed_dim is '64 ', expected an integer"),
+    ({"table": "rejects"}, "metadata: table is 'rejects', expected 'samples'"),
+    ({"k_max": 0}, "segment_count: "),
+    ({"min_area": 0.99}, "segment_area: segments "),
+    ({"image_size": 16}, "image_size: "),
+])
+def test_shard_metadata_is_part_of_the_contract(build, metadata, says):
+    """Each of these passed verify: missing DESIGN keys, shards of two CLIP models, rows breaking declared settings."""
+    _rewrite_shard(_first_shard(build), metadata=metadata)
+    report = verify.verify_build(str(build), progress=False)
+    assert not report.ok and says in report.format(), report.format()
+
+
+def test_a_segment_map_that_is_not_png_is_reported(build):
+    def as_tiff(rows):
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(rows[0]["segment_map"])).save(buffer, format="TIFF")
+        return [{**rows[0], "segment_map": buffer.getvalue()}, *rows[1:]]
+
+    _rewrite_shard(_first_shard(build), rows=as_tiff)
+    report = verify.verify_build(str(build), progress=False)
+    assert "undecodable: segment_map must be a PNG, got TIFF" in report.format()
