@@ -164,7 +164,8 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", required=True, help="a run dir of `spatext train` (or a SpaTextPipeline dir)")
     p.add_argument("--prompt", default=None, help="global prompt; default: the scene file's 'prompt'")
-    p.add_argument("--scene", default=None, help="scene JSON: regions with a local prompt and a box/polygon/mask")
+    p.add_argument("--scene", default=None, help="scene JSON: regions with a local prompt and a box/polygon/mask; "
+                   "with neither --scene nor --painted, --prompt alone is an empty scene")
     p.add_argument("--painted", default=None, help="colour-painted layout PNG (with --colors) instead of --scene")
     p.add_argument("--colors", default=None, help="JSON mapping the --painted colours to local prompts")
     p.add_argument("--out", required=True, help="output PNG; with --num-images N > 1: OUT-0.png ... OUT-{N-1}.png")
@@ -209,9 +210,14 @@ def load_run(run: str, device: str) -> SpaTextPipeline:
 
 
 def read_scene(args: argparse.Namespace, size: tuple[int, int]) -> Scene:
-    """The scene of ``--scene`` or ``--painted`` + ``--colors``, masks at ``size``."""
-    if (args.scene is None) == (args.painted is None):
-        raise ValueError("give exactly one of --scene and --painted (with --colors)")
+    """The scene of ``--scene`` or ``--painted`` + ``--colors``, masks at ``size``; with neither, the empty scene
+    (``--prompt`` alone: no region, ST all zeros, as ``pipe(prompt)`` does)."""
+    if args.scene is not None and args.painted is not None:
+        raise ValueError("give one of --scene and --painted (with --colors), not both")
+    if args.scene is None and args.painted is None:
+        if args.colors is not None:
+            raise ValueError("--colors goes with --painted (the colour-painted layout PNG)")
+        return Scene()
     if args.painted is not None and args.colors is None:
         raise ValueError("--painted needs --colors (the JSON mapping its colours to local prompts)")
     if args.scene is not None:

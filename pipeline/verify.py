@@ -490,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="a build's output directory (holds shards/, rejects/, manifest.json)")
     parser.add_argument("--limit", type=int, default=50, help="violations to list in full")
     args = parser.parse_args(argv)
+    if args.limit < 0:
+        parser.error(f"--limit must be >= 0 (0: counts by kind only), got {args.limit}")
     report = verify_build(args.output, progress=sys.stderr.isatty())  # no bar in logs and pipes
     print(report.format(args.limit))
     return 0 if report.ok else 1

@@ -83,7 +83,9 @@ def test_painted_scene_per_condition_guidance_and_several_images(run, scene_file
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--scene", "S", "--painted", "P", "--colors", "C"], "exactly one of --scene and --painted"),
+        (["--scene", "S", "--painted", "P", "--colors", "C"], "one of --scene and --painted .*, not both"),
+        (["--colors", "C", "--prompt", "p"], "--colors goes with --painted"),
+        ([], "no global prompt"),
         (["--painted", "P"], "--painted needs --colors"),
         (["--scene", "NOPROMPT"], "no global prompt"),
         (["--scene", "S", "--num-images", "0"], "--num-images"),
@@ -153,3 +155,9 @@ def test_output_paths_add_png_where_out_has_no_extension():
     assert sample.output_paths("out/a", 2) == ["out/a-0.png", "out/a-1.png"]
     with pytest.raises(ValueError, match="Pillow writes no '.xyz' files"):
         sample.output_paths("out/a.xyz", 2)
+
+
+def test_a_prompt_alone_samples_an_empty_scene(run, tmp_path):
+    """`pipe(prompt)` works without a scene; the CLI used to demand --scene or --painted."""
+    image = _sample(run, tmp_path / "p.png", "--prompt", "a red ball on grass")
+    assert image.shape[2] == 3 and (tmp_path / "p.scene.png").is_file()

@@ -291,3 +291,9 @@ def test_a_segment_map_that_is_not_png_is_reported(build):
     _rewrite_shard(_first_shard(build), rows=as_tiff)
     report = verify.verify_build(str(build), progress=False)
     assert "undecodable: segment_map must be a PNG, got TIFF" in report.format()
+
+
+def test_a_negative_limit_is_a_usage_error(build, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # -1 listed all but the last violation and miscounted the rest
+        verify.main([str(build), "--limit", "-1"])
+    assert exit_info.value.code == 2 and "--limit must be >= 0" in capsys.readouterr().err
