@@ -3,7 +3,8 @@
 Random weights at real sizes: Mask2Former with a Swin-L backbone (configs/mask2former-swin-large.json, 216 M params)
 and CLIP ViT-L/14. Sections:
   clip       ViT-L/14 image tower on random pixels: our encode_pixels in fp32 and bf16, and bare bf16 weights (img/s)
-  segmenter  Mask2Former alone on a preprocessed batch (bare, the ceiling) and through our segmenter (ours: device-side
+  segmenter  Mask2Former alone on a preprocessed batch (bare, the ceiling; also at --segmenter-batches sizes, which
+             show whether the forward is launch-bound) and through our segmenter (ours: device-side
              preprocessing + forward + batched panoptic merge), each stage on its own (pre, post) next to what it
              replaced (pre_cpu: the processor on the CPU; post_transformers: transformers' post-processing), all
              interleaved, medians (img/s); checks: device preprocessing vs the CPU processor (max |difference|, one
@@ -178,7 +179,20 @@ def bench_segmenter(args) -> dict:
     record.update({f"segmenter_{name}_img_s": args.segmenter_batch / s for name, s in seconds.items()})
     record["segmenter_ours_vs_bare"] = round(seconds["bare"] / seconds["ours"], 3)
     record.update(segmenter_checks(segmenter, outputs, sizes))
+    record.update(bare_batch_sweep(segmenter, args))
     return record
+
+
+def bare_batch_sweep(segmenter, args) -> dict:
+    """The bare forward's rate at other batch sizes (--segmenter-batches): a forward whose rate grows with the batch
+    is bound by the CPU launching kernels, not by the GPU, and a larger --segmenter-batch-size raises the ceiling."""
+    out = {}
+    for batch in args.segmenter_batches:
+        samples = [Sample(f"b{i}", "s", "c", im) for i, im in enumerate(_images(batch, args.image_size))]
+        inputs, _ = segmenter.preprocess(samples)
+        seconds = _median_seconds({"bare": lambda i=inputs: segmenter.forward(i)}, args.device, args.repeats)
+        out[f"segmenter_bare_batch{batch}_img_s"] = batch / seconds["bare"]
+    return out
 
 
 def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
@@ -268,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated build set-ups: in_process, processes:N (N worker processes sharing one "
                         "model server), threads:N (N worker threads sharing one model); default "
                         "in_process,processes:8,threads:8 (smoke: in_process,processes:2,threads:2)")
+    parser.add_argument("--segmenter-batches", default=None,
+                        help="comma-separated extra batch sizes for the bare Mask2Former forward (default 16,32; "
+                        "smoke: 4)")
     parser.add_argument("--sections", default="clip,segmenter,build",
                         help="comma-separated sections to run (clip, segmenter, build; build uses the others' rates)")
     args = parser.parse_args(argv)
@@ -277,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     args.clip_model, args.clip_size, args.clip_batch = ("spatext-tiny", 64, 8) if smoke else ("ViT-L-14", 224, 512)
     args.segmenter_config = "mask2former-tiny" if smoke else "mask2former-swin-large"
     args.image_size, args.segmenter_batch = (128, 2) if smoke else (512, 8)
+    batches = args.segmenter_batches or ("4" if smoke else "16,32")
+    try:
+        args.segmenter_batches = [int(b) for b in batches.split(",")]
+    except ValueError:
+        parser.error(f"--segmenter-batches: comma-separated integers, got {batches!r}")
+    if min(args.segmenter_batches) < 1:
+        parser.error(f"--segmenter-batches must be >= 1, got {batches!r}")
     args.build_clip_batch = 8 if smoke else 64
     args.build_modes = args.build_modes or ("in_process,processes:2,threads:2" if smoke
                                             else "in_process,processes:8,threads:8")
