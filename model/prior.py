@@ -21,7 +21,7 @@ import math
 import os
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
@@ -160,6 +160,7 @@ class EmbeddingPairs:
     text: np.ndarray  # N x D float16
     image: np.ndarray  # N x D float16
     metadata: dict[str, str]
+    files: list[str] = field(default_factory=list)  # the shards the rows came from
 
 
 def load_embedding_pairs(data: str | list[str], storage_options: dict | None = None) -> EmbeddingPairs:
@@ -179,7 +180,7 @@ def load_embedding_pairs(data: str | list[str], storage_options: dict | None = N
     dim = int(metadata["embed_dim"])
     empty = np.zeros((0, dim), dtype=np.float16)
     return EmbeddingPairs(keys, np.concatenate(text) if text else empty, np.concatenate(image) if image else empty,
-                          metadata)
+                          metadata, files)
 
 
 def heldout_mask(keys: list[str], fraction: float) -> np.ndarray:
@@ -202,6 +203,11 @@ def predict(prior: Prior, text: torch.Tensor, batch_size: int = 4096) -> torch.T
     out = [prior(text[i : i + batch_size].to(device).float()) for i in range(0, len(text), batch_size)]
     prior.train(was_training)
     return torch.cat(out) if out else text.new_zeros(0, text.shape[1]).float()
+
+
+# How `_fit` trains, for the run's record (the denoiser's --lr-scheduler / --max-grad-norm / --ema-decay do not apply).
+OPTIMIZATION = ("AdamW (weight decay 0.01); learning rate: linear warm-up over the first 5% of steps, then cosine "
+                "decay to 0; no gradient clipping; no EMA")
 
 
 def _lr_at(step: int, steps: int, lr: float) -> float:
@@ -290,10 +296,12 @@ def train_prior(
         "heldout_gain_over_identity": heldout["prior_cosine"] - heldout["identity_cosine"],
         "train_prior_cosine": train["prior_cosine"], "train_identity_cosine": train["identity_cosine"],
         "final_train_loss": final_loss, "num_train": int((~held).sum()), "num_heldout": int(held.sum()),
-        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "val_fraction": val_fraction,
+        "steps": steps, "batch_size": batch_size, "batch_size_used": min(batch_size, int((~held).sum())),
+        "optimization": OPTIMIZATION, "lr": lr, "seed": seed, "val_fraction": val_fraction,
         "device": device, "config": cfg.to_dict(), "wall_time_s": round(time.perf_counter() - started, 3),
         "data": data if isinstance(data, str) else list(data),
-        "lineage": {k: pairs.metadata.get(k) for k in ("clip_model", "clip_pretrained", "embed_dim", "segmenter")},
+        "lineage": {**{k: pairs.metadata.get(k) for k in ("clip_model", "clip_pretrained", "embed_dim", "segmenter")},
+                    "shard_files": pairs.files},
     }
     save_prior(prior, output, metrics)
     logger.info("prior: held-out cosine %.4f (identity %.4f, mean image %.4f), wrote %s",

@@ -41,7 +41,14 @@ from collections.abc import Sequence
 from spatext.cli import command_logging
 from spatext.model.checkpoint import RUN_FILE, write_json
 from spatext.model.prior import load_prior_config, train_prior
-from spatext.model.train_args import DEFAULTS, check_args, ignored_by_prior, is_prior_config, parse_args
+from spatext.model.train_args import (
+    DEFAULTS,
+    PRIOR_FLAGS,
+    check_args,
+    ignored_by_prior,
+    is_prior_config,
+    parse_args,
+)
 from spatext.model.train_loop import after_step, finish, train, write_sample_grid
 from spatext.model.train_preflight import RESUME_MAY_CHANGE, check_resumed_run, preflight
 from spatext.model.train_record import PACKAGES, package_versions, run_record
@@ -72,16 +79,25 @@ def train_prior_run(args: argparse.Namespace) -> dict:
     if world > 1:
         raise ValueError(f"--config {args.config!r} trains the prior in one process; the launcher started {world}: "
                          "run it without torchrun / accelerate launch")
+    existing = os.path.join(args.output, RUN_FILE)
+    if os.path.exists(existing):  # a prior trains from scratch: never over another run's record and files
+        raise ValueError(f"--output {args.output!r} already holds a run ({existing}); a prior has no resume: choose "
+                         "another --output")
     ignored = ignored_by_prior(args)
     if ignored:
         logger.warning("prior training ignores %s", ", ".join(ignored))
     started = time.perf_counter()
     metrics = train_prior(args.data, args.output, args.config, steps=args.max_train_steps,
                           batch_size=args.train_batch_size, lr=args.learning_rate, seed=args.seed)
-    run = {"kind": "prior", "status": "finished", "global_step": args.max_train_steps, "args": vars(args),
+    random_init = [] if not str(metrics["lineage"].get("clip_pretrained", "")).startswith("none") else [
+        "clip (the shards' embeddings: pretrained none (random init))"]
+    if random_init:
+        logger.warning("random weights in this run: %s", ", ".join(random_init))
+    run = {"kind": "prior", "status": "finished", "global_step": args.max_train_steps,
+           "args": {name: getattr(args, name) for name in PRIOR_FLAGS}, "optimization": metrics["optimization"],
            "config": load_prior_config(args.config).to_dict() | {"embed_dim": metrics["config"]["embed_dim"]},
-           "metrics": metrics, "lineage": {"data": args.data, **metrics["lineage"]}, "versions": package_versions(),
-           "wall_time_s": round(time.perf_counter() - started, 3)}
+           "metrics": metrics, "lineage": {"data": args.data, **metrics["lineage"]}, "random_init": random_init,
+           "versions": package_versions(), "wall_time_s": round(time.perf_counter() - started, 3)}
     write_json(os.path.join(args.output, RUN_FILE), run)
     return run
 

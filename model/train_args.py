@@ -68,7 +68,10 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="chance that a sample's global text (and image embedding) is replaced by the null one")
     p.add_argument("--p-drop-st", type=float, default=0.1, help="chance, independent of --p-drop-text, that a "
                    "sample's ST is zeroed")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the UNet weights (0: no EMA)")
+    p.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="EMA decay of the UNet weights (0: no EMA); diffusers' EMAModel applies min(decay, "
+                        "(1 + t) / (10 + t)) at step t, so the flag's value is reached only after ~10 / (1 - decay) "
+                        "steps (90,000 for 0.9999)")
     p.add_argument("--checkpointing-steps", type=int, default=500,
                    help="checkpoint (and pipeline) every N steps; the last step always gets one (0: only that)")
     p.add_argument("--checkpoints-total-limit", type=int, default=None, help="keep only the newest N checkpoints")

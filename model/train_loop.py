@@ -123,7 +123,7 @@ def after_step(s: Session, loop: Loop) -> None:
         if checkpoint:
             save_rank_checkpoint(s, loop)
         return
-    append_loss(args.output, step=step, loss=round(loop.last_loss, 6), lr=s.lr_scheduler.get_last_lr()[0],
+    append_loss(args.output, step=step, loss=round(loop.last_loss, 6), lr=s.stepped_lr,
                 epoch=state["epoch"], elapsed_s=loop.elapsed())
     if checkpoint:
         save_rank_checkpoint(s, loop)
@@ -207,6 +207,7 @@ def train(args: argparse.Namespace, checked: Preflight | None = None) -> dict:
                 s.config.name, s.dataset.num_rows, state["global_step"], args.max_train_steps,
                 args.train_batch_size, args.gradient_accumulation_steps, acc.num_processes)
     first_epoch = state["epoch"]
+    loop.started = time.perf_counter()  # training time: set-up (loading, the first scenes) not counted
     while state["global_step"] < args.max_train_steps:
         run_epoch(s, loop, loader, null_text, announce=state["epoch"] == first_epoch)
     bar.close()

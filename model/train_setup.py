@@ -144,6 +144,7 @@ class Session:
     lineage: dict
     resume: str | None
     originals: dict[str, torch.nn.Module] = field(default_factory=dict)  # fp32 frozen modules, saved in pipeline/
+    stepped_lr: float | None = None  # the learning rate of the last optimizer step (loss.csv logs it)
 
 
 def freeze_encoders(pipe: SpaTextPipeline, dtype: torch.dtype) -> dict[str, torch.nn.Module]:

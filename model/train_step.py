@@ -91,6 +91,8 @@ def micro_step(s: Session, batch: dict, null_text: torch.Tensor, micro: int) -> 
         acc.backward(loss)
         if acc.sync_gradients and s.args.max_grad_norm > 0:
             acc.clip_grad_norm_(s.unet.parameters(), s.args.max_grad_norm)
+        if acc.sync_gradients:  # the rate this optimizer step uses (the scheduler moves on right after it)
+            s.stepped_lr = s.optimizer.param_groups[0]["lr"]
         s.optimizer.step()
         s.lr_scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import logging
 import os
 import subprocess
@@ -106,3 +107,16 @@ def test_train_prints_the_prior_report(demo_shards, tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "prior: held-out cosine" in done.stderr
+    assert "random weights in this run: clip" in done.stderr  # the demo shards were embedded by a random CLIP
+    record = json.loads((tmp_path / "prior" / "run.json").read_text())
+    assert set(record["args"]) == {"data", "config", "output", "max_train_steps", "train_batch_size",
+                                   "learning_rate", "seed"}  # not the denoiser's scheduler / EMA / clipping flags
+    assert "cosine decay" in record["optimization"] and record["random_init"]
+    assert record["metrics"]["batch_size_used"] == min(256, record["metrics"]["num_train"])
+    assert record["lineage"]["shard_files"] and all(os.path.exists(f) for f in record["lineage"]["shard_files"])
+    again = subprocess.run(  # a second prior run into the same folder is refused, as for a denoiser
+        [sys.executable, "-m", "spatext.cli", "train", "--data", str(demo_shards), "--config", "prior-tiny",
+         "--output", str(tmp_path / "prior"), "--max-train-steps", "5"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )
+    assert again.returncode == 2 and "already holds a run" in again.stderr

@@ -407,3 +407,22 @@ def test_resume_compares_path_flags_as_the_files_they_name(tmp_path, monkeypatch
     other = argparse.Namespace(data="data", config="latent-tiny", prior=None, seed=1)  # b/data, not a/data
     assert changed_flags(other, saved, saved_cwd=str(tmp_path / "a")) == [
         "--data 'data' (run: 'data')", "--seed 1 (run: 0)"]
+
+
+def test_the_loss_log_records_the_learning_rate_each_step_used(demo_shards, base, tmp_path):
+    """loss.csv logged the scheduler's next rate: with warm-up, step 1 (which trains at 0) showed the second step's."""
+    from diffusers.optimization import get_scheduler
+
+    out = tmp_path / "lr"
+    assert run_train(_argv(str(demo_shards), base, out, "latent-tiny", 4, "--lr-scheduler", "linear",
+                           "--lr-warmup-steps", "2", "--ema-decay", "0")) == 0
+    with open(out / "logs" / "loss.csv") as f:
+        logged = [float(r["lr"]) for r in csv.DictReader(f)]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)  # the reference schedule
+    schedule = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=4)
+    expected = []
+    for _ in range(4):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert logged == pytest.approx(expected) and expected[0] == 0.0
