@@ -146,9 +146,17 @@ def _spatext_generator(spec: GenerateSpec) -> tuple[Generator, dict]:
     height = spec.settings.height or pipe.default_size[0]
     width = spec.settings.width or pipe.default_size[1]
 
+    dropped: dict[str, list[int]] = {}
+
     def one(sample: BenchmarkSample, generator: torch.Generator) -> np.ndarray:
-        """Generate one sample's image through the SpaText pipeline."""
-        scene = Scene(sample.prompt, [(sample.masks == r.index, r.prompt) for r in sample.regions])
+        """Generate one sample's image through the SpaText pipeline. A region with no pixel at the denoiser's
+        resolution (smaller than a latent cell: common in the `all` protocol) cannot condition it: it is left out of
+        the scene, recorded in ``dropped`` (generation.json: ``regions_dropped``), and scored like every region."""
+        regions = [(sample.masks == r.index, r.prompt) for r in sample.regions]
+        visible = pipe.visible_regions(Scene(sample.prompt, regions), (height, width))
+        if not all(visible):
+            dropped[sample.key] = [r.index for r, kept in zip(sample.regions, visible, strict=True) if not kept]
+        scene = Scene(sample.prompt, [region for region, kept in zip(regions, visible, strict=True) if kept])
         out = pipe(sample.prompt, scene=scene, height=height, width=width, generator=generator, output_type="np",
                    num_inference_steps=spec.settings.steps, guidance_scale=spec.settings.guidance)
         return (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
@@ -156,7 +164,7 @@ def _spatext_generator(spec: GenerateSpec) -> tuple[Generator, dict]:
     model = {"run": spec.run, "pipeline": os.path.join(spec.run, "pipeline"), **_run_label(spec.run)}
     if spec.weights_label:
         model["weights"] = spec.weights_label
-    return one, {**model, "generated_size": [height, width]}
+    return one, {**model, "generated_size": [height, width], "regions_dropped": dropped}
 
 
 def _base_generator(spec: GenerateSpec) -> tuple[Generator, dict]:
@@ -311,6 +319,11 @@ def generate(spec: GenerateSpec) -> dict:
     }
     with open(os.path.join(spec.out, INFO), "w", encoding="utf-8") as handle:
         json.dump(info, handle, indent=2, sort_keys=True)
+    dropped = model.get("regions_dropped") or {}
+    if dropped:
+        logger.warning("generate %s: %d region(s) of %d sample(s) have no pixel at the model's resolution and were "
+                       "left out of their scenes (generation.json model.regions_dropped; scored all the same)",
+                       spec.method, sum(len(v) for v in dropped.values()), len(dropped))
     logger.info("generate %s: %d images -> %s", spec.method, len(images), spec.out)
     return info
 

@@ -169,6 +169,10 @@ def _generation_lines(result: dict) -> list[str]:
             f"; seed {info.get('seed')}, {settings.get('steps')} steps, guidance {settings.get('guidance')}, "
             f"generated at {model.get('generated_size')} (height, width), resized: {info.get('resize')}")
         perturb = f"; masks perturbed: {info['mask_perturb']}" if info.get("mask_perturb") else ""
+        dropped = model.get("regions_dropped") or {}
+        if dropped:
+            perturb += (f"; {sum(len(v) for v in dropped.values())} region(s) of {len(dropped)} sample(s) left out "
+                        "of the scenes: no pixel at the model's resolution (scored all the same)")
         lines.append(f"- {method['label']}: weights {model.get('weights')}{sampling}{perturb}; "
                      f"versions {json.dumps(info.get('versions', {}), sort_keys=True)}")
     return lines

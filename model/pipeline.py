@@ -247,6 +247,16 @@ class SpaTextPipeline(DiffusionPipeline):
             check_regions_visible(small[i], s, f"the model's resolution {size[0]}x{size[1]} (scene {i})")
         return build_st(small, embeddings)
 
+    def visible_regions(self, scene: Scene, image_size: tuple[int, int]) -> list[bool]:
+        """Per region of ``scene``, whether it keeps a pixel at the image size and then at the denoiser's resolution
+        (what ``prepare_st`` checks; the eval drops the others from a benchmark scene instead of failing, and records
+        them)."""
+        size = (image_size[0] // self.vae_scale_factor, image_size[1] // self.vae_scale_factor)
+        label_map = torch.from_numpy(rasterise(scene, image_size, check=False))[None]
+        small = downsample_label_map(label_map, size, num_segments=max(1, len(scene.regions)))
+        present = set(small.unique().tolist())
+        return [i in present for i in range(1, len(scene.regions) + 1)]
+
     def prepare_latents(
         self, batch: int, size: tuple[int, int], dtype: torch.dtype, device: torch.device, generator: Any,
         latents: torch.Tensor | None,

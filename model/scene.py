@@ -92,16 +92,18 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)) >= 128
 
 
-def rasterise(scene: Scene, size: tuple[int, int]) -> np.ndarray:
+def rasterise(scene: Scene, size: tuple[int, int], check: bool = True) -> np.ndarray:
     """The index map (height x width, int64) of ``scene``: 0 = no region, i = ``scene.regions[i - 1]``, later on top.
 
-    Masks of another size are resized (nearest). Raises ValueError when a region has no pixel in the map.
+    Masks of another size are resized (nearest). Raises ValueError when a region has no pixel in the map (unless
+    ``check`` is False: the caller asks which regions survive).
     """
     height, width = _check_size(size)
     index_map = np.zeros((height, width), dtype=np.int64)
     for i, region in enumerate(scene.regions, start=1):
         index_map[_resize_mask(region.mask, (height, width))] = i
-    check_regions_visible(index_map, scene, f"{height}x{width}")
+    if check:
+        check_regions_visible(index_map, scene, f"{height}x{width}")
     return index_map
 
 

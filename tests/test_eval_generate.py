@@ -164,6 +164,36 @@ def test_generate_spatext_run(bench, base, tmp_path) -> None:
     assert info["model"]["weights"] == "unknown (no run.json)" and info["model"]["generated_size"] == [32, 32]
 
 
+def test_spatext_leaves_out_regions_smaller_than_a_latent_cell_and_records_them(bench, base, tmp_path) -> None:
+    """The `all` protocol's tiny segments stopped `generate --method spatext` ("no pixel at the model's resolution")."""
+    import dataclasses
+
+    from spatext.eval.generate import _spatext_generator
+    from spatext.model.scene import Scene
+
+    clip = load_clip(ClipSpec(model="spatext-tiny", pretrained="none"))
+    prior = PriorModel(prior_config={"embed_dim": 64, "hidden_dim": 32, "num_layers": 1})
+    pipe = build_pipeline("latent-tiny", base, LocalPromptEncoder.from_clip(clip), prior.eval())
+    pipe.save_pretrained(str(tmp_path / "run" / "pipeline"), safe_serialization=True)
+    sample = load_benchmark(str(bench))[0]
+    masks = np.zeros_like(sample.masks)
+    masks[: masks.shape[0] // 2] = 1  # region 1: the top half
+    masks[-1, -1] = 2  # region 2 (if any): one pixel, less than a latent cell
+    regions = (dataclasses.replace(sample.regions[0], index=1), dataclasses.replace(sample.regions[0], index=2,
+                                                                                     prompt="a dot"))
+    tiny = dataclasses.replace(sample, masks=masks, regions=regions)
+    scene = Scene(tiny.prompt, [(masks == r.index, r.prompt) for r in regions])
+    assert pipe.visible_regions(scene, (32, 32)) == [True, False]
+    spec = GenerateSpec(benchmark=str(bench), method="spatext", out=str(tmp_path / "g"), run=str(tmp_path / "run"),
+                        settings=dataclasses.replace(GenerateSpec.settings, steps=1))
+    one, model = _spatext_generator(spec)
+    image = one(tiny, torch.Generator().manual_seed(0))
+    assert image.dtype == np.uint8 and image.ndim == 3
+    assert model["regions_dropped"] == {tiny.key: [2]}
+    with pytest.raises(ValueError, match="has no pixel at"):  # what the pipeline alone does
+        pipe(tiny.prompt, scene=scene, height=32, width=32, num_inference_steps=1)
+
+
 def test_tiny_base_marker_labels_the_weights(base, tmp_path) -> None:
     """The tiny base model says its weights are random; generate's label follows it unless told otherwise."""
     marker = read_weights_marker(base)
