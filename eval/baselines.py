@@ -6,8 +6,9 @@
   text encoder's token limit, the global prompt is shortened word by word from its end (``fit_prompt``, logged) so
   that the local prompts are never truncated away.
 - ``ntlb`` (No-Token-Left-Behind-style): the ``concat`` prompt, and at each of the first ``ntlb_steps`` denoising
-  steps, ``ntlb_iterations`` gradient steps on the latents that push each local prompt's cross-attention mass inside
-  its mask, then the regular classifier-free-guided scheduler step. The loss (``attention_loss``) is
+  steps (default: the first half), ``ntlb_iterations`` gradient steps on the latents that push each local prompt's
+  cross-attention mass inside its mask, then the regular classifier-free-guided scheduler step. The loss
+  (``attention_loss``) is
 
   .. math:: L = \\sum_r 1 - \\frac{\\sum_{p} m_r(p) A_r(p)}{\\sum_p A_r(p)}
 
@@ -198,9 +199,14 @@ class SampleSettings:
     guidance: float = 7.5
     height: int | None = None  # None = the model's size
     width: int | None = None
-    ntlb_steps: int = 25  # denoising steps (from the first) that get the latent optimisation
+    ntlb_steps: int | None = None  # denoising steps (from the first) optimised; None: the first half of `steps`
     ntlb_iterations: int = 1  # gradient steps per such denoising step
     ntlb_step_size: float = 20.0
+
+    @property
+    def optimised_steps(self) -> int:
+        """The denoising steps (from the first) that get ntlb's latent optimisation."""
+        return self.steps // 2 if self.ntlb_steps is None else min(self.ntlb_steps, self.steps)
 
 
 def sample_text(pipe: StableDiffusionPipeline, prompt: str, settings: SampleSettings,
@@ -237,7 +243,7 @@ def sample_ntlb(pipe: StableDiffusionPipeline, prompt: str, masks: np.ndarray, l
     history: list[float] = []
     # 3. Denoising loop: latent optimisation on the first ntlb_steps steps, then a guided scheduler step
     for i, t in enumerate(pipe.scheduler.timesteps):
-        if i < settings.ntlb_steps:
+        if i < settings.optimised_steps:
             latents, losses = optimise_latents(pipe, latents, t, cond, region_masks.to(device), positions,
                                                settings.ntlb_step_size, settings.ntlb_iterations)
             history += losses

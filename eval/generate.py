@@ -104,8 +104,16 @@ class GenerateSpec:
             raise ValueError(f"--method {self.method} needs --base-model DIR (a Stable-Diffusion-like model)")
         if self.settings.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.settings.steps}")
-        if self.settings.ntlb_steps < 0 or self.settings.ntlb_iterations < 1:
+        ntlb_steps = self.settings.ntlb_steps
+        if (ntlb_steps is not None and ntlb_steps < 0) or self.settings.ntlb_iterations < 1:
             raise ValueError("--ntlb-steps must be >= 0 and --ntlb-iterations >= 1")
+        if self.method == "ntlb" and ntlb_steps is not None and ntlb_steps >= self.settings.steps:
+            logger.warning("--ntlb-steps %d >= --steps %d: every denoising step gets the latent optimisation (NTLB "
+                           "optimises the first steps only; the default is half of --steps)", self.settings.ntlb_steps,
+                           self.settings.steps)
+        if self.mask_perturb is not None and self.method in ("global-only", "concat"):
+            raise ValueError(f"--mask-perturb does not apply to --method {self.method}: it uses no masks (perturbing "
+                             "would only drop the local prompts of regions that vanish)")
 
 
 def sample_seed(seed: int, key: str) -> int:
@@ -357,7 +365,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None, help="generation height (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="generation width (default: the model's)")
     parser.add_argument("--ntlb-steps", type=int, default=defaults.ntlb_steps,
-                        help="ntlb: the first N denoising steps get the latent optimisation")
+                        help="ntlb: the first N denoising steps get the latent optimisation (default: half of --steps)")
     parser.add_argument("--ntlb-iterations", type=int, default=defaults.ntlb_iterations,
                         help="ntlb: gradient steps on the latents per optimised denoising step")
     parser.add_argument("--ntlb-step-size", type=float, default=defaults.ntlb_step_size,

@@ -169,6 +169,11 @@ def _generation_lines(result: dict) -> list[str]:
             f"; seed {info.get('seed')}, {settings.get('steps')} steps, guidance {settings.get('guidance')}, "
             f"generated at {model.get('generated_size')} (height, width), resized: {info.get('resize')}")
         perturb = f"; masks perturbed: {info['mask_perturb']}" if info.get("mask_perturb") else ""
+        if info["method"] == "ntlb":
+            steps = settings.get("ntlb_steps")
+            steps = settings.get("steps", 0) // 2 if steps is None else min(steps, settings.get("steps", steps))
+            perturb += (f"; latent optimisation on the first {steps} steps, {settings.get('ntlb_iterations')} "
+                        f"iteration(s) of step size {settings.get('ntlb_step_size')}")
         dropped = model.get("regions_dropped") or {}
         if dropped:
             perturb += (f"; {sum(len(v) for v in dropped.values())} region(s) of {len(dropped)} sample(s) left out "
@@ -205,7 +210,13 @@ def bar_chart(result: dict, name: str, path: str) -> None:
         values.append(math.nan if mean is None else mean)
         errors.append(error_bars(mean, summary.get("ci_low"), summary.get("ci_high")))
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 3))
-    ax.bar(labels, np.nan_to_num(values), yerr=np.array(errors).T, capsize=4, color="tab:blue")
+    positions = np.arange(len(labels))  # one slot per row, even when labels repeat
+    measured = [i for i, v in enumerate(values) if not math.isnan(v)]
+    ax.bar(positions[measured], [values[i] for i in measured], yerr=np.array(errors)[measured].T if measured else None,
+           capsize=4, color="tab:blue")
+    for i in sorted(set(range(len(values))) - set(measured)):  # no bar: a zero bar would read as the worst score
+        ax.annotate("not\nmeasured", (i, 0), ha="center", va="bottom", fontsize=8, color="grey")
+    ax.set_xticks(positions, labels)
     ax.set_title(TITLES[name])
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()

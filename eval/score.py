@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -285,6 +286,19 @@ def _sensitivity(base: dict, perturbed: dict, vanished: int) -> dict:
     return out
 
 
+def unique_labels(rows: list[dict]) -> None:
+    """Rows that share a label (two runs of one method, e.g. other seeds or settings) get their folder's name appended,
+    `ntlb [ntlb0]`, so that tables and charts tell them apart (a chart drew one bar over the other); in place."""
+    counts = Counter(row["label"] for row in rows)
+    for row in rows:
+        if counts[row["label"]] > 1:
+            row["label"] = f"{row['label']} [{os.path.basename(row['generations'].rstrip(os.sep))}]"
+    counts = Counter(row["label"] for row in rows)
+    for row in rows:  # folders of one name under different parents: number them
+        if counts[row["label"]] > 1:
+            row["label"] = f"{row['label']} #{rows.index(row) + 1}"
+
+
 def score(spec: ScoreSpec) -> dict:
     """Score every generations folder and write the report; return the report's content."""
     from spatext.eval.report import write_report
@@ -301,6 +315,7 @@ def score(spec: ScoreSpec) -> dict:
     rows = [scorer.score_folder(path, info)
             for path, info in tqdm(zip(spec.generations, infos, strict=True), desc="score", unit="method",
                                    total=len(infos))]
+    unique_labels(rows)
     clip_label = f"{spec.clip.model} / {scorer.clip.pretrained_label}"
     result = {
         "benchmark": {"path": os.path.abspath(spec.benchmark), "protocol": bench_info.get("protocol"),

@@ -23,6 +23,7 @@ from spatext.eval.baselines import (
 )
 from spatext.eval.benchmark_set import BenchmarkSpec, file_stem, load_benchmark, make_benchmark
 from spatext.eval.generate import GenerateSpec, base_weights_label, read_generations, sample_seed
+from spatext.eval.masks import parse_perturb
 from spatext.model.pipeline import LocalPromptEncoder, PriorModel, build_pipeline
 from spatext.model.tiny_base import WEIGHTS_MARKER, read_weights_marker, write_tiny_base_model
 from spatext.pipeline.clip import RANDOM_INIT_LABEL, ClipSpec, load_clip
@@ -149,6 +150,18 @@ def test_generate_with_perturbed_masks_records_it(bench, base, tmp_path) -> None
             "--ntlb-steps", "1", "--mask-perturb", "dilate:3", "--out", str(tmp_path / "ntlb-dilated")]
     assert cli.main(argv) == 0
     assert _check_folder(tmp_path / "ntlb-dilated", bench, "ntlb")["mask_perturb"] == "dilate:3"
+    for method in ("global-only", "concat"):  # no masks: perturbing would only drop local prompts
+        with pytest.raises(ValueError, match=f"--mask-perturb does not apply to --method {method}: it uses no masks"):
+            GenerateSpec(benchmark=str(bench), method=method, out="o", base_model=base,
+                         mask_perturb=parse_perturb("erode:2"))
+
+
+def test_ntlb_optimises_the_first_half_of_the_steps_by_default() -> None:
+    from spatext.eval.baselines import SampleSettings
+
+    assert SampleSettings(steps=10).optimised_steps == 5 and SampleSettings(steps=50).optimised_steps == 25
+    assert SampleSettings(steps=10, ntlb_steps=3).optimised_steps == 3
+    assert SampleSettings(steps=10, ntlb_steps=40).optimised_steps == 10
 
 
 def test_generate_spatext_run(bench, base, tmp_path) -> None:

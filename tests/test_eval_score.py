@@ -267,3 +267,29 @@ def test_missing_weights_offline_are_one_line_cli_errors(generations, tmp_path, 
     monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
     assert cli.main([*base, "--clip-model", "spatext-tiny", "--clip-pretrained", "none"]) == 2  # default inception
     assert "--inception-weights PATH" in _one_error_line(capsys.readouterr().err)
+
+
+def test_rows_of_one_method_get_labels_that_tell_them_apart() -> None:
+    rows = [{"label": "ntlb", "generations": "/g/ntlb"}, {"label": "ntlb", "generations": "/g/ntlb0/"},
+            {"label": "concat", "generations": "/g/concat"}, {"label": "ntlb", "generations": "/h/ntlb"}]
+    score.unique_labels(rows)
+    assert [r["label"] for r in rows] == ["ntlb [ntlb] #1", "ntlb [ntlb0]", "concat", "ntlb [ntlb] #4"]
+
+
+def test_bar_chart_draws_one_slot_per_row_and_no_bar_for_an_unmeasured_metric(tmp_path, monkeypatch) -> None:
+    """Equal labels shared one x position (a bar hidden behind another); an unmeasured metric was a zero bar."""
+    import matplotlib.axes
+
+    drawn = {}
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):
+        drawn["x"], drawn["height"] = list(x), list(height)
+        return real_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    methods = [{"label": label, "fid": {}, "metrics": {"local_iou": summary}}
+               for label, summary in (("a", {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}), ("a", None),
+                                      ("b", {"mean": 0.25, "ci_low": None, "ci_high": None}))]
+    bar_chart({"methods": methods, "random_weights": []}, "local_iou", str(tmp_path / "bars.png"))
+    assert drawn == {"x": [0, 2], "height": [0.5, 0.25]} and (tmp_path / "bars.png").is_file()
