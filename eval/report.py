@@ -234,17 +234,25 @@ def scene_image(sample: BenchmarkSample) -> np.ndarray:
     return out
 
 
+def region_lines(sample: BenchmarkSample, most: int = 3, width: int = 40) -> list[str]:
+    """The scene column's caption: at most `most` lines of `index: prompt` (then '+N more'), each cut to `width`
+    characters, so that it fits the space above its tile (more lines ran into the row above)."""
+    lines = [f"{g.index}: {g.prompt}" for g in sample.regions]
+    lines = [line if len(line) <= width else line[: width - 3] + "..." for line in lines]
+    return lines if len(lines) <= most else [*lines[: most - 1], f"+{len(lines) - most + 1} more"]
+
+
 def image_grid(result: dict, samples: list[BenchmarkSample], count: int, path: str) -> None:
     """Rows = the first ``count`` samples; columns = the coloured scene masks, then each method's image."""
     from PIL import Image
 
     rows = samples[:count]
     methods = result["methods"]
-    fig, axes = plt.subplots(len(rows), 1 + len(methods), figsize=(2.2 * (1 + len(methods)), 2.4 * len(rows)),
+    fig, axes = plt.subplots(len(rows), 1 + len(methods), figsize=(2.2 * (1 + len(methods)), 2.8 * len(rows)),
                              squeeze=False)
     for r, sample in enumerate(rows):
         axes[r][0].imshow(scene_image(sample))
-        axes[r][0].set_title("\n".join(f"{g.index}: {g.prompt}" for g in sample.regions)[:120], fontsize=6)
+        axes[r][0].set_title("\n".join(region_lines(sample)), fontsize=6)
         for c, method in enumerate(methods, start=1):
             image_path = os.path.join(method["generations"], "images", f"{file_stem(sample.key)}.png")
             with Image.open(image_path) as picture:

@@ -293,3 +293,14 @@ def test_bar_chart_draws_one_slot_per_row_and_no_bar_for_an_unmeasured_metric(tm
                                       ("b", {"mean": 0.25, "ci_low": None, "ci_high": None}))]
     bar_chart({"methods": methods, "random_weights": []}, "local_iou", str(tmp_path / "bars.png"))
     assert drawn == {"x": [0, 2], "height": [0.5, 0.25]} and (tmp_path / "bars.png").is_file()
+
+
+def test_the_grid_caption_of_a_scene_fits_three_lines() -> None:
+    from spatext.eval.benchmark_set import BenchmarkRegion, BenchmarkSample
+
+    regions = tuple(BenchmarkRegion(i, "a very long local prompt about a striped umbrella" if i == 1 else f"r{i}",
+                                    0.1) for i in range(1, 6))
+    sample = BenchmarkSample("k", "p", regions, np.zeros((2, 2), np.uint8), np.zeros((2, 2, 3), np.uint8))
+    assert report.region_lines(sample) == ["1: a very long local prompt about a s...", "2: r2", "+3 more"]  # 40 wide
+    assert report.region_lines(sample.__class__("k", "p", regions[1:3], sample.masks, sample.reference)) == [
+        "2: r2", "3: r3"]
