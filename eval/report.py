@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spatext.eval.benchmark_set import BenchmarkSample, file_stem  # noqa: E402
+from spatext.eval.benchmark_set import BenchmarkSample  # noqa: E402
 
 PUBLISHED_NOTE = "published, not measured"
 # ZestGuide (ICCV 2023), COCO-Stuff val, "SD w/ SpaText" (DESIGN.md, "Metrics").
@@ -250,11 +250,14 @@ def image_grid(result: dict, samples: list[BenchmarkSample], count: int, path: s
     methods = result["methods"]
     fig, axes = plt.subplots(len(rows), 1 + len(methods), figsize=(2.2 * (1 + len(methods)), 2.8 * len(rows)),
                              squeeze=False)
+    from spatext.eval.generate import read_generations  # lazy: generate imports the models
+
+    images = [read_generations(method["generations"])["images"] for method in methods]  # generation.json's paths
     for r, sample in enumerate(rows):
         axes[r][0].imshow(scene_image(sample))
         axes[r][0].set_title("\n".join(region_lines(sample)), fontsize=6)
         for c, method in enumerate(methods, start=1):
-            image_path = os.path.join(method["generations"], "images", f"{file_stem(sample.key)}.png")
+            image_path = os.path.join(method["generations"], images[c - 1][sample.key])
             with Image.open(image_path) as picture:
                 axes[r][c].imshow(np.array(picture.convert("RGB")))
             if r == 0:

@@ -304,3 +304,27 @@ def test_the_grid_caption_of_a_scene_fits_three_lines() -> None:
     assert report.region_lines(sample) == ["1: a very long local prompt about a s...", "2: r2", "+3 more"]  # 40 wide
     assert report.region_lines(sample.__class__("k", "p", regions[1:3], sample.masks, sample.reference)) == [
         "2: r2", "3: r3"]
+
+
+def test_the_grid_reads_images_where_generation_json_puts_them(generations, tmp_path, monkeypatch) -> None:
+    """The grid rebuilt each path as images/KEY.png: a folder mapping its images elsewhere failed after scoring."""
+    bench, folders = generations
+    moved = tmp_path / "moved"
+    shutil.copytree(folders[0], moved)
+    info = json.loads((moved / "generation.json").read_text())
+    (moved / "pictures").mkdir()
+    for key, path in info["images"].items():
+        (moved / path).rename(moved / "pictures" / f"{key}.png")
+        info["images"][key] = f"pictures/{key}.png"
+    (moved / "generation.json").write_text(json.dumps(info))
+    from PIL import Image
+
+    samples = load_benchmark(str(bench))
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    report.image_grid({"methods": [{"label": "m", "generations": str(moved)}], "random_weights": []}, samples, 2,
+                      str(tmp_path / "grid.png"))
+    assert [p for p in opened if p.startswith(str(moved))] == [
+        str(moved / "pictures" / f"{s.key}.png") for s in samples[:2]]
+    assert (tmp_path / "grid.png").is_file()
