@@ -170,8 +170,10 @@ def _generation_lines(result: dict) -> list[str]:
             f"generated at {model.get('generated_size')} (height, width), resized: {info.get('resize')}")
         perturb = f"; masks perturbed: {info['mask_perturb']}" if info.get("mask_perturb") else ""
         if info["method"] == "ntlb":
-            steps = settings.get("ntlb_steps")
-            steps = settings.get("steps", 0) // 2 if steps is None else min(steps, settings.get("steps", steps))
+            from spatext.eval.baselines import SampleSettings  # lazy: baselines imports diffusers
+
+            ntlb = SampleSettings(steps=settings.get("steps", 0), ntlb_steps=settings.get("ntlb_steps"))
+            steps = ntlb.optimised_steps
             perturb += (f"; latent optimisation on the first {steps} steps, {settings.get('ntlb_iterations')} "
                         f"iteration(s) of step size {settings.get('ntlb_step_size')}")
         dropped = model.get("regions_dropped") or {}

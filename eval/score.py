@@ -294,9 +294,9 @@ def unique_labels(rows: list[dict]) -> None:
         if counts[row["label"]] > 1:
             row["label"] = f"{row['label']} [{os.path.basename(row['generations'].rstrip(os.sep))}]"
     counts = Counter(row["label"] for row in rows)
-    for row in rows:  # folders of one name under different parents: number them
+    for number, row in enumerate(rows, start=1):  # folders of one name under different parents: number them
         if counts[row["label"]] > 1:
-            row["label"] = f"{row['label']} #{rows.index(row) + 1}"
+            row["label"] = f"{row['label']} #{number}"
 
 
 def score(spec: ScoreSpec) -> dict:

@@ -19,7 +19,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult
 
-from spatext.device import check_device as check_torch_device
+from spatext.device import check_device
 from spatext.pipeline.clip import RANDOM_INIT_LABEL as CLIP_RANDOM_INIT_LABEL
 from spatext.pipeline.clip import ClipEmbedder, ClipSpec, check_pretrained, clip_embed_dim
 from spatext.pipeline.config import BuildConfig, parse_args
@@ -266,11 +266,6 @@ def check_detectron2() -> None:
         import_detectron2()
     except ImportError as exc:
         raise ValueError(str(exc)) from exc  # the hint names the flag
-
-
-def check_device(device: str) -> None:
-    """ValueError at launch when --device names a GPU this machine lacks (instead of a CUDA error in a worker)."""
-    check_torch_device(device)
 
 
 def warn_if_device_would_idle(config: BuildConfig, options: PipelineOptions) -> bool:

@@ -28,7 +28,7 @@ class SerialSegmenter(Segmenter):
     Beam shares one model among a process's worker threads (``multi_threading``) and a model server serves each
     worker process on a thread of its own. PyTorch releases the GIL around every operator, so threads that launch a
     model's kernels at once hand the GIL back and forth at every operator. On a CPU that convoy is measurable
-    (``benchmarks/shared_model.py``: 8 threads ran a small Mask2Former at 0.54 of one thread's rate); on an H100,
+    (``benchmarks/shared_model.py``: 8 threads ran a small Mask2Former at 42 calls/s, one thread at 71); on an H100,
     Mask2Former fed by 8 worker processes through one server (before this lock) ran at 28 img/s against 76 img/s
     for one caller. Under the lock the other callers wait without contending.
     """
