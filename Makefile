@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Free disk (GB) a new .venv needs: PyTorch's x86_64 wheels bring ~4 GB of CUDA libraries (6.5 GB in all); checked
+# first, so a full disk is named instead of failing midway through pip.
+SETUP_GB ?= 8
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -11,6 +14,9 @@ export TOKENIZERS_PARALLELISM ?= false
 setup: $(STAMP)
 
 $(STAMP): requirements.txt constraints.txt setup.py
+	@test -x $(PY) || { free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); [ "$$free" -ge $(SETUP_GB) ] || \
+		{ echo "make: a new .venv needs about $(SETUP_GB) GB of free disk, $$free GB free here (SETUP_GB=N to override)" >&2; \
+		exit 1; }; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
