@@ -35,13 +35,15 @@ from torchvision.transforms import v2
 
 from spatext.eval.errors import ModelLoadError
 from spatext.pipeline.clip import ClipModel, encode_pixels
-from spatext.pipeline.weights import read_state_dict
+from spatext.pipeline.weights import file_sha256, read_state_dict
 
 logger = logging.getLogger(__name__)
 
 EXTRACTORS = ("inception", "clip")
 INCEPTION_FEATURES = 2048
 INCEPTION_SIZE = 299
+# torch-fidelity's file is weights-inception-2015-12-05-6726825d.pth: torch hub names files by their sha256's start.
+STANDARD_INCEPTION_SHA256_PREFIX = "6726825d"
 _CONVERSIONS = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb")  # PIL-only steps, skipped
 
 
@@ -132,6 +134,20 @@ def _inception_fid(weights: str | None, antialias: bool) -> FrechetInceptionDist
             raise ValueError(f"--inception-weights {weights!r} does not fit the FID Inception-v3: {e}") from e
 
 
+def inception_weights_description(path: str | None) -> dict:
+    """How a report names the Inception weights: torch-fidelity's download, or a local file by its absolute path and
+    sha256, with ``comparable`` saying whether that is the standard file (its sha256 starts with the prefix in the
+    standard file's name). A FID from other weights is not comparable with published FIDs, and reports say so."""
+    if path is None:
+        return {"weights": "torch-fidelity FID Inception weights (download / torch hub cache)", "comparable": True}
+    sha256 = file_sha256(path)
+    standard = sha256.startswith(STANDARD_INCEPTION_SHA256_PREFIX)
+    what = ("the standard FID Inception file" if standard else
+            f"NOT the standard FID Inception file (its sha256 starts with {STANDARD_INCEPTION_SHA256_PREFIX})")
+    return {"weights": f"{os.path.abspath(path)} (sha256 {sha256[:16]}…, {what})", "weights_sha256": sha256,
+            "comparable": standard}
+
+
 def make_fid(
     extractor: str = "inception",
     inception_weights: str | None = None,
@@ -150,7 +166,8 @@ def make_fid(
         )
         description = {
             "extractor": "inception-v3 (FID, torchmetrics / torch-fidelity)",
-            "weights": inception_weights or "torch-fidelity FID Inception weights (download / torch hub cache)",
+            "name": "FID",
+            **inception_weights_description(inception_weights),
             "resize": resize,
             "feature_dim": INCEPTION_FEATURES,
         }
@@ -161,7 +178,9 @@ def make_fid(
         metric = FrechetInceptionDistance(feature=features)
         description = {
             "extractor": f"clip:{clip.spec.model} (L2-normalised image embeddings; not comparable to Inception FID)",
+            "name": f"FID on CLIP {clip.spec.model} features",
             "weights": clip.pretrained_label,
+            "comparable": False,
             "resize": features.resize_mode,
             "feature_dim": features.num_features,
         }

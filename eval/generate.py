@@ -65,6 +65,7 @@ from spatext.eval.benchmark_set import (
 from spatext.eval.masks import MaskPerturbation, perturb_masks, region_indices
 from spatext.eval.outputs import a_few, only_files_with_suffix, refuse_inputs
 from spatext.model.tiny_base import WEIGHTS_MARKER, read_weights_marker
+from spatext.pipeline.weights import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -126,17 +127,19 @@ def sample_generator(seed: int, key: str, device: str = "cpu") -> torch.Generato
     return torch.Generator(device=device).manual_seed(sample_seed(seed, key))
 
 
-def file_sha256(path: str) -> str:
-    """sha256 of a file's bytes."""
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+UNKNOWN_PROVENANCE = "provenance not given"  # in a weights label: nothing says whether these weights are real
+
+
+def provenance_unknown(weights_label: object) -> bool:
+    """Whether a generation's weights label says nothing about where its weights come from (reports warn of it)."""
+    return UNKNOWN_PROVENANCE in str(weights_label)
 
 
 def _run_label(run: str) -> dict:
     """What a training run says about its weights (run.json lineage), when it has one."""
     path = os.path.join(run, "run.json")
     if not os.path.isfile(path):
-        return {"weights": "unknown (no run.json)"}
+        return {"weights": f"unknown (no run.json: {UNKNOWN_PROVENANCE})"}
     with open(path, encoding="utf-8") as handle:
         data = json.load(handle)
     lineage = data.get("lineage", {})
@@ -214,7 +217,7 @@ def base_weights_label(base_model: str, weights_label: str | None) -> tuple[str,
     if marker:
         logger.warning("--base-model %s: pretrained: %s (%s)", base_model, marker["pretrained"], WEIGHTS_MARKER)
         return marker["pretrained"], marker
-    return f"as loaded from --base-model {base_model} (provenance not given)", None
+    return f"as loaded from --base-model {base_model} ({UNKNOWN_PROVENANCE})", None
 
 
 def perturb_sample(sample: BenchmarkSample, perturb: MaskPerturbation) -> tuple[BenchmarkSample, int]:

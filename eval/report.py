@@ -52,14 +52,15 @@ def csv_rows(result: dict) -> list[dict]:
     rows = []
     for method in result["methods"]:
         row = {"kind": "measured", "method": method["label"], "protocol": result["benchmark"]["protocol"],
-               "num_images": method["num_images"], "fid": method["fid"].get("fid")}
+               "num_images": method["num_images"], "fid": method["fid"].get("fid"), "fid_name": fid_name(result),
+               "fid_comparable": result["fid"].get("comparable", True)}
         for name in METRICS:
             summary = method["metrics"].get(name) or {}
             for field in ("mean", "ci_low", "ci_high"):
                 row[f"{name}_{field}" if field != "mean" else name] = summary.get(field)
         rows.append(row)
     for published in PUBLISHED:
-        rows.append({"kind": PUBLISHED_NOTE, **published})
+        rows.append({"kind": PUBLISHED_NOTE, **published, "fid_name": "FID", "fid_comparable": True})
     return rows
 
 
@@ -100,11 +101,42 @@ def _fmt(summary: dict | None) -> str:
     return f"{summary['mean']:.4f} [{summary['ci_low']:.4f}, {summary['ci_high']:.4f}]"
 
 
+def fid_name(result: dict) -> str:
+    """What the report calls its FID: "FID" for Inception features, else the features it was computed on."""
+    return result["fid"].get("name", "FID")
+
+
+def title(result: dict, name: str) -> str:
+    """A metric's chart title."""
+    return f"{fid_name(result)} (lower is better)" if name == "fid" else TITLES[name]
+
+
 def random_weights_note(result: dict) -> str | None:
-    """The one-line random-weights note of the report and its figures (None when every weight was real)."""
-    if not result.get("random_weights"):
-        return None
-    return f"random weights: {', '.join(result['random_weights'])} (pretrained: none (random init))"
+    """The one-line weights note of the report's figures: random weights and weights of unknown provenance (None
+    when every weight is known to be real)."""
+    parts = []
+    if result.get("random_weights"):
+        parts.append(f"random weights: {', '.join(result['random_weights'])} (pretrained: none (random init))")
+    if result.get("unknown_provenance"):
+        parts.append(f"weights of unknown provenance: {', '.join(result['unknown_provenance'])}")
+    return "; ".join(parts) or None
+
+
+def weights_lines(result: dict) -> list[str]:
+    """report.md's warnings about the weights behind the numbers: random, of unknown provenance, or an FID that is
+    not comparable with published (standard Inception) FIDs."""
+    lines = []
+    if result.get("random_weights"):
+        lines.append(f"- **random weights**: {', '.join(result['random_weights'])} — pretrained: none (random init); "
+                     "the values test the code path, not the methods (the figures say so too)")
+    if result.get("unknown_provenance"):
+        lines.append(f"- **weights of unknown provenance**: {', '.join(result['unknown_provenance'])} — nothing "
+                     "records whether they are trained (a base model without spatext_weights.json, a run without "
+                     "run.json); `generate --weights-label` records what they are")
+    if not result["fid"].get("comparable", True):
+        lines.append(f"- **{fid_name(result)} is not comparable with published FIDs**, which use the standard "
+                     f"Inception weights ({result['fid']['extractor']}; weights: {result['fid']['weights']})")
+    return lines
 
 
 def error_bars(mean: float | None, low: float | None, high: float | None) -> tuple[float, float]:
@@ -137,19 +169,20 @@ def markdown(result: dict) -> str:
              f"resize: {result['fid']['resize']}",
              f"- intervals: {settings['interval']}; {settings['bootstrap']} resamples, seed {settings['seed']}",
              f"- versions: {json.dumps(result['fid'].get('versions', {}), sort_keys=True)}"]
-    if result["random_weights"]:
-        lines.append(f"- **random weights**: {', '.join(result['random_weights'])} — pretrained: none (random init); "
-                     "the values test the code path, not the methods (the figures say so too)")
+    lines += weights_lines(result)
     lines += ["", "## Generations", "", *_generation_lines(result)]
-    lines += ["", "## Results", "", "| method | kind | images | FID | Global distance | Local distance | Local IoU |",
+    lines += ["", "## Results", "",
+              f"| method | kind | images | {fid_name(result)} | Global distance | Local distance | Local IoU |",
               "|---|---|---|---|---|---|---|"]
     for method in result["methods"]:
         fid = method["fid"].get("fid")
         lines.append(f"| {method['label']} | measured | {method['num_images']} | "
                      f"{'n/a' if fid is None else f'{fid:.4f}'} (no interval) | "
                      + " | ".join(_fmt(method["metrics"].get(name)) for name in METRICS) + " |")
+    published_fid = "{}" if fid_name(result) == "FID" else "Inception FID {}"  # not in the column's features
     for p in PUBLISHED:
-        lines.append(f"| {p['method']}, eval-{p['protocol']} | *{PUBLISHED_NOTE}* | — | {p['fid']} | "
+        lines.append(f"| {p['method']}, eval-{p['protocol']} | *{PUBLISHED_NOTE}* | — | "
+                     f"{published_fid.format(p['fid'])} | "
                      f"CLIP score {p['clip_score_x100']} (x100 similarity) | — | mIoU {p['miou_percent']}% |")
     lines += ["", f"Note: {COMPARABILITY}", ""]
     lines += _fid_sample_size_lines(result)
@@ -219,7 +252,7 @@ def bar_chart(result: dict, name: str, path: str) -> None:
     for i in sorted(set(range(len(values))) - set(measured)):  # no bar: a zero bar would read as the worst score
         ax.annotate("not\nmeasured", (i, 0), ha="center", va="bottom", fontsize=8, color="grey")
     ax.set_xticks(positions, labels)
-    ax.set_title(TITLES[name])
+    ax.set_title(title(result, name))
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     _add_note(fig, result)

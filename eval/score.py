@@ -34,6 +34,7 @@ import argparse
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,13 +52,14 @@ from spatext.eval.benchmark_set import (
 from spatext.eval.clip_distance import global_pairs, local_pairs
 from spatext.eval.errors import ModelLoadError
 from spatext.eval.fid import EXTRACTORS, fid_summary, fid_update, make_fid
-from spatext.eval.generate import INFO, file_sha256, perturb_sample, read_generations
+from spatext.eval.generate import INFO, perturb_sample, provenance_unknown, read_generations
 from spatext.eval.local_iou import local_iou_pairs
 from spatext.eval.masks import MaskPerturbation
-from spatext.eval.outputs import a_few
+from spatext.eval.outputs import a_few, is_same_or_inside
 from spatext.pipeline.clip import RANDOM_INIT_LABEL, ClipModel, ClipSpec, load_clip
 from spatext.pipeline.records import Segment, Segmentation
 from spatext.pipeline.segmenters import SegmenterSpec, create_segmenter
+from spatext.pipeline.weights import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +236,10 @@ def check_generations(path: str, benchmark: str, samples: list[BenchmarkSample],
         problems.append(f"images of keys not in the benchmark: {len(extra)} ({a_few(extra)})")
     if problems:
         raise ValueError(f"--generations {path!r} does not match --benchmark {benchmark!r}: {'; '.join(problems)}")
+    outside = [images[key] for key in sorted(keys) if not _inside(images[key])]
+    if outside:  # e.g. "../reference/images/k.png": another folder's image would be scored as this method's
+        raise ValueError(f"--generations {path!r}: {INFO} lists images outside the folder: {len(outside)} "
+                         f"({a_few(outside)}); paths must be relative and stay inside it")
     absent = [images[key] for key in sorted(keys) if not os.path.isfile(os.path.join(path, images[key]))]
     if absent:
         raise ValueError(f"--generations {path!r}: image files listed in {INFO} but missing: {len(absent)} "
@@ -246,7 +252,32 @@ def check_generations(path: str, benchmark: str, samples: list[BenchmarkSample],
     if wrong:
         raise ValueError(f"--generations {path!r}: images not at their reference's size: {len(wrong)} "
                          f"({a_few(wrong)})")
+    unlisted = unlisted_images(path, images.values())
+    if unlisted:
+        logger.warning("--generations %s: %d image file(s) beside the listed ones are not in %s and are not scored "
+                       "(%s): a mixed or partly overwritten folder?", path, len(unlisted), INFO, a_few(unlisted))
     return info
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _inside(relative: str) -> bool:
+    """Whether a path from generation.json is relative and stays inside its folder (lexically)."""
+    normal = os.path.normpath(relative)
+    return not os.path.isabs(relative) and normal != os.pardir and not normal.startswith(os.pardir + os.sep)
+
+
+def unlisted_images(path: str, listed: Iterable[str]) -> list[str]:
+    """Image files in the folders of a generations folder's listed images that its generation.json does not list
+    (relative paths, sorted)."""
+    listed = {os.path.normpath(name) for name in listed}
+    found = set()
+    for folder in {os.path.dirname(name) for name in listed}:
+        with os.scandir(os.path.join(path, folder)) as entries:
+            found.update(os.path.normpath(os.path.join(folder, e.name)) for e in entries
+                         if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+    return sorted(found - listed)
 
 
 def _read_image(path: str, sample: BenchmarkSample) -> np.ndarray:
@@ -331,6 +362,8 @@ def score(spec: ScoreSpec) -> dict:
                            if label == RANDOM_INIT_LABEL]
         + [f"generations {row['label']}" for row in rows
            if "random init" in str(row["generation"].get("model", {}).get("weights"))],
+        "unknown_provenance": [f"generations {row['label']}" for row in rows
+                               if provenance_unknown(row["generation"].get("model", {}).get("weights"))],
         "fid": {k: v for k, v in scorer.fid_description.items()},
         "methods": rows,
     }
@@ -339,10 +372,12 @@ def score(spec: ScoreSpec) -> dict:
 
 
 def _check_report_out(spec: ScoreSpec) -> None:
-    """ValueError when ``--out`` is the benchmark folder or a generations folder (the report would mix into it)."""
+    """ValueError when ``--out`` is or lies inside the benchmark folder or a generations folder (the report would
+    mix into it, and a later ``generate --overwrite`` or ``make-benchmark --overwrite`` would delete it)."""
     for flag, path in (("--benchmark", spec.benchmark), *(("--generations", g) for g in spec.generations)):
-        if os.path.exists(spec.out) and os.path.exists(path) and os.path.samefile(spec.out, path):
-            raise ValueError(f"--out {spec.out!r} is the {flag} folder {path!r}; write the report to its own folder")
+        if os.path.exists(path) and is_same_or_inside(spec.out, path):
+            raise ValueError(f"--out {spec.out!r} is or lies inside the {flag} folder {path!r}; write the report to "
+                             "a folder of its own")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

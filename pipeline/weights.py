@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (weights files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_state_dict(path: str, flag: str) -> dict[str, torch.Tensor]:

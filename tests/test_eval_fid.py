@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from spatext.eval import fid
 from spatext.eval.fid import (
     ClipFeatureExtractor,
     feature_statistics,
@@ -18,6 +20,7 @@ from spatext.eval.fid import (
     fid_update,
     frechet_distance,
     frechet_distance_from_features,
+    inception_weights_description,
     make_fid,
 )
 from spatext.pipeline.clip import TINY_MODEL, ClipSpec, load_clip
@@ -119,6 +122,7 @@ def test_clip_extractor_describes_itself_and_scores(tiny) -> None:
     metric, description = make_fid("clip", clip=tiny)
     assert description["extractor"].startswith(f"clip:{TINY_MODEL}")
     assert description["weights"] == "none (random init)"
+    assert description["name"] == f"FID on CLIP {TINY_MODEL} features" and description["comparable"] is False
     assert description["feature_dim"] == tiny.embed_dim
     assert "Resize" in description["resize"] and "CenterCrop" in description["resize"]
     assert description["versions"]["torchmetrics"] and description["versions"]["torch"]
@@ -202,13 +206,32 @@ def test_inception_weights_from_a_local_file(
         save_file(inception_state, str(path))
     monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: pytest.fail("must not download"))
     metric, description = make_fid("inception", inception_weights=str(path))
-    assert description["weights"] == str(path) and description["feature_dim"] == 2048
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()  # independent of file_sha256's block reads
+    assert description["weights_sha256"] == digest
+    assert description["weights"].startswith(f"{path} (sha256 {digest[:16]}")
+    assert description["comparable"] is False and "NOT the standard FID Inception file" in description["weights"]
+    assert description["name"] == "FID" and description["feature_dim"] == 2048
     assert "299x299" in description["resize"] and description["versions"]["torch-fidelity"]
     loaded = metric.inception.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in inception_state.items())
     if suffix == ".pt":  # one forward (slow on 2 cores: Inception at 299 px); the FID math is tested above
         fid_update(metric, demo_images(2, 0, size=(40, 40)), real=True)
         assert int(metric.real_features_num_samples) == 2
+
+
+def test_inception_weights_are_named_by_absolute_path_and_sha256(tmp_path: Path, monkeypatch) -> None:
+    """Only a file whose sha256 starts like the standard file's name counts as the standard FID Inception."""
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"not really weights")
+    digest = hashlib.sha256(b"not really weights").hexdigest()
+    monkeypatch.chdir(tmp_path)
+    other = inception_weights_description("w.pth")
+    assert other["weights"].startswith(str(path)) and other["weights_sha256"] == digest
+    assert other["comparable"] is False
+    monkeypatch.setattr(fid, "STANDARD_INCEPTION_SHA256_PREFIX", digest[:8])
+    standard = inception_weights_description("w.pth")
+    assert standard["comparable"] is True and "the standard FID Inception file" in standard["weights"]
+    assert inception_weights_description(None)["comparable"] is True  # torch-fidelity's own download
 
 
 @pytest.mark.skipif(not HAS_FIDELITY, reason="torch-fidelity is not installed (torchmetrics[image])")

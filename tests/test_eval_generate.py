@@ -174,7 +174,8 @@ def test_generate_spatext_run(bench, base, tmp_path) -> None:
     assert cli.main(["generate", "--benchmark", str(bench), "--method", "spatext", "--run", str(tmp_path / "run"),
                      "--out", str(out), "--steps", "1"]) == 0
     info = _check_folder(out, bench, "spatext")
-    assert info["model"]["weights"] == "unknown (no run.json)" and info["model"]["generated_size"] == [32, 32]
+    assert info["model"]["weights"] == "unknown (no run.json: provenance not given)"
+    assert info["model"]["generated_size"] == [32, 32]
 
 
 def test_spatext_leaves_out_regions_smaller_than_a_latent_cell_and_records_them(bench, base, tmp_path) -> None:

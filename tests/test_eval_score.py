@@ -15,11 +15,13 @@ import pytest
 
 from spatext.eval import cli, report, score
 from spatext.eval.benchmark_set import BenchmarkSpec, benchmark_fingerprint, load_benchmark, make_benchmark
-from spatext.eval.generate import file_sha256
+from spatext.eval.generate import _run_label, base_weights_label, provenance_unknown
 from spatext.eval.masks import parse_perturb
-from spatext.eval.report import PUBLISHED_NOTE, bar_chart, error_bars, random_weights_note, write_report
+from spatext.eval.report import PUBLISHED_NOTE, bar_chart, error_bars, random_weights_note, weights_lines, write_report
 from spatext.eval.score import ScoreSpec, bootstrap_interval, check_generations, perturbed_inputs
 from spatext.model.tiny_base import write_tiny_base_model
+from spatext.pipeline.clip import TINY_MODEL
+from spatext.pipeline.weights import file_sha256
 
 TINY = ["--clip-model", "spatext-tiny", "--clip-pretrained", "none", "--fid-extractor", "clip", "--bootstrap", "200"]
 # A random tiny Mask2Former finds segments only with every threshold at 0 (DESIGN.md, "Weights").
@@ -108,7 +110,11 @@ def test_score_report_with_annotations(generations, tmp_path) -> None:
     assert [r["method"] for r in table if r["kind"] == "measured"] == list(METHODS)
     published = [r for r in table if r["kind"] == PUBLISHED_NOTE]
     assert [(r["protocol"], float(r["fid"])) for r in published] == [("all", 19.8), ("filtered", 18.9), ("few", 16.2)]
+    fid_name = f"FID on CLIP {TINY_MODEL} features"  # --fid-extractor clip: never plain "FID"
+    assert all(r["fid_name"] == fid_name and r["fid_comparable"] == "False" for r in table if r["kind"] == "measured")
     text = (out / "report.md").read_text()
+    assert f"| images | {fid_name} |" in text and "| Inception FID 19.8 |" in text
+    assert f"**{fid_name} is not comparable with published FIDs**" in text
     assert text.count(PUBLISHED_NOTE) >= 3 and "not directly comparable" in text and "random weights" in text
     assert "generations concat" in text and "generations ntlb" in text  # the tiny base model's marker, end to end
     assert "generations ntlb" in random_weights_note(report)  # the note the charts and the grid carry
@@ -222,8 +228,30 @@ def test_every_generations_folder_is_checked_before_scoring(generations, tmp_pat
         assert cli.main(argv) == 2
         error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(error) == 1 and str(folder) in error[0] and expected in error[0]
-    argv = ["score", "--benchmark", str(bench), "--generations", str(folders[0]), "--out", str(folders[0]), *TINY]
-    assert cli.main(argv) == 2 and "write the report to its own folder" in capsys.readouterr().err
+    for out in (folders[0], folders[0] / "report", bench / "r"):  # inside: a later --overwrite would delete it
+        argv = ["score", "--benchmark", str(bench), "--generations", str(folders[0]), "--out", str(out), *TINY]
+        assert cli.main(argv) == 2 and "write the report to a folder of its own" in capsys.readouterr().err
+        assert not (folders[0] / "report").exists()
+    outside = _copy_with_images(folders[0], tmp_path / "outside",
+                                lambda images: images.update({missing_key: f"../{folders[1].name}/x.png"}))
+    argv = ["score", "--benchmark", str(bench), "--generations", str(outside), "--out", str(tmp_path / "r"), *TINY]
+    assert cli.main(argv) == 2
+    assert f"lists images outside the folder: 1 ('../{folders[1].name}/x.png')" in capsys.readouterr().err
+
+
+def test_unlisted_image_files_are_named_in_a_warning(generations, tmp_path, caplog) -> None:
+    bench, folders = generations
+    folder = tmp_path / "copy"
+    shutil.copytree(folders[0], folder)
+    info = json.loads((folder / "generation.json").read_text())
+    listed = sorted(info["images"].values())
+    shutil.copy(folder / listed[0], folder / "images" / "stray.png")
+    samples = load_benchmark(str(bench))
+    with caplog.at_level(logging.WARNING, logger="spatext.eval.score"):
+        check_generations(str(folder), str(bench), samples, benchmark_fingerprint(str(bench)))
+    assert "1 image file(s) beside the listed ones are not in generation.json" in caplog.text
+    assert "'images/stray.png'" in caplog.text
+    assert score.unlisted_images(str(folders[0]), listed) == []
 
 
 def test_generations_still_match_an_identically_rebuilt_benchmark(generations, demo_shards, tmp_path) -> None:
@@ -328,3 +356,19 @@ def test_the_grid_reads_images_where_generation_json_puts_them(generations, tmp_
     assert [p for p in opened if p.startswith(str(moved))] == [
         str(moved / "pictures" / f"{s.key}.png") for s in samples[:2]]
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_weights_of_unknown_provenance_are_warned_like_random_ones(tmp_path) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    label, _ = base_weights_label(str(plain), None)
+    assert provenance_unknown(label) and provenance_unknown(_run_label(str(plain))["weights"])
+    assert not provenance_unknown("trained") and not provenance_unknown("none (random init)")
+    result = {"random_weights": ["clip"], "unknown_provenance": ["generations concat"],
+              "fid": {"name": "FID", "comparable": True, "extractor": "inception-v3", "weights": "w"}}
+    note = random_weights_note(result)
+    assert note.startswith("random weights: clip")
+    assert note.endswith("weights of unknown provenance: generations concat")
+    lines = weights_lines(result)
+    assert len(lines) == 2 and "**weights of unknown provenance**: generations concat" in lines[1]
+    assert random_weights_note({"random_weights": [], "unknown_provenance": []}) is None
