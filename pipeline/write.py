@@ -200,19 +200,24 @@ class _WriteUnit(beam.DoFn):
         self.mismatches = beam.metrics.Metrics.counter("spatext_write", "unit_count_mismatches")
 
     def process(self, element: tuple[str, dict], winners: dict[str, str] | None = None) -> Iterator[dict]:
-        """Write one unit; a row whose key `winners` assigns to another unit becomes a duplicate_key reject."""
+        """Write one unit; a copy of a key that `winners` assigns to another unit becomes a duplicate_key reject,
+        whether it was accepted or rejected at a later stage (a decode failure of the losing copy is not its reason
+        for leaving: it lost at read, and only read-stage rejects tell a resume that this unit does not hold it)."""
         source, grouped = element
         name = unit_name(source)
         winners = winners or {}
-        rows, duplicates = [], []
+        rows, rejects = [], []
         for row in grouped["rows"]:
             first = winners.get(row["key"], source)
             if first == source:
                 rows.append(row)
             else:
-                duplicates.append(duplicate_reject(row["key"], source, first))
+                rejects.append(duplicate_reject(row["key"], source, first))
+        for reject in grouped["rejects"]:  # read-stage rejects never took part in the choice of winners
+            first = source if reject.stage == "read" else winners.get(reject.key, source)
+            rejects.append(reject if first == source else duplicate_reject(reject.key, source, first))
         rows.sort(key=lambda r: r["key"])
-        rejects = sorted([*grouped["rejects"], *duplicates], key=lambda r: (r.key, r.stage, r.reason))
+        rejects.sort(key=lambda r: (r.key, r.stage, r.reason))
         shard_names = []
         for i, data in enumerate(encode_shards(rows, self.schema, self.target_bytes, self.rows_per_group)):
             shard_names.append(f"{name}-{i:05d}{SUFFIX}")

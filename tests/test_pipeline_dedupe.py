@@ -3,8 +3,10 @@ Parquet default keys name the file relative to the input files' common folder.""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,6 +71,41 @@ def test_resume_keeps_keys_of_completed_units(twin_corpus, tmp_path):
     os.remove(_marker_of(out, "a"))  # and the other way round
     manifest = _build(twin_corpus, out, "--resume")
     assert (manifest["counts"]["accepted"], manifest["counts"]["rejected"]) == (3, 3)
+    assert verify.verify_build(str(out), progress=False).ok
+
+
+def _corrupt_copy(source: str, dest: str, key: str) -> None:
+    """A copy of a webdataset tar whose `key`.jpg holds bytes no decoder reads."""
+    with tarfile.open(source) as src, tarfile.open(dest, "w") as out:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name == f"{key}.jpg":
+                data = b"garbage"
+            member.size = len(data)
+            out.addfile(member, io.BytesIO(data))
+
+
+def test_a_losing_copy_that_fails_later_is_a_duplicate_and_resume_keeps_the_good_copy(twin_corpus, tmp_path):
+    """b's copy of demo-000000 is corrupt; a's copy (first by name) wins. The losing copy's reject says duplicate_key
+    (it lost at read), so a resume that finds b complete and a not still keeps a's good copy."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(twin_corpus / "a", corpus / "a")
+    (corpus / "b").mkdir()
+    _corrupt_copy(str(twin_corpus / "b" / "shard-00000.tar"), str(corpus / "b" / "shard-00000.tar"), "demo-000000")
+    out = tmp_path / "out"
+    full = _build(corpus, out)
+    assert full["counts"]["rejected_by_reason"] == {"read/duplicate_key": 3}, full["counts"]
+    b_rejects = pq.read_table(os.path.join(out, "rejects", read_json(_marker_of(out, "b"))["rejects"])).to_pylist()
+    assert {(r["key"], r["stage"]) for r in b_rejects} == {(f"demo-00000{i}", "read") for i in range(3)}
+    keys = sorted(pq.read_table(str(out / "shards"), columns=["key"]).column("key").to_pylist())
+    assert keys == ["demo-000000", "demo-000001", "demo-000002"]
+    a_marker = read_json(_marker_of(out, "a"))
+    os.remove(_marker_of(out, "a"))  # a killed before its marker: b complete, a read again
+    for name in a_marker["shards"]:
+        os.remove(os.path.join(out, "shards", name))
+    resumed = _build(corpus, out, "--resume")
+    assert resumed["units_this_run"] == 1 and resumed["counts"] == full["counts"]
+    assert sorted(pq.read_table(str(out / "shards"), columns=["key"]).column("key").to_pylist()) == keys
     assert verify.verify_build(str(out), progress=False).ok
 
 
