@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
+import sys
 import time
 import warnings
 from importlib import metadata
@@ -22,7 +24,7 @@ from apache_beam.runners.runner import PipelineResult
 from spatext.device import check_device
 from spatext.pipeline.clip import RANDOM_INIT_LABEL as CLIP_RANDOM_INIT_LABEL
 from spatext.pipeline.clip import ClipEmbedder, ClipSpec, check_pretrained, clip_embed_dim
-from spatext.pipeline.config import BuildConfig, parse_args
+from spatext.pipeline.config import RESUME_MAY_CHANGE, BuildConfig, parse_args
 from spatext.pipeline.decode import Decode, DecodeOptions
 from spatext.pipeline.dedupe import DuplicateKeys
 from spatext.pipeline.read import COUNTS, REJECTS, ReadCorpus, check_input, has_annotations, match_files
@@ -212,17 +214,54 @@ def prepare_output(config: BuildConfig) -> frozenset[str]:
                 raise ValueError(f"--resume: {config_path} is missing, so the settings of the interrupted build are "
                                  "unknown; resume needs the build's own folder (or pass --overwrite)")
             previous = read_json(config_path)
-            previous.pop("output", None)  # builds before output was left out of the comparison (moved builds resume)
-            if previous != config.output_defining():
-                changed = sorted(k for k in {**previous, **config.output_defining()}
-                                 if previous.get(k) != config.output_defining().get(k))
-                raise ValueError(f"--resume: settings differ from the interrupted build's: {', '.join(changed)}")
+            for key in ("output", *RESUME_MAY_CHANGE):  # recorded by older builds; not compared (see BuildConfig)
+                previous.pop(key, None)
+            check_same_input(previous.get("input"), config.input)
+            now = config.output_defining()
+            if previous != now:
+                changed = [f"{k} (build: {previous.get(k)!r}, now: {now.get(k)!r})"
+                           for k in sorted({**previous, **now}) if previous.get(k) != now.get(k)]
+                raise ValueError(f"--resume: settings that define the rows or the shards differ from the build's "
+                                 f"({config_path}): {'; '.join(changed)}")
             check_completed_files(config.output)
             done = frozenset(m["source"] for m in read_markers(config.output))
             logger.info("resume: %d input unit(s) already complete", len(done))
+            warn_unmatched_units(config, done)
             return done
+    elif config.resume:
+        logger.warning("--resume: --output %s holds no build to resume; starting a new build there", config.output)
     write_atomic(config_path, json.dumps(config.output_defining(), sort_keys=True).encode())
     return frozenset()
+
+
+def check_same_input(recorded: str | None, given: str) -> None:
+    """ValueError when --input is spelled otherwise than in the build being resumed. Units are named by the paths
+    the pattern spells (a relative pattern gives relative paths), so another spelling of the same files would redo
+    every unit under new names; the message says which spelling to use, and whether it matches the same files here."""
+    if recorded is None or recorded == given:
+        return
+    same = sorted(map(_real, match_files(recorded))) == sorted(map(_real, match_files(given)))
+    hint = ("it matches the same files from here: pass it as recorded" if same else
+            "from this directory it matches other files: run from the directory the build ran in, with that --input")
+    raise ValueError(f"--resume: --input {given!r} differs from the build's --input {recorded!r}; {hint} (units are "
+                     "named by the paths a pattern spells)")
+
+
+def _real(path: str) -> str:
+    """A local path made absolute with symlinks resolved; other URLs as they are."""
+    return os.path.realpath(path) if "://" not in path else path
+
+
+def warn_unmatched_units(config: BuildConfig, done: frozenset[str]) -> None:
+    """Warn when completed units are no longer matched by --input (tar and parquet inputs, one unit per file): their
+    rows stay in the build, which then no longer reflects the input set."""
+    if check_input(config.input, config.read_options()) not in ("webdataset", "parquet"):
+        return
+    gone = sorted(done - set(match_files(config.input)))
+    if gone:
+        logger.warning("--resume: %d completed unit(s) are no longer matched by --input %s, and their rows stay in the "
+                       "build: %s%s", len(gone), config.input, ", ".join(gone[:3]),
+                       f" and {len(gone) - 3} more" if len(gone) > 3 else "")
 
 
 def check_completed_files(output: str) -> None:
@@ -328,7 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     # Beam's batch-size estimator fits a line to a handful of timings and numpy warns on every fit: noise, not news
     warnings.filterwarnings("ignore", message="Polyfit may be poorly conditioned")
-    manifest = run(argv)
+    try:
+        manifest = run(argv)
+    except (KeyboardInterrupt, RuntimeError) as exc:  # Beam re-raises Ctrl-C in a transform as a RuntimeError
+        if isinstance(exc, RuntimeError) and not str(exc).startswith("KeyboardInterrupt"):
+            raise
+        print("spatext build: interrupted; the units completed so far are kept: run the same command with --resume "
+              "to finish", file=sys.stderr)
+        return 130
     if manifest is not None:
         counts = manifest["counts"]
         print(

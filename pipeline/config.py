@@ -117,13 +117,16 @@ class BuildConfig:
         return ReadOptions(self.input_format, self.image_column, self.caption_column, self.key_column, self.coco_split)
 
     def output_defining(self) -> dict:
-        """The settings that determine the rows: a resumed build must match them exactly."""
-        volatile = ("overwrite", "resume", "device", "segmenter_batch_size", "clip_batch_size", "model_sharing",
-                    "model_copies", "units_per_run", "output")  # output: a moved or copied build resumes too
+        """The settings that determine the rows and the shard sizes `verify` checks: a resumed build must match them
+        exactly (build_config.json records them). Those in RESUME_MAY_CHANGE may differ."""
         unset = {k for k in _READ_FLAGS if getattr(self, k) is None}  # kept out: builds made before these flags
-        return {k: v for k, v in self.to_dict().items() if k not in volatile and k not in unset}
+        return {k: v for k, v in self.to_dict().items() if k not in RESUME_MAY_CHANGE and k not in unset}
 
 
+# Settings a --resume may change: how the work runs, where the build is (a moved or copied build resumes too), and
+# the rows per Parquet row group (readers take any; older builds recorded it and a resume ignores it there).
+RESUME_MAY_CHANGE = ("overwrite", "resume", "device", "segmenter_batch_size", "clip_batch_size", "model_sharing",
+                     "model_copies", "units_per_run", "output", "rows_per_group")
 _READ_FLAGS = ("image_column", "caption_column", "key_column", "coco_split")
 
 

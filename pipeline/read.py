@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import re
 import tarfile
@@ -94,7 +95,13 @@ def _match(pattern: str) -> tuple[list[str], list[str]]:
     paths: list[str] = []
     missing: list[str] = []
     for expanded in expand_braces(pattern):
-        found = [m.path for result in FileSystems.match([expanded]) for m in result.metadata_list]
+        # Beam's local match finds nothing for a bare name ("shard-*.tar" in the current directory): ask for
+        # "./shard-*.tar" and give the paths back as spelled
+        bare = "://" not in expanded and not os.path.dirname(expanded)
+        query = os.path.join(os.curdir, expanded) if bare else expanded
+        found = [m.path for result in FileSystems.match([query]) for m in result.metadata_list]
+        if bare:
+            found = [path.removeprefix(os.curdir + os.sep) for path in found]
         if not found and expanded != pattern and not _GLOB_CHARS.search(expanded):
             missing.append(expanded)
         paths.extend(found)

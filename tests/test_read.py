@@ -108,11 +108,14 @@ def test_folder_entry_reads_image_and_ground_truth(tmp_path):
     assert missing.image_bytes is None and missing.annotation_png is None
 
 
-def test_detect_format_and_brace_ranges(tmp_path, make_tar):
+def test_detect_format_and_brace_ranges(tmp_path, make_tar, monkeypatch):
     for i in range(3):
         make_tar(f"shard-{i:03d}.tar", [("k.txt", b"c")])
     assert read.expand_braces("s-{008..010}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar"]
     assert len(read.match_files(str(tmp_path / "shard-{000..001}.tar"))) == 2
+    monkeypatch.chdir(tmp_path)  # a bare pattern in the current directory, given back as spelled
+    assert read.match_files("shard-*.tar") == ["shard-000.tar", "shard-001.tar", "shard-002.tar"]
+    assert read.match_files("shard-{000..001}.tar") == ["shard-000.tar", "shard-001.tar"]
     assert read.detect_format(str(tmp_path / "*.tar")) == "webdataset"
     (tmp_path / "captions.jsonl").write_text("")
     assert read.detect_format(str(tmp_path)) == "folder"

@@ -99,7 +99,7 @@ def test_existing_output_needs_a_flag_and_resume_needs_the_same_settings(full, c
     out, _ = full
     with pytest.raises(FileExistsError, match="--resume"):
         build.run(_argv(corpus, out))
-    with pytest.raises(ValueError, match="min_area"):
+    with pytest.raises(ValueError, match=r"differ from the build's .*: min_area \(build: 0\.\d+, now: 0\.1\)"):
         build.run(_argv(corpus, out, "--resume", "--min-area", "0.1"))
     with pytest.raises(ValueError, match="exclude"):
         build.run(_argv(corpus, out, "--resume", "--overwrite"))
@@ -187,3 +187,48 @@ def test_a_cuda_device_is_checked_where_the_job_runs(monkeypatch):
     build.check_device("cpu")
     assert build.runs_here(build.PipelineOptions([])) and build.runs_here(build.PipelineOptions(["--runner=direct"]))
     assert not build.runs_here(build.PipelineOptions(["--runner=DataflowRunner"]))
+
+
+def test_resume_names_the_input_spelling_and_allows_a_new_row_group_size(full, corpus, tmp_path, monkeypatch, caplog):
+    out, manifest = full
+    monkeypatch.chdir(corpus)  # the same files, spelled relative to here: units are named by the spelling
+    with pytest.raises(ValueError, match=r"--input 'shard-\*\.tar' differs .* matches the same files from here"):
+        build.run(["--input", "shard-*.tar", "--output", str(out), *TINY, "--resume"])
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(corpus / "shard-00000.tar", tmp_path)
+    with pytest.raises(ValueError, match="from this directory it matches other files"):
+        build.run(["--input", "shard-*.tar", "--output", str(out), *TINY, "--resume"])
+    again = build.run(_argv(corpus, out, "--resume", "--rows-per-group", "7"))  # row groups do not change rows
+    assert again["units_this_run"] == 0 and again["counts"] == manifest["counts"]
+    fresh = tmp_path / "typo"
+    with caplog.at_level("WARNING", logger="spatext.pipeline.build"):
+        built = build.run(["--input", str(corpus / "shard-0000[0-1].tar"), "--output", str(fresh), *TINY, "--resume"])
+    assert built["counts"]["accepted"] == 4 and f"--output {fresh} holds no build to resume" in caplog.text
+
+
+def test_resume_warns_about_completed_units_the_input_no_longer_matches(corpus, tmp_path, caplog):
+    copy = tmp_path / "corpus"
+    copy.mkdir()
+    for i in range(3):
+        shutil.copy(corpus / f"shard-{i:05d}.tar", copy)
+    out = tmp_path / "out"
+    build.run(["--input", str(copy / "shard-*.tar"), "--output", str(out), *TINY])
+    os.remove(copy / "shard-00001.tar")
+    with caplog.at_level("WARNING", logger="spatext.pipeline.build"):
+        again = build.run(["--input", str(copy / "shard-*.tar"), "--output", str(out), *TINY, "--resume"])
+    assert again["units_this_run"] == 0
+    assert f"1 completed unit(s) are no longer matched by --input {copy / 'shard-*.tar'}" in caplog.text
+    assert str(copy / "shard-00001.tar") in caplog.text
+
+
+def test_ctrl_c_in_a_transform_is_one_line_with_the_resume_hint(monkeypatch, capsys):
+    def interrupted(argv):
+        raise RuntimeError("KeyboardInterrupt [while running 'Write/WriteUnit']")
+
+    monkeypatch.setattr(build, "run", interrupted)
+    assert build.main([]) == 130
+    assert "interrupted; the units completed so far are kept: run the same command with --resume" in \
+        capsys.readouterr().err
+    monkeypatch.setattr(build, "run", lambda argv: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):
+        build.main([])
