@@ -62,10 +62,17 @@ def resolve_resume(args: argparse.Namespace) -> str | None:
         if not found:
             logger.info("--resume-from-checkpoint latest: no checkpoint in %s; starting fresh", args.output)
         return found[-1] if found else None
-    if not os.path.isfile(os.path.join(args.resume_from_checkpoint, STATE_FILE)):
-        raise ValueError(f"--resume-from-checkpoint {args.resume_from_checkpoint!r} is not a checkpoint dir "
-                         f"(no {STATE_FILE})")
-    return args.resume_from_checkpoint
+    given = args.resume_from_checkpoint
+    if not os.path.isfile(os.path.join(given, STATE_FILE)) and os.sep not in given:
+        named = os.path.join(args.output, "checkpoints", given)  # a bare name, as diffusers' scripts take it
+        if os.path.isfile(os.path.join(named, STATE_FILE)):
+            return named
+    if not os.path.isfile(os.path.join(given, STATE_FILE)):
+        there = [os.path.basename(d) for d in checkpoint_dirs(args.output)]
+        raise ValueError(f"--resume-from-checkpoint {given!r} is not a checkpoint dir (no {STATE_FILE}); "
+                         f"{args.output}/checkpoints holds " + (", ".join(there) if there else "none")
+                         + " (a name there, a path, or 'latest')")
+    return given
 
 
 def save_checkpoint(accelerator: Accelerator, unet: torch.nn.Module, ema: EMAModel | None, state: dict,

@@ -76,7 +76,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="checkpoint (and pipeline) every N steps; the last step always gets one (0: only that)")
     p.add_argument("--checkpoints-total-limit", type=int, default=None, help="keep only the newest N checkpoints")
     p.add_argument("--resume-from-checkpoint", default=None,
-                   help="'latest' (newest in OUTPUT/checkpoints; none there: start fresh) or a checkpoint dir; only "
+                   help="'latest' (newest in OUTPUT/checkpoints; none there: start fresh), a checkpoint's name there "
+                   "(checkpoint-N) or a checkpoint dir; only "
                    "--max-train-steps and flags that do not change the weights (checkpoint, sample-grid and logging "
                    "cadence, --decode-threads, --gradient-checkpointing) may differ from the run's")
     p.add_argument("--sample-every", type=int, default=0, help="samples/step-N.png every N steps and at the end "

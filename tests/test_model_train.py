@@ -426,3 +426,21 @@ def test_the_loss_log_records_the_learning_rate_each_step_used(demo_shards, base
         optimizer.step()
         schedule.step()
     assert logged == pytest.approx(expected) and expected[0] == 0.0
+
+
+def test_resume_from_checkpoint_takes_a_bare_checkpoint_name(tmp_path):
+    """As in diffusers' training scripts, `checkpoint-N` names a checkpoint of --output; a wrong name lists them."""
+    from argparse import Namespace
+
+    from spatext.model.checkpoint import resolve_resume
+
+    for step in (2, 4):
+        (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"checkpoint-{step}" / STATE_FILE).write_text("{}")
+    args = Namespace(output=str(tmp_path), resume_from_checkpoint="checkpoint-2")
+    assert resolve_resume(args) == str(tmp_path / "checkpoints" / "checkpoint-2")
+    args.resume_from_checkpoint = "checkpoint-3"
+    with pytest.raises(ValueError, match=r"checkpoints holds checkpoint-2, checkpoint-4 \(a name there"):
+        resolve_resume(args)
+    args.resume_from_checkpoint = "latest"
+    assert resolve_resume(args) == str(tmp_path / "checkpoints" / "checkpoint-4")
