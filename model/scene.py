@@ -4,7 +4,8 @@ File forms (coordinates are fractions of the image, x to the right, y down, both
 
 - scene JSON: ``{"prompt": "...", "regions": [{"prompt": "...", "box": [x0, y0, x1, y1]},
   {"prompt": "...", "polygon": [[x, y], ...]}, {"prompt": "...", "mask": "m.png"}]}``; a mask PNG is relative to the
-  JSON file, inside where its grey level is >= 128 (and, with an alpha channel, where it is opaque);
+  JSON file, inside where its grey level is >= 128 (1 in a mask of 0s and 1s; with an alpha channel, only where it is
+  opaque);
 - painted scene: a colour-painted PNG + ``{"prompt": "...", "colors": {"#rrggbb": "local prompt", ...},
   "background": ["#000000", "#ffffff"]}``; ``background`` is optional (default black, white and transparent pixels,
   unless ``colors`` maps them); any other colour is an error (paint without anti-aliasing).
@@ -170,13 +171,22 @@ def polygon_mask(points: Sequence[Sequence[float]], size: tuple[int, int]) -> np
 
 
 def _image_mask(path: str, size: tuple[int, int], label: str) -> np.ndarray:
-    """A mask PNG (grey >= 128 is inside; transparent pixels are outside) resized to ``size`` (nearest)."""
+    """A mask PNG (grey >= 128 is inside, or 1 in a mask of 0s and 1s only, as `mask.astype(np.uint8)` saves it;
+    transparent pixels are outside) resized to ``size`` (nearest). A mask whose brightest grey is below 128 (and not
+    a 0/1 mask) is an error that says so: it would have no pixel inside."""
     if not os.path.isfile(path):
         raise ValueError(f"{label}: mask file {path!r} not found")
     with Image.open(path) as image:
         image.load()
         resized = image.resize((size[1], size[0]), Image.Resampling.NEAREST)
-    mask = np.asarray(resized.convert("L")) >= 128
+        levels = np.unique(np.asarray(image.convert("L")))
+    threshold = 128
+    if levels[-1] == 1:  # 0s and 1s only
+        threshold = 1
+    elif levels[-1] < 128:
+        raise ValueError(f"{label}: mask {path!r}: its brightest grey level is {levels[-1]}, and a pixel is inside "
+                         "at >= 128: save masks as 0/255 (white inside; 0/1 masks are read as such)")
+    mask = np.asarray(resized.convert("L")) >= threshold
     if "A" in resized.getbands() or "transparency" in resized.info:
         mask &= np.asarray(resized.convert("RGBA"))[..., 3] >= 128
     return mask

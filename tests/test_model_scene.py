@@ -127,6 +127,19 @@ def test_mask_png_alpha_marks_outside(tmp_path):
     assert scene.regions[0].mask.sum(axis=1).tolist() == [4, 4, 0, 0]
 
 
+def test_mask_png_of_zeros_and_ones_and_a_too_dark_mask(tmp_path):
+    ones = np.zeros((4, 4), np.uint8)
+    ones[1:3, :] = 1  # mask.astype(np.uint8), saved as it is
+    Image.fromarray(ones).save(tmp_path / "m01.png")
+    scene = load_scene(_write_scene(tmp_path, {"regions": [{"prompt": "a", "mask": "m01.png"}]}), (4, 4))
+    assert scene.regions[0].mask.astype(np.uint8).tolist() == ones.tolist()
+    red = np.zeros((4, 4, 3), np.uint8)
+    red[1:3, :, 0] = 255  # grey level 76: never inside at >= 128
+    Image.fromarray(red).save(tmp_path / "red.png")
+    with pytest.raises(ValueError, match=r"red.png'?: its brightest grey level is 76.*save masks as 0/255"):
+        load_scene(_write_scene(tmp_path, {"regions": [{"prompt": "a", "mask": "red.png"}]}), (4, 4))
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
