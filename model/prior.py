@@ -184,9 +184,15 @@ def load_embedding_pairs(data: str | list[str], storage_options: dict | None = N
 
 
 def heldout_mask(keys: list[str], fraction: float) -> np.ndarray:
-    """Which keys are held out: a hash of the key below `fraction` (the same split for every seed and run)."""
+    """Which keys are held out: a hash of the key below `fraction` (the same split for every seed and run). With a
+    fraction > 0 and at least two keys, at least one is held out (the one of smallest hash): on a small build the
+    hash can leave none, and the held-out metrics would be empty."""
     scale = 1 << 32
-    return np.array([stable_hash(key) % scale < fraction * scale for key in keys], dtype=bool)
+    hashes = np.array([stable_hash(key) % scale for key in keys], dtype=np.int64)
+    held = hashes < fraction * scale
+    if fraction > 0 and len(keys) >= 2 and not held.any():
+        held[np.argmin(hashes)] = True
+    return held
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -279,7 +285,7 @@ def train_prior(
     if not (~held).any():
         raise ValueError(f"data={data!r}: no training rows ({len(held)} rows, val_fraction={val_fraction})")
     if not held.any():
-        logger.warning("prior: no held-out rows (%d rows, val_fraction=%s); held-out metrics are NaN", len(held),
+        logger.warning("prior: no held-out rows (%d rows, val_fraction=%s); held-out metrics are null", len(held),
                        val_fraction)
     logger.info("prior: config %s, %d train / %d held-out rows, D=%d, %d steps on %s", json.dumps(cfg.to_dict()),
                 int((~held).sum()), int(held.sum()), cfg.embed_dim, steps, device)
@@ -303,11 +309,17 @@ def train_prior(
         "lineage": {**{k: pairs.metadata.get(k) for k in ("clip_model", "clip_pretrained", "embed_dim", "segmenter")},
                     "shard_files": pairs.files},
     }
+    metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}  # JSON
     save_prior(prior, output, metrics)
-    logger.info("prior: held-out cosine %.4f (identity %.4f, mean image %.4f), wrote %s",
-                metrics["heldout_prior_cosine"], metrics["heldout_identity_cosine"],
-                metrics["heldout_mean_image_cosine"], output)
+    logger.info("prior: held-out cosine %s (identity %s, mean image %s), wrote %s",
+                *(_fmt4(metrics[k]) for k in ("heldout_prior_cosine", "heldout_identity_cosine",
+                                              "heldout_mean_image_cosine")), output)
     return metrics
+
+
+def _fmt4(value: float | None) -> str:
+    """A metric with 4 decimals, or 'n/a' (no held-out rows)."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _write(path: str, data: bytes) -> None:
