@@ -291,10 +291,13 @@ class SpaTextPipeline(DiffusionPipeline):
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.image_processor.postprocess(image.float(), output_type=output_type)
 
-    def _step_kwargs(self, generator: Any) -> dict[str, Any]:
-        """Pass ``generator`` to ``scheduler.step`` when it takes one."""
+    def _step_kwargs(self, generator: Any, eta: float = 0.0) -> dict[str, Any]:
+        """Pass ``generator`` and ``eta`` to ``scheduler.step`` when it takes them (as diffusers' extra step kwargs)."""
         accepted = inspect.signature(self.scheduler.step).parameters
-        return {"generator": generator} if "generator" in accepted else {}
+        kwargs = {"generator": generator} if "generator" in accepted else {}
+        if "eta" in accepted:
+            kwargs["eta"] = eta
+        return kwargs
 
     @torch.no_grad()
     def __call__(
@@ -312,6 +315,9 @@ class SpaTextPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        eta: float = 0.0,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> SpaTextPipelineOutput | tuple:
         """Generate images for global ``prompt``(s) laid out by ``scene``(s).
 
@@ -321,6 +327,11 @@ class SpaTextPipeline(DiffusionPipeline):
         the scenes carry prompts; when given it wins over theirs. ``guidance_scale`` alone uses the two-pass joint
         guidance; ``text_guidance_scale`` + ``st_guidance_scale`` use one scale per condition (three passes).
 
+        ``eta`` is DDIM's η (0: deterministic; passed to schedulers whose ``step`` takes it, as in diffusers).
+        ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`` runs after each step with the tensors
+        named in ``callback_on_step_end_tensor_inputs`` (``latents``); a tensor it returns in its dict replaces the
+        pipeline's (diffusers' convention).
+
         Components may have different dtypes (e.g. a bf16 text encoder and VAE beside an fp32 UNet, as a
         mixed-precision training run holds them): everything the UNet takes is cast to the UNet's dtype, the latents
         to the VAE's before decoding.
@@ -328,6 +339,9 @@ class SpaTextPipeline(DiffusionPipeline):
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
         # 1. Check inputs
+        unknown = sorted(set(callback_on_step_end_tensor_inputs) - {"latents"})
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: only 'latents' is passed, got {unknown}")
         prompts, scenes = self.check_inputs(
             prompt, scene, height, width, num_inference_steps, output_type, num_images_per_prompt
         )
@@ -351,15 +365,18 @@ class SpaTextPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self.prepare_latents(batch, (height, width), dtype, device, generator, latents)
         # 6. Denoising loop with classifier-free guidance (all passes in one forward; ST's conv_in term computed once)
-        step_kwargs = self._step_kwargs(generator)
+        step_kwargs = self._step_kwargs(generator, eta)
         timesteps = self.scheduler.timesteps
         with self.prepare_denoiser(passes.st) as denoise, self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
+            for i, t in enumerate(timesteps):
                 sample = self.scheduler.scale_model_input(latents, t)
                 noise = guided_prediction_from_batch(
                     lambda x, c, t=t: denoise(x, t, c.text, c.image), sample, passes, plan
                 )
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                    latents = outputs.get("latents", latents)
                 progress.update()
         # 7. Decode
         images = self.decode(latents, output_type)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import os
 
@@ -88,6 +89,26 @@ def test_the_scene_and_the_guidance_form_change_the_image(latent):
     unconditional = _run(latent, guidance_scale=0.0)
     np.testing.assert_allclose(_run(latent, text_guidance_scale=0.0, st_guidance_scale=0.0), unconditional, atol=1e-5)
     np.testing.assert_allclose(_run(latent, scene=swapped, guidance_scale=0.0), unconditional, atol=1e-5)
+
+
+def test_eta_and_callback_on_step_end_follow_diffusers(latent):
+    assert "eta" in inspect.signature(latent.scheduler.step).parameters  # DDIM: η > 0 adds fresh noise per step
+    base = _run(latent)
+    np.testing.assert_array_equal(_run(latent, eta=0.0), base)
+    stochastic = _run(latent, eta=1.0)
+    assert not np.allclose(stochastic, base) and np.array_equal(stochastic, _run(latent, eta=1.0))
+    seen = []
+
+    def callback(pipe, step, timestep, tensors):
+        seen.append((pipe is latent, step, int(timestep), tuple(tensors)))
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == STEPS - 1 else {}
+
+    out = _run(latent, output_type="latent", callback_on_step_end=callback)
+    assert [s[1] for s in seen] == list(range(STEPS)) and all(s[0] and s[3] == ("latents",) for s in seen)
+    assert [s[2] for s in seen] == latent.scheduler.timesteps.tolist()
+    assert torch.count_nonzero(out) == 0  # the returned latents replaced the pipeline's
+    with pytest.raises(ValueError, match="only 'latents'"):
+        _run(latent, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
 
 
 def test_pixel_pipeline_is_conditioned_on_the_prompt_through_the_prior(pixel):
