@@ -254,6 +254,10 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
     pipe = load_run(args.run, device)
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value < pipe.vae_scale_factor or value % pipe.vae_scale_factor):
+            raise ValueError(f"{flag} must be a positive multiple of {pipe.vae_scale_factor} (the model's pixels per "
+                             f"denoiser cell), got {value}")
     height, width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
     scene = read_scene(args, (height, width))
     prompt = args.prompt if args.prompt is not None else scene.prompt

@@ -95,6 +95,8 @@ def test_painted_scene_per_condition_guidance_and_several_images(run, scene_file
         (["--scene", "S", "--text-scale", "inf", "--st-scale", "1"], "--text-scale must be a finite number"),
         (["--scene", "S", "--device", "tpu"], r"--device 'tpu' is not a torch device"),
         (["--scene", "S", "--out", "OUT.webpx"], r"Pillow writes no '.webpx' files"),
+        (["--scene", "S", "--height", "50"], r"^--height must be a positive multiple of \d+ .*, got 50"),
+        (["--scene", "S", "--width", "0"], r"^--width must be a positive multiple"),
     ],
 )
 def test_bad_sample_flags_raise_clear_errors(run, scene_files, tmp_path, extra, message):
