@@ -48,6 +48,8 @@ from spatext.pipeline.clip import RANDOM_INIT_LABEL, ClipModel
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_GUIDANCE_SCALE = 7.5  # joint guidance when no scale is given (diffusers' SD default)
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -91,10 +93,18 @@ class LocalPromptEncoder(ModelMixin, ConfigMixin):
         return F.normalize(self.text(tokens).float(), dim=-1)
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts → L2-normalised text embeddings on this module's device (N x D)."""
+        """Prompts → L2-normalised text embeddings on this module's device (N x D); prompts longer than CLIP's
+        context are cut, with a warning (as diffusers warns for the global prompt)."""
         if not prompts:
             return torch.zeros(0, self.embed_dim, device=self.device)
-        return self(self.tokenize(prompts).to(self.device))
+        tokens = self.tokenize(prompts)
+        encode = getattr(self._tokenizer, "encode", None)  # open_clip's SimpleTokenizer: BPE ids without SOT/EOT
+        if encode is not None:
+            long = [p for p in prompts if len(encode(p)) + 2 > tokens.shape[1]]
+            if long:
+                logger.warning("%d local prompt(s) are longer than CLIP's %d tokens and were cut, e.g. %r",
+                               len(long), tokens.shape[1], long[0][:120])
+        return self(tokens.to(self.device))
 
 
 class PriorModel(ModelMixin, ConfigMixin):
@@ -209,10 +219,13 @@ class SpaTextPipeline(DiffusionPipeline):
     def encode_prompt(self, prompts: Sequence[str], device: torch.device | None = None) -> torch.Tensor:
         """Global prompts → the base text encoder's last hidden states (N x L x C)."""
         device = device or self._execution_device
-        tokens = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        )
+        limit = self.tokenizer.model_max_length
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
+                                return_tensors="pt")
+        for ids in self.tokenizer(list(prompts)).input_ids:  # untruncated: warn as diffusers' SD pipelines do
+            if len(ids) > limit:
+                logger.warning("The following part of your input was truncated because CLIP can only handle "
+                               "sequences up to %d tokens: %r", limit, self.tokenizer.decode(ids[limit - 1 : -1]))
         return self.text_encoder(tokens.input_ids.to(device))[0]
 
     def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -307,7 +320,7 @@ class SpaTextPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         text_guidance_scale: float | None = None,
         st_guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
@@ -318,6 +331,7 @@ class SpaTextPipeline(DiffusionPipeline):
         eta: float = 0.0,
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        negative_prompt: str | list[str] | None = None,
     ) -> SpaTextPipelineOutput | tuple:
         """Generate images for global ``prompt``(s) laid out by ``scene``(s).
 
@@ -325,7 +339,10 @@ class SpaTextPipeline(DiffusionPipeline):
         masks are H x W (resized to the image size if needed); later regions lie on top. None: no regions (the
         global prompt alone, ST all zeros). ``prompt`` may be None when
         the scenes carry prompts; when given it wins over theirs. ``guidance_scale`` alone uses the two-pass joint
-        guidance; ``text_guidance_scale`` + ``st_guidance_scale`` use one scale per condition (three passes).
+        guidance (default ``DEFAULT_GUIDANCE_SCALE``); ``text_guidance_scale`` + ``st_guidance_scale`` use one scale
+        per condition (three passes); giving both forms is an error. ``negative_prompt`` (one, or one per prompt)
+        replaces the empty prompt as the text of every pass without the global prompt (the unconditional one, and the
+        ST-only pass of per-condition guidance), as in diffusers.
 
         ``eta`` is DDIM's η (0: deterministic; passed to schedulers whose ``step`` takes it, as in diffusers).
         ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`` runs after each step with the tensors
@@ -345,12 +362,20 @@ class SpaTextPipeline(DiffusionPipeline):
         prompts, scenes = self.check_inputs(
             prompt, scene, height, width, num_inference_steps, output_type, num_images_per_prompt
         )
+        if guidance_scale is not None and (text_guidance_scale is not None or st_guidance_scale is not None):
+            raise ValueError("guidance_scale is the joint form, text_guidance_scale + st_guidance_scale the "
+                             "per-condition form: give one form, not both")
+        if guidance_scale is None and text_guidance_scale is None and st_guidance_scale is None:
+            guidance_scale = DEFAULT_GUIDANCE_SCALE
         plan = guidance_plan(guidance_scale, text_guidance_scale, st_guidance_scale)
+        negatives = _negative_prompts(negative_prompt, len(prompts))
         device, n, dtype = self._execution_device, num_images_per_prompt, self.unet.dtype
         batch = len(prompts) * n
         # 2. Encode the global prompt (and, for the pixel variant, its CLIP image embedding through the prior)
         text = self.encode_prompt(prompts, device).to(dtype).repeat_interleave(n, dim=0)
-        null_text = self.encode_prompt([""], device).to(dtype)
+        null_text = self.encode_prompt(negatives, device).to(dtype)
+        if negative_prompt is not None:  # one per image, like the prompts
+            null_text = null_text.expand(len(prompts), -1, -1).repeat_interleave(n, dim=0)
         image = None
         if uses_image_embedding(self.unet):
             image = self.embed_prompts(prompts).to(device, dtype).repeat_interleave(n, dim=0)
@@ -385,6 +410,20 @@ class SpaTextPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return SpaTextPipelineOutput(images=images)
+
+
+def _negative_prompts(negative_prompt: Any, count: int) -> list[str]:
+    """The texts of the null condition: [""] (the empty prompt of DESIGN.md) or the negative prompt(s), one or one
+    per prompt."""
+    if negative_prompt is None:
+        return [""]
+    if isinstance(negative_prompt, str):
+        return [negative_prompt]
+    if not isinstance(negative_prompt, list) or not all(isinstance(p, str) for p in negative_prompt):
+        raise ValueError(f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}")
+    if len(negative_prompt) != count:
+        raise ValueError(f"negative_prompt: got {len(negative_prompt)} for {count} prompts")
+    return list(negative_prompt)
 
 
 def _as_scenes(scene: Any) -> list[Scene]:

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from spatext.cli import command_logging
 from spatext.device import check_device
 from spatext.model.data import ShardDataset
-from spatext.model.pipeline import SpaTextPipeline
+from spatext.model.pipeline import DEFAULT_GUIDANCE_SCALE, SpaTextPipeline
 from spatext.model.scene import Scene, load_painted_scene, load_scene
 from spatext.model.st import downsample_label_map
 from spatext.pipeline.parquet_files import parquet_file
@@ -170,7 +170,10 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--colors", default=None, help="JSON mapping the --painted colours to local prompts")
     p.add_argument("--out", required=True, help="output PNG; with --num-images N > 1: OUT-0.png ... OUT-{N-1}.png")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="joint guidance scale, two passes")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="joint guidance scale, two passes (default 7.5 when no scale is given)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="text of the unconditional pass instead of the empty prompt (as in diffusers)")
     p.add_argument("--text-scale", type=float, default=None, help="per-condition guidance: global text scale")
     p.add_argument("--st-scale", type=float, default=None, help="per-condition guidance: ST scale (with --text-scale)")
     p.add_argument("--height", type=int, default=None, help="image height; default: the model's size")
@@ -246,6 +249,9 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     if (args.text_scale is None) != (args.st_scale is None):
         raise ValueError("--text-scale and --st-scale go together (one scale per condition); give both, or neither "
                          "for the joint --guidance-scale")
+    if args.text_scale is not None and args.guidance_scale is not None:
+        raise ValueError("--guidance-scale is the joint form, --text-scale + --st-scale the per-condition form: give "
+                         "one form, not both")
     for name in ("guidance_scale", "text_scale", "st_scale"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
@@ -269,6 +275,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         prompt=prompt, scene=scene, height=height, width=width, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, text_guidance_scale=args.text_scale, st_guidance_scale=args.st_scale,
         num_images_per_prompt=args.num_images, generator=torch.Generator(device).manual_seed(args.seed),
+        negative_prompt=args.negative_prompt,
     ).images
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for image, path in zip(images, paths, strict=True):
@@ -276,7 +283,8 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     view = os.path.splitext(args.out)[0] + ".scene.png"
     tile = max(256, width)
     tile_row([draw_scene(scene, (round(height * tile / width), tile)), *images], tile=tile).save(view)
-    guidance = f"text {args.text_scale} / ST {args.st_scale}" if per_condition else f"joint {args.guidance_scale}"
+    joint = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+    guidance = f"text {args.text_scale} / ST {args.st_scale}" if per_condition else f"joint {joint}"
     print(f"spatext sample: {len(paths)} image(s) -> {', '.join(paths)}; scene view -> {view} "
           f"({args.steps} steps, guidance {guidance}, seed {args.seed})")
     return 0

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import inspect
 import json
+import logging
 import os
 
 import numpy as np
@@ -109,6 +110,38 @@ def test_eta_and_callback_on_step_end_follow_diffusers(latent):
     assert torch.count_nonzero(out) == 0  # the returned latents replaced the pipeline's
     with pytest.raises(ValueError, match="only 'latents'"):
         _run(latent, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+
+def test_negative_prompt_replaces_the_empty_prompt_of_the_null_passes(latent):
+    base = _run(latent)
+    np.testing.assert_array_equal(_run(latent, negative_prompt=""), base)  # the default null text
+    negative = _run(latent, negative_prompt="blurry, dark")
+    assert not np.allclose(negative, base)
+    # at scale 0 the image is the null prediction's: the negative prompt's, whatever the global prompt
+    np.testing.assert_allclose(_run(latent, prompt="a cat", negative_prompt="a dog", guidance_scale=0.0),
+                               _run(latent, prompt="a boat", negative_prompt="a dog", guidance_scale=0.0), atol=1e-5)
+    seeds = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)]
+    pair = latent(["a red ball on grass"] * 2, scene=_scene(32), negative_prompt=["", "blurry, dark"],
+                  num_inference_steps=STEPS, generator=seeds, output_type="np").images
+    np.testing.assert_allclose(pair[0], base[0], atol=1e-5)
+    np.testing.assert_allclose(pair[1], negative[0], atol=1e-5)
+    with pytest.raises(ValueError, match="negative_prompt: got 3 for 1 prompts"):
+        _run(latent, negative_prompt=["a", "b", "c"])
+    with pytest.raises(ValueError, match="give one form, not both"):
+        _run(latent, guidance_scale=7.5, text_guidance_scale=3.0, st_guidance_scale=2.0)
+
+
+def test_prompts_longer_than_clip_are_cut_with_a_warning(latent, caplog):
+    long = " ".join(["word"] * 100)
+    with caplog.at_level(logging.WARNING, logger="spatext.model.pipeline"):
+        _run(latent, prompt=long, scene=Scene(long, [(_scene(32).regions[0].mask, long)]))
+    assert "The following part of your input was truncated because CLIP can only handle sequences up to 77" in \
+        caplog.text
+    assert "1 local prompt(s) are longer than CLIP's 77 tokens and were cut" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatext.model.pipeline"):
+        _run(latent)
+    assert "truncated" not in caplog.text and "were cut" not in caplog.text
 
 
 def test_pixel_pipeline_is_conditioned_on_the_prompt_through_the_prior(pixel):

@@ -95,6 +95,7 @@ def test_painted_scene_per_condition_guidance_and_several_images(run, scene_file
         (["--scene", "S", "--text-scale", "inf", "--st-scale", "1"], "--text-scale must be a finite number"),
         (["--scene", "S", "--device", "tpu"], r"--device 'tpu' is not a torch device"),
         (["--scene", "S", "--out", "OUT.webpx"], r"Pillow writes no '.webpx' files"),
+        (["--scene", "S", "--guidance-scale", "3", "--text-scale", "3", "--st-scale", "1"], "one form, not both"),
         (["--scene", "S", "--height", "50"], r"^--height must be a positive multiple of \d+ .*, got 50"),
         (["--scene", "S", "--width", "0"], r"^--width must be a positive multiple"),
     ],
