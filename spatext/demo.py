@@ -37,13 +37,16 @@ def rejects_line(output: str, counts: dict) -> str:
     return "  rejects  none (every input was accepted, so no rejects/ folder)"
 
 
+DEMO_CLIP = "ViT-B-32"  # the demo shards' CLIP: the latent-demo and pixel-demo configs take its embeddings
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo end to end."""
     parser = argparse.ArgumentParser(prog="spatext demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_output", help="folder for the corpus, the build and the pictures")
     parser.add_argument("--num-samples", type=int, default=64, help="corpus size")
     parser.add_argument("--seed", type=int, default=0, help="corpus and selection seed")
-    parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for the demo")
+    parser.add_argument("--clip-model", default=DEMO_CLIP, help="open_clip model for the demo")
     parser.add_argument("--clip-pretrained", default="openai", help="tag to use if available offline, else random")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

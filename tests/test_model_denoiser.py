@@ -46,8 +46,21 @@ def _inputs(config: DenoiserConfig, batch: int = 2, seed: int = 0) -> dict[str, 
     }
 
 
+@pytest.mark.parametrize("name", ["latent-demo", "pixel-demo"])
+def test_demo_configs_fit_the_shards_make_demo_writes(name):
+    """`make demo` embeds with the demo's default CLIP; the demo configs must take its embeddings (README's
+    "Train and sample" trains them on demo_output/build)."""
+    import open_clip
+
+    from spatext.demo import DEMO_CLIP
+
+    config = get_config(name)
+    assert config.clip_model == DEMO_CLIP
+    assert config.embed_dim == open_clip.get_model_config(DEMO_CLIP)["embed_dim"]
+
+
 def test_bundled_configs_are_listed_and_returned_as_copies():
-    assert {"latent-tiny", "latent-sd15", "pixel-tiny", "pixel-64"} <= set(list_configs())
+    assert {"latent-tiny", "latent-sd15", "latent-demo", "pixel-tiny", "pixel-64", "pixel-demo"} <= set(list_configs())
     config = get_config("latent-tiny")
     config.unet["block_out_channels"].append(999)
     config.embed_dim = 1
