@@ -1,6 +1,7 @@
 """The wheel that `--setup_file ./setup.py` gives Dataflow workers holds every module and data file of the tree (a
 file left out fails only on the workers, after the job has started)."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,9 +12,12 @@ FOLDERS = {"spatext": "spatext", "pipeline": "spatext/pipeline", "model": "spate
 
 
 def test_the_wheel_holds_every_module_and_config(tmp_path):
+    source = tmp_path / "src"  # a copy without build/: setuptools would reuse a stale build/lib
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".whl", "build", "*.egg-info", "demo_output", "bench_output", "runs", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "--wheel-dir", str(tmp_path), str(ROOT)], check=True, timeout=300)
-    (wheel,) = tmp_path.glob("spatext-*.whl")
+                    "--wheel-dir", str(tmp_path / "dist"), str(source)], check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("spatext-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"{target}/{path.relative_to(ROOT / folder).as_posix()}"
                 for folder, target in FOLDERS.items()
