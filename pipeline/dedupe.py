@@ -10,14 +10,20 @@ write's existing group-by-unit shuffle: no extra materialisation of images, and 
 holds per unit.
 
 On --resume the units completed earlier are not read again; their keys come from their shards and rejects tables,
-so a key they hold still wins over a copy in a unit read now.
+so a key they hold still wins over a copy in a unit read now. Only their keys that may collide with a key read now
+enter the shuffle: a side input holds the 64-bit hashes of the keys read now (``KeyHashes``: 8 bytes a key, sorted),
+and completed keys whose hash is not among them are dropped where they are read. Without that filter every job of
+an ``--units-per-run`` build would shuffle the keys of all earlier jobs again (quadratic in the number of jobs); a
+hash collision only lets a key through to the exact comparison.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 
 import apache_beam as beam
+import numpy as np
 
 from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import RawSample, Reject
@@ -44,16 +50,55 @@ def winner(element: tuple[str, Iterable[tuple[int, str]]]) -> Iterator[tuple[str
         yield key, min(distinct)[1]
 
 
-def done_keys(done: tuple[str, str, str]) -> Iterator[tuple[str, tuple[int, str]]]:
-    """(unit, table, parquet file) of a completed unit -> the (key, (rank, unit)) pairs of the samples it read.
+def key_hash(key: str) -> int:
+    """A 64-bit hash of a key, the same in every process and run."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+class KeyHashes(beam.CombineFn):
+    """Keys -> their sorted, distinct 64-bit hashes as one uint64 array (8 bytes a key: a side input that stays
+    small where a list of Python ints or strings would not). Accumulator: (sorted arrays, hashes not yet folded)."""
+
+    FOLD = 1 << 16
+
+    def create_accumulator(self) -> tuple[list[np.ndarray], list[int]]:
+        return [], []
+
+    def add_input(self, accumulator: tuple[list[np.ndarray], list[int]], key: str) -> tuple:
+        arrays, loose = accumulator
+        loose.append(key_hash(key))
+        if len(loose) >= self.FOLD:
+            arrays.append(np.unique(np.array(loose, dtype=np.uint64)))
+            loose.clear()
+            if len(arrays) > 8:
+                arrays[:] = [np.unique(np.concatenate(arrays))]
+        return accumulator
+
+    def merge_accumulators(self, accumulators: Iterable[tuple]) -> tuple[list[np.ndarray], list[int]]:
+        return [self.extract_output(a) for a in accumulators], []
+
+    def extract_output(self, accumulator: tuple[list[np.ndarray], list[int]]) -> np.ndarray:
+        arrays, loose = accumulator
+        return np.unique(np.concatenate([*arrays, np.array(loose, dtype=np.uint64)]))
+
+
+def done_keys(done: tuple[str, str, str], read_now: np.ndarray | None = None) -> Iterator[tuple[str, tuple[int, str]]]:
+    """(unit, table, parquet file) of a completed unit -> the (key, (rank, unit)) pairs of the samples it read;
+    with `read_now` (sorted key hashes, ``KeyHashes``), only those of keys whose hash is among them.
 
     `table` is 'shards' (every row a sample) or 'rejects' (rows of stage read are not samples and are skipped).
     """
     source, table, path = done
     columns = ["key"] if table == "shards" else ["key", "stage"]  # write.SHARDS_DIR (write imports this module)
     for row in parquet_file(path).read(columns=columns).to_pylist():
-        if row.get("stage", "") != "read":
-            yield row["key"], (_DONE, source)
+        if row.get("stage", "") == "read":
+            continue
+        if read_now is not None:
+            hashed = np.uint64(key_hash(row["key"]))
+            at = int(np.searchsorted(read_now, hashed))
+            if at == len(read_now) or read_now[at] != hashed:
+                continue
+        yield row["key"], (_DONE, source)
 
 
 def duplicate_reject(row_key: str, source: str, first: str) -> Reject:
@@ -74,10 +119,12 @@ class DuplicateKeys(beam.PTransform):
     def expand(self, samples):
         keys = samples | "KeyAndUnit" >> beam.Map(key_source)
         if self.done:
+            read_now = (keys | "Keys" >> beam.Keys()
+                        | "KeyHashes" >> beam.CombineGlobally(KeyHashes()))
             earlier = (
                 samples.pipeline
                 | "CompletedTables" >> beam.Create(self.done)
-                | "CompletedKeys" >> beam.FlatMap(done_keys)
+                | "CompletedKeys" >> beam.FlatMap(done_keys, read_now=beam.pvalue.AsSingleton(read_now))
             )
             keys = (keys, earlier) | "AllKeys" >> beam.Flatten()
         return keys | "GroupKeys" >> beam.GroupByKey() | "FirstUnitWins" >> beam.FlatMap(winner)

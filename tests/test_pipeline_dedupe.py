@@ -3,18 +3,20 @@ Parquet default keys name the file relative to the input files' common folder.""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
 import tarfile
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import jpeg_bytes
 from spatext.pipeline import build, verify
-from spatext.pipeline.dedupe import winner
+from spatext.pipeline.dedupe import KeyHashes, done_keys, winner
 from spatext.pipeline.demo_corpus import write_corpus
 from spatext.pipeline.read import ReadOptions
 from spatext.pipeline.read_parquet import common_folder, iter_parquet, key_name
@@ -43,6 +45,33 @@ def test_winner_is_the_smallest_unit_whatever_the_order():
     assert list(winner(("k", [(1, "a.tar"), (1, "a.tar")]))) == []  # one unit: the reader already deduplicated it
     # a unit completed earlier (rank 0) keeps its written copy, even against a unit whose name sorts first
     assert list(winner(("k", [(1, "a.tar"), (0, "c.tar")]))) == [("k", "c.tar")]
+
+
+def _blake64(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def test_key_hashes_fold_and_merge_to_the_sorted_distinct_hashes(monkeypatch):
+    monkeypatch.setattr(KeyHashes, "FOLD", 3)  # fold every 3 keys, so arrays and loose hashes mix
+    keys = [f"k{i % 11}" for i in range(40)]
+    combine = KeyHashes()
+    parts = []
+    for chunk in (keys[:17], keys[17:], []):
+        accumulator = combine.create_accumulator()
+        for key in chunk:
+            accumulator = combine.add_input(accumulator, key)
+        parts.append(accumulator)
+    got = combine.extract_output(combine.merge_accumulators(parts))
+    assert got.dtype == np.uint64 and got.tolist() == sorted({_blake64(k) for k in keys})
+
+
+def test_completed_keys_enter_the_shuffle_only_when_a_key_read_now_may_match(tmp_path):
+    path = tmp_path / "shard.parquet"
+    pq.write_table(pa.table({"key": ["a", "b", "c"]}), path)
+    read_now = np.array(sorted({_blake64("b"), _blake64("z")}), dtype=np.uint64)
+    assert [k for k, _ in done_keys(("u.tar", "shards", str(path)), read_now)] == ["b"]
+    assert [k for k, _ in done_keys(("u.tar", "shards", str(path)))] == ["a", "b", "c"]  # no filter: all
+    assert list(done_keys(("u.tar", "shards", str(path)), np.zeros(0, dtype=np.uint64))) == []
 
 
 def test_duplicate_keys_across_units_are_rejected_and_verify_passes(twin_corpus, tmp_path):
