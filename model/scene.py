@@ -17,6 +17,7 @@ drawn on top of an earlier one. A region with no pixel at a given size is an err
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 SHAPE_KEYS = ("box", "polygon", "mask")
 DEFAULT_BACKGROUND = ("#000000", "#ffffff")
@@ -170,6 +173,18 @@ def polygon_mask(points: Sequence[Sequence[float]], size: tuple[int, int]) -> np
     return winding != 0
 
 
+def warn_if_stretched(path: str, image_size: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Warn (and return True) when a mask or painted PNG of (W, H) `image_size` is resized to (H, W) `size` of
+    another aspect ratio (beyond 1%): it is stretched to fit, since scene coordinates are fractions of the image."""
+    width, height = image_size
+    ratio = (width / height) / (size[1] / size[0])
+    if abs(ratio - 1) <= 0.01:
+        return False
+    logger.warning("%s is %dx%d but the image is %dx%d (width x height): its layout is stretched to fit", path, width,
+                   height, size[1], size[0])
+    return True
+
+
 def _image_mask(path: str, size: tuple[int, int], label: str) -> np.ndarray:
     """A mask PNG (grey >= 128 is inside, or 1 in a mask of 0s and 1s only, as `mask.astype(np.uint8)` saves it;
     transparent pixels are outside) resized to ``size`` (nearest). A mask whose brightest grey is below 128 (and not
@@ -178,6 +193,7 @@ def _image_mask(path: str, size: tuple[int, int], label: str) -> np.ndarray:
         raise ValueError(f"{label}: mask file {path!r} not found")
     with Image.open(path) as image:
         image.load()
+        warn_if_stretched(path, image.size, size)
         resized = image.resize((size[1], size[0]), Image.Resampling.NEAREST)
         levels = np.unique(np.asarray(image.convert("L")))
     threshold = 128
@@ -295,6 +311,7 @@ def load_painted_scene(png: str, mapping_json: str, size: tuple[int, int]) -> Sc
     try:
         with Image.open(png) as image:
             image.load()
+            warn_if_stretched(png, image.size, size)
             rgba = np.asarray(image.convert("RGBA").resize((size[1], size[0]), Image.Resampling.NEAREST))
     except OSError as e:
         raise ValueError(f"{png}: cannot read the painted scene ({e})") from e

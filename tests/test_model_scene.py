@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import numpy as np
@@ -231,3 +232,15 @@ def test_a_region_lost_after_loading_names_the_scene_file(tmp_path):
     assert load_painted_scene(png, mapping, (4, 4)).source == png
     with pytest.raises(ValueError, match=r"^scene: regions\[0\]"):  # built in code: no file to name
         check_regions_visible(np.zeros((2, 2), np.int64), Scene("", [(np.ones((2, 2)), "a bird")]), "2x2")
+
+
+def test_a_png_of_another_aspect_ratio_is_stretched_with_a_warning(tmp_path, caplog):
+    Image.fromarray(np.full((32, 128), 255, np.uint8)).save(tmp_path / "wide.png")
+    path = _write_scene(tmp_path, {"regions": [{"prompt": "a", "mask": "wide.png"}]})
+    with caplog.at_level(logging.WARNING, logger="spatext.model.scene"):
+        assert load_scene(path, (64, 64)).regions[0].mask.all()
+    assert "wide.png is 128x32 but the image is 64x64 (width x height): its layout is stretched" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatext.model.scene"):
+        load_scene(path, (16, 64))  # the same aspect ratio: no warning
+    assert "stretched" not in caplog.text
