@@ -53,8 +53,21 @@ def target_size(width: int, height: int, image_size: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+# EXIF orientations that swap width and height, and the transposition each applies (what ImageOps.exif_transpose does)
+SWAPPING_ORIENTATIONS = {5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                         7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
 def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> H x W x 3 uint8 RGB, EXIF-oriented, longest side <= image_size; DecodeError if unusable."""
+    return decode_image_info(data, image_size, max_pixels)[0]
+
+
+def decode_image_info(
+    data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int], int]:
+    """``decode_image``, plus the image's stored (W, H) before orientation and resizing, and its EXIF orientation
+    (1: upright), which a ground-truth map of the same pixels must be checked against."""
     allow_pixels(max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -63,6 +76,7 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIX
                 raise DecodeError("image_too_large", f"{width}x{height} exceeds {max_pixels} pixels")
             if min(width, height) < MIN_SIDE:
                 raise DecodeError("image_too_small", f"{width}x{height}")
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
             im.draft("RGB", target_size(width, height, image_size))  # JPEG: decode at a reduced scale, fast
             ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
             if im.mode in DEEP_MODES:
@@ -74,7 +88,8 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIX
             rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # read-only, one copy of the pixels
         size = target_size(rgb.shape[1], rgb.shape[0], image_size)
         # Both return a new writable array (torch warns on read-only arrays downstream).
-        return resize_image(rgb, size) if size != (rgb.shape[1], rgb.shape[0]) else rgb.copy()
+        pixels = resize_image(rgb, size) if size != (rgb.shape[1], rgb.shape[0]) else rgb.copy()
+        return pixels, (width, height), orientation
     except DecodeError:
         raise
     except UnidentifiedImageError as exc:  # its message names the BytesIO object's address: not reproducible
@@ -119,10 +134,16 @@ def aspect_matches(map_size: tuple[int, int], size: tuple[int, int], tolerance: 
 
 
 def decode_annotation(
-    png: bytes | None, annotation: dict | None, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS
+    png: bytes | None, annotation: dict | None, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
+    stored: tuple[int, int] | None = None, orientation: int = 1,
 ) -> Segmentation:
     """Ground-truth id map + segments_info -> Segmentation at `size` (width, height), nearest-neighbour resized; a
-    map over `max_pixels` is refused from its header, like an image."""
+    map over `max_pixels` is refused from its header, like an image.
+
+    With `stored` (the image's (W, H) as stored) and its EXIF `orientation`, the map must have the image's own size:
+    upright, or as stored when the orientation swaps the sides (then it gets the image's rotation, so both stay
+    aligned); any other size is a `bad_annotation` (a map at another scale was stretched before). Without them, only
+    the aspect ratio is checked against `size`."""
     infos = annotation.get("segments_info") if isinstance(annotation, dict) else None
     if png is None or not isinstance(infos, list):
         raise DecodeError("missing_annotation")
@@ -133,11 +154,20 @@ def decode_annotation(
                 raise DecodeError("bad_annotation", "empty panoptic png")
             if width * height > max_pixels:
                 raise DecodeError("bad_annotation", f"panoptic map {width}x{height} exceeds {max_pixels} pixels")
-            if not aspect_matches((width, height), size):
-                raise DecodeError("bad_annotation", f"panoptic map {width}x{height} vs image {size}")
+            rotate = None
+            if stored is not None:
+                upright = stored[::-1] if orientation in SWAPPING_ORIENTATIONS else stored
+                if (width, height) == stored and stored != upright:  # annotated on the stored pixels
+                    rotate = SWAPPING_ORIENTATIONS[orientation]
+                elif (width, height) != upright:
+                    raise DecodeError("bad_annotation", f"panoptic map {width}x{height} vs image "
+                                      f"{upright[0]}x{upright[1]}")
+            elif not aspect_matches((width, height), size):
+                raise DecodeError("bad_annotation", f"panoptic map {width}x{height} vs image {size[0]}x{size[1]}")
+            mapped = im.transpose(rotate) if rotate is not None else im
             # Nearest-neighbour picks whole pixels, so resizing the RGB(-encoded) map before decoding ids gives the
             # same map as resizing the ids, for fewer pixels to decode.
-            id_map = decode_id_map(im.resize(size, Image.Resampling.NEAREST) if im.size != size else im)
+            id_map = decode_id_map(mapped.resize(size, Image.Resampling.NEAREST) if mapped.size != size else mapped)
     except DecodeError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -158,12 +188,13 @@ def decode_sample(raw: RawSample, options: DecodeOptions) -> Sample:
         raise DecodeError("missing_image")
     if raw.caption is None or not raw.caption.strip():
         raise DecodeError("missing_caption")
-    image = decode_image(raw.image_bytes, options.image_size, options.max_pixels)
+    image, stored, orientation = decode_image_info(raw.image_bytes, options.image_size, options.max_pixels)
     annotation = None
     if options.require_annotation or (options.keep_annotation and raw.annotation_png is not None):
         try:
             annotation = decode_annotation(
-                raw.annotation_png, raw.annotation, (image.shape[1], image.shape[0]), options.max_pixels
+                raw.annotation_png, raw.annotation, (image.shape[1], image.shape[0]), options.max_pixels, stored,
+                orientation,
             )
         except DecodeError:
             if options.require_annotation:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import IO
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from spatext.pipeline.records import REJECTS, RawSample, Reject
@@ -157,6 +158,9 @@ def check_input(pattern: str, options: ReadOptions) -> str:
             raise ValueError(
                 f"--input {pattern!r}: {len(missing)} of the {len(files) + len(missing)} files its brace range names "
                 f"do not exist, e.g. {missing[0]}; to read whichever exist, use a glob (e.g. shard-*.tar)")
+        if fmt == "webdataset" and _is_parquet(files[0]):  # a damaged tar is a reject; a Parquet file is a mistake
+            raise ValueError(f"--input: {files[0]!r} is a Parquet file, which --input-format webdataset cannot read; "
+                             "use --input-format parquet (or auto)")
     if fmt == "folder" and not FileSystems.exists(folder_captions(pattern)):
         raise ValueError(f"--input {pattern!r} with --input-format folder: {folder_captions(pattern)} does not exist "
                          f"(a folder corpus is a directory holding {CAPTIONS_FILE}); valid inputs: {VALID_INPUTS}")
@@ -165,6 +169,15 @@ def check_input(pattern: str, options: ReadOptions) -> str:
 
         find_coco(pattern, options.coco_split)
     return fmt
+
+
+def _is_parquet(path: str) -> bool:
+    """Whether a file starts with Parquet's magic bytes."""
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            return handle.read(4) == b"PAR1"
+    except OSError:
+        return False
 
 
 def split_member_name(name: str) -> tuple[str, str]:

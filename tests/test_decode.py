@@ -221,3 +221,33 @@ def test_reject_reasons_are_reproducible():
     assert str(err.value) == "unreadable_image: not an image format Pillow can read"
     reject = Reject("k", "s", "embed", "embedder_error: <_io.BytesIO object at 0x7f3a12cd>, <Foo object at 0xABC1>")
     assert reject.reason == "embedder_error: <_io.BytesIO object>, <Foo object>"
+
+
+def _exif_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_a_map_of_the_stored_pixels_turns_with_its_exif_rotated_image(orientation):
+    """A map made on the stored pixels of an EXIF-rotated image (as COCO's width/height give them) gets the image's
+    rotation; an upright map is taken as it is; a map of another size is a reject (it was stretched)."""
+    stored = np.zeros((30, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)  # left half red, as stored
+    ids = np.zeros((30, 40), np.int32)
+    ids[:, :20] = 1  # the same left half, as stored
+    raw = RawSample("k", "s", _exif_jpeg(stored, orientation), "c", encode_id_map(ids), {"segments_info": [{"id": 1}]})
+    options = DecodeOptions(image_size=512, require_annotation=True)
+    sample = decode_sample(raw, options)
+    red = sample.image[..., 0] > 128
+    assert sample.image.shape[:2] == (40, 30) and red.mean() == pytest.approx(0.5, abs=0.05)  # turned upright
+    assert np.mean((sample.annotation.id_map == 1) == red) > 0.97  # the map turned with it
+    upright = np.ascontiguousarray(np.rot90(ids, 1 if orientation == 8 else -1))  # already in the upright frame
+    turned = decode_sample(RawSample("k", "s", raw.image_bytes, "c", encode_id_map(upright), raw.annotation), options)
+    np.testing.assert_array_equal(turned.annotation.id_map, sample.annotation.id_map)
+    half = encode_id_map(ids[::2, ::2])  # a 20x15 map for a 40x30 image: same aspect, another scale
+    with pytest.raises(DecodeError, match="panoptic map 20x15 vs image 30x40"):
+        decode_sample(RawSample("k", "s", raw.image_bytes, "c", half, raw.annotation), options)

@@ -113,6 +113,12 @@ def test_detect_format_and_brace_ranges(tmp_path, make_tar, monkeypatch):
         make_tar(f"shard-{i:03d}.tar", [("k.txt", b"c")])
     assert read.expand_braces("s-{008..010}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar"]
     assert len(read.match_files(str(tmp_path / "shard-{000..001}.tar"))) == 2
+    (tmp_path / "p.parquet").write_bytes(b"PAR1" + bytes(600))  # a forced format that does not fit fails at launch
+    with pytest.raises(ValueError, match="'.*p.parquet' is a Parquet file, which --input-format webdataset cannot"):
+        read.check_input(str(tmp_path / "p.parquet"), read.ReadOptions("webdataset"))
+    (tmp_path / "bad.tar").write_bytes(b"garbage")  # a damaged tar is not refused here: the job rejects it
+    assert read.check_input(str(tmp_path / "bad.tar"), read.ReadOptions("webdataset")) == "webdataset"
+    assert read.check_input(str(tmp_path / "shard-000.tar"), read.ReadOptions("webdataset")) == "webdataset"
     monkeypatch.chdir(tmp_path)  # a bare pattern in the current directory, given back as spelled
     assert read.match_files("shard-*.tar") == ["shard-000.tar", "shard-001.tar", "shard-002.tar"]
     assert read.match_files("shard-{000..001}.tar") == ["shard-000.tar", "shard-001.tar"]
