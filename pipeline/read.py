@@ -263,7 +263,7 @@ def iter_caption_lines(
     under panoptic/ (panoptic/a.png); two images with one stem are a `duplicate_key`, never a silent overwrite.
     Lines given as bytes must be UTF-8: a line that is not becomes a `bad_caption_encoding` reject.
     """
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # key -> its first line
     for number, line in enumerate(lines, start=1):
         unit = folder_unit(source, number, unit_lines)
         if isinstance(line, bytes):
@@ -279,13 +279,22 @@ def iter_caption_lines(
             continue
         try:
             entry = json.loads(line)
-            image = entry.get("image") or entry.get("file_name")
-            key = entry.get("key")
-            if key is None or key == "":
-                key = posixpath.splitext(posixpath.basename(image))[0]
-        except (ValueError, AttributeError, TypeError):
-            yield Reject(f"{source}:{number}", unit, "read", "malformed_caption_line")
+        except ValueError as exc:
+            yield Reject(f"{source}:{number}", unit, "read", f"malformed_caption_line: line {number}: not JSON "
+                         f"({exc.msg} at column {exc.colno})")
             continue
+        if not isinstance(entry, dict):
+            yield Reject(f"{source}:{number}", unit, "read", f"malformed_caption_line: line {number}: a JSON "
+                         f"{type(entry).__name__}, not an object")
+            continue
+        image = entry.get("image") or entry.get("file_name")
+        if image is None:
+            yield Reject(f"{source}:{number}", unit, "read", f"malformed_caption_line: line {number}: no \"image\" "
+                         f"(or \"file_name\") key; keys are {sorted(entry)[:5]} (names are case-sensitive)")
+            continue
+        key = entry.get("key")
+        if (key is None or key == "") and isinstance(image, str):
+            key = posixpath.splitext(posixpath.basename(image))[0]
         wrong = next((f'"{name}" is a {type(value).__name__}, not a {kind}'
                       for name, value, kind in (("key", key, "string or integer"), ("image", image, "string"),
                                                 ("caption", entry.get("caption"), "string"))
@@ -295,9 +304,11 @@ def iter_caption_lines(
             continue
         key = str(key)
         if key in seen:
-            yield Reject(key, unit, "read", "duplicate_key")
+            stem = "" if "key" in entry else ("; keys default to the image's file stem: give \"key\" to tell "
+                                              "images of one name in different folders apart")
+            yield Reject(key, unit, "read", f"duplicate_key: line {number} repeats the key of line {seen[key]}{stem}")
             continue
-        seen.add(key)
+        seen[key] = number
         yield {"key": key, "image": image, "caption": entry.get("caption"), "unit": unit}
 
 

@@ -69,10 +69,21 @@ def test_caption_lines_parse_dedupe_and_reject(tmp_path):
     items = list(read.iter_caption_lines(lines, "captions.jsonl", unit_lines=2))
     assert items[0] == {"key": "a", "image": "images/a.jpg", "caption": "A", "unit": "captions.jsonl#000000"}
     assert items[2]["unit"] == "captions.jsonl#000001" and items[3].source == "captions.jsonl#000001"
-    assert isinstance(items[1], Reject) and items[1].reason == "malformed_caption_line"
+    assert isinstance(items[1], Reject)
+    assert items[1].reason == "malformed_caption_line: line 2: not JSON (Expecting property name enclosed in double " \
+        "quotes at column 2)"
     assert items[2]["key"] == "b"  # the image's file stem: the name its ground truth has under panoptic/
-    assert isinstance(items[3], Reject) and items[3].reason == "duplicate_key"
+    assert isinstance(items[3], Reject) and items[3].reason == "duplicate_key: line 4 repeats the key of line 1"
     assert len(items) == 4
+    nested = [json.dumps({"image": f"{folder}/000.jpg", "caption": "c"}) for folder in ("cat", "dog")]
+    assert list(read.iter_caption_lines(nested, "captions.jsonl"))[1].reason == (
+        "duplicate_key: line 2 repeats the key of line 1; keys default to the image's file stem: give \"key\" to "
+        "tell images of one name in different folders apart")
+    odd = [json.dumps([1, 2]), json.dumps({"IMAGE": "x.jpg", "Caption": "c"})]
+    first, second = read.iter_caption_lines(odd, "captions.jsonl")
+    assert first.reason == "malformed_caption_line: line 1: a JSON list, not an object"
+    assert second.reason == ("malformed_caption_line: line 2: no \"image\" (or \"file_name\") key; keys are "
+                             "['Caption', 'IMAGE'] (names are case-sensitive)")
 
 
 @pytest.mark.parametrize(("entry", "wrong"), [
