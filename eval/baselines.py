@@ -23,8 +23,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -67,10 +69,29 @@ def fit_prompt(tokenizer: object, prompt: str, local_prompts: Sequence[str]) -> 
 
 
 def load_base_pipeline(base_model: str, device: str = "cpu") -> StableDiffusionPipeline:
-    """``StableDiffusionPipeline.from_pretrained(base_model)`` (no safety checker), progress bar off, on ``device``."""
+    """``StableDiffusionPipeline.from_pretrained(base_model)`` (no safety checker), progress bar off, on ``device``;
+    ValueError naming ``--base-model`` when the folder holds no such pipeline (e.g. a SpaText run)."""
+    check_base_model_folder(base_model)
     pipe = StableDiffusionPipeline.from_pretrained(base_model, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def check_base_model_folder(base_model: str) -> None:
+    """ValueError (naming --base-model) unless ``base_model`` is a local folder of a Stable-Diffusion-like pipeline,
+    or a hub name (no local folder of that name); a SpaText run is named as such."""
+    index = os.path.join(base_model, "model_index.json")
+    run = os.path.isfile(os.path.join(base_model, "run.json")) or os.path.isdir(os.path.join(base_model, "pipeline"))
+    kind = None
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            kind = json.load(handle).get("_class_name")
+    if run or kind == "SpaTextPipeline":
+        raise ValueError(f"--base-model {base_model!r} is a SpaText run (spatext train --output); baselines take "
+                         "a Stable-Diffusion-like diffusers folder (e.g. the run's base model, or spatext "
+                         "tiny-base-model DIR); use --method spatext --run for the run")
+    if os.path.isdir(base_model) and kind is None:
+        raise ValueError(f"--base-model {base_model!r} holds no model_index.json: not a diffusers pipeline folder")
 
 
 def model_size(pipe: StableDiffusionPipeline) -> tuple[int, int]:

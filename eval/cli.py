@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from spatext.cli import DEBUG_ENV
 from spatext.eval.errors import ModelLoadError
 from spatext.eval.masks import PERTURB_FLAG, PERTURB_FORMS, MaskPerturbation, parse_perturb
 
@@ -148,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (ValueError, OSError, ModelLoadError) as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
         message = " ".join(str(e).split())  # one line, whatever the wrapped library's message looked like
-        print(f"spatext eval {args.command}: error: {message}", file=sys.stderr)
+        print(f"spatext eval {args.command}: error: {message}\n(set {DEBUG_ENV}=1 to see the traceback)",
+              file=sys.stderr)
         return 2
 
 

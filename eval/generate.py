@@ -149,10 +149,10 @@ def _run_label(run: str) -> dict:
 
 def _spatext_generator(spec: GenerateSpec) -> tuple[Generator, dict]:
     """A per-sample function for ``spatext`` and what to record about the model."""
-    from spatext.model.pipeline import SpaTextPipeline
+    from spatext.model.sample import load_run  # its checks name --run: a folder without a pipeline, a base model
     from spatext.model.scene import Scene
 
-    pipe = SpaTextPipeline.from_pretrained(os.path.join(spec.run, "pipeline")).to(spec.device)
+    pipe = load_run(spec.run, spec.device)
     pipe.set_progress_bar_config(disable=True)
     height = spec.settings.height or pipe.default_size[0]
     width = spec.settings.width or pipe.default_size[1]

@@ -397,13 +397,24 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share, chosen by a hash of the key")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a prior already in --output")
     return parser.parse_args(input_args)
+
+
+def check_prior_output(output: str, overwrite: bool = False) -> None:
+    """ValueError when `output` already holds a prior and `overwrite` is not set: runs trained with it name it by
+    that folder (--prior), so replacing it silently would make their lineage name another model."""
+    fs, path = fsspec.core.url_to_fs(f"{output.rstrip('/')}/{WEIGHTS_FILE}")
+    if not overwrite and fs.exists(path):
+        raise ValueError(f"--output {output!r} already holds a prior ({WEIGHTS_FILE}); runs trained with it name it as "
+                         "their --prior: choose another --output, or pass --overwrite to replace it")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry: train, write the outputs, log the held-out numbers."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = parse_args(argv)
+    check_prior_output(args.output, args.overwrite)
     train_prior(args.data, args.output, args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                 seed=args.seed, val_fraction=args.val_fraction, device=args.device)
     return 0

@@ -212,17 +212,25 @@ def load_run(run: str, device: str) -> SpaTextPipeline:
     return pipe
 
 
+def check_scene_flags(args: argparse.Namespace) -> None:
+    """ValueError for scene flags that do not go together or name no file (checked before the model loads)."""
+    if args.scene is not None and args.painted is not None:
+        raise ValueError("give one of --scene and --painted (with --colors), not both")
+    if args.scene is None and args.painted is None and args.colors is not None:
+        raise ValueError("--colors goes with --painted (the colour-painted layout PNG)")
+    if args.painted is not None and args.colors is None:
+        raise ValueError("--painted needs --colors (the JSON mapping its colours to local prompts)")
+    for flag, path in (("--scene", args.scene), ("--painted", args.painted), ("--colors", args.colors)):
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"{flag} {path!r}: no such file")
+
+
 def read_scene(args: argparse.Namespace, size: tuple[int, int]) -> Scene:
     """The scene of ``--scene`` or ``--painted`` + ``--colors``, masks at ``size``; with neither, the empty scene
     (``--prompt`` alone: no region, ST all zeros, as ``pipe(prompt)`` does)."""
-    if args.scene is not None and args.painted is not None:
-        raise ValueError("give one of --scene and --painted (with --colors), not both")
+    check_scene_flags(args)
     if args.scene is None and args.painted is None:
-        if args.colors is not None:
-            raise ValueError("--colors goes with --painted (the colour-painted layout PNG)")
         return Scene()
-    if args.painted is not None and args.colors is None:
-        raise ValueError("--painted needs --colors (the JSON mapping its colours to local prompts)")
     if args.scene is not None:
         return load_scene(args.scene, size)
     return load_painted_scene(args.painted, args.colors, size)
@@ -256,6 +264,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    check_scene_flags(args)
     paths = output_paths(args.out, args.num_images)  # a bad --out fails now, not after generating
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)

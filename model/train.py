@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 from spatext.cli import command_logging
 from spatext.model.checkpoint import RUN_FILE, write_json
-from spatext.model.prior import load_prior_config, train_prior
+from spatext.model.prior import check_prior_output, load_prior_config, train_prior
 from spatext.model.train_args import (
     DEFAULTS,
     PRIOR_FLAGS,
@@ -83,6 +83,7 @@ def train_prior_run(args: argparse.Namespace) -> dict:
     if os.path.exists(existing):  # a prior trains from scratch: never over another run's record and files
         raise ValueError(f"--output {args.output!r} already holds a run ({existing}); a prior has no resume: choose "
                          "another --output")
+    check_prior_output(args.output)
     ignored = ignored_by_prior(args)
     if ignored:
         logger.warning("prior training ignores %s", ", ".join(ignored))

@@ -254,3 +254,18 @@ def test_overwrite_replaces_only_generations_folders(bench, tmp_path, capsys) ->
     info["format"] = "something-else"
     (gen / "generation.json").write_text(json.dumps(info))
     assert _generate_reference(bench, gen, "--overwrite") == 2 and (gen / "images").is_dir()
+
+
+def test_a_run_or_base_model_of_the_wrong_kind_is_one_clear_line(bench, base, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "pipeline").mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    cases = [(["--method", "spatext", "--run", str(tmp_path)], "holds no pipeline (no pipeline/model_index.json)"),
+             (["--method", "spatext", "--run", base], "is not a SpaText run"),
+             (["--method", "concat", "--base-model", str(run)], "is a SpaText run (spatext train --output)"),
+             (["--method", "concat", "--base-model", str(tmp_path)], "holds no model_index.json")]
+    for extra, message in cases:
+        argv = ["generate", "--benchmark", str(bench), "--out", str(tmp_path / "gen"), "--steps", "1", *extra]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "(set SPATEXT_DEBUG=1 to see the traceback)" in err, err

@@ -161,3 +161,9 @@ def test_command_line_entry_writes_the_outputs(pairs_dir, tmp_path):
     assert main(argv) == 0
     assert {p.name for p in (tmp_path / "cli").iterdir()} == {"prior.safetensors", "prior_config.json",
                                                              "prior_metrics.json"}
+    before = (tmp_path / "cli" / "prior.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already holds a prior .*--overwrite to replace it"):
+        main([*argv[:-4], "--steps", "1"])  # runs trained with it name this folder: not replaced silently
+    assert (tmp_path / "cli" / "prior.safetensors").read_bytes() == before
+    assert main([*argv, "--seed", "3", "--overwrite"]) == 0
+    assert (tmp_path / "cli" / "prior.safetensors").read_bytes() != before

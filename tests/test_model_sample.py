@@ -164,3 +164,16 @@ def test_a_prompt_alone_samples_an_empty_scene(run, tmp_path):
     """`pipe(prompt)` works without a scene; the CLI used to demand --scene or --painted."""
     image = _sample(run, tmp_path / "p.png", "--prompt", "a red ball on grass")
     assert image.shape[2] == 3 and (tmp_path / "p.scene.png").is_file()
+
+
+def test_scene_flags_are_checked_before_the_model_loads(scene_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, "load_run", lambda *a: pytest.fail("the model loaded before the flags were checked"))
+    base = ["--run", str(tmp_path), "--out", str(tmp_path / "x.png")]
+    for extra, message in (
+        (["--scene", scene_files["scene.json"], "--painted", scene_files["painted.png"], "--colors",
+          scene_files["colors.json"]], "not both"),
+        (["--painted", scene_files["painted.png"]], "--painted needs --colors"),
+        (["--scene", str(tmp_path / "missing.json")], r"--scene '.*missing.json': no such file"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sample.main([*base, *extra])
