@@ -113,12 +113,14 @@ def build_training_pipeline(
         pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config,
                                                               prediction_type=config.prediction_type)
     pipe.set_progress_bar_config(disable=True)
+    # Parts whose weights stay random (the run does not train them). The pixel variant's UNet starts from random
+    # init but is what the run trains (lineage: unet_init); it takes only the text encoder from the base model.
     random_init = ["local_encoder"] if clip.pretrained_label == RANDOM_INIT_LABEL else []
-    random_init += ["unet"] if config.variant == "pixel" else []
     random_init += ["prior (untrained: identity)"] if prior_label == UNTRAINED_PRIOR else []
     base_marker = read_weights_marker(args.base_model) if args.base_model else None
     if base_marker is not None and base_marker["pretrained"] == RANDOM_INIT_LABEL:  # e.g. spatext tiny-base-model
-        random_init += [f"base model (unet, vae, text_encoder): {RANDOM_INIT_LABEL}"]
+        parts = "text_encoder" if config.variant == "pixel" else "unet, vae, text_encoder"
+        random_init += [f"base model ({parts}): {RANDOM_INIT_LABEL}"]
     unet_init = "random init" if config.variant == "pixel" else f"--base-model {args.base_model} + zero ST weights"
     lineage = {"clip_model": clip_model, "clip_pretrained": clip.pretrained_label, "base_model": args.base_model,
                "base_model_weights": base_marker["pretrained"] if base_marker else "as loaded (provenance not given)",

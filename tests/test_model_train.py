@@ -138,7 +138,10 @@ def test_run_dir_has_lineage_and_a_loadable_pipeline(overfit, four_rows, base):
     image = pipe(prompt="a triangle on sand", scene=[(torch.ones(32, 32), "sand")], num_inference_steps=2).images[0]
     assert image.size == (32, 32)
     pixel = SpaTextPipeline.from_pretrained(os.path.join(overfit["pixel-tiny"], "pipeline"))
-    assert pixel.vae is None and "unet" in _record(overfit["pixel-tiny"])["random_init"]
+    pixel_record = _record(overfit["pixel-tiny"])  # its UNet is trained from random init: not a random part
+    assert pixel.vae is None and "unet" not in pixel_record["random_init"]
+    assert pixel_record["lineage"]["unet_init"] == "random init"
+    assert "base model (text_encoder): none (random init)" in pixel_record["random_init"]  # all it takes from it
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
