@@ -22,8 +22,7 @@ def test_bad_input_is_a_message_and_status_2(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert f"spatext build: error: --input '{pattern}' matches no file" in err
     assert "Traceback" not in err and DEBUG_ENV in err
-    assert main(["sample", "--run", str(tmp_path / "nothing"), "--prompt", "p", "--scene", "s.json",
-                 "--out", str(tmp_path / "x.png")]) == 2
+    assert main(["sample", "--run", str(tmp_path / "nothing"), "--prompt", "p", "--out", str(tmp_path / "x.png")]) == 2
     assert "spatext sample: error: --run" in capsys.readouterr().err
 
 

@@ -236,7 +236,7 @@ def test_overwrite_replaces_only_generations_folders(bench, tmp_path, capsys) ->
     for out in (victim, tmp_path):  # the benchmark itself, and a folder that contains it
         capsys.readouterr()
         assert _generate_reference(victim, out, "--overwrite") == 2
-        error = capsys.readouterr().err.strip().splitlines()[-1]
+        error = next(line for line in capsys.readouterr().err.splitlines() if "error:" in line)
         assert "--out" in error and "--benchmark" in error and "refusing" in error
         assert sorted(p.relative_to(victim) for p in victim.rglob("*")) == before
     load_benchmark(str(victim))  # still whole
