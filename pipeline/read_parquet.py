@@ -2,12 +2,12 @@
 
 Columns, resolved per file from its schema: an explicit name (``--image-column``, ``--caption-column``,
 ``--key-column``) wins; otherwise the first present of IMAGE_COLUMNS / CAPTION_COLUMNS / KEY_COLUMNS; either way the
-exact name first, then case-insensitively. The launcher checks the first file (fail fast); a later file whose columns
-cannot be resolved becomes one ``unusable_columns`` reject. An image cell is bytes or a Hugging Face Image struct
-``{bytes, path}``. Keys: the key column's value, else ``"{name}/{row}"`` where name is the file's path relative to
-the input files' common folder, without ``.parquet`` (``train/0000/5`` and ``test/0000/5`` for a Hugging Face
-dataset's ``default/{train,test}/0000.parquet``; the file stem when all files share a folder), so default keys are
-unique across the input set.
+exact name first, then case-insensitively. The launcher checks the first file (fail fast); every row of a later file
+whose columns cannot be resolved becomes an ``unusable_columns`` reject (keyed ``{name}/{row}``). An image cell is
+bytes or a Hugging Face Image struct ``{bytes, path}``. Keys: the key column's value, else ``"{name}/{row}"`` where
+name is the file's path relative to the input files' common folder, without ``.parquet`` (``train/0000/5`` and
+``test/0000/5`` for a Hugging Face dataset's ``default/{train,test}/0000.parquet``; the file stem when all files share
+a folder), so default keys are unique across the input set.
 
 Rows are rejected at read only for what the reader knows and decode cannot: img2dataset's failed downloads
 (``status`` != "success" -> ``download_failed: <error_message>``) and rows with a URL but no image bytes
@@ -213,8 +213,9 @@ def iter_parquet(
         parquet = pq.ParquetFile(fileobj)
         try:
             columns = resolve_columns(parquet.schema_arrow, source, options)
-        except ValueError as exc:
-            yield Reject(f"{source}#file", source, "read", f"unusable_columns: {exc}")
+        except ValueError as exc:  # one reject per row, so that read counts rows here as in every other file
+            for row in range(parquet.metadata.num_rows):
+                yield Reject(f"{stem}/{row}", source, "read", f"unusable_columns: {exc}")
             return
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns.names()):
             for row in batch.to_pylist():

@@ -115,8 +115,10 @@ def test_explicit_columns_bad_columns_and_broken_files(tmp_path):
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(path.read_bytes()[:-30])
     assert [i.reason.split(":")[0] for i in _items(broken, options)] == ["unreadable_parquet"]
-    unusable = _items(tmp_path / "meta.parquet")  # a later file of a corpus: one reject, its reason says why
-    assert len(unusable) == 1 and unusable[0].reason.startswith("unusable_columns: ") and "TEXT" in unusable[0].reason
+    pq.write_table(pa.table({"URL": ["u", "v", "w"], "TEXT": ["t"] * 3}), tmp_path / "meta3.parquet")
+    unusable = _items(tmp_path / "meta3.parquet")  # a later file of a corpus: a reject per row, saying why
+    assert [r.key for r in unusable] == ["meta3/0", "meta3/1", "meta3/2"]
+    assert all(r.reason.startswith("unusable_columns: ") and "TEXT" in r.reason for r in unusable)
 
 
 def test_binary_captions_are_decoded_or_rejected(tmp_path):
