@@ -55,6 +55,7 @@ from PIL import Image
 
 from spatext.eval.masks import check_index_map, region_indices
 from spatext.eval.outputs import is_same_or_inside, only_files_with_suffix
+from spatext.paths import inside
 from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import Segment, Segmentation
 from spatext.pipeline.schema import ShardSample, decode_image, encode_image, read_metadata, row_to_sample
@@ -371,7 +372,7 @@ def benchmark_fingerprint(path: str) -> str:
         if line.strip():
             record = json.loads(line)
             for name in ("masks", "reference"):
-                with open(os.path.join(path, record[name]), "rb") as handle:
+                with open(inside(path, record[name], f"{SAMPLES_FILE} {name!r}"), "rb") as handle:
                     digest.update(f"{name}:{record[name]}:".encode())
                     digest.update(hashlib.sha256(handle.read()).digest())
     return digest.hexdigest()
@@ -379,11 +380,11 @@ def benchmark_fingerprint(path: str) -> str:
 
 def _decode_sample(path: str, record: dict) -> BenchmarkSample:
     """Decode one samples.jsonl record and check its masks against its regions."""
-    with open(os.path.join(path, record["masks"]), "rb") as handle, Image.open(handle) as image:
+    with open(inside(path, record["masks"], f"{SAMPLES_FILE} 'masks'"), "rb") as handle, Image.open(handle) as image:
         if image.mode != "L":
             raise ValueError(f"{record['masks']}: masks must be a single-channel (L) PNG, got mode {image.mode}")
         masks = np.array(image)
-    with open(os.path.join(path, record["reference"]), "rb") as handle:
+    with open(inside(path, record["reference"], f"{SAMPLES_FILE} 'reference'"), "rb") as handle:
         reference = decode_image(handle.read())
     check_index_map(masks, reference.shape[:2], name=record["masks"])
     regions = tuple(BenchmarkRegion(**region) for region in record["regions"])

@@ -56,6 +56,7 @@ from spatext.eval.generate import INFO, perturb_sample, provenance_unknown, read
 from spatext.eval.local_iou import local_iou_pairs
 from spatext.eval.masks import MaskPerturbation
 from spatext.eval.outputs import a_few, is_same_or_inside
+from spatext.paths import leaves
 from spatext.pipeline.clip import RANDOM_INIT_LABEL, ClipModel, ClipSpec, load_clip
 from spatext.pipeline.records import Segment, Segmentation
 from spatext.pipeline.segmenters import SegmenterSpec, create_segmenter
@@ -236,7 +237,7 @@ def check_generations(path: str, benchmark: str, samples: list[BenchmarkSample],
         problems.append(f"images of keys not in the benchmark: {len(extra)} ({a_few(extra)})")
     if problems:
         raise ValueError(f"--generations {path!r} does not match --benchmark {benchmark!r}: {'; '.join(problems)}")
-    outside = [images[key] for key in sorted(keys) if not _inside(images[key])]
+    outside = [images[key] for key in sorted(keys) if leaves(path, images[key])]
     if outside:  # e.g. "../reference/images/k.png": another folder's image would be scored as this method's
         raise ValueError(f"--generations {path!r}: {INFO} lists images outside the folder: {len(outside)} "
                          f"({a_few(outside)}); paths must be relative and stay inside it")
@@ -260,12 +261,6 @@ def check_generations(path: str, benchmark: str, samples: list[BenchmarkSample],
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def _inside(relative: str) -> bool:
-    """Whether a path from generation.json is relative and stays inside its folder (lexically)."""
-    normal = os.path.normpath(relative)
-    return not os.path.isabs(relative) and normal != os.pardir and not normal.startswith(os.pardir + os.sep)
 
 
 def unlisted_images(path: str, listed: Iterable[str]) -> list[str]:

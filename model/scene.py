@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from spatext.paths import leaves
+
 logger = logging.getLogger(__name__)
 
 SHAPE_KEYS = ("box", "polygon", "mask")
@@ -235,6 +237,9 @@ def _region_mask(spec: Any, base_dir: str, size: tuple[int, int], label: str) ->
         return polygon_mask(points, size), prompt
     if not isinstance(value, str):
         raise ValueError(f"{label}.mask: expected a PNG path relative to the scene file, got {value!r}")
+    if leaves(base_dir or os.curdir, value):  # a scene from elsewhere must not read (and draw) files outside its folder
+        raise ValueError(f"{label}.mask: {value!r} is not a path inside the scene file's folder (absolute, '..' or a "
+                         "symlink out)")
     return _image_mask(os.path.join(base_dir, value), size, label), prompt
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import posixpath
 import re
+import stat
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 INPUT_FORMATS = ("auto", "webdataset", "folder", "parquet", "coco")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+# The tar members a sample is made of; the rest are skipped without being read, so a key's bytes in memory are at most
+# len(USED_EXTENSIONS) x MAX_MEMBER_BYTES, whatever else the tar holds.
+USED_EXTENSIONS = frozenset({*IMAGE_EXTENSIONS, "txt", "json", "panoptic.png"})
 CAPTIONS_FILE = "captions.jsonl"
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
 FOLDER_UNIT_LINES = 1000  # a folder's captions.jsonl is read in units of this many lines (the resume granularity)
@@ -209,7 +213,7 @@ def _parse_json(data: bytes | None) -> object:
         return None
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: '[' nested beyond Python's stack
         return {"segments_info": None, "error": "malformed json"}
 
 
@@ -233,7 +237,7 @@ def iter_webdataset(fileobj: IO[bytes], source: str) -> Iterator[RawSample | Rej
                     if dropped:
                         yield Reject(key, source, "read", "duplicate_key")
                     seen.add(key)
-                if dropped:
+                if dropped or ext not in USED_EXTENSIONS:  # other members are skipped unread
                     continue
                 if info.size > MAX_MEMBER_BYTES:
                     yield Reject(key, source, "read", f"member_too_large: {info.name} has {info.size} bytes")
@@ -281,7 +285,11 @@ def iter_caption_lines(
             entry = json.loads(line)
         except ValueError as exc:
             yield Reject(f"{source}:{number}", unit, "read", f"malformed_caption_line: line {number}: not JSON "
-                         f"({exc.msg} at column {exc.colno})")
+                         f"({getattr(exc, 'msg', exc)} at column {getattr(exc, 'colno', '?')})")
+            continue
+        except RecursionError:
+            yield Reject(f"{source}:{number}", unit, "read", f"malformed_caption_line: line {number}: nested "
+                         "deeper than the JSON parser goes")
             continue
         if not isinstance(entry, dict):
             yield Reject(f"{source}:{number}", unit, "read", f"malformed_caption_line: line {number}: a JSON "
@@ -325,12 +333,38 @@ def outside_corpus(relative: str) -> bool:
             or ".." in relative.replace("\\", "/").split("/"))
 
 
-def read_optional(path: str) -> bytes | None:
-    """A file's bytes, or None if it does not exist."""
+class FileRefused(ValueError):
+    """A corpus file that is not read: outside its root (e.g. through a symlink), not a regular file, or too large;
+    `reason` is the reject reason code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def read_optional(path: str, root: str | None = None, limit: int = MAX_MEMBER_BYTES) -> bytes | None:
+    """A file's bytes, or None if it does not exist; FileRefused for a local file whose real path (symlinks
+    resolved) leaves `root`, for anything but a regular file (a FIFO or /dev/zero would never end), and for a file
+    over `limit` bytes (checked before reading, like a tar member)."""
     if not FileSystems.exists(path):
         return None
-    with FileSystems.open(path) as handle:
-        return handle.read()
+    if "://" not in path:
+        real = os.path.realpath(path)
+        if root is not None and not real.startswith(os.path.realpath(root).rstrip(os.sep) + os.sep):
+            raise FileRefused(OUTSIDE_CORPUS, f"{path!r} leads to {real!r}, outside {root!r}")
+        info = os.stat(real)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileRefused("not_a_file", f"{path!r} is not a regular file")
+        size = info.st_size
+    else:
+        size = next((m.size_in_bytes for r in FileSystems.match([path]) for m in r.metadata_list), 0)
+    if size > limit:
+        raise FileRefused("member_too_large", f"{path!r} has {size} bytes (limit {limit})")
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        data = handle.read(limit + 1)  # never more than the limit, should the file grow meanwhile
+    if len(data) > limit:
+        raise FileRefused("member_too_large", f"{path!r} has more than {limit} bytes")
+    return data
 
 
 def load_folder_entry(entry: dict, root: str) -> RawSample | Reject:
@@ -342,9 +376,11 @@ def load_folder_entry(entry: dict, root: str) -> RawSample | Reject:
                           f"inside {root!r}")
     image_path = FileSystems.join(root, entry["image"]) if entry.get("image") else None
     try:
-        image = read_optional(image_path) if image_path else None
-        panoptic_png = read_optional(FileSystems.join(root, "panoptic", f"{key}.png"))
-        panoptic_json = read_optional(FileSystems.join(root, "panoptic", f"{key}.json"))
+        image = read_optional(image_path, root) if image_path else None
+        panoptic_png = read_optional(FileSystems.join(root, "panoptic", f"{key}.png"), root)
+        panoptic_json = read_optional(FileSystems.join(root, "panoptic", f"{key}.json"), root)
+    except FileRefused as exc:
+        return Reject(key, source, "read", str(exc))
     except OSError as exc:
         return Reject(key, source, "read", f"unreadable_file: {exc}")
     annotation = _parse_json(panoptic_json)

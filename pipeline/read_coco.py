@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from spatext.pipeline.read import COCO_UNIT_IMAGES, COUNTS, REJECTS, read_optional, route_item
+from spatext.pipeline.read import COCO_UNIT_IMAGES, COUNTS, REJECTS, FileRefused, read_optional, route_item
 from spatext.pipeline.records import RawSample, Reject
 
 logger = logging.getLogger(__name__)
@@ -243,8 +243,11 @@ def load_coco_entry(entry: dict, layout: CocoLayout) -> RawSample | Reject:
     if not all(_safe_name(n) for n in names):
         return Reject(key, unit, "read", f"bad_file_name: {names}")
     try:
-        image = read_optional(FileSystems.join(layout.image_dir, entry["file_name"]))
-        png = read_optional(FileSystems.join(layout.png_dir, entry["png"])) if entry["png"] else None
+        image = read_optional(FileSystems.join(layout.image_dir, entry["file_name"]), layout.image_dir)
+        png = (read_optional(FileSystems.join(layout.png_dir, entry["png"]), layout.png_dir) if entry["png"]
+               else None)
+    except FileRefused as exc:
+        return Reject(key, unit, "read", str(exc))
     except OSError as exc:
         return Reject(key, unit, "read", f"unreadable_file: {exc}")
     annotation = None if entry["segments_info"] is None else {"segments_info": entry["segments_info"]}
@@ -255,8 +258,8 @@ def _parse_coco_json(data: bytes, path: str) -> dict:
     """JSON bytes -> the object they hold; ValueError naming `path` when they are not a JSON object."""
     try:
         parsed = json.loads(data)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: neither names the file
-        raise ValueError(f"COCO json {path!r} is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, deep nesting: none names it
+        raise ValueError(f"COCO json {path!r} is not valid JSON: {type(exc).__name__}: {exc}") from exc
     if not isinstance(parsed, dict):
         raise ValueError(f"COCO json {path!r} holds a JSON {type(parsed).__name__}, expected an object")
     return parsed

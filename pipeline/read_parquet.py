@@ -33,7 +33,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from spatext.pipeline.parquet_files import streaming_source
-from spatext.pipeline.read import BAD_CAPTION_ENCODING, COUNTS, REJECTS, ReadOptions, route_item
+from spatext.pipeline.read import BAD_CAPTION_ENCODING, COUNTS, MAX_MEMBER_BYTES, REJECTS, ReadOptions, route_item
 from spatext.pipeline.records import RawSample, Reject
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ KEY_COLUMNS = ("key", "id")
 URL_COLUMNS = ("url", "image_url")
 STATUS_COLUMN, ERROR_COLUMN = "status", "error_message"  # img2dataset's download outcome
 BATCH_ROWS = 64  # rows decoded at a time: memory stays at a few MB of images per file being read
+# A row group is read a column chunk at a time: one whose image column unpacks to more than this is refused from the
+# footer, unread (img2dataset's shards of 10k images of ~50 KB are ~0.5 GB); a single image over MAX_MEMBER_BYTES (the
+# tar member cap) is a reject of its row.
+MAX_COLUMN_CHUNK_BYTES = 2 << 30
 URL_ONLY = "url_only: download images first (e.g. with img2dataset)"
 
 
@@ -163,6 +167,8 @@ def row_to_item(row: dict, key: str, source: str, columns: ParquetColumns) -> Ra
         detail = (row.get(columns.error) if columns.error else None) or status
         return Reject(key, source, "read", f"download_failed: {detail}")
     image, path = _image_cell(row.get(columns.image))
+    if image is not None and len(image) > MAX_MEMBER_BYTES:
+        return Reject(key, source, "read", f"member_too_large: image of {len(image)} bytes (limit {MAX_MEMBER_BYTES})")
     url = row.get(columns.url) if columns.url else None
     if not url and path and path.startswith(("http://", "https://")):
         url = path
@@ -217,15 +223,26 @@ def iter_parquet(
             for row in range(parquet.metadata.num_rows):
                 yield Reject(f"{stem}/{row}", source, "read", f"unusable_columns: {exc}")
             return
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns.names()):
-            for row in batch.to_pylist():
-                key = _row_key(row, stem, index, columns)
-                index += 1
-                if key in seen:
-                    yield Reject(key, source, "read", "duplicate_key")
-                    continue
-                seen.add(key)
-                yield row_to_item(row, key, source, columns)
+        image_at = parquet.schema_arrow.get_field_index(columns.image)
+        for group in range(parquet.metadata.num_row_groups):
+            meta = parquet.metadata.row_group(group)
+            size = sum(meta.column(c).total_uncompressed_size for c in range(meta.num_columns)
+                       if meta.column(c).path_in_schema.split(".")[0] == columns.image) if image_at >= 0 else 0
+            if size > MAX_COLUMN_CHUNK_BYTES:
+                for _ in range(meta.num_rows):
+                    yield Reject(f"{stem}/{index}", source, "read", f"member_too_large: row group {group}'s "
+                                 f"{columns.image!r} column unpacks to {size} bytes (limit {MAX_COLUMN_CHUNK_BYTES})")
+                    index += 1
+                continue
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns.names()):
+                for row in batch.to_pylist():
+                    key = _row_key(row, stem, index, columns)
+                    index += 1
+                    if key in seen:
+                        yield Reject(key, source, "read", "duplicate_key")
+                        continue
+                    seen.add(key)
+                    yield row_to_item(row, key, source, columns)
     except (pa.ArrowException, OSError) as exc:
         yield Reject(f"{source}#{index if index else 'file'}", source, "read", f"unreadable_parquet: {exc}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,10 @@ def _pretrained(weights: str, spec: SegmenterSpec) -> tuple[Mask2FormerForUniver
     try:
         processor = Mask2FormerImageProcessor.from_pretrained(weights, **_size_kwargs(spec.processor_size))
         model = Mask2FormerForUniversalSegmentation.from_pretrained(weights, trust_remote_code=False)
+    except pickle.UnpicklingError as exc:  # torch's weights_only load refused a pickled object: never run it
+        raise ValueError(f"--segmenter-weights {weights!r}: its weights file holds pickled objects that a safe "
+                         f"(weights_only) load refuses; use safetensors weights. Cause: {str(exc).splitlines()[0]}"
+                         ) from exc
     except (OSError, ValueError) as exc:
         raise OSError(
             f"cannot load Mask2Former weights {weights!r} (--segmenter-weights): not a local directory with "

@@ -1,0 +1,129 @@
+"""Crafted inputs from a security review: files named by a corpus, a benchmark or a scene must stay inside their
+folder (symlinks resolved), be regular files and have bounded sizes; nesting that breaks the JSON parser is a reject;
+pickled weights are refused with a one-line message."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import jpeg_bytes
+from spatext.pipeline import read, read_parquet
+from spatext.pipeline.read import FileRefused, ReadOptions, iter_webdataset, load_folder_entry, read_optional
+from spatext.pipeline.records import RawSample, Reject
+
+
+def test_a_folder_corpus_does_not_follow_a_symlink_out_of_its_root(tmp_path):
+    root, outside = tmp_path / "corpus", tmp_path / "secret.jpg"
+    (root / "images").mkdir(parents=True)
+    outside.write_bytes(jpeg_bytes())
+    os.symlink(outside, root / "images" / "link.jpg")
+    item = load_folder_entry({"key": "k", "image": "images/link.jpg", "caption": "c"}, str(root))
+    assert isinstance(item, Reject) and item.reason.startswith("path_outside_corpus: ")
+    (root / "images" / "ok.jpg").write_bytes(jpeg_bytes())
+    assert isinstance(load_folder_entry({"key": "k", "image": "images/ok.jpg", "caption": "c"}, str(root)), RawSample)
+
+
+def test_corpus_files_must_be_regular_and_bounded(tmp_path):
+    os.mkfifo(tmp_path / "fifo.jpg")  # reading it would block forever
+    with pytest.raises(FileRefused, match="not_a_file"):
+        read_optional(str(tmp_path / "fifo.jpg"), str(tmp_path))
+    (tmp_path / "big.jpg").write_bytes(b"x" * 11)
+    with pytest.raises(FileRefused, match=r"member_too_large: .*big.jpg' has 11 bytes \(limit 10\)"):
+        read_optional(str(tmp_path / "big.jpg"), str(tmp_path), limit=10)
+    assert read_optional(str(tmp_path / "big.jpg"), str(tmp_path), limit=11) == b"x" * 11
+    assert read_optional(str(tmp_path / "none.jpg"), str(tmp_path)) is None
+
+
+def test_tar_members_a_sample_does_not_use_are_skipped_unread(make_tar, monkeypatch):
+    monkeypatch.setattr(read, "MAX_MEMBER_BYTES", 1000)  # the used members' cap, here small
+    path = make_tar("extra.tar", [("k.jpg", jpeg_bytes()[:900]), ("k.txt", b"caption"),
+                                  *[(f"k.x{i}", b"0" * 5000) for i in range(3)]])
+    with open(path, "rb") as handle:
+        items = list(iter_webdataset(handle, path))
+    assert len(items) == 1 and isinstance(items[0], RawSample) and items[0].caption == "caption"
+
+
+def test_json_nested_beyond_the_parser_is_a_reject_not_a_crash(make_tar):
+    deep = b"[" * 200_000 + b"]" * 200_000
+    path = make_tar("deep.tar", [("k.jpg", jpeg_bytes()), ("k.txt", b"c"), ("k.json", deep)])
+    with open(path, "rb") as handle:
+        (item,) = list(iter_webdataset(handle, path))
+    assert item.annotation == {"segments_info": None, "error": "malformed json"}  # decode rejects it if it is needed
+    (line,) = read.iter_caption_lines([deep.decode()], "captions.jsonl")
+    assert line.reason == "malformed_caption_line: line 1: nested deeper than the JSON parser goes"
+
+
+def test_parquet_images_and_row_groups_over_the_caps_are_rejects(tmp_path, monkeypatch):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"key": ["a", "b", "c"], "jpg": [b"x" * 10, b"y" * 50, b"z" * 10],
+                             "txt": ["t"] * 3}), path, row_group_size=2)
+    monkeypatch.setattr(read_parquet, "MAX_MEMBER_BYTES", 20)
+    with open(path, "rb") as handle:
+        items = list(read_parquet.iter_parquet(handle, str(path), ReadOptions()))
+    assert [type(i).__name__ for i in items] == ["RawSample", "Reject", "RawSample"]
+    assert items[1].reason == "member_too_large: image of 50 bytes (limit 20)"
+    meta = pq.ParquetFile(path).metadata
+    sizes = [meta.row_group(g).column(1).total_uncompressed_size for g in range(meta.num_row_groups)]
+    assert sizes[0] > sizes[1]  # 60 bytes of images against 10
+    monkeypatch.setattr(read_parquet, "MAX_COLUMN_CHUNK_BYTES", sizes[1])  # the first row group is refused unread
+    with open(path, "rb") as handle:
+        items = list(read_parquet.iter_parquet(handle, str(path), ReadOptions()))
+    assert [i.key for i in items] == ["p/0", "p/1", "c"] and items[0].reason.startswith("member_too_large: row group 0")
+
+
+def test_a_benchmark_cannot_point_its_samples_outside_its_folder(demo_shards, tmp_path):
+    from spatext.eval.benchmark_set import BenchmarkSpec, load_benchmark, make_benchmark
+
+    bench = tmp_path / "bench"
+    make_benchmark(BenchmarkSpec(shards=str(demo_shards), out=str(bench), protocol="filtered", num=2, seed=0))
+    records = [json.loads(line) for line in (bench / "samples.jsonl").read_text().splitlines() if line.strip()]
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(secret)
+    for value in (str(secret), "../secret.png"):
+        evil = tmp_path / f"evil{len(value)}"
+        shutil.copytree(bench, evil)
+        changed = [{**records[0], "reference": value}, *records[1:]]
+        (evil / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
+        with pytest.raises(ValueError, match="samples.jsonl 'reference'.*not a relative path inside"):
+            load_benchmark(str(evil))
+
+
+def test_a_scene_mask_must_lie_in_the_scene_folder(tmp_path):
+    from spatext.model.scene import load_scene
+
+    (tmp_path / "scn").mkdir()
+    Image.new("L", (8, 8), 255).save(tmp_path / "outside.png")
+    for value in ("../outside.png", str(tmp_path / "outside.png")):
+        (tmp_path / "scn" / "s.json").write_text(json.dumps({"prompt": "p", "regions": [{"prompt": "a",
+                                                                                         "mask": value}]}))
+        with pytest.raises(ValueError, match=r"regions\[0\].*mask: .* is not a path inside the scene file's folder"):
+            load_scene(str(tmp_path / "scn" / "s.json"), (8, 8))
+
+
+def test_pickled_segmenter_weights_are_one_line(monkeypatch):
+    from spatext.pipeline.segmenters import mask2former
+    from spatext.pipeline.segmenters.base import SegmenterSpec
+
+    def pickled(*args, **kwargs):
+        raise pickle.UnpicklingError("Weights only load failed. ...\nmore lines")
+
+    monkeypatch.setattr(mask2former.Mask2FormerImageProcessor, "from_pretrained", lambda *a, **k: object())
+    monkeypatch.setattr(mask2former.Mask2FormerForUniversalSegmentation, "from_pretrained", pickled)
+    with pytest.raises(ValueError, match=r"^--segmenter-weights 'w': its weights file holds pickled objects .*"
+                                         r"Cause: Weights only load failed\. \.\.\.$"):
+        mask2former._pretrained("w", SegmenterSpec("mask2former"))
+
+
+def test_read_optional_reads_a_remote_style_path_with_its_size_checked(tmp_path):
+    data = io.BytesIO(b"abc").getvalue()
+    (tmp_path / "f.bin").write_bytes(data)
+    assert read_optional(str(tmp_path / "f.bin")) == b"abc"  # no root: any local path (the launcher's own files)
