@@ -323,7 +323,8 @@ def generate(spec: GenerateSpec) -> dict:
                       "protocol": bench_info.get("protocol")},
         "mask_perturb": None if spec.mask_perturb is None else str(spec.mask_perturb),
         "model": model, "seed": spec.seed, "seeding": "torch.Generator per sample, sha256(seed:key)",
-        "settings": asdict(spec.settings), "device": spec.device,
+        "settings": None if spec.method == "reference" else asdict(spec.settings),  # reference samples nothing
+        "device": spec.device,
         "concat_rule": CONCAT_RULE if spec.method in ("concat", "ntlb") else None,
         "resize": None if spec.method == "reference" else "PIL bicubic to each sample's reference size",
         "images": images, "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -197,7 +197,7 @@ def _generation_lines(result: dict) -> list[str]:
     lines = []
     for method in result["methods"]:
         info = method["generation"]
-        model, settings = info.get("model", {}), info.get("settings", {})
+        model, settings = info.get("model", {}), info.get("settings") or {}
         sampling = "" if info["method"] == "reference" else (
             f"; seed {info.get('seed')}, {settings.get('steps')} steps, guidance {settings.get('guidance')}, "
             f"generated at {model.get('generated_size')} (height, width), resized: {info.get('resize')}")

@@ -109,6 +109,7 @@ def _check_folder(folder: Path, bench: Path, method: str) -> dict:
     samples = load_benchmark(str(bench))
     assert info["method"] == method and info["benchmark"]["num_samples"] == len(samples) == 2
     assert len(info["benchmark"]["sha256"]) == 64
+    assert (info["settings"] is None) == (method == "reference")  # reference samples nothing: no sampler settings
     for sample in samples:
         assert info["images"][sample.key] == f"images/{file_stem(sample.key)}.png"
         with Image.open(folder / info["images"][sample.key]) as image:
