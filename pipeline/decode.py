@@ -144,6 +144,8 @@ def decode_annotation(
     upright, or as stored when the orientation swaps the sides (then it gets the image's rotation, so both stay
     aligned); any other size is a `bad_annotation` (a map at another scale was stretched before). Without them, only
     the aspect ratio is checked against `size`."""
+    if isinstance(annotation, dict) and annotation.get("error"):  # what the reader found wrong (malformed json, ...)
+        raise DecodeError("bad_annotation", str(annotation["error"]))
     infos = annotation.get("segments_info") if isinstance(annotation, dict) else None
     if png is None or not isinstance(infos, list):
         raise DecodeError("missing_annotation")

@@ -16,7 +16,9 @@ Units of work are chunks of ``unit_images`` images in image-id order (``{panopti
 works. The two JSON files are loaded for the job inside a DoFn on a worker; the per-image reads come after a
 Reshuffle, so they spread across workers. At launch ``find_coco`` checks the layout (``check_coco_layout``): both
 folders hold files, and each JSON file is a whole JSON object (parsed there only up to LAUNCH_PARSE_BYTES). A segment
-whose category id is not among ``categories`` makes its image a ``read/unknown_category`` reject.
+whose category id is not among ``categories`` (or a malformed annotation) makes its image a
+``decode/bad_annotation`` reject when the segmenter reads the ground truth (``annotations``); a model segmenter, which
+drops the ground truth unread, still gets the image.
 """
 
 from __future__ import annotations
@@ -221,8 +223,9 @@ def coco_index(
         seen.add(image_id)
         annotation = annotations.get(image_id)
         problem = _annotation_problem(annotation, categories) if annotation else None
-        if problem:
-            yield Reject(key, unit, "read", problem)
+        if problem:  # the image still flows: only a segmenter that reads the ground truth rejects it (decode)
+            yield {"key": key, "unit": unit, "file_name": file_name, "caption": first_caption.get(image_id),
+                   "png": None, "segments_info": None, "annotation_error": problem}
             continue
         yield {
             "key": key, "unit": unit, "file_name": file_name, "caption": first_caption.get(image_id),
@@ -251,6 +254,8 @@ def load_coco_entry(entry: dict, layout: CocoLayout) -> RawSample | Reject:
     except OSError as exc:
         return Reject(key, unit, "read", f"unreadable_file: {exc}")
     annotation = None if entry["segments_info"] is None else {"segments_info": entry["segments_info"]}
+    if entry.get("annotation_error"):
+        annotation = {"segments_info": None, "error": entry["annotation_error"]}
     return RawSample(key, unit, image, entry["caption"], png, annotation)
 
 

@@ -12,6 +12,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import read_rows
 from spatext.pipeline import build, read, read_coco, verify
+from spatext.pipeline.decode import DecodeError, DecodeOptions, decode_sample
 from spatext.pipeline.demo_corpus import CATEGORIES, STUFF_CATEGORIES, encode_jpeg, generate_sample
 from spatext.pipeline.panoptic import encode_id_map
 from spatext.pipeline.read import COUNTS, ReadCorpus, ReadOptions
@@ -206,15 +207,17 @@ def test_unknown_category_or_malformed_segments_are_rejected(coco):
     first["segments_info"][0]["category_id"] = 999
     second["segments_info"] = None
     third["file_name"] = 5
-    items = {(i.key if isinstance(i, Reject) else i["key"]): i for i in coco_index(panoptic, captions, layout)}
-    rejected = {key: (i.stage, i.reason) for key, i in items.items() if isinstance(i, Reject)}
-    assert rejected == {
+    items = {i["key"]: i for i in coco_index(panoptic, captions, layout)}  # the images flow on: decode decides
+    problems = {key: i.get("annotation_error") for key, i in items.items() if i.get("annotation_error")}
+    assert problems == {
         coco_key("val2017", first["image_id"]):
-            ("read", "unknown_category: category_id 999 not in the panoptic json's categories"),
-        coco_key("val2017", second["image_id"]):
-            ("read", "malformed_annotation: segments_info is not a list of objects"),
-        coco_key("val2017", third["image_id"]): ("read", "malformed_annotation: file_name is int, not a string"),
+            "unknown_category: category_id 999 not in the panoptic json's categories",
+        coco_key("val2017", second["image_id"]): "malformed_annotation: segments_info is not a list of objects",
+        coco_key("val2017", third["image_id"]): "malformed_annotation: file_name is int, not a string",
     }
-    labels = [s["category"] for i in items.values() if isinstance(i, dict) and i["segments_info"]
-              for s in i["segments_info"]]
+    labels = [s["category"] for i in items.values() if i["segments_info"] for s in i["segments_info"]]
     assert labels and None not in labels
+    bad = load_coco_entry(items[coco_key("val2017", first["image_id"])], layout)
+    with pytest.raises(DecodeError, match="bad_annotation: unknown_category: category_id 999"):
+        decode_sample(bad, DecodeOptions(require_annotation=True))  # the annotations segmenter needs it: a reject
+    assert decode_sample(bad, DecodeOptions(keep_annotation=False)).annotation is None  # a model segmenter: kept
