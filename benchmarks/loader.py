@@ -40,7 +40,7 @@ from spatext.pipeline.schema import decode_image
 def make_build(out: str, num_samples: int, image_size: int, rows_per_group: int) -> str:
     """The benchmark's build directory (reused when its manifest exists)."""
     corpus = os.path.join(out, f"loader-corpus-{num_samples}")
-    target = os.path.join(out, f"loader-build-{num_samples}-{image_size}")
+    target = os.path.join(out, f"loader-build-{num_samples}-{image_size}-rg{rows_per_group}")  # all that shapes it
     if os.path.exists(os.path.join(target, "manifest.json")):
         return target
     if not os.path.exists(os.path.join(corpus, "corpus.json")):
@@ -227,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_output",
                         help="folder for corpus, build and loader.json (loader_step<MS>.json with --step-ms MS)")
     args = parser.parse_args(argv)
+    if min(args.num_samples, args.image_size, args.rows_per_group, args.batch_size, args.repeats, args.epochs,
+           *args.resolutions, *args.threads) < 1 or min(args.workers) < 0 or args.step_ms < 0:
+        parser.error("--num-samples, --image-size, --rows-per-group, --resolutions, --threads, --batch-size, "
+                     "--repeats and --epochs must be >= 1; --workers and --step-ms >= 0")
     logging.basicConfig(level=logging.WARNING)
     os.makedirs(args.out, exist_ok=True)
     record = run(args)

@@ -47,9 +47,10 @@ def timed_build(config: BuildConfig, beam_args: list[str]) -> tuple[float, dict]
     return time.perf_counter() - started, manifest
 
 
-def measure(args: argparse.Namespace, corpus: str, mode: str) -> dict:
+def measure(args: argparse.Namespace, corpus: str, mode: str, full_first: bool = False) -> dict:
     """One subset (quarter) and one full build of a set-up: the steady-state rate and its share of the emulated
-    ceiling, flagged unreliable when that share is above 1 or undefined."""
+    ceiling, flagged unreliable when that share is above 1 or undefined. `full_first` swaps the two builds' order
+    (repeats alternate it, so that a cost of whichever build runs first does not bias the difference one way)."""
     beam_args, sharing = build_mode(mode)
     key = mode.replace(":", "")
     config = BuildConfig(
@@ -59,8 +60,12 @@ def measure(args: argparse.Namespace, corpus: str, mode: str) -> dict:
         model_sharing=sharing,
     )
     quarter = dataclasses.replace(config, input=corpus_subset(corpus, 0.25), output=config.output + "-quarter")
-    quarter_wall, quarter_manifest = timed_build(quarter, beam_args)
-    wall, manifest = timed_build(config, beam_args)
+    if full_first:
+        wall, manifest = timed_build(config, beam_args)
+        quarter_wall, quarter_manifest = timed_build(quarter, beam_args)
+    else:
+        quarter_wall, quarter_manifest = timed_build(quarter, beam_args)
+        wall, manifest = timed_build(config, beam_args)
     images = manifest["counts"]["read"]
     extra = images - quarter_manifest["counts"]["read"]
     marginal = extra / (wall - quarter_wall) if wall > quarter_wall else float("nan")
@@ -68,7 +73,7 @@ def measure(args: argparse.Namespace, corpus: str, mode: str) -> dict:
     return {
         "mode": mode, "images": images, "accepted": manifest["counts"]["accepted"], "wall_s": round(wall, 2),
         "quarter_wall_s": round(quarter_wall, 2), "quarter_images": images - extra, "img_s": round(images / wall, 1),
-        "marginal_img_s": round(marginal, 1), "vs_ceiling": round(vs_ceiling, 3),
+        "marginal_img_s": round(marginal, 1), "vs_ceiling": round(vs_ceiling, 3), "full_first": full_first,
         # above the device's own rate (or undefined) can only be noise in the difference of the two wall times
         "vs_ceiling_reliable": bool(math.isfinite(vs_ceiling) and vs_ceiling <= 1.0),
     }
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_output/overlap", help="folder for corpus, builds and JSON")
     parser.add_argument("--num-samples", type=int, default=512,
-                        help="demo corpus size, in 16 tars (a build of 4 of them also runs)")
+                        help="demo corpus size, in tars of max(1, N // 16) samples (a build of a quarter of them "
+                        "also runs; >= 16)")
     parser.add_argument("--ms-per-image", type=float, default=20.0,
                         help="emulated device time per image (an H100 ran Mask2Former Swin-L at ~10 ms/img, bare)")
     parser.add_argument("--modes", default="in_process,processes:2",
@@ -104,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ms-per-image must be > 0")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.num_samples < 16 or args.image_size < 32 or args.segmenter_batch < 1 or args.clip_batch < 1:
+        parser.error("need --num-samples >= 16, --image-size >= 32, --segmenter-batch and --clip-batch >= 1")
     for mode in args.modes.split(","):
         try:
             build_mode(mode.strip())
@@ -122,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     build.execute(warm_up, [])  # one-time costs of this process (imports) before anything is timed
     modes = [mode.strip() for mode in args.modes.split(",")]
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
-    for _ in range(args.repeats):  # interleaved, so that machine noise hits every set-up alike
+    for repeat in range(args.repeats):  # interleaved, so that machine noise hits every set-up alike
         for mode in modes:
-            runs[mode].append(measure(args, corpus, mode))
+            runs[mode].append(measure(args, corpus, mode, full_first=repeat % 2 == 1))
     rows = [summarise(runs[mode]) for mode in modes]
     record = {
         "benchmark": "pipeline_overlap", "machine": platform.processor() or platform.machine(),

@@ -7,7 +7,7 @@ The modes, same UNet body and size, same scheduler (DDIM), same number of steps,
                  the once-per-image work SpaText adds (local prompts through CLIP text + prior, rasterising, ST);
   per-condition  ``SpaTextPipeline`` with ``text_guidance_scale`` + ``st_guidance_scale``: 3 passes batched;
   *-concat       the same two SpaText modes the way they ran before conv_in's ST term was cached: [sample; ST] through
-                 the full conv_in at every step (reference modes; ``--modes`` leaves them out).
+                 the full conv_in at every step (reference modes, run by default; ``--modes`` picks the modes).
 The SpaText UNet is the plain UNet's copy with D input channels added to ``conv_in``. Every call ends at the latents
 (``output_type="latent"``; the VAE decode, identical in all modes, is left out). Text encoder, tokenizer and VAE come
 from ``write_tiny_base_model`` (a 2-layer text encoder of the right width); the local encoder is the open_clip text
@@ -259,6 +259,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--out", default="bench_output", help="folder for sampling.json")
     args = p.parse_args(input_args)
+    try:
+        counts = [int(n) for n in args.num_images.split(",")]
+    except ValueError:
+        p.error(f"--num-images: comma-separated integers, got {args.num_images!r}")
+    if min(counts) < 1 or args.steps < 1 or args.repeats < 1 or args.threads < 0:
+        p.error("--num-images, --steps and --repeats must be >= 1, --threads >= 0")
     unknown = sorted(set(args.modes.split(",")) - set(MODES))
     if unknown or "plain" not in args.modes.split(","):
         p.error(f"--modes: got {args.modes!r}; give plain plus any of {', '.join(MODES[1:])}")

@@ -81,9 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--out", default="bench_output", help="folder for shared_model.json")
     args = parser.parse_args(argv)
-    threads = [int(n) for n in args.threads.split(",")]
+    try:
+        threads = [int(n) for n in args.threads.split(",")]
+    except ValueError:
+        parser.error(f"--threads: comma-separated integers, got {args.threads!r}")
     if min(threads) < 1 or args.calls < max(threads):
         parser.error("--threads must be >= 1 and --calls at least the largest of them")
+    if any(args.calls % n for n in threads):  # every thread makes calls / n calls: the header's count is exact
+        parser.error(f"--calls {args.calls} must be a multiple of every --threads value ({args.threads})")
     if min(args.repeats, args.batch, args.image_size) < 1:
         parser.error("--repeats, --batch and --image-size must be >= 1")
     intra_op = torch.get_num_threads()

@@ -167,7 +167,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--out", default="bench_output", help="folder for train_step.json")
-    return p.parse_args(input_args)
+    args = p.parse_args(input_args)
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        p.error(f"--widths: comma-separated integers, got {args.widths!r}")
+    if not 2 <= len(widths) <= 4 or min(widths) < 1:
+        p.error(f"--widths: 2 to 4 positive block widths (SD-1.x: 320,640,1280,1280), got {args.widths!r}")
+    if min(args.steps, args.layers, args.latent, args.embed_dim, args.text_dim, args.batch_size, args.segments) < 1:
+        p.error("--steps, --layers, --latent, --embed-dim, --text-dim, --batch-size and --segments must be >= 1")
+    if args.warmup < 0 or args.threads < 0:
+        p.error("--warmup and --threads must be >= 0")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

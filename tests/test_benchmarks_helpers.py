@@ -68,6 +68,17 @@ def test_overlap_flags_rates_above_the_device_ceiling(bench, tmp_path: Path, mon
     assert slow["vs_ceiling_reliable"] is True
     row = overlap.summarise([fast, slow, slow])
     assert row["vs_ceiling_reliable"] is True and row["runs_unreliable"] == 1
+    order = []
+
+    def logged_build(config, beam_args):
+        order.append("subset" if "subset" in config.input else "full")
+        return fake_build(config, beam_args)
+
+    monkeypatch.setattr(overlap, "timed_build", logged_build)
+    walls = iter([14.0, 10.0])  # the full build runs first: its wall time comes first
+    swapped = overlap.measure(args, str(tmp_path), "in_process", full_first=True)
+    assert order == ["full", "subset"] and swapped["full_first"] is True
+    assert swapped["marginal_img_s"] == slow["marginal_img_s"]  # the same two builds, in the other order
 
 
 def test_loader_record_name_depends_on_the_step(bench) -> None:
@@ -129,6 +140,16 @@ def test_records_write_nan_and_infinity_as_null(bench, tmp_path: Path) -> None:
     ("pipeline_overlap", ["--modes", "in_process,bogus"], "--modes: build mode 'bogus' is none of"),
     ("pipeline_overlap", ["--modes", "processes:0"], "--modes: build mode 'processes:0'"),
     ("shared_model", ["--repeats", "0"], "--repeats, --batch and --image-size must be >= 1"),
+    ("shared_model", ["--threads", "1,x"], "--threads: comma-separated integers"),
+    ("shared_model", ["--threads", "1,3", "--calls", "4"], "--calls 4 must be a multiple of every --threads"),
+    ("pipeline_overlap", ["--num-samples", "0"], "need --num-samples >= 16"),
+    ("loader", ["--repeats", "0"], "--repeats and --epochs must be >= 1"),
+    ("loader", ["--epochs", "0"], "--repeats and --epochs must be >= 1"),
+    ("loader", ["--threads", "0"], "--resolutions, --threads"),
+    ("train_step", ["--steps", "0"], "--steps, --layers"),
+    ("train_step", ["--threads", "-1"], "--warmup and --threads must be >= 0"),
+    ("train_step", ["--widths", "32"], "--widths: 2 to 4 positive block widths"),
+    ("sampling", ["--num-images", "0"], "--num-images, --steps and --repeats must be >= 1"),
 ])
 def test_benchmark_flags_are_usage_errors(bench, capsys, script, argv, message) -> None:
     with pytest.raises(SystemExit) as exit_info:
