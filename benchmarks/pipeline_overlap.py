@@ -81,8 +81,9 @@ def measure(args: argparse.Namespace, corpus: str, mode: str, full_first: bool =
 
 def summarise(runs: list[dict]) -> dict:
     """A set-up's repeats: the run with the median steady-state rate, plus every run's share of the ceiling and
-    how many of them were unreliable."""
-    ordered = sorted(runs, key=lambda r: r["marginal_img_s"])
+    how many of them were unreliable. Runs without a rate (NaN: the full build no slower than the subset) sort last,
+    as the worst (NaN compares false both ways and would leave the order arbitrary)."""
+    ordered = sorted(runs, key=lambda r: (math.isnan(r["marginal_img_s"]), r["marginal_img_s"]))
     return {**ordered[(len(ordered) - 1) // 2], "runs_vs_ceiling": [r["vs_ceiling"] for r in runs],
             "runs_unreliable": sum(not r["vs_ceiling_reliable"] for r in runs)}
 

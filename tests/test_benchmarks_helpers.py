@@ -79,6 +79,9 @@ def test_overlap_flags_rates_above_the_device_ceiling(bench, tmp_path: Path, mon
     swapped = overlap.measure(args, str(tmp_path), "in_process", full_first=True)
     assert order == ["full", "subset"] and swapped["full_first"] is True
     assert swapped["marginal_img_s"] == slow["marginal_img_s"]  # the same two builds, in the other order
+    undefined = {**slow, "marginal_img_s": float("nan"), "vs_ceiling_reliable": False}
+    for runs in ([undefined, fast, slow], [fast, undefined, slow], [slow, fast, undefined]):  # NaN sorts last
+        assert overlap.summarise(runs)["marginal_img_s"] == fast["marginal_img_s"]
 
 
 def test_loader_record_name_depends_on_the_step(bench) -> None:
