@@ -332,6 +332,8 @@ class SpaTextPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> SpaTextPipelineOutput | tuple:
         """Generate images for global ``prompt``(s) laid out by ``scene``(s).
 
@@ -347,7 +349,9 @@ class SpaTextPipeline(DiffusionPipeline):
         ``eta`` is DDIM's η (0: deterministic; passed to schedulers whose ``step`` takes it, as in diffusers).
         ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`` runs after each step with the tensors
         named in ``callback_on_step_end_tensor_inputs`` (``latents``); a tensor it returns in its dict replaces the
-        pipeline's (diffusers' convention).
+        pipeline's (diffusers' convention). ``prompt_embeds`` (N x L x C, ``encode_prompt``'s output) stands for
+        ``prompt`` and ``negative_prompt_embeds`` for ``negative_prompt`` (latent variant: the pixel variant needs the
+        prompt's text for its CLIP image embedding).
 
         Components may have different dtypes (e.g. a bf16 text encoder and VAE beside an fp32 UNet, as a
         mixed-precision training run holds them): everything the UNet takes is cast to the UNet's dtype, the latents
@@ -359,8 +363,11 @@ class SpaTextPipeline(DiffusionPipeline):
         unknown = sorted(set(callback_on_step_end_tensor_inputs) - {"latents"})
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs: only 'latents' is passed, got {unknown}")
+        embeds = _check_embeds(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+                               self.text_encoder.config.hidden_size, uses_image_embedding(self.unet))
         prompts, scenes = self.check_inputs(
-            prompt, scene, height, width, num_inference_steps, output_type, num_images_per_prompt
+            [""] * embeds if embeds else prompt, scene, height, width, num_inference_steps, output_type,
+            num_images_per_prompt,
         )
         if guidance_scale is not None and (text_guidance_scale is not None or st_guidance_scale is not None):
             raise ValueError("guidance_scale is the joint form, text_guidance_scale + st_guidance_scale the "
@@ -372,9 +379,11 @@ class SpaTextPipeline(DiffusionPipeline):
         device, n, dtype = self._execution_device, num_images_per_prompt, self.unet.dtype
         batch = len(prompts) * n
         # 2. Encode the global prompt (and, for the pixel variant, its CLIP image embedding through the prior)
-        text = self.encode_prompt(prompts, device).to(dtype).repeat_interleave(n, dim=0)
-        null_text = self.encode_prompt(negatives, device).to(dtype)
-        if negative_prompt is not None:  # one per image, like the prompts
+        text = prompt_embeds if prompt_embeds is not None else self.encode_prompt(prompts, device)
+        text = text.to(device, dtype).repeat_interleave(n, dim=0)
+        null_text = (negative_prompt_embeds if negative_prompt_embeds is not None
+                     else self.encode_prompt(negatives, device)).to(device, dtype)
+        if negative_prompt is not None or negative_prompt_embeds is not None:  # one per image, like the prompts
             null_text = null_text.expand(len(prompts), -1, -1).repeat_interleave(n, dim=0)
         image = None
         if uses_image_embedding(self.unet):
@@ -410,6 +419,31 @@ class SpaTextPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return SpaTextPipelineOutput(images=images)
+
+
+def _check_embeds(prompt: Any, prompt_embeds: Any, negative_prompt: Any, negative_embeds: Any, width: int,
+                  pixel: bool) -> int:
+    """ValueError for prompt embeddings that cannot be used (diffusers' rules: text or embeddings, not both; N x L x
+    C tensors of the text encoder's width; negatives shaped like the prompts'); their count N, or 0 without them."""
+    if negative_embeds is not None and negative_prompt is not None:
+        raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+    if prompt_embeds is None:
+        if negative_embeds is not None:
+            raise ValueError("negative_prompt_embeds goes with prompt_embeds")
+        return 0
+    if prompt is not None:
+        raise ValueError("give prompt or prompt_embeds, not both")
+    if pixel:
+        raise ValueError("prompt_embeds: the pixel variant needs the prompt's text (its CLIP image embedding comes "
+                         "from the prior); pass prompt")
+    for name, value in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_embeds)):
+        if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape[2] != width):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be N x L x {width} (encode_prompt's output), got {got}")
+    if negative_embeds is not None and negative_embeds.shape != prompt_embeds.shape:
+        raise ValueError(f"negative_prompt_embeds {tuple(negative_embeds.shape)} must have prompt_embeds' shape "
+                         f"{tuple(prompt_embeds.shape)}")
+    return prompt_embeds.shape[0]
 
 
 def _negative_prompts(negative_prompt: Any, count: int) -> list[str]:

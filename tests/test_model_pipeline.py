@@ -131,6 +131,25 @@ def test_negative_prompt_replaces_the_empty_prompt_of_the_null_passes(latent):
         _run(latent, guidance_scale=7.5, text_guidance_scale=3.0, st_guidance_scale=2.0)
 
 
+def test_prompt_embeds_stand_for_the_prompts(latent, pixel):
+    prompt = "a red ball on grass"
+    embeds = latent.encode_prompt([prompt])
+    negative = latent.encode_prompt(["blurry, dark"])
+    np.testing.assert_allclose(_run(latent, prompt=None, prompt_embeds=embeds), _run(latent, prompt=prompt),
+                               atol=1e-6)
+    np.testing.assert_allclose(_run(latent, prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative),
+                               _run(latent, prompt=prompt, negative_prompt="blurry, dark"), atol=1e-6)
+    for kwargs, message in (({"prompt": prompt, "prompt_embeds": embeds}, "prompt or prompt_embeds, not both"),
+                            ({"prompt": prompt, "negative_prompt_embeds": negative}, "goes with prompt_embeds"),
+                            ({"prompt": None, "prompt_embeds": embeds[0]}, r"must be N x L x \d+"),
+                            ({"prompt": None, "prompt_embeds": embeds, "negative_prompt_embeds": negative[:, :5]},
+                             "must have prompt_embeds' shape")):
+        with pytest.raises(ValueError, match=message):
+            _run(latent, **kwargs)
+    with pytest.raises(ValueError, match="the pixel variant needs the prompt's text"):
+        _run(pixel, prompt=None, prompt_embeds=pixel.encode_prompt([prompt]))
+
+
 def test_prompts_longer_than_clip_are_cut_with_a_warning(latent, caplog):
     long = " ".join(["word"] * 100)
     with caplog.at_level(logging.WARNING, logger="spatext.model.pipeline"):
