@@ -101,6 +101,14 @@ def _fmt(summary: dict | None) -> str:
     return f"{summary['mean']:.4f} [{summary['ci_low']:.4f}, {summary['ci_high']:.4f}]"
 
 
+def fid_text(fid: float | None) -> str:
+    """An FID for the table: 4 decimals, or 3 significant digits below 0.001, where 4 decimals would print 0.0000
+    or -0.0000 (a tiny FID, e.g. from features that barely vary, still tells its size and sign)."""
+    if fid is None:
+        return "n/a"
+    return f"{fid:.3g}" if fid != 0 and abs(fid) < 1e-3 else f"{fid:.4f}"
+
+
 def fid_name(result: dict) -> str:
     """What the report calls its FID: "FID" for Inception features, else the features it was computed on."""
     return result["fid"].get("name", "FID")
@@ -177,7 +185,7 @@ def markdown(result: dict) -> str:
     for method in result["methods"]:
         fid = method["fid"].get("fid")
         lines.append(f"| {method['label']} | measured | {method['num_images']} | "
-                     f"{'n/a' if fid is None else f'{fid:.4f}'} (no interval) | "
+                     f"{fid_text(fid)} (no interval) | "
                      + " | ".join(_fmt(method["metrics"].get(name)) for name in METRICS) + " |")
     published_fid = "{}" if fid_name(result) == "FID" else "Inception FID {}"  # not in the column's features
     for p in PUBLISHED:

@@ -372,3 +372,8 @@ def test_weights_of_unknown_provenance_are_warned_like_random_ones(tmp_path) -> 
     lines = weights_lines(result)
     assert len(lines) == 2 and "**weights of unknown provenance**: generations concat" in lines[1]
     assert random_weights_note({"random_weights": [], "unknown_provenance": []}) is None
+
+
+def test_tiny_fids_keep_their_size_and_sign_in_the_table() -> None:
+    assert [report.fid_text(v) for v in (None, 0.0, 12.34567, -1.2e-13, 3.4e-5)] == [
+        "n/a", "0.0000", "12.3457", "-1.2e-13", "3.4e-05"]
