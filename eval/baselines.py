@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -80,13 +79,11 @@ def load_base_pipeline(base_model: str, device: str = "cpu") -> StableDiffusionP
 def check_base_model_folder(base_model: str) -> None:
     """ValueError (naming --base-model) unless ``base_model`` is a local folder of a Stable-Diffusion-like pipeline,
     or a hub name (no local folder of that name); a SpaText run is named as such."""
-    index = os.path.join(base_model, "model_index.json")
+    from spatext.model.pipeline import SpaTextPipeline, saved_pipeline_class  # lazy: open_clip and the prior
+
     run = os.path.isfile(os.path.join(base_model, "run.json")) or os.path.isdir(os.path.join(base_model, "pipeline"))
-    kind = None
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            kind = json.load(handle).get("_class_name")
-    if run or kind == "SpaTextPipeline":
+    kind = saved_pipeline_class(base_model)
+    if run or kind == SpaTextPipeline.__name__:
         raise ValueError(f"--base-model {base_model!r} is a SpaText run (spatext train --output); baselines take "
                          "a Stable-Diffusion-like diffusers folder (e.g. the run's base model, or spatext "
                          "tiny-base-model DIR); use --method spatext --run for the run")

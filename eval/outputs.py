@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
+from spatext.paths import within
+
 
 def is_same_or_inside(path: str, folder: str) -> bool:
     """Whether ``path`` is ``folder`` or lies inside it (symlinks resolved)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+    return os.path.realpath(path) == os.path.realpath(folder) or within(path, folder)
 
 
 def refuse_inputs(flag: str, out: str, inputs: Mapping[str, str | None], what: str = "replace") -> None:

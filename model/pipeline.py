@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -419,6 +421,15 @@ class SpaTextPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return SpaTextPipelineOutput(images=images)
+
+
+def saved_pipeline_class(folder: str) -> str | None:
+    """The class a saved diffusers pipeline folder names (model_index.json's ``_class_name``); None without one."""
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        return None
+    with open(index, encoding="utf-8") as handle:
+        return json.load(handle).get("_class_name")
 
 
 def _check_embeds(prompt: Any, prompt_embeds: Any, negative_prompt: Any, negative_embeds: Any, width: int,

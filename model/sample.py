@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from spatext.cli import command_logging
 from spatext.device import check_device
 from spatext.model.data import ShardDataset
-from spatext.model.pipeline import DEFAULT_GUIDANCE_SCALE, SpaTextPipeline
+from spatext.model.pipeline import DEFAULT_GUIDANCE_SCALE, SpaTextPipeline, saved_pipeline_class
 from spatext.model.scene import Scene, load_painted_scene, load_scene
 from spatext.model.st import downsample_label_map
 from spatext.pipeline.parquet_files import parquet_file
@@ -188,10 +188,9 @@ def load_run(run: str, device: str) -> SpaTextPipeline:
     """The run's SpaTextPipeline (RUN/pipeline, or RUN itself), logging which of its weights are random."""
     directory = os.path.join(run, "pipeline") if os.path.isdir(os.path.join(run, "pipeline")) else run
     index = os.path.join(directory, "model_index.json")
-    if not os.path.isfile(index):
+    kind = saved_pipeline_class(directory)
+    if kind is None:
         raise ValueError(f"--run {run!r} holds no pipeline (no pipeline/model_index.json); train one first")
-    with open(index, encoding="utf-8") as f:
-        kind = json.load(f).get("_class_name")
     if kind != SpaTextPipeline.__name__:
         raise ValueError(f"--run {run!r} is not a SpaText run: {index} names a {kind} (e.g. a base model), not a "
                          f"{SpaTextPipeline.__name__}; pass the --output of `spatext train`")

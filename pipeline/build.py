@@ -198,8 +198,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     return execute(config, beam_args, test_pipeline)[1]
 
 
-def prepare_output(config: BuildConfig) -> frozenset[str]:
-    """Check --output against --overwrite / --resume; returns the input units already complete (resume)."""
+def prepare_output(config: BuildConfig, fmt: str) -> frozenset[str]:
+    """Check --output against --overwrite / --resume; returns the input units already complete (resume). `fmt`: the
+    input's format, as ``check_input`` found it."""
     config_path = FileSystems.join(config.output, BUILD_CONFIG)
     if existing_build(config.output):
         if config.overwrite:
@@ -226,7 +227,7 @@ def prepare_output(config: BuildConfig) -> frozenset[str]:
             check_completed_files(config.output)
             done = frozenset(m["source"] for m in read_markers(config.output))
             logger.info("resume: %d input unit(s) already complete", len(done))
-            warn_unmatched_units(config, done)
+            warn_unmatched_units(config, done, fmt)
             return done
     elif config.resume:
         logger.warning("--resume: --output %s holds no build to resume; starting a new build there", config.output)
@@ -252,10 +253,10 @@ def _real(path: str) -> str:
     return os.path.realpath(path) if "://" not in path else path
 
 
-def warn_unmatched_units(config: BuildConfig, done: frozenset[str]) -> None:
+def warn_unmatched_units(config: BuildConfig, done: frozenset[str], fmt: str) -> None:
     """Warn when completed units are no longer matched by --input (tar and parquet inputs, one unit per file): their
     rows stay in the build, which then no longer reflects the input set."""
-    if check_input(config.input, config.read_options()) not in ("webdataset", "parquet"):
+    if fmt not in ("webdataset", "parquet"):
         return
     gone = sorted(done - set(match_files(config.input)))
     if gone:
@@ -274,13 +275,13 @@ def check_completed_files(output: str) -> None:
             f"are missing, e.g. {missing[0]}; delete those units' markers there to redo them, or --overwrite")
 
 
-def job_skips(config: BuildConfig, done: frozenset[str]) -> list[frozenset[str]]:
+def job_skips(config: BuildConfig, done: frozenset[str], fmt: str | None = None) -> list[frozenset[str]]:
     """The units each Beam job leaves out: one job for everything (`done` only), or with --units-per-run N, jobs of
     N pending units each, in name order (units named first run first, so a key kept from a completed unit is also
     the one an uninterrupted build keeps: the first by name)."""
     if config.units_per_run == 0:
         return [done]
-    fmt = check_input(config.input, config.read_options())
+    fmt = fmt or check_input(config.input, config.read_options())  # the launcher passes what it found already
     if fmt not in ("webdataset", "parquet"):
         raise ValueError(f"--units-per-run applies to tar and parquet inputs (one unit per file); --input is {fmt}")
     units = sorted(match_files(config.input))
@@ -326,7 +327,7 @@ def execute(
     """Run the job for `config`; returns Beam's result (metrics) and the manifest (None if not finished here)."""
     logger.info("build config: %s", json.dumps(config.to_dict(), sort_keys=True))
     # on the launcher, before --output is touched: bad settings fail fast (exit status 2), leaving nothing behind
-    check_input(config.input, config.read_options())
+    fmt = check_input(config.input, config.read_options())
     check_pretrained(clip_spec(config))
     if resolve_segmenter(config) == "mask2former":
         from spatext.pipeline.segmenters.mask2former import check_weights  # lazy: transformers' Mask2Former
@@ -339,8 +340,8 @@ def execute(
         check_device(config.device)
         if config.segmenter == "detectron2":  # and their own packages (a worker container may hold it)
             check_detectron2()
-    skip = prepare_output(config)
-    jobs = job_skips(config, skip)
+    skip = prepare_output(config, fmt)
+    jobs = job_skips(config, skip, fmt)
     if test_pipeline is not None and len(jobs) > 1:
         raise ValueError("a test pipeline runs one job: drop --units-per-run")
     started_at = time.time()

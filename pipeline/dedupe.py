@@ -75,7 +75,7 @@ class KeyHashes(beam.CombineFn):
         return accumulator
 
     def merge_accumulators(self, accumulators: Iterable[tuple]) -> tuple[list[np.ndarray], list[int]]:
-        return [self.extract_output(a) for a in accumulators], []
+        return [np.unique(np.concatenate([self.extract_output(a) for a in accumulators]))], []
 
     def extract_output(self, accumulator: tuple[list[np.ndarray], list[int]]) -> np.ndarray:
         arrays, loose = accumulator
@@ -90,15 +90,13 @@ def done_keys(done: tuple[str, str, str], read_now: np.ndarray | None = None) ->
     """
     source, table, path = done
     columns = ["key"] if table == "shards" else ["key", "stage"]  # write.SHARDS_DIR (write imports this module)
-    for row in parquet_file(path).read(columns=columns).to_pylist():
-        if row.get("stage", "") == "read":
-            continue
-        if read_now is not None:
-            hashed = np.uint64(key_hash(row["key"]))
-            at = int(np.searchsorted(read_now, hashed))
-            if at == len(read_now) or read_now[at] != hashed:
-                continue
-        yield row["key"], (_DONE, source)
+    rows = parquet_file(path).read(columns=columns).to_pylist()
+    keys = [row["key"] for row in rows if row.get("stage", "") != "read"]
+    if read_now is not None:
+        hashes = np.fromiter((key_hash(key) for key in keys), dtype=np.uint64, count=len(keys))
+        keys = [key for key, kept in zip(keys, np.isin(hashes, read_now), strict=True) if kept]
+    for key in keys:
+        yield key, (_DONE, source)
 
 
 def duplicate_reject(row_key: str, source: str, first: str) -> Reject:

@@ -24,6 +24,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from spatext.paths import within
 from spatext.pipeline.records import REJECTS, RawSample, Reject
 
 logger = logging.getLogger(__name__)
@@ -350,7 +351,7 @@ def read_optional(path: str, root: str | None = None, limit: int = MAX_MEMBER_BY
         return None
     if "://" not in path:
         real = os.path.realpath(path)
-        if root is not None and not real.startswith(os.path.realpath(root).rstrip(os.sep) + os.sep):
+        if root is not None and not within(real, root):
             raise FileRefused(OUTSIDE_CORPUS, f"{path!r} leads to {real!r}, outside {root!r}")
         info = os.stat(real)
         if not stat.S_ISREG(info.st_mode):

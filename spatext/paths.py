@@ -7,6 +7,11 @@ import os
 import stat
 
 
+def within(path: str, folder: str) -> bool:
+    """Whether `path` lies inside `folder` (not `folder` itself), both with symlinks resolved."""
+    return os.path.realpath(path).startswith(os.path.realpath(folder).rstrip(os.sep) + os.sep)
+
+
 def leaves(folder: str, relative: object) -> bool:
     """Whether `relative` is not a relative path that stays inside `folder`: absolute, climbing out with '..', or
     leading out through a symlink (resolved), or not a non-empty string."""
@@ -15,8 +20,7 @@ def leaves(folder: str, relative: object) -> bool:
     normal = os.path.normpath(relative)
     if os.path.isabs(relative) or normal == os.pardir or normal.startswith(os.pardir + os.sep):
         return True
-    real, root = os.path.realpath(os.path.join(folder, relative)), os.path.realpath(folder)
-    return not real.startswith(root.rstrip(os.sep) + os.sep)
+    return not within(os.path.join(folder, relative), folder)
 
 
 def inside(folder: str, relative: object, what: str) -> str:
