@@ -122,13 +122,25 @@ def test_sampling_table_without_flop_counts(bench, capsys) -> None:
     assert result["flop_ratio_to_plain"] == {}
     assert result["ratio_to_plain"]["joint"] == pytest.approx(1.2)  # median 1.2 over median 1.0
     assert result["paired_ratio_to_plain"]["joint"] == pytest.approx(1.1)  # median of 1.1, 1.05, 1.2
+    assert result["min_ratio_to_plain"]["joint-concat"] == pytest.approx(1.2)  # best 1.2 over best 1.0
     sampling.print_table(result)
-    rows = {line.split("|")[1].strip(): line.split("|")[6].strip() for line in capsys.readouterr().out.splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|")[7].strip() for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and "mode" not in line}
     assert rows == {"plain": "-", "joint": "-", "joint-concat": "-"}
     counted = sampling.summarize(times, {"plain": 10, "joint": 12, "joint-concat": 15})
     sampling.print_table(counted)
     assert "| 1.2000 |" in capsys.readouterr().out
+
+
+def test_sampling_reports_the_once_per_call_scene_work_apart(bench, capsys) -> None:
+    sampling = bench("sampling")
+    times = {"plain": [1.0, 2.0, 1.0], "joint": [1.1, 2.1, 1.2], "scene": [0.05, 0.01, 0.02]}
+    result = sampling.summarize(times, {})
+    assert set(result["median_s"]) == {"plain", "joint"}  # the scene work is no mode of its own
+    assert result["scene_s"]["median"] == pytest.approx(0.02) and result["scene_s"]["min"] == pytest.approx(0.01)
+    assert result["scene_share_of_plain"] == pytest.approx(0.02)
+    sampling.print_table(result)
+    assert "20.0 ms = 0.020 of a plain call" in capsys.readouterr().out
 
 
 def test_records_write_nan_and_infinity_as_null(bench, tmp_path: Path) -> None:
