@@ -9,8 +9,10 @@ its weights, the resize mode, the feature dimension and the library versions; ``
   Offline, pass the standard weights file with ``--inception-weights PATH`` (torch-fidelity's
   ``weights-inception-2015-12-05-6726825d.pth`` or a ``.safetensors`` of the same state dict). Without a path,
   torch-fidelity downloads them (or finds them in the torch hub cache); when it cannot, ``ModelLoadError`` says what
-  to pass. Images are resized to 299 x 299 by torchmetrics: bilinear with antialiasing by default,
-  ``antialias=False`` = the original TF1 bilinear.
+  to pass. Images are resized to 299 x 299 by torchmetrics with the original TF1 bilinear (torch-fidelity's
+  ``interpolate_bilinear_2d_like_tensorflow1x``), as the reference FID code and torch-fidelity do; torchmetrics'
+  own default, bilinear with antialiasing (``antialias=True``), changes the features, and resizing is known to move
+  FID, so such an FID is reported as not comparable with published FIDs.
 - ``clip``: L2-normalised CLIP image embeddings (``ClipFeatureExtractor``), for when the Inception weights are
   absent. Values are not comparable with Inception FID and the report says so via its ``extractor`` field.
 
@@ -153,9 +155,13 @@ def make_fid(
     inception_weights: str | None = None,
     clip: ClipModel | None = None,
     device: str = "cpu",
-    antialias: bool = True,
+    antialias: bool = False,
 ) -> tuple[FrechetInceptionDistance, dict]:
-    """A configured FID metric (on ``device``) and the description every report must carry."""
+    """A configured FID metric (on ``device``) and the description every report must carry.
+
+    ``antialias`` (Inception only): torchmetrics' antialiased bilinear resize instead of the standard TF1 one. The
+    description's ``comparable`` is True only for the standard weights with the standard resize, and
+    ``not_comparable_because`` says what differs."""
     if extractor not in EXTRACTORS:
         raise ValueError(f"--fid-extractor {extractor!r} is not valid; choose one of {', '.join(EXTRACTORS)}")
     versions = {name: _version(name) for name in ("torchmetrics", "torch", "torch-fidelity", "open_clip_torch")}
@@ -164,13 +170,20 @@ def make_fid(
         resize = (
             f"bilinear{' antialiased' if antialias else ' (TF1-compatible)'} to {INCEPTION_SIZE}x{INCEPTION_SIZE}"
         )
+        weights = inception_weights_description(inception_weights)
+        reasons = [] if weights["comparable"] else ["not the standard Inception weights"]
+        if antialias:
+            reasons.append("antialiased resize, not the standard TF1 bilinear")
         description = {
             "extractor": "inception-v3 (FID, torchmetrics / torch-fidelity)",
             "name": "FID",
-            **inception_weights_description(inception_weights),
+            **weights,
+            "comparable": not reasons,
             "resize": resize,
             "feature_dim": INCEPTION_FEATURES,
         }
+        if reasons:
+            description["not_comparable_because"] = "; ".join(reasons)
     else:
         if clip is None:
             raise ValueError("--fid-extractor clip needs a CLIP model (clip=load_clip(...))")
@@ -181,6 +194,7 @@ def make_fid(
             "name": f"FID on CLIP {clip.spec.model} features",
             "weights": clip.pretrained_label,
             "comparable": False,
+            "not_comparable_because": "CLIP features, not Inception-v3",
             "resize": features.resize_mode,
             "feature_dim": features.num_features,
         }

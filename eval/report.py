@@ -142,8 +142,10 @@ def weights_lines(result: dict) -> list[str]:
                      "records whether they are trained (a base model without spatext_weights.json, a run without "
                      "run.json); `generate --weights-label` records what they are")
     if not result["fid"].get("comparable", True):
+        because = result["fid"].get("not_comparable_because")
         lines.append(f"- **{fid_name(result)} is not comparable with published FIDs**, which use the standard "
-                     f"Inception weights ({result['fid']['extractor']}; weights: {result['fid']['weights']})")
+                     f"Inception weights and TF1 resize ({because + '; ' if because else ''}"
+                     f"{result['fid']['extractor']}; weights: {result['fid']['weights']})")
     return lines
 
 

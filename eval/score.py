@@ -79,6 +79,7 @@ class ScoreSpec:
     clip: ClipSpec = field(default_factory=ClipSpec)
     fid_extractor: str = "inception"
     inception_weights: str | None = None
+    fid_antialias: bool = False
     mask_perturb: MaskPerturbation | None = None
     bootstrap: int = 1000
     seed: int = 0
@@ -146,7 +147,8 @@ class Scorer:
         self.benchmark_fingerprint = benchmark_fingerprint(spec.benchmark)
         self.clip = _load_clip(spec.clip)
         self.segmenter = create_segmenter(spec.segmenter)
-        self.fid, self.fid_description = make_fid(spec.fid_extractor, spec.inception_weights, self.clip)
+        self.fid, self.fid_description = make_fid(spec.fid_extractor, spec.inception_weights, self.clip,
+                                                  antialias=spec.fid_antialias)
         self.fid.reset_real_features = False  # reset() then clears the generated side only
         fid_update(self.fid, [s.reference for s in samples], real=True)
 
@@ -392,6 +394,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-pretrained", default="openai", help="open_clip tag, checkpoint file, or 'none'")
     parser.add_argument("--fid-extractor", choices=EXTRACTORS, default="inception", help="FID features")
     parser.add_argument("--inception-weights", default=None, help="local FID Inception weights file")
+    parser.add_argument("--fid-antialias", action="store_true",
+                        help="resize for Inception with torchmetrics' antialiased bilinear instead of the standard "
+                             "TF1 bilinear (the FID is then marked not comparable with published FIDs)")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help=f"bootstrap resamples for the 95%% intervals (>= {MIN_BOOTSTRAP}; 0 = means only)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -409,5 +414,6 @@ def spec_from_args(args: argparse.Namespace) -> ScoreSpec:
                      segmenter=segmenter, clip=ClipSpec(model=args.clip_model, pretrained=args.clip_pretrained,
                                                         device=args.device),
                      fid_extractor=args.fid_extractor, inception_weights=args.inception_weights,
+                     fid_antialias=args.fid_antialias,
                      mask_perturb=getattr(args, "mask_perturb", None), bootstrap=args.bootstrap, seed=args.seed,
                      grid_samples=args.grid_samples)

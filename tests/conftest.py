@@ -62,6 +62,20 @@ def assert_same_rows(a: list[dict], b: list[dict]) -> None:
             np.testing.assert_allclose(sa["embedding"], sb["embedding"], atol=1e-3)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory):
+    """Point TMPDIR (and `tempfile`) at a folder of this session's pytest temp root, so that what libraries leave in
+    the temp folder (Beam's shared-model address and lock files, torchelastic folders, pip build folders) goes away
+    with pytest's old temp roots instead of piling up in /tmp run after run."""
+    import tempfile
+
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", folder)
+        patch.setattr(tempfile, "tempdir", folder)
+        yield folder
+
+
 @pytest.fixture
 def make_tar(tmp_path):
     """Factory: make_tar(name, members) -> path of a tar in tmp_path."""

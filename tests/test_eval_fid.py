@@ -219,6 +219,35 @@ def test_inception_weights_from_a_local_file(
         assert int(metric.real_features_num_samples) == 2
 
 
+@pytest.mark.skipif(not HAS_FIDELITY, reason="torch-fidelity is not installed (torchmetrics[image])")
+def test_inception_fid_resizes_like_the_reference_and_names_other_resizes(
+    inception_state, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default resize is the standard TF1 bilinear: features equal torch-fidelity's own extractor (which is the
+    reference FID code's resize) on the same weights; the antialiased resize gives other features and is named."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    path = tmp_path / "inception.pt"
+    torch.save(inception_state, path)
+    monkeypatch.setattr(fid, "STANDARD_INCEPTION_SHA256_PREFIX", fid.file_sha256(str(path))[:8])  # as if standard
+    image = np.indices((61, 61)).sum(axis=0) % 2 * 255  # a checkerboard: antialiasing changes it most
+    batch = torch.from_numpy(np.repeat(image[None, None], 3, axis=1).astype(np.uint8))
+    features = {}
+    for antialias in (False, True):
+        metric, description = make_fid("inception", inception_weights=str(path), antialias=antialias)
+        fid_update(metric, [batch[0].permute(1, 2, 0).numpy()], real=True)
+        features[antialias] = metric.real_features_sum
+        assert description["comparable"] is (not antialias)
+        assert ("antialiased" in description["resize"]) is antialias
+    assert "antialiased resize" in description["not_comparable_because"]
+    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: inception_state)
+    reference = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).eval()
+    with torch.no_grad():
+        expected = reference(batch)[0][0].double()
+    relative = {a: float((features[a] - expected).norm() / expected.norm()) for a in features}  # random-init
+    assert relative[False] < 1e-6 and relative[True] > 1e-3, relative  # relative: random-init features are tiny
+
+
 def test_inception_weights_are_named_by_absolute_path_and_sha256(tmp_path: Path, monkeypatch) -> None:
     """Only a file whose sha256 starts like the standard file's name counts as the standard FID Inception."""
     path = tmp_path / "w.pth"

@@ -34,3 +34,10 @@ def test_setup_goes_on_when_there_is_room(tmp_path):
     result = make_setup(tmp_path, "SETUP_GB=0", "PYTHON=false")
     assert "free disk" not in result.stderr
     assert "false -m venv .venv" in result.stdout
+
+
+def test_the_suite_keeps_temp_files_in_its_session_folder(session_tmpdir) -> None:
+    import tempfile
+
+    assert tempfile.gettempdir() == session_tmpdir == os.environ["TMPDIR"]
+    assert "pytest-" in session_tmpdir  # under pytest's temp root, which keeps only the last few sessions
