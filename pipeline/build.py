@@ -22,6 +22,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from apache_beam.runners.runner import PipelineResult
 
 from spatext.device import check_device
+from spatext.pipeline.batch_failures import SplitFailures
 from spatext.pipeline.clip import RANDOM_INIT_LABEL as CLIP_RANDOM_INIT_LABEL
 from spatext.pipeline.clip import ClipEmbedder, ClipSpec, check_pretrained, clip_embed_dim
 from spatext.pipeline.config import RESUME_MAY_CHANGE, BuildConfig, parse_args
@@ -157,19 +158,27 @@ def build_pipeline(
     segmented, seg_failed = decoded.ok | "Segment" >> RunInference(
         SegmenterModelHandler(segmenter_spec(config, segmenter), share, copies)
     ).with_exception_handling()
-    selected = segmented | "Select" >> beam.ParDo(Select(select_options)).with_outputs(REJECTS, main="ok")
+    # A failed batch runs again one sample at a time (pipeline/batch_failures.py): what fails alone is rejected
+    # here with its own error; a batch of one that fails goes to RunInference's dead letter (the *Failures steps).
+    segmented_alone = segmented | "SegmentFailedAlone" >> beam.ParDo(
+        SplitFailures("segment", "segmenter_error")).with_outputs(REJECTS, main="ok")
+    selected = segmented_alone.ok | "Select" >> beam.ParDo(Select(select_options)).with_outputs(REJECTS, main="ok")
     embedded, embed_failed = selected.ok | "Embed" >> RunInference(
         ClipEmbedder(clip_spec(config), share, copies)
     ).with_exception_handling()
-    rows = embedded | "ToRows" >> beam.Map(_keyed_row, config.image_format, config.jpeg_quality)
+    embedded_alone = embedded | "EmbedFailedAlone" >> beam.ParDo(
+        SplitFailures("embed", "embedder_error")).with_outputs(REJECTS, main="ok")
+    rows = embedded_alone.ok | "ToRows" >> beam.Map(_keyed_row, config.image_format, config.jpeg_quality)
     rejects = (
         read[REJECTS],
         decoded[REJECTS],
         seg_failed.failed_inferences
         | "SegmentFailures" >> beam.FlatMap(rejects_from_failed_batch, "segment", "segmenter_error"),
+        segmented_alone[REJECTS],
         selected[REJECTS],
         embed_failed.failed_inferences
         | "EmbedFailures" >> beam.FlatMap(rejects_from_failed_batch, "embed", "embedder_error"),
+        embedded_alone[REJECTS],
     ) | "AllRejects" >> beam.Flatten()
     keyed_rejects = rejects | "RejectsByUnit" >> beam.Map(_keyed_reject)
     markers = {"rows": rows, "rejects": keyed_rejects, "read": read[COUNTS]} | "Write" >> WriteUnits(

@@ -26,6 +26,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 from PIL import Image
 
+from .batch_failures import each_alone_on_failure
 from .clip_preprocess import PixelTransform
 from .crop import labeled_crop_array
 from .records import Embeddings, Sample
@@ -296,6 +297,7 @@ class ClipEmbedder(ModelHandler[Sample, tuple[Sample, Embeddings], ClipModel]):
         # Where the stage's time goes (see ClipModel.embed_samples): wall and thread-CPU milliseconds per batch.
         self._timings = {name: Metrics.distribution(METRICS_NAMESPACE, name) for name in TIMINGS}
         self._images = Metrics.counter(METRICS_NAMESPACE, "images_embedded")
+        self._retried = Metrics.counter(METRICS_NAMESPACE, "embed_batches_run_one_by_one")
 
     def load_model(self) -> ClipModel:
         """Load the CLIP model named by the spec."""
@@ -304,7 +306,12 @@ class ClipEmbedder(ModelHandler[Sample, tuple[Sample, Embeddings], ClipModel]):
     def run_inference(
         self, batch: Sequence[Sample], model: ClipModel, inference_args: dict[str, Any] | None = None
     ) -> Iterable[tuple[Sample, Embeddings]]:
-        """Embed a batch: all crops and whole images in one encode_image pass, all captions in one encode_text."""
+        """Embed a batch: all crops and whole images in one encode_image pass, all captions in one encode_text. A
+        batch that fails is run again one sample at a time: a sample that fails alone is a ``FailedSample``."""
+        return each_alone_on_failure(batch, lambda samples: self._embed(samples, model), self._retried)
+
+    def _embed(self, batch: Sequence[Sample], model: ClipModel) -> list[tuple[Sample, Embeddings]]:
+        """One model call on ``batch``: (sample, embeddings) pairs in batch order."""
         # Only a method call on `model`: with --model-sharing machine it is a proxy to a model server process, and
         # the samples travel there without the fields the embed step does not read.
         embeddings, timings = model.embed_samples([_embed_fields(sample) for sample in batch])

@@ -25,7 +25,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from spatext.paths import within
-from spatext.pipeline.records import REJECTS, RawSample, Reject
+from spatext.pipeline.records import REJECTS, RawSample, Reject, utf8_encodable
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ VALID_INPUTS = (
 )
 
 BAD_CAPTION_ENCODING = "bad_caption_encoding"  # a caption that is not UTF-8: rejected, never decoded lossily
+BAD_NAME_ENCODING = "bad_name_encoding"  # a key or file name that UTF-8 cannot encode (a non-UTF-8 name)
 OUTSIDE_CORPUS = "path_outside_corpus"  # a folder entry naming a file outside the corpus root
 
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -317,6 +318,10 @@ def iter_caption_lines(
                                               "images of one name in different folders apart")
             yield Reject(key, unit, "read", f"duplicate_key: line {number} repeats the key of line {seen[key]}{stem}")
             continue
+        unusable = unencodable_text(key, unit, caption=entry.get("caption"), image=image)
+        if unusable:  # before the entry crosses a Beam coder
+            yield unusable
+            continue
         seen[key] = number
         yield {"key": key, "image": image, "caption": entry.get("caption"), "unit": unit}
 
@@ -404,8 +409,23 @@ class _ReadTar(beam.DoFn):
         yield beam.pvalue.TaggedOutput(COUNTS, (path, count))
 
 
+def unencodable_text(key: str, source: str, **texts: object) -> Reject | None:
+    """A Reject for a sample whose key or other text (caption, file names) UTF-8 cannot encode: lone surrogates, from
+    a tar member or file name that is not UTF-8 or a '\\ud800' escape in JSON, which Beam's coders and Parquet
+    refuse. Without this check one such sample failed the whole job, or the whole model batch it was in."""
+    for name, value in (("key", key), *texts.items()):
+        if isinstance(value, str) and not utf8_encodable(value):
+            code = BAD_CAPTION_ENCODING if name == "caption" else BAD_NAME_ENCODING
+            return Reject(key, source, "read", f"{code}: the {name} {ascii(value)[:160]} holds characters UTF-8 "
+                          "cannot encode (a name that is not UTF-8, or a lone surrogate escape in JSON)")
+    return None
+
+
 def route_item(item: RawSample | Reject, read_counter, reject_counter) -> Iterator:
-    """Send Rejects to the tagged output, everything else to the main one."""
+    """Send Rejects (and samples whose key or caption UTF-8 cannot encode) to the tagged output, everything else
+    to the main one."""
+    if isinstance(item, RawSample):
+        item = unencodable_text(item.key, item.source, caption=item.caption) or item
     if isinstance(item, Reject):
         reject_counter.inc()
         yield beam.pvalue.TaggedOutput(REJECTS, item)

@@ -33,7 +33,15 @@ from dataclasses import dataclass
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from spatext.pipeline.read import COCO_UNIT_IMAGES, COUNTS, REJECTS, FileRefused, read_optional, route_item
+from spatext.pipeline.read import (
+    COCO_UNIT_IMAGES,
+    COUNTS,
+    REJECTS,
+    FileRefused,
+    read_optional,
+    route_item,
+    unencodable_text,
+)
 from spatext.pipeline.records import RawSample, Reject
 
 logger = logging.getLogger(__name__)
@@ -222,6 +230,11 @@ def coco_index(
             continue
         seen.add(image_id)
         annotation = annotations.get(image_id)
+        unusable = unencodable_text(key, unit, caption=first_caption.get(image_id), file_name=file_name,
+                                    png=annotation.get("file_name") if annotation else None)
+        if unusable:  # before the entry crosses a Beam coder
+            yield unusable
+            continue
         problem = _annotation_problem(annotation, categories) if annotation else None
         if problem:  # the image still flows: only a segmenter that reads the ground truth rejects it (decode)
             yield {"key": key, "unit": unit, "file_name": file_name, "caption": first_caption.get(image_id),

@@ -90,8 +90,23 @@ class Reject:
 
     def __post_init__(self) -> None:
         """Keep the reason reproducible: object addresses in exception texts ('<_io.BytesIO object at 0x7f..>')
-        differ on every run, so a rerun's rejects table would differ; they are dropped."""
+        differ on every run, so a rerun's rejects table would differ; they are dropped. Text that UTF-8 cannot
+        encode (lone surrogates from a non-UTF-8 file name or a '\\ud800' JSON escape) is written with backslash
+        escapes, so the reject itself can always be written."""
         object.__setattr__(self, "reason", _ADDRESS.sub("", self.reason))
+        for name in ("key", "source", "reason"):
+            value = getattr(self, name)
+            if not utf8_encodable(value):
+                object.__setattr__(self, name, value.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
+def utf8_encodable(text: str) -> bool:
+    """Whether `text` encodes as UTF-8 (a str may hold lone surrogates, which Beam's coders and Parquet refuse)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def rejects_from_failed_batch(failure: tuple, stage: str, code: str, max_detail: int = 300) -> list[Reject]:

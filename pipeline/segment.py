@@ -1,9 +1,11 @@
 """The segment stage: a Beam ``ModelHandler`` that runs a segmenter through ``RunInference``.
 
 Use it as ``samples | 'Segment' >> RunInference(SegmenterModelHandler(spec)).with_exception_handling()``; each output
-is the input ``Sample`` with ``segmentation`` filled, in batch order. A batch whose segmenter call raises goes to the
-dead-letter output ``failed_inferences`` as ``(batch: list[Sample], (exc_type, repr(exc), traceback_lines))``;
-``records.rejects_from_failed_batch`` turns one such element into reject rows.
+is the input ``Sample`` with ``segmentation`` filled, in batch order. A batch whose segmenter call raises is run
+again one sample at a time (``batch_failures``): a sample that fails alone comes out as a ``FailedSample`` (its
+reject, with its own error, after ``SplitFailures``); a batch of one that fails goes to the dead-letter output
+``failed_inferences`` as ``(batch: list[Sample], (exc_type, repr(exc), traceback_lines))``, which
+``records.rejects_from_failed_batch`` turns into reject rows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
+from spatext.pipeline.batch_failures import each_alone_on_failure
 from spatext.pipeline.records import Sample, Segmentation
 from spatext.pipeline.segmenters.base import Segmenter, SegmenterSpec, create_segmenter
 
@@ -65,6 +68,7 @@ class SegmenterModelHandler(ModelHandler[Sample, Sample, Segmenter]):
         self._images = Metrics.counter(METRICS_NAMESPACE, "images_segmented")
         self._segments = Metrics.counter(METRICS_NAMESPACE, "segments_found")
         self._empty = Metrics.counter(METRICS_NAMESPACE, "images_without_segments")
+        self._retried = Metrics.counter(METRICS_NAMESPACE, "segment_batches_run_one_by_one")
 
     def load_model(self) -> Segmenter:
         """Build the segmenter (called once per worker process, or once per machine when shared), run one call at a
@@ -74,8 +78,13 @@ class SegmenterModelHandler(ModelHandler[Sample, Sample, Segmenter]):
     def run_inference(
         self, batch: Sequence[Sample], model: Segmenter, inference_args: dict[str, Any] | None = None
     ) -> Iterable[Sample]:
-        """Segment the batch in one call; return the samples with ``segmentation`` set, in batch order."""
+        """Segment the batch in one call; return the samples with ``segmentation`` set, in batch order. A batch that
+        fails is run again one sample at a time: a sample that fails alone is a ``FailedSample``."""
         self.validate_inference_args(inference_args)
+        return each_alone_on_failure(batch, lambda samples: self._segment(samples, model), self._retried)
+
+    def _segment(self, batch: Sequence[Sample], model: Segmenter) -> list[Sample]:
+        """One segmenter call on ``batch``: the samples with ``segmentation`` set, in batch order."""
         segmentations = model.segment(batch)  # model may be a cross-process proxy: call methods only
         self._check(batch, segmentations)
         outputs = []

@@ -23,23 +23,38 @@ from spatext.pipeline.demo_corpus import write_corpus
 from spatext.pipeline.inspect_shards import caption_lines, inspect_build
 from spatext.pipeline.panoptic import encode_id_map
 from spatext.pipeline.schema import read_metadata, row_to_sample
+from spatext.pipeline.segmenters.annotations import AnnotationSegmenter
 from spatext.pipeline.write import list_parquet
 
 NUM = 10
 TINY_CLIP = ["--clip-model", "spatext-tiny", "--clip-pretrained", "none"]
 
 
+BAD_INPUTS = 6
+
+
 def _bad_inputs_tar(path: str) -> str:
-    """Four inputs that must each become a reject with a known reason."""
+    """Six inputs that must each become a reject with a known reason. The last two would be good samples but for
+    text UTF-8 cannot encode: a member name that is not UTF-8 (tarfile reads it with surrogates) and a caption
+    with a lone surrogate escape in its JSON; each once failed the whole job or its model batch."""
     ann = {"segments_info": [{"id": 1, "category": "speck"}]}
     tiny_map = np.zeros((48, 64), np.int32)
     tiny_map[:3, :3] = 1  # 0.3% of the image: below the 5% threshold
+    big_map = np.zeros((48, 64), np.int32)
+    big_map[10:40, 10:50] = 1
+    big = {"segments_info": [{"id": 1, "category": "thing"}]}
+    latin1 = "caf\udce9"  # the name b"caf\xe9" as tarfile reads it (surrogateescape)
     return write_tar(path, [
         ("bad-image.jpg", b"definitely not a jpeg"), ("bad-image.txt", b"a caption"),
         ("no-caption.jpg", jpeg_bytes()),
         ("no-image.txt", b"only a caption"),
         ("tiny.jpg", jpeg_bytes()), ("tiny.txt", b"tiny things"), ("tiny.json", json.dumps(ann).encode()),
         ("tiny.panoptic.png", encode_id_map(tiny_map)),
+        (f"{latin1}.jpg", jpeg_bytes()), (f"{latin1}.txt", b"a cafe"), (f"{latin1}.json", json.dumps(big).encode()),
+        (f"{latin1}.panoptic.png", encode_id_map(big_map)),
+        ("surrogate.jpg", jpeg_bytes()), ("surrogate.json", b'{"caption": "bad \\ud800 text", "segments_info": '
+                                                         b'[{"id": 1, "category": "thing"}]}'),
+        ("surrogate.panoptic.png", encode_id_map(big_map)),
     ])
 
 
@@ -67,17 +82,18 @@ def built(corpus, tmp_path_factory):
 def test_counts_and_reject_reasons(built):
     out, manifest = built
     counts = manifest["counts"]
-    assert counts["read"] == NUM + 4
+    assert counts["read"] == NUM + BAD_INPUTS
     assert counts["accepted"] == NUM
     assert counts["rejected_by_reason"] == {
         "decode/unreadable_image": 1, "decode/missing_caption": 1, "decode/missing_image": 1,
-        "select/no_segment_above_threshold": 1,
+        "select/no_segment_above_threshold": 1, "read/bad_name_encoding": 1, "read/bad_caption_encoding": 1,
     }
     rejects = pa.concat_tables([pq.read_table(p) for p in list_parquet(str(out), "rejects")]).to_pylist()
     assert {(r["key"], r["stage"], r["reason"].split(":")[0]) for r in rejects} == {
         ("bad-image", "decode", "unreadable_image"), ("no-caption", "decode", "missing_caption"),
         ("no-image", "decode", "missing_image"), ("tiny", "select", "no_segment_above_threshold"),
-    }
+        ("caf\\udce9", "read", "bad_name_encoding"), ("surrogate", "read", "bad_caption_encoding"),
+    }  # the non-UTF-8 name's reject is keyed by its backslash-escaped form, which Parquet can hold
     assert manifest["config"]["clip_model"] == "spatext-tiny" and manifest["wall_time_s"] > 0
 
 
@@ -85,7 +101,7 @@ def test_shards_are_valid_and_labelled(built):
     out, _ = built
     report = verify.verify_build(str(out), progress=False)
     assert report.ok, report.format()
-    assert report.rows == NUM and report.rejects == 4
+    assert report.rows == NUM and report.rejects == BAD_INPUTS
     meta = read_metadata(pq.read_schema(list_parquet(str(out))[0]))
     assert meta["clip_pretrained"] == "none (random init)"
     assert meta["segmenter"] == "annotations" and meta["segmenter_weights"] == "ground truth"
@@ -131,6 +147,29 @@ def test_a_segmenter_of_your_own_by_import_path(built, corpus, tmp_path):
     assert read_metadata(pq.read_schema(list_parquet(str(tmp_path / "plugin"))[0]))["segmenter"] == plugin
     with pytest.raises(ValueError, match="cannot import"):
         _build(corpus, tmp_path / "bad", "--segmenter", "no_such_module_xyz:Segmenter")
+
+
+class PoisonSegmenter(AnnotationSegmenter):
+    """Test plugin: the ground truth, but a call holding demo-000003 raises, naming the keys it fails on."""
+
+    def segment(self, samples):
+        if any(s.key == "demo-000003" for s in samples):
+            raise RuntimeError(f"cannot segment {[s.key for s in samples if s.key == 'demo-000003']}")
+        return super().segment(samples)
+
+
+def test_a_sample_the_segmenter_cannot_take_fails_alone(built, corpus, tmp_path):
+    """Batched with good samples (batches of up to 4), one bad sample is the only reject, with its own error."""
+    manifest = _build(corpus, tmp_path / "poison", "--segmenter", "test_build:PoisonSegmenter",
+                      "--segmenter-batch-size", "4")
+    counts = manifest["counts"]
+    assert counts["accepted"] == NUM - 1 and counts["read"] == NUM + BAD_INPUTS
+    assert counts["rejected_by_reason"]["segment/segmenter_error"] == 1
+    rejects = pa.concat_tables([pq.read_table(p) for p in list_parquet(str(tmp_path / "poison"), "rejects")])
+    (poisoned,) = [r for r in rejects.to_pylist() if r["stage"] == "segment"]
+    assert poisoned["key"] == "demo-000003" and poisoned["reason"].endswith("cannot segment ['demo-000003']\")")
+    good = [r for r in read_rows(built[0]) if r["key"] != "demo-000003"]
+    assert_same_rows(read_rows(tmp_path / "poison"), good)
 
 
 def test_a_gpu_build_in_one_direct_worker_warns_that_the_device_would_idle(caplog):

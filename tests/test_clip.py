@@ -222,6 +222,19 @@ def test_sample_without_segment_map_raises(tiny) -> None:
         ClipEmbedder(TINY).run_inference([sample], tiny)
 
 
+def test_a_sample_that_breaks_its_batch_is_rejected_alone(tiny) -> None:
+    """The batch runs again one sample at a time: the bad sample fails with its own error, the others embed as alone."""
+    broken = Sample(key="broken", source="test", caption="c", image=np.zeros((8, 8, 3), dtype=np.uint8))
+    good = [make_sample(1), make_sample(2)]
+    out = ClipEmbedder(TINY).run_inference([good[0], broken, good[1]], tiny)
+    assert [type(o).__name__ for o in out] == ["tuple", "FailedSample", "tuple"]
+    assert out[1].sample.key == "broken" and "has no segment_map" in out[1].error
+    for sample, (got_sample, got) in zip(good, (out[0], out[2]), strict=True):
+        ((_, alone),) = ClipEmbedder(TINY).run_inference([sample], tiny)
+        assert got_sample is sample
+        np.testing.assert_allclose(got.segments, alone.segments, atol=1e-5)
+
+
 def test_empty_inputs(tiny) -> None:
     assert embed_texts(tiny, []).shape == (0, 64)
 

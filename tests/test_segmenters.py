@@ -20,7 +20,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 
-from spatext.pipeline.records import Reject, Sample, Segment, Segmentation, rejects_from_failed_batch
+from spatext.pipeline.records import REJECTS, Reject, Sample, Segment, Segmentation, rejects_from_failed_batch
 from spatext.pipeline.segment import SegmenterModelHandler
 from spatext.pipeline.segmenters import (
     RANDOM_INIT_LABEL,
@@ -336,8 +336,9 @@ class _FailOnBadKeys(Segmenter):
         self.spec = spec
 
     def segment(self, samples: Sequence[Sample]) -> list[Segmentation]:
-        if any(s.key.startswith("bad") for s in samples):
-            raise RuntimeError("segmenter exploded")
+        bad = [s.key for s in samples if s.key.startswith("bad")]
+        if bad:
+            raise RuntimeError(f"segmenter exploded on {', '.join(bad)}")
         return [Segmentation(np.zeros(s.image.shape[:2], np.int32), ()) for s in samples]
 
 
@@ -361,6 +362,38 @@ def test_failing_segmenter_goes_to_failed_inferences(monkeypatch) -> None:
         failed = dlq.failed_inferences | beam.FlatMap(_failure_summary)
         expected = [(k, "RuntimeError", "segmenter_error") for k in ("bad1", "bad2")]
         assert_that(failed, equal_to(expected), label="failed")
+
+
+def test_a_failed_batch_runs_again_one_sample_at_a_time() -> None:
+    """One sample the model cannot take fails only itself, with its own error; its batch-mates are segmented."""
+    handler = SegmenterModelHandler(SegmenterSpec(name="fail-on-bad", batch_size=4))
+    batch = [_sample(key, 8, 8) for key in ("good1", "bad1", "good2")]
+    out = handler.run_inference(batch, _FailOnBadKeys(SegmenterSpec(name="fail-on-bad")))
+    assert [type(o).__name__ for o in out] == ["Sample", "FailedSample", "Sample"]
+    assert [o.key for o in (out[0], out[1].sample, out[2])] == ["good1", "bad1", "good2"]
+    assert out[0].segmentation is not None and out[2].segmentation is not None
+    reject = out[1].reject("segment", "segmenter_error")
+    assert reject.key == "bad1" and reject.reason == "segmenter_error: RuntimeError('segmenter exploded on bad1')"
+    with pytest.raises(RuntimeError, match="on bad1"):  # a batch of one: to RunInference's dead letter as before
+        handler.run_inference(batch[1:2], _FailOnBadKeys(SegmenterSpec(name="fail-on-bad")))
+
+
+def test_every_bad_sample_of_mixed_batches_is_rejected_alone(monkeypatch) -> None:
+    """Through Beam, whatever the batching: the good samples come out, each bad one is one reject naming itself."""
+    from spatext.pipeline.batch_failures import SplitFailures
+
+    monkeypatch.setitem(SEGMENTERS, "fail-on-bad", _FailOnBadKeys)
+    spec = SegmenterSpec(name="fail-on-bad", batch_size=4)
+    samples = [_sample(key, 8, 8) for key in ("good1", "bad1", "good2", "bad2", "good3", "good4")]
+    with _pipeline() as p:
+        out, dlq = p | beam.Create(samples) | RunInference(SegmenterModelHandler(spec)).with_exception_handling()
+        split = out | beam.ParDo(SplitFailures("segment", "segmenter_error")).with_outputs(REJECTS, main="ok")
+        assert_that(split.ok | "Keys" >> beam.Map(lambda s: s.key), equal_to(["good1", "good2", "good3", "good4"]),
+                    label="main")
+        rejects = (split[REJECTS], dlq.failed_inferences | beam.FlatMap(
+            rejects_from_failed_batch, "segment", "segmenter_error")) | beam.Flatten()
+        assert_that(rejects | "Reasons" >> beam.Map(lambda r: (r.key, r.reason.endswith(f"on {r.key}')"))),
+                    equal_to([("bad1", True), ("bad2", True)]), label="rejects")
 
 
 def test_mask2former_weights_are_checked_at_launch(tmp_path, monkeypatch) -> None:
