@@ -127,3 +127,14 @@ def test_read_optional_reads_a_remote_style_path_with_its_size_checked(tmp_path)
     data = io.BytesIO(b"abc").getvalue()
     (tmp_path / "f.bin").write_bytes(data)
     assert read_optional(str(tmp_path / "f.bin")) == b"abc"  # no root: any local path (the launcher's own files)
+
+
+def test_folder_lines_with_text_utf8_cannot_encode_are_rejects():
+    """A lone surrogate escape in captions.jsonl would fail Beam's coder (and the whole job): a read reject."""
+    lines = [b'{"image": "a.jpg", "caption": "bad \\ud800 text"}\n', b'{"image": "b\\udce9.jpg", "caption": "ok"}\n',
+             b'{"image": "c.jpg", "caption": "fine"}\n']
+    items = list(read.iter_caption_lines(lines, "captions.jsonl"))
+    assert [i.reason.split(":")[0] if isinstance(i, Reject) else i["key"] for i in items] == [
+        "bad_caption_encoding", "bad_name_encoding", "c"]
+    assert items[1].key == "b\\udce9"  # written with a backslash escape, so the reject itself can be stored
+    assert all(i.reason.encode("utf-8") for i in items[:2])
