@@ -50,13 +50,12 @@ from spatext.model.train_args import (
     parse_args,
 )
 from spatext.model.train_loop import after_step, finish, train, write_sample_grid
-from spatext.model.train_preflight import RESUME_MAY_CHANGE, check_resumed_run, preflight
+from spatext.model.train_preflight import RESUME_MAY_CHANGE, check_resumed_run, launched_world_size, preflight
 from spatext.model.train_record import PACKAGES, package_versions, run_record
 from spatext.model.train_setup import (
     UNTRAINED_PRIOR,
     Session,
     build_training_pipeline,
-    launched_world_size,
     load_prior_component,
     resolve_clip,
     setup,

@@ -22,10 +22,12 @@ import os
 import re
 from dataclasses import dataclass
 
+import torch
+from accelerate.utils import get_int_from_env
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 
-from spatext.model.checkpoint import RUN_FILE, STATE_FILE, resolve_resume
+from spatext.model.checkpoint import CHECKPOINT_PREFIX, RUN_FILE, STATE_FILE, checkpoint_dirs, resolve_resume
 from spatext.model.config import DenoiserConfig, get_config
 from spatext.model.train_args import flag
 
@@ -163,9 +165,54 @@ def check_steps(args: argparse.Namespace, checkpoint: str, state: dict, record: 
     return record if step == args.max_train_steps and finished else None
 
 
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # accelerate's own list
+
+
+def launched_world_size() -> int:
+    """Processes the launcher started (``torchrun`` / ``accelerate launch`` / MPI set these variables; else 1)."""
+    return get_int_from_env(list(WORLD_SIZE_VARS), 1)
+
+
+def check_mixed_precision(args: argparse.Namespace) -> None:
+    """fp16 needs an accelerator: accelerate runs no fp16 autocast on the CPU, and the fp16 text encoder would meet the
+    fp32 UNet at the first step."""
+    if args.mixed_precision == "fp16" and not torch.accelerator.is_available():
+        raise ValueError("--mixed-precision fp16 needs a GPU (accelerate has no fp16 autocast on the CPU); on the CPU "
+                         "use --mixed-precision bf16 or no")
+
+
+def check_world_size(checkpoint: str, state: dict, record: dict | None) -> None:
+    """Refuse a resume with another number of processes than the run that wrote ``checkpoint``: its learning-rate
+    schedule and its place in the epoch count per process, so the schedule would jump and rows be trained twice."""
+    samples = state.get("samples")  # one count per rank of the writing run
+    wrote = len(samples) if isinstance(samples, list) else (record or {}).get("accelerate", {}).get("num_processes")
+    world = launched_world_size()
+    if wrote is None:
+        logger.warning("%s records no process count: a resume with another number of processes than its run's would "
+                       "not continue it exactly", checkpoint)
+    elif wrote != world:
+        raise ValueError(f"--resume-from-checkpoint {checkpoint!r} was written by a run of {wrote} process(es); this "
+                         f"launch started {world}. The learning-rate schedule and the place in the epoch count per "
+                         f"process, so resume with {wrote} (torchrun --nproc_per_node {wrote} / accelerate launch "
+                         f"--num_processes {wrote})")
+
+
+def check_later_checkpoints(args: argparse.Namespace, checkpoint: str, state: dict) -> None:
+    """Refuse to resume from a step when OUTPUT/checkpoints holds later ones: they belong to the run that went on from
+    it, and would mix with this one's (``latest`` would pick them, pruning would keep them, loss.csv would skip)."""
+    step = int(state["global_step"])
+    later = [d for d in checkpoint_dirs(args.output) if int(os.path.basename(d)[len(CHECKPOINT_PREFIX):]) > step]
+    if later:
+        names = ", ".join(os.path.basename(d) for d in later)
+        raise ValueError(f"--resume-from-checkpoint {checkpoint!r} is step {step}, but {args.output}/checkpoints "
+                         f"also holds {names}, from the run that went on from it; delete or move those first (or "
+                         "resume into another --output), so that this run's checkpoints are not mixed with them")
+
+
 def preflight(args: argparse.Namespace) -> Preflight:
     """Check a denoiser run's config, base model and resume before anything is written (ValueError naming the flag)."""
     config = get_config(args.config)
+    check_mixed_precision(args)
     check_resolution(args.resolution, config)
     check_base_model(args.base_model, latent=config.variant == "latent")
     resume = resolve_resume(args)
@@ -175,4 +222,6 @@ def preflight(args: argparse.Namespace) -> Preflight:
     if state is None:
         raise ValueError(f"--resume-from-checkpoint {resume!r} is not a checkpoint dir (no {STATE_FILE})")
     record = check_resumed_run(args, config, resume)
+    check_world_size(resume, state, record)
+    check_later_checkpoints(args, resume, state)
     return Preflight(config, resume, state, check_steps(args, resume, state, record))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, get_int_from_env
+from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -21,20 +21,12 @@ from spatext.model.data import ShardDataset
 from spatext.model.pipeline import LocalPromptEncoder, PriorModel, SpaTextPipeline, build_pipeline
 from spatext.model.prior import load_prior_config, load_prior_lineage
 from spatext.model.tiny_base import read_weights_marker
-from spatext.model.train_preflight import Preflight, preflight
+from spatext.model.train_preflight import Preflight, launched_world_size, preflight
 from spatext.pipeline.clip import RANDOM_INIT, RANDOM_INIT_LABEL, ClipSpec, clip_embed_dim, load_clip
 
 logger = logging.getLogger(__name__)
 
 UNTRAINED_PRIOR = "untrained (identity)"
-WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # accelerate's own list
-
-
-def launched_world_size() -> int:
-    """Processes the launcher started (``torchrun`` / ``accelerate launch`` / MPI set these variables; else 1)."""
-    return get_int_from_env(list(WORLD_SIZE_VARS), 1)
-
-
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
     """The run's accelerator; under a multi-process launcher on a machine without an accelerator device, multi-CPU.
 

@@ -259,6 +259,37 @@ def test_resume_refuses_flags_that_change_what_the_run_trains(resumed, demo_shar
     assert (out / "run.json").read_bytes() == before and not (out / "checkpoints" / "checkpoint-8").exists()
 
 
+def test_resume_refuses_a_checkpoint_with_later_ones_beside_it(resumed, demo_shards, base):
+    """Resuming step 2 where steps 4 and 6 of the run that went on from it lie would mix the two runs' checkpoints."""
+    out = resumed["resumed"]
+    before = (out / "run.json").read_bytes()
+    argv = _argv(str(demo_shards), base, out, "latent-tiny", 8, *RESUME_EXTRA, "--resume-from-checkpoint",
+                 "checkpoint-2")
+    with pytest.raises(ValueError, match=r"is step 2, but .*checkpoints also holds checkpoint-4, checkpoint-6"):
+        run_train(argv)
+    assert (out / "run.json").read_bytes() == before and sorted(os.listdir(out / "checkpoints")) == [
+        "checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def test_resume_refuses_another_number_of_processes(resumed, demo_shards, base, monkeypatch):
+    """The lr schedule and the place in the epoch count per process: a 1-process checkpoint resumes in 1 process."""
+    out = resumed["resumed"]
+    before = (out / "run.json").read_bytes()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it; refused before anything starts
+    argv = _argv(str(demo_shards), base, out, "latent-tiny", 8, *RESUME_EXTRA, "--resume-from-checkpoint", "latest")
+    with pytest.raises(ValueError, match=r"written by a run of 1 process\(es\); this launch started 2"):
+        run_train(argv)
+    assert (out / "run.json").read_bytes() == before
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="fp16 runs where there is an accelerator")
+def test_fp16_without_a_gpu_is_refused_before_anything_is_written(demo_shards, base, tmp_path):
+    output = tmp_path / "fp16"
+    with pytest.raises(ValueError, match="--mixed-precision fp16 needs a GPU"):
+        run_train(_argv(str(demo_shards), base, output, "latent-tiny", 2, "--mixed-precision", "fp16"))
+    assert not output.exists()
+
+
 def test_a_finished_run_is_not_rewritten(resumed, demo_shards, base, capsys):
     out = resumed["resumed"]
     files = [out / "run.json", out / "logs" / "loss.csv",
