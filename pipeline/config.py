@@ -67,6 +67,9 @@ class BuildConfig:
         _check_choice("--image-format", self.image_format, IMAGE_FORMATS)
         check_segmenter_name(self.segmenter)
         _check_choice("--precision", self.precision, PRECISIONS)
+        if self.precision != "fp32" and not self.device.startswith("cuda"):
+            raise ValueError(f"--precision {self.precision} applies on cuda only (--device {self.device} runs the "
+                             "models in fp32): drop --precision or use --device cuda")
         _check_choice("--model-sharing", self.model_sharing, MODEL_SHARING)
         if self.model_copies is not None and self.model_copies < 1:
             raise ValueError(f"--model-copies must be >= 1, got {self.model_copies}")
@@ -190,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-batch-size", type=int, default=d.clip_batch_size, help="samples per CLIP batch")
     p.add_argument("--device", default=d.device, help="torch device for the models: cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                   help="model forwards in fp32, or in bf16 / fp16 on cuda only (CLIP: half-precision weights; "
-                        "the segmenter: autocast); on the CPU the models run in fp32")
+                   help="model forwards in fp32, or in bf16 / fp16 with --device cuda only (CLIP: half-precision "
+                        "weights; the segmenter: autocast)")
     p.add_argument("--model-sharing", default=d.model_sharing, choices=MODEL_SHARING,
                    help="process = each worker process loads its own models; machine = one model server per "
                    "machine that all its worker processes send batches to (Beam's large_model: decode overlaps "

@@ -43,6 +43,7 @@ def test_usage_and_unknown_command(capsys):
     (["--jpeg-quality", "1000"], "--jpeg-quality must be in 1..100, got 1000"),
     (["--max-pixels", "0"], "--max-pixels must be >= 256"),
     (["--k-min", "3", "--k-max", "2"], "--k-min <= --k-max"),
+    (["--precision", "bf16"], "--precision bf16 applies on cuda only (--device cpu runs the models in fp32)"),
     # the default CLIP weights offline: checked on the launcher, before --output is created
     (["--clip-model", "ViT-B-32"], "--clip-pretrained 'openai': the weights of ViT-B-32 are not available"),
     (["--segmenter-threshold", "1.5"], "--segmenter-threshold must lie in [0, 1], got 1.5"),
