@@ -230,7 +230,7 @@ def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
             _, quarter_manifest = build.execute(quarter, beam_args)
             quarter_wall = time.perf_counter() - started
             started = time.perf_counter()
-            _, manifest = build.execute(config, beam_args)
+            result, manifest = build.execute(config, beam_args)
             wall = time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001 - a benchmark reports a failing mode and runs the rest
             traceback.print_exc()
@@ -249,6 +249,8 @@ def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
             for segments in pq.read_table(os.path.join(config.output, "shards", path), columns=["segments"])
             .column("segments").to_pylist()
         )
+        for stage, size in build.mean_batch_sizes(result).items():  # BatchElements grows batches from 1 in each bundle
+            record[f"{key}_{stage}_mean_batch"] = round(size, 2)
         record.update({
             f"{key}_images": images, f"{key}_accepted": counts["accepted"], f"{key}_crops": crops,
             f"{key}_wall_s": round(wall, 2), f"{key}_img_s": round(images / wall, 2),

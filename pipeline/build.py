@@ -330,6 +330,26 @@ def warn_if_device_would_idle(config: BuildConfig, options: PipelineOptions) -> 
     return True
 
 
+def mean_batch_sizes(result: PipelineResult) -> dict[str, float]:
+    """Samples per model call of the Segment and Embed steps, from RunInference's own metrics (inferences over the
+    count of its per-batch latency distribution); {} where the runner reports no metrics."""
+    inferences: dict[str, int] = {}
+    batches: dict[str, int] = {}
+    try:
+        query = result.metrics().query()
+    except NotImplementedError:  # a runner without metrics support
+        return {}
+    for counter in query["counters"]:
+        if counter.key.metric.name == "num_inferences":
+            stage = counter.key.step.split("/")[0].lower()
+            inferences[stage] = inferences.get(stage, 0) + counter.committed
+    for dist in query["distributions"]:
+        if dist.key.metric.name == "inference_batch_latency_micro_secs":
+            stage = dist.key.step.split("/")[0].lower()
+            batches[stage] = batches.get(stage, 0) + dist.committed.count
+    return {stage: inferences[stage] / batches[stage] for stage in inferences if batches.get(stage)}
+
+
 def execute(
     config: BuildConfig, beam_args: list[str], test_pipeline: beam.Pipeline | None = None
 ) -> tuple[PipelineResult, dict | None]:
@@ -365,6 +385,11 @@ def execute(
         result = p.run()
         state = result.wait_until_finish()
         logger.info("pipeline finished: %s", state)
+        sizes = mean_batch_sizes(result)
+        if sizes:
+            logger.info("samples per model call: %s (--segmenter-batch-size %d, --clip-batch-size %d)",
+                        ", ".join(f"{stage} {size:.1f}" for stage, size in sorted(sizes.items())),
+                        config.segmenter_batch_size, config.clip_batch_size)
     try:
         return result, read_manifest(config.output)
     except OSError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from apache_beam.metrics import Metrics
@@ -60,8 +60,11 @@ class SegmenterModelHandler(ModelHandler[Sample, Sample, Segmenter]):
         ``share_across_processes``: one model server per machine for all worker processes (Beam's ``large_model``),
         ``model_copies``: that many servers (implies sharing); the default is one model per worker process.
         """
+        # Full batches of ``spec.batch_size`` (fewer only at a bundle's end), not Beam's adaptive sizing from one
+        # sample up, which left the demo build's batches at a mean of 4.9 of 8 (segment) and 7.5 of 64 (embed)
+        # samples: more, smaller model calls than the flag asks for (RunInference's metrics; full: 8.0 and 64.0).
         super().__init__(
-            min_batch_size=1, max_batch_size=spec.batch_size, large_model=share_across_processes,
+            min_batch_size=spec.batch_size, max_batch_size=spec.batch_size, large_model=share_across_processes,
             model_copies=model_copies,
         )
         self.spec = spec
@@ -116,10 +119,6 @@ class SegmenterModelHandler(ModelHandler[Sample, Sample, Segmenter]):
     def get_num_bytes(self, batch: Sequence[Sample]) -> int:
         """Bytes of image data in the batch (cheaper than pickling it, as the default does)."""
         return sum(sample.image.nbytes for sample in batch)
-
-    def batch_elements_kwargs(self) -> Mapping[str, Any]:
-        """Batches of 1 .. ``spec.batch_size`` samples."""
-        return {"min_batch_size": 1, "max_batch_size": self.spec.batch_size}
 
     def get_metrics_namespace(self) -> str:
         """RunInference's own metrics (latency, counts) share the stage's namespace."""

@@ -172,6 +172,18 @@ def test_a_sample_the_segmenter_cannot_take_fails_alone(built, corpus, tmp_path)
     assert_same_rows(read_rows(tmp_path / "poison"), good)
 
 
+def test_model_calls_take_full_batches(corpus, tmp_path):
+    """The batch-size flags set the samples per model call (not a ceiling Beam's adaptive sizing grows towards from
+    one sample: that left the demo build's CLIP calls at 7.5 samples of 64)."""
+    config, beam_args = build.parse_args([
+        "--input", str(corpus / "wds" / "*.tar"), "--output", str(tmp_path / "b"), "--image-format", "png",
+        "--segmenter", "auto", *TINY_CLIP, "--segmenter-batch-size", "4", "--clip-batch-size", "10"])
+    result, manifest = build.execute(config, beam_args)
+    sizes = build.mean_batch_sizes(result)
+    assert manifest["counts"]["accepted"] == NUM  # 11 samples reach the segmenter ('tiny' is rejected after it)
+    assert sizes == {"segment": pytest.approx(11 / 3), "embed": 10.0}  # calls of 4, 4, 3; one call of 10
+
+
 def test_a_gpu_build_in_one_direct_worker_warns_that_the_device_would_idle(caplog):
     from apache_beam.options.pipeline_options import PipelineOptions
 

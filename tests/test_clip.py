@@ -211,7 +211,7 @@ def test_spec_validation() -> None:
 
 def test_handler_settings() -> None:
     handler = ClipEmbedder(ClipSpec(model=TINY_MODEL, pretrained="none", batch_size=7))
-    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 7}
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 7, "max_batch_size": 7}
     assert handler.get_metrics_namespace() == "spatext_embed"
     assert handler.get_num_bytes([make_sample(0)]) > 40 * 56 * 3
 

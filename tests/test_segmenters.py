@@ -320,7 +320,7 @@ def test_model_handler_in_pipeline() -> None:
 
 def test_model_handler_settings() -> None:
     handler = SegmenterModelHandler(TINY)
-    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 2}
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 2, "max_batch_size": 2}
     assert handler.get_metrics_namespace() == "spatext_segment"
     assert handler.share_model_across_processes() is False
     assert handler.model_copies() == 1
