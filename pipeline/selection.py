@@ -43,11 +43,17 @@ def sample_rng(seed: int, key: str) -> np.random.Generator:
 
 
 def segment_areas(segmentation: Segmentation) -> dict[int, float]:
-    """Area (fraction of the image) of each listed segment, from its pixels in the id map."""
+    """Area (fraction of the image) of each listed segment, from its pixels in the id map. Small ids are counted with
+    one bincount; COCO-panoptic ids (R + 256 G + 256² B, up to 2²⁴) with np.unique, where a bincount would allocate
+    one counter per possible id (128 MB per image)."""
     id_map = segmentation.id_map
-    counts = np.bincount(id_map.ravel(), minlength=max((s.id for s in segmentation.segments), default=0) + 1)
     total = id_map.size
-    return {s.id: float(counts[s.id]) / total for s in segmentation.segments if s.id < counts.size}
+    if max((s.id for s in segmentation.segments), default=0) < 1 << 16 and (not total or id_map.max() < 1 << 16):
+        counts = np.bincount(id_map.ravel(), minlength=max((s.id for s in segmentation.segments), default=0) + 1)
+        return {s.id: float(counts[s.id]) / total for s in segmentation.segments if s.id < counts.size}
+    ids, counts = np.unique(id_map, return_counts=True)
+    found = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    return {s.id: found.get(s.id, 0) / total for s in segmentation.segments}
 
 
 def choose_segments(segmentation: Segmentation, key: str, options: SelectOptions) -> list[int]:

@@ -37,6 +37,13 @@ def test_areas_with_coco_panoptic_sized_ids_match_a_pixel_count():
     areas = segment_areas(Segmentation(id_map, segments))
     assert areas == {i: float((id_map == i).sum()) / id_map.size for i in (*ids[1:], 8_000_000)}
     assert areas[8_000_000] == 0.0
+    import tracemalloc
+
+    tracemalloc.start()
+    segment_areas(Segmentation(id_map, segments))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2**20  # no counter per possible id: a bincount up to 2**24 allocated 128 MB
 
 
 def test_choice_is_a_pure_function_of_seed_and_key():
