@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -57,6 +56,7 @@ from fsspec.core import url_to_fs
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from spatext.pipeline.keys import key_hash
 from spatext.pipeline.parquet_files import streaming_parquet
 from spatext.pipeline.resize import resize_chw
 from spatext.pipeline.schema import SCHEMA_VERSION, read_metadata
@@ -200,11 +200,6 @@ def assign_units(
     order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
     mine = row_slice([units[i] for i in order], rank, world_size)
     return row_slice(mine, worker, num_workers)
-
-
-def stable_hash(text: str) -> int:
-    """A 64-bit hash of a string that is the same in every process (unlike `hash`)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def fixed_lists(column: pa.ChunkedArray, rows: int) -> np.ndarray:
@@ -593,7 +588,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """One raw row -> its training sample (a function of the row, the seed and the epoch only: any thread)."""
         resample_rng = None
         if self.resample_segments:
-            resample_rng = np.random.default_rng([self.seed, self.epoch, stable_hash(raw["key"])])
+            resample_rng = np.random.default_rng([self.seed, self.epoch, key_hash(raw["key"])])
         return to_sample(raw, self.resolution, self.max_segments, resample_rng, self.uint8)
 
 

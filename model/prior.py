@@ -38,8 +38,8 @@ from spatext.model.data import (
     read_footers,
     read_unit,
     resolve_files,
-    stable_hash,
 )
+from spatext.pipeline.keys import key_hash
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def heldout_mask(keys: list[str], fraction: float) -> np.ndarray:
     fraction > 0 and at least two keys, at least one is held out (the one of smallest hash): on a small build the
     hash can leave none, and the held-out metrics would be empty."""
     scale = 1 << 32
-    hashes = np.array([stable_hash(key) % scale for key in keys], dtype=np.int64)
+    hashes = np.array([key_hash(key) % scale for key in keys], dtype=np.int64)
     held = hashes < fraction * scale
     if fraction > 0 and len(keys) >= 2 and not held.any():
         held[np.argmin(hashes)] = True

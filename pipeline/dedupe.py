@@ -19,12 +19,12 @@ hash collision only lets a key through to the exact comparison.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
 
+from spatext.pipeline.keys import key_hash
 from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import RawSample, Reject
 
@@ -48,11 +48,6 @@ def winner(element: tuple[str, Iterable[tuple[int, str]]]) -> Iterator[tuple[str
     distinct = set(ranked)
     if len({source for _, source in distinct}) > 1:
         yield key, min(distinct)[1]
-
-
-def key_hash(key: str) -> int:
-    """A 64-bit hash of a key, the same in every process and run."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 class KeyHashes(beam.CombineFn):

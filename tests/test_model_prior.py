@@ -12,7 +12,6 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from spatext.model.data import stable_hash
 from spatext.model.prior import (
     Prior,
     PriorConfig,
@@ -23,6 +22,7 @@ from spatext.model.prior import (
     load_prior_config,
     train_prior,
 )
+from spatext.pipeline.keys import key_hash
 from spatext.pipeline.schema import encode_image, encode_segment_map, shard_schema
 
 D = 32
@@ -99,9 +99,9 @@ def test_heldout_split_is_a_function_of_the_key():
 
 def test_a_small_split_holds_out_at_least_one_key_and_none_is_null(pairs_dir, tmp_path):
     keys = [f"k{i}" for i in range(8)]
-    assert not (np.array([stable_hash(k) % (1 << 32) for k in keys]) < 0.001 * (1 << 32)).any()  # the hash alone: none
+    assert not (np.array([key_hash(k) % (1 << 32) for k in keys]) < 0.001 * (1 << 32)).any()  # the hash alone: none
     mask = heldout_mask(keys, 0.001)
-    assert mask.sum() == 1 and keys[int(np.argmax(mask))] == min(keys, key=lambda k: stable_hash(k) % (1 << 32))
+    assert mask.sum() == 1 and keys[int(np.argmax(mask))] == min(keys, key=lambda k: key_hash(k) % (1 << 32))
     assert not heldout_mask(keys, 0.0).any() and not heldout_mask(keys[:1], 0.001).any()  # one key: it trains
     metrics = train_prior(str(pairs_dir), str(tmp_path / "p"), TINY, steps=2, batch_size=8, val_fraction=0.0)
     assert metrics["num_heldout"] == 0 and metrics["heldout_prior_cosine"] is None
