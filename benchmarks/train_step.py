@@ -2,7 +2,7 @@
 
 What is timed, per step (median over interleaved steps, after warm-up), for one batch held in memory:
   plain    the UNet with its base ``conv_in`` (4 latent channels in): text-dropout, noise, forward, MSE, backward,
-           AdamW step — ``spatext.model.train.denoising_loss`` with ``st=None``;
+           AdamW step — ``spatext.model.train_step.denoising_loss`` with ``st=None``;
   spatext  the *same* UNet body with the SpaText ``conv_in`` (4 + D channels in) swapped in, plus ST built on the
            device from the image-resolution label map and the K segment embeddings (``build_st``, downsampling with
            small-segment rescue), both conditions dropped independently (``drop_conditions``), the same loss step.
@@ -35,7 +35,7 @@ from spatext.model.config import DenoiserConfig
 from spatext.model.denoiser import extend_conv_in
 from spatext.model.guidance import drop_conditions
 from spatext.model.st import build_st
-from spatext.model.train import denoising_loss
+from spatext.model.train_step import denoising_loss
 
 SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spatext.device import check_device
 from spatext.model.data import (
     WorkUnit,
     check_metadata,
@@ -414,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry: train, write the outputs, log the held-out numbers."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = parse_args(argv)
+    if args.device is not None:
+        check_device(args.device)
     check_prior_output(args.output, args.overwrite)
     train_prior(args.data, args.output, args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                 seed=args.seed, val_fraction=args.val_fraction, device=args.device)

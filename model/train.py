@@ -41,33 +41,10 @@ from collections.abc import Sequence
 from spatext.cli import command_logging
 from spatext.model.checkpoint import RUN_FILE, write_json
 from spatext.model.prior import check_prior_output, load_prior_config, train_prior
-from spatext.model.train_args import (
-    DEFAULTS,
-    PRIOR_FLAGS,
-    check_args,
-    ignored_by_prior,
-    is_prior_config,
-    parse_args,
-)
-from spatext.model.train_loop import after_step, finish, train, write_sample_grid
-from spatext.model.train_preflight import RESUME_MAY_CHANGE, check_resumed_run, launched_world_size, preflight
-from spatext.model.train_record import PACKAGES, package_versions, run_record
-from spatext.model.train_setup import (
-    UNTRAINED_PRIOR,
-    Session,
-    build_training_pipeline,
-    load_prior_component,
-    resolve_clip,
-    setup,
-)
-from spatext.model.train_step import denoising_loss, encode_batch, micro_step, step_generators, training_loss
-
-__all__ = [  # the names this module always had, for its importers (tests, benchmarks)
-    "DEFAULTS", "PACKAGES", "RESUME_MAY_CHANGE", "UNTRAINED_PRIOR", "Session", "after_step", "build_training_pipeline",
-    "check_args", "check_resumed_run", "denoising_loss", "encode_batch", "finish", "is_prior_config",
-    "load_prior_component", "main", "micro_step", "package_versions", "parse_args", "preflight", "resolve_clip",
-    "run_record", "setup", "step_generators", "train", "train_prior_run", "training_loss", "write_sample_grid",
-]
+from spatext.model.train_args import PRIOR_FLAGS, check_args, ignored_by_prior, is_prior_config, parse_args
+from spatext.model.train_loop import train
+from spatext.model.train_preflight import launched_world_size, preflight
+from spatext.model.train_record import package_versions
 
 logger = logging.getLogger("spatext.model.train")  # not __name__: that is "__main__" under `python -m`
 

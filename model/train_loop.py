@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from spatext.model.checkpoint import (
     CHECKPOINT_PREFIX,
+    COUNTERS,
     TOTALS,
     append_loss,
     load_checkpoint,
@@ -184,7 +185,7 @@ def train(args: argparse.Namespace, checked: Preflight | None = None) -> dict:
         return checked.finished
     s = setup(args, checked)
     acc = s.accelerator
-    state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "micro_step": 0}
+    state = dict.fromkeys(COUNTERS, 0)
     totals = {"samples": [0] * acc.num_processes, "elapsed_s": 0.0, "last_loss": None}
     if s.resume is not None:
         state = load_checkpoint(acc, s.unet, s.ema, s.resume)

@@ -142,7 +142,7 @@ def _keyed_reject(reject: Reject) -> tuple[str, Reject]:
 def build_pipeline(
     p: beam.Pipeline, config: BuildConfig, started_at: float, skip: frozenset[str] = frozenset(), manifest: bool = True,
     earlier_jobs: int = 0,
-):
+) -> None:
     """Add the build's labelled steps to pipeline `p` (input units in `skip` are already complete, or left to
     another job of --units-per-run); `manifest`: this job writes manifest.json (the last job of a build), counting
     `earlier_jobs` units completed by this launch's earlier jobs as this run's too."""

@@ -49,7 +49,6 @@ SHAPE_ASPECT: dict[str, tuple[float, float]] = {
 # Maximum rotation (degrees) per shape: squares stay squares, not diamonds; circles need none.
 SHAPE_MAX_ROTATION: dict[str, float] = {"circle": 0.0, "square": 15.0, "diamond": 10.0, "heart": 20.0}
 
-TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted", "checkered", "shaded")
 TEXTURE_WORD: dict[str, str] = {"solid": "", "striped": "striped", "dotted": "dotted", "checkered": "checkered",
                                 "shaded": "shaded"}
 

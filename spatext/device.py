@@ -1,4 +1,5 @@
-"""One check of a ``--device`` flag for every command: a device torch knows, and a GPU this machine has."""
+"""The one check of a ``--device`` flag (build, sample, train-prior, eval generate / score): a device torch knows, and
+a GPU this machine has."""
 
 from __future__ import annotations
 
