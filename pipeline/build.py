@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import posixpath
 import sys
 import time
 import warnings
@@ -36,11 +37,14 @@ from spatext.pipeline.segmenters.base import SegmenterSpec, may_read_ground_trut
 from spatext.pipeline.selection import Select, SelectOptions
 from spatext.pipeline.write import (
     BUILD_CONFIG,
+    REJECTS_DIR,
+    SHARDS_DIR,
     UNITS_DIR,
     WriteUnits,
     clear_output,
     completed_tables,
     existing_build,
+    list_files,
     read_json,
     read_manifest,
     read_markers,
@@ -277,7 +281,10 @@ def warn_unmatched_units(config: BuildConfig, done: frozenset[str], fmt: str) ->
 def check_completed_files(output: str) -> None:
     """FileNotFoundError naming the first file a completion marker lists that is gone: a resume would otherwise
     trust a unit whose shards are lost (and fail mid-job reading its keys)."""
-    missing = [path for _, _, path in completed_tables(output) if not FileSystems.exists(path)]
+    present = {table: {posixpath.basename(p) for p in list_files(output, table, "")}
+               for table in (SHARDS_DIR, REJECTS_DIR)}
+    missing = [path for _, table, path in completed_tables(output)  # one listing per table, not a call per file
+               if posixpath.basename(path) not in present[table]]
     if missing:
         raise FileNotFoundError(
             f"--resume: {len(missing)} file(s) listed by completed units in {FileSystems.join(output, UNITS_DIR)} "

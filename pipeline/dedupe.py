@@ -25,7 +25,7 @@ import apache_beam as beam
 import numpy as np
 
 from spatext.pipeline.keys import key_hash
-from spatext.pipeline.parquet_files import parquet_file
+from spatext.pipeline.parquet_files import streaming_parquet
 from spatext.pipeline.records import RawSample, Reject
 
 DUPLICATE_KEY = "duplicate_key"
@@ -84,8 +84,11 @@ def done_keys(done: tuple[str, str, str], read_now: np.ndarray | None = None) ->
     `table` is 'shards' (every row a sample) or 'rejects' (rows of stage read are not samples and are skipped).
     """
     source, table, path = done
+    if read_now is not None and not len(read_now):  # nothing is read now: no key can repeat one of this unit's
+        return
     columns = ["key"] if table == "shards" else ["key", "stage"]  # write.SHARDS_DIR (write imports this module)
-    rows = parquet_file(path).read(columns=columns).to_pylist()
+    with streaming_parquet(path) as parquet:  # only these columns' chunks: a remote shard is not downloaded whole
+        rows = parquet.read(columns=columns).to_pylist()
     keys = [row["key"] for row in rows if row.get("stage", "") != "read"]
     if read_now is not None:
         hashes = np.fromiter((key_hash(key) for key in keys), dtype=np.uint64, count=len(keys))

@@ -71,9 +71,27 @@ def write_atomic(path: str, data: bytes) -> None:
     FileSystems.rename([tmp], [path])
 
 
+_MARKERS: dict[tuple[str, int, float], dict] = {}  # (path, size, mtime) -> marker: each marker file is read once
+
+
 def read_markers(output: str) -> list[dict]:
-    """The markers of all completed units of a build."""
-    return [read_json(p) for p in list_files(output, UNITS_DIR, ".json")]
+    """The markers of all completed units of a build, sorted by file name. A launch lists them many times (resume
+    checks, each --units-per-run job, the manifest): each file is read once per process, then served from memory
+    while its size and modification time are unchanged (an --overwrite rewrites it, and it is read again)."""
+    results = FileSystems.match([FileSystems.join(output, UNITS_DIR, "*.json")])
+    markers = []
+    for meta in sorted((m for r in results for m in r.metadata_list), key=lambda m: m.path):
+        stamp = getattr(meta, "last_updated_in_seconds", None)
+        key = (meta.path, meta.size_in_bytes, stamp)
+        marker = _MARKERS.get(key) if stamp else None
+        if marker is None:
+            marker = read_json(meta.path)
+            if stamp:
+                if len(_MARKERS) > 200_000:
+                    _MARKERS.clear()
+                _MARKERS[key] = marker
+        markers.append(marker)
+    return markers
 
 
 def completed_tables(output: str) -> list[tuple[str, str, str]]:

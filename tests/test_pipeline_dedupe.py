@@ -150,3 +150,49 @@ def test_parquet_default_keys_are_unique_across_folders(tmp_path):
     assert keys == ["test/0000/0", "train/0000/0"]
     assert key_name("/d/x/0000.parquet", common_folder(["/d/x/0000.parquet"])) == "0000"  # one folder: file stem
     assert common_folder(["gs://b/x/1.parquet", "gs://b/y/2.parquet"]) == "gs://b"
+
+
+def test_completed_keys_read_only_the_key_column_of_a_remote_shard(tmp_path, monkeypatch):
+    """A resume reads completed shards' keys: from gs:// or s3:// that must not download the images too."""
+    from spatext.pipeline import parquet_files
+
+    rng = np.random.default_rng(0)
+    keys = [f"k{i}" for i in range(8)]
+    table = pa.table({"key": keys, "image": [rng.bytes(200_000) for _ in keys]})
+    path = str(tmp_path / "shard.parquet")
+    pq.write_table(table, path, row_group_size=4)
+    read_bytes = []
+
+    class Counting(io.FileIO):
+        def read(self, *args):
+            data = super().read(*args)
+            read_bytes.append(len(data))
+            return data
+
+        def readinto(self, buffer):
+            count = super().readinto(buffer)
+            read_bytes.append(count or 0)
+            return count
+
+    monkeypatch.setattr(parquet_files, "local_path", lambda p: None)  # as for a remote path
+    monkeypatch.setattr(parquet_files, "_beam_open", lambda p: Counting(p, "rb"))
+    got = [key for key, _ in done_keys(("unit", "shards", path))]
+    assert got == keys
+    assert 0 < sum(read_bytes) < 0.05 * os.path.getsize(path)  # the footer and the key chunks, not 1.6 MB of images
+    assert list(done_keys(("unit", "shards", path), read_now=np.zeros(0, dtype=np.uint64))) == []  # nothing to match
+
+
+def test_markers_are_read_once_until_they_change(tmp_path, monkeypatch):
+    from spatext.pipeline import write
+
+    (tmp_path / UNITS_DIR).mkdir()
+    for name in ("a", "b"):
+        (tmp_path / UNITS_DIR / f"{name}.json").write_text(f'{{"source": "{name}"}}')
+    reads = []
+    real = write.read_json
+    monkeypatch.setattr(write, "read_json", lambda p: reads.append(p) or real(p))
+    assert [m["source"] for m in read_markers(str(tmp_path))] == ["a", "b"] and len(reads) == 2
+    assert [m["source"] for m in read_markers(str(tmp_path))] == ["a", "b"] and len(reads) == 2  # from memory
+    (tmp_path / UNITS_DIR / "a.json").write_text('{"source": "a2", "x": 1}')  # rewritten (--overwrite)
+    os.utime(tmp_path / UNITS_DIR / "a.json", (1e9, 1e9))
+    assert [m["source"] for m in read_markers(str(tmp_path))] == ["a2", "b"] and len(reads) == 3
