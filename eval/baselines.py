@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import Attention
 
+from spatext.eval.outputs import to_uint8
+from spatext.model.guidance import joint_cfg
+
 logger = logging.getLogger(__name__)
 
 
@@ -233,7 +236,7 @@ def sample_text(pipe: StableDiffusionPipeline, prompt: str, settings: SampleSett
     height, width = _size(pipe, settings)
     out = pipe(prompt, height=height, width=width, num_inference_steps=settings.steps,
                guidance_scale=settings.guidance, generator=generator, output_type="np")
-    return (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
+    return to_uint8(out.images[0])
 
 
 def _size(pipe: StableDiffusionPipeline, settings: SampleSettings) -> tuple[int, int]:
@@ -267,9 +270,9 @@ def sample_ntlb(pipe: StableDiffusionPipeline, prompt: str, masks: np.ndarray, l
             history += losses
         x = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
         noise_uncond, noise_cond = pipe.unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
-        noise = noise_uncond + settings.guidance * (noise_cond - noise_uncond)
+        noise = joint_cfg(noise_uncond, noise_cond, settings.guidance)  # the global prompt is the one condition
         latents = pipe.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
     # 4. Decode
     image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     array = pipe.image_processor.postprocess(image, output_type="np")[0]
-    return (np.clip(array, 0, 1) * 255).round().astype(np.uint8), history
+    return to_uint8(array), history

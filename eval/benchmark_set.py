@@ -54,7 +54,7 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from spatext.eval.masks import check_index_map, region_indices
-from spatext.eval.outputs import is_same_or_inside, only_files_with_suffix
+from spatext.eval.outputs import is_same_or_inside, only_files_with_suffix, read_info
 from spatext.paths import inside
 from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import Segment, Segmentation
@@ -242,7 +242,7 @@ def _check_replaceable(spec: BenchmarkSpec, existing: list[str]) -> None:
             raise ValueError(f"--out {spec.out!r}: {name} holds the --shards {spec.shards!r}; refusing to replace it")
     if INFO_FILE in existing:
         try:
-            read_benchmark_info(spec.out)
+            read_benchmark_info(spec.out, "--out")
         except ValueError as e:  # json.JSONDecodeError included
             raise ValueError(f"--out {spec.out!r} is not a benchmark set made by spatext ({e}); refusing to "
                              f"--overwrite it") from e
@@ -342,17 +342,9 @@ def make_benchmark(spec: BenchmarkSpec) -> dict:
     return info
 
 
-def read_benchmark_info(path: str) -> dict:
-    """The ``benchmark.json`` of a benchmark folder (ValueError if it is missing or of another format)."""
-    info_path = os.path.join(path, INFO_FILE)
-    if not os.path.isfile(info_path):
-        raise ValueError(f"{path!r} is not a complete benchmark set: {INFO_FILE} is missing")
-    with open(info_path, encoding="utf-8") as handle:
-        info = json.load(handle)
-    if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{info_path}: expected format {FORMAT} v{FORMAT_VERSION}, got "
-                         f"{info.get('format')} v{info.get('format_version')}")
-    return info
+def read_benchmark_info(path: str, flag: str = "--benchmark") -> dict:
+    """The ``benchmark.json`` of a benchmark folder given with ``flag`` (ValueError if missing or of another format)."""
+    return read_info(path, INFO_FILE, FORMAT, FORMAT_VERSION, flag, "benchmark set")
 
 
 def benchmark_fingerprint(path: str) -> str:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from spatext.cli import DEBUG_ENV
+from spatext.cli import DEBUG_ENV, command_logging
 from spatext.eval.errors import ModelLoadError
 from spatext.eval.masks import PERTURB_FLAG, PERTURB_FORMS, MaskPerturbation, parse_perturb
 
@@ -146,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    # The shared helper: importing Beam has already given the root logger a handler, so a plain basicConfig would
+    # do nothing. The flag is explicit, so the root level is set to it exactly (also when that raises it: ERROR).
+    level = logging.getLevelName(args.log_level)
+    command_logging(level)
+    logging.getLogger().setLevel(level)
     try:
         return int(args.run(args) or 0)
     except (ValueError, OSError, ModelLoadError) as e:

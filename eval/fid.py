@@ -13,8 +13,9 @@ its weights, the resize mode, the feature dimension and the library versions; ``
   ``interpolate_bilinear_2d_like_tensorflow1x``), as the reference FID code and torch-fidelity do; torchmetrics'
   own default, bilinear with antialiasing (``antialias=True``), changes the features, and resizing is known to move
   FID, so such an FID is reported as not comparable with published FIDs.
-- ``clip``: L2-normalised CLIP image embeddings (``ClipFeatureExtractor``), for when the Inception weights are
-  absent. Values are not comparable with Inception FID and the report says so via its ``extractor`` field.
+- ``clip``: L2-normalised CLIP image embeddings (``ClipFeatureExtractor``: the pipeline's preprocessing and forward,
+  i.e. ``spatext.pipeline.clip.embed_images``), for when the Inception weights are absent. Values are not
+  comparable with Inception FID and the report says so via its ``extractor`` field.
 
 The Fréchet distance itself is torchmetrics' own ``_compute_fid`` (the function its class uses), exposed here as
 ``frechet_distance``; the tests compare it with an independent scipy float64 computation.
@@ -32,11 +33,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
-from torchvision import transforms as T
-from torchvision.transforms import v2
 
 from spatext.eval.errors import ModelLoadError
-from spatext.pipeline.clip import ClipModel, encode_pixels
+from spatext.pipeline.clip import ClipModel, encode_pixels, preprocess_images
 from spatext.pipeline.weights import file_sha256, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ INCEPTION_FEATURES = 2048
 INCEPTION_SIZE = 299
 # torch-fidelity's file is weights-inception-2015-12-05-6726825d.pth: torch hub names files by their sha256's start.
 STANDARD_INCEPTION_SHA256_PREFIX = "6726825d"
-_CONVERSIONS = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb")  # PIL-only steps, skipped
 
 
 def _version(package: str) -> str | None:
@@ -60,38 +58,38 @@ def _version(package: str) -> str | None:
 class ClipFeatureExtractor(torch.nn.Module):
     """FID features from CLIP: uint8 N x 3 x H x W in, L2-normalised image embeddings (N x D, float64) out.
 
-    The model's own eval transform, applied to tensors: its Resize / CenterCrop / Normalize after scaling to [0, 1].
-    The CLIP model stays where its spec put it (it is not a submodule, so ``metric.to`` does not move it).
+    The images go through the pipeline's own preprocessing (``spatext.pipeline.clip.preprocess_images``: the model's
+    eval transform on uint8 tensors, resized by ``spatext.pipeline.resize``), so a CLIP-FID feature of an image is
+    its pipeline embedding (``embed_images``). The CLIP model stays where its spec put it (it is not a submodule, so
+    ``metric.to`` does not move it).
     """
 
     def __init__(self, clip: ClipModel) -> None:
-        """Keep the CLIP model and the tensor steps of its transform."""
+        """Keep the CLIP model."""
         super().__init__()
         self.clip = clip
         self.num_features = int(clip.embed_dim)
-        steps = getattr(clip.preprocess, "transforms", [clip.preprocess])
-        self.steps = []
-        for step in steps:
-            name = getattr(step, "__name__", type(step).__name__)
-            if isinstance(step, (T.Resize, T.CenterCrop, T.Normalize, v2.Resize, v2.CenterCrop, v2.Normalize)):
-                self.steps.append(step)
-            elif name not in _CONVERSIONS:
-                raise ValueError(f"ClipFeatureExtractor: cannot apply transform step {step!r} to tensors")
 
     @property
     def resize_mode(self) -> str:
-        """The tensor transform in words (for reports)."""
-        steps = [step for step in self.steps if not isinstance(step, (T.Normalize, v2.Normalize))]
-        return " -> ".join(repr(step).replace("\n", "") for step in steps)
+        """The model transform's resize and crop steps, and how the pipeline runs them (for reports)."""
+        steps = getattr(self.clip.preprocess, "transforms", [self.clip.preprocess])
+        geometry = [repr(s).replace("\n", "") for s in steps if type(s).__name__ in ("Resize", "CenterCrop")]
+        how = ("on uint8 tensors (spatext.pipeline.clip_preprocess.PixelTransform, antialiased uint8 resize of "
+               "spatext.pipeline.resize)" if self.clip.pixel_transform is not None
+               else "with PIL (the model's own transform)")
+        return f"{' -> '.join(geometry) or repr(self.clip.preprocess)}, as the pipeline embeds images: {how}"
+
+    def preprocess_arrays(self, images: Sequence[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
+        """The pipeline's preprocessing of H x W x 3 uint8 RGB arrays (any sizes): float N x 3 x S x S on ``device``."""
+        return preprocess_images(self.clip, list(images)).to(device)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """The model's transform of uint8 RGB images (N x 3 x H x W): float N x 3 x S x S."""
+        """The pipeline's preprocessing of uint8 RGB images (N x 3 x H x W): float N x 3 x S x S, on their device."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 N x 3 x H x W images, got {images.dtype} {tuple(images.shape)}")
-        pixels = images.detach().to(torch.float32) / 255.0
-        for step in self.steps:
-            pixels = step(pixels)
-        return pixels
+        arrays = [np.ascontiguousarray(image.numpy()) for image in images.detach().permute(0, 2, 3, 1).cpu()]
+        return self.preprocess_arrays(arrays, images.device)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embed uint8 RGB images (N x 3 x H x W), or float ones already through ``preprocess`` (N x 3 x S x S)."""
@@ -205,17 +203,19 @@ def make_fid(
 
 def fid_update(metric: FrechetInceptionDistance, images: Sequence[np.ndarray], real: bool) -> None:
     """Add H x W x 3 uint8 images (any sizes) to the real or the generated side."""
-    # CLIP: each image through the model's transform, then one batch. Inception: images of equal size are batched
-    # together and torchmetrics resizes them (images of many sizes mean many small batches).
+    # CLIP: every image through the pipeline's preprocessing, then one batch. Inception: images of equal size are
+    # batched together and torchmetrics resizes them (images of many sizes mean many small batches).
     by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
     for i, image in enumerate(images):
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             got = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
             raise ValueError(f"images[{i}] must be an H x W x 3 uint8 array, got {got}")
         by_shape.setdefault(image.shape, []).append(image)
-    batches = [torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2).to(metric.device) for group in by_shape.values()]
-    if isinstance(metric.inception, ClipFeatureExtractor) and batches:
-        batches = [torch.cat([metric.inception.preprocess(batch) for batch in batches])]
+    if isinstance(metric.inception, ClipFeatureExtractor):
+        batches = [metric.inception.preprocess_arrays(images, metric.device)] if by_shape else []
+    else:
+        batches = [torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2).to(metric.device)
+                   for group in by_shape.values()]
     for batch in batches:
         metric.update(batch.contiguous(), real=real)
 

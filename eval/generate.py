@@ -63,7 +63,7 @@ from spatext.eval.benchmark_set import (
     read_benchmark_info,
 )
 from spatext.eval.masks import MaskPerturbation, perturb_masks, region_indices
-from spatext.eval.outputs import a_few, only_files_with_suffix, refuse_inputs
+from spatext.eval.outputs import a_few, only_files_with_suffix, read_info, refuse_inputs, to_uint8
 from spatext.model.tiny_base import WEIGHTS_MARKER, read_weights_marker
 from spatext.pipeline.weights import file_sha256
 
@@ -170,7 +170,7 @@ def _spatext_generator(spec: GenerateSpec) -> tuple[Generator, dict]:
         scene = Scene(sample.prompt, [region for region, kept in zip(regions, visible, strict=True) if kept])
         out = pipe(sample.prompt, scene=scene, height=height, width=width, generator=generator, output_type="np",
                    num_inference_steps=spec.settings.steps, guidance_scale=spec.settings.guidance)
-        return (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
+        return to_uint8(out.images[0])
 
     model = {"run": spec.run, "pipeline": os.path.join(spec.run, "pipeline"), **_run_label(spec.run)}
     if spec.weights_label:
@@ -249,7 +249,7 @@ def _check_replaceable(spec: GenerateSpec) -> None:
                          "refusing to --overwrite it: choose an empty or new folder")
     if INFO in entries:
         try:
-            read_generations(spec.out)
+            read_generations(spec.out, "--out")
         except ValueError as e:  # json.JSONDecodeError included
             raise ValueError(f"--out {spec.out!r} is not a generations folder ({e}); refusing to --overwrite it") from e
 
@@ -340,16 +340,10 @@ def generate(spec: GenerateSpec) -> dict:
     return info
 
 
-def read_generations(path: str) -> dict:
-    """The ``generation.json`` of a generations folder (ValueError when missing or of another format)."""
-    info_path = os.path.join(path, INFO)
-    if not os.path.isfile(info_path):
-        raise ValueError(f"--generations {path!r} is not a complete generations folder: {INFO} is missing")
-    with open(info_path, encoding="utf-8") as handle:
-        info = json.load(handle)
-    if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{info_path}: expected format {FORMAT} v{FORMAT_VERSION}")
-    return info
+def read_generations(path: str, flag: str = "--generations") -> dict:
+    """The ``generation.json`` of a generations folder given with ``flag`` (ValueError when missing or of another
+    format)."""
+    return read_info(path, INFO, FORMAT, FORMAT_VERSION, flag, "generations folder")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

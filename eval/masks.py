@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from spatext.pipeline.segmenters.base import present_ids
+
 PERTURBATIONS = ("erode", "dilate", "coarse")
 PERTURB_FLAG = "--mask-perturb"
 PERTURB_FORMS = "erode:PX, dilate:PX or coarse:PX (PX an integer >= 1)"
@@ -60,8 +62,8 @@ def check_index_map(index_map: np.ndarray, shape: tuple[int, ...] | None = None,
 
 
 def region_indices(index_map: np.ndarray) -> list[int]:
-    """The region indices present in an index map (non-zero values), ascending."""
-    return [int(i) for i in np.flatnonzero(np.bincount(np.asarray(index_map).ravel())) if i != 0]
+    """The region indices present in an index map (non-zero values), ascending (the segmenters' ``present_ids``)."""
+    return [int(i) for i in present_ids(np.asarray(index_map))]
 
 
 def resize_index_map(index_map: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Safety checks for output folders that ``--overwrite`` may replace (``generate``, ``make-benchmark``, ``score``).
+"""What the eval commands' output folders share: their info files, their images, and safety checks for
+``--overwrite`` (``generate``, ``make-benchmark``, ``score``).
 
 ``--overwrite`` removes what a command wrote before; these checks make sure that is all it removes: never a folder
 that is or holds one of the command's inputs (the benchmark, the shards, the run, the base model), and only folders
@@ -7,8 +8,11 @@ whose entries this tool writes.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
+
+import numpy as np
 
 from spatext.paths import within
 
@@ -40,3 +44,27 @@ def a_few(names: Iterable[str], limit: int = 3) -> str:
     names = sorted(names)
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def read_info(folder: str, name: str, fmt: str, version: int, flag: str, what: str) -> dict:
+    """The format-versioned JSON file ``name`` of ``folder``, a ``what`` given with ``flag`` (e.g. ``--benchmark``).
+
+    ValueError naming the flag and the folder when the file is missing, is not a JSON object, or is not ``fmt`` at
+    ``version`` (the message gives the format and version found)."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {folder!r} is not a complete {what}: {name} is missing")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            info = json.load(handle)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{flag} {folder!r}: {name} is not valid JSON ({e})") from e
+    found = (info.get("format"), info.get("format_version")) if isinstance(info, dict) else (None, None)
+    if found != (fmt, version):
+        raise ValueError(f"{flag} {folder!r}: {path}: expected format {fmt} v{version}, got {found[0]} v{found[1]}")
+    return info
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] (values outside are clipped) as uint8: ``round(clip(x, 0, 1) * 255)``."""
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)

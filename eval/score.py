@@ -64,7 +64,6 @@ from spatext.pipeline.weights import file_sha256
 
 logger = logging.getLogger(__name__)
 
-PAIR_METRICS = ("global_distance", "local_distance", "local_iou")
 MIN_BOOTSTRAP = 100  # resamples; 0 = no intervals
 
 

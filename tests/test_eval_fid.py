@@ -150,6 +150,28 @@ def test_clip_extractor_matches_the_model_transform(tiny) -> None:
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
 
 
+def test_clip_extractor_features_are_the_pipeline_embeddings_of_non_square_images(tiny) -> None:
+    """Images that need resizing (97 x 131 and 131 x 97) get the pipeline's embeddings (its uint8 resize), on the
+    tensor path, the numpy path of ``fid_update`` and through the metric; the description names that path."""
+    from spatext.pipeline.clip import embed_images
+
+    assert tiny.pixel_transform is not None  # the pipeline's uint8-tensor transform, not its PIL fallback
+    extractor = ClipFeatureExtractor(tiny)
+    for size in ((97, 131), (131, 97)):
+        images = demo_images(3, sum(size), size=size)
+        want = embed_images(tiny, images)  # the pipeline's embed path, computed independently of the extractor
+        got = extractor(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
+        assert got.dtype == torch.float64 and tuple(got.shape) == want.shape
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(extractor(extractor.preprocess_arrays(images)).numpy(), want, rtol=0, atol=1e-6)
+    mixed = demo_images(2, 1, size=(97, 131)) + demo_images(2, 2, size=(131, 97))
+    metric, description = make_fid("clip", clip=tiny)
+    fid_update(metric, mixed, real=True)
+    want = torch.from_numpy(embed_images(tiny, mixed)).double()
+    torch.testing.assert_close(metric.real_features_sum, want.sum(dim=0), rtol=0, atol=1e-5)
+    assert "spatext.pipeline.resize" in description["resize"] and "Resize" in description["resize"]
+
+
 def test_clip_extractor_input_types(tiny) -> None:
     extractor = ClipFeatureExtractor(tiny)
     images = torch.from_numpy(np.stack(demo_images(2, 8, size=(50, 70)))).permute(0, 3, 1, 2)

@@ -88,6 +88,30 @@ def test_ntlb_loss_decreases_and_processors_are_restored(base) -> None:
     assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == before
 
 
+def test_ntlb_guides_with_the_model_packages_joint_cfg(base, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each denoising step of ``sample_ntlb`` combines its two passes with ``spatext.model.guidance.joint_cfg`` at the
+    --guidance scale (its one home), and the image leaves through ``to_uint8``."""
+    from spatext.eval import baselines
+    from spatext.model.guidance import joint_cfg
+
+    calls: list[float] = []
+
+    def spy(noise_uncond: torch.Tensor, noise_joint: torch.Tensor, scale: float) -> torch.Tensor:
+        calls.append(scale)
+        return joint_cfg(noise_uncond, noise_joint, scale)
+
+    converted: list[np.ndarray] = []
+    monkeypatch.setattr(baselines, "joint_cfg", spy)
+    monkeypatch.setattr(baselines, "to_uint8", lambda x: converted.append(x) or (x * 0).astype(np.uint8))
+    pipe = load_base_pipeline(base)
+    masks = np.zeros(baselines.model_size(pipe), dtype=np.uint8)
+    masks[:, : masks.shape[1] // 2] = 1
+    settings = baselines.SampleSettings(steps=3, guidance=2.5, ntlb_steps=1)
+    image, _ = baselines.sample_ntlb(pipe, "a photo", masks, ["dog"], settings, torch.Generator().manual_seed(0))
+    assert calls == [2.5] * 3
+    assert len(converted) == 1 and image.dtype == np.uint8 and image.shape == (*masks.shape, 3)
+
+
 def test_sample_seed_depends_on_seed_and_key_only() -> None:
     assert sample_seed(0, "a") == sample_seed(0, "a") != sample_seed(0, "b")
     assert sample_seed(0, "a") != sample_seed(1, "a")

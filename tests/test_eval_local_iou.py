@@ -213,3 +213,15 @@ def test_resize_index_map_is_nearest() -> None:
     up = resize_index_map(m, 80, 100)
     np.testing.assert_array_equal(up[::2, ::2], m)
     assert set(np.unique(resize_index_map(m, 13, 17))) <= {0, 1, 2}
+
+
+def test_region_indices_match_numpy_unique_for_small_and_huge_ids() -> None:
+    """The non-zero values, ascending, as np.unique finds them; an id far beyond uint8 (a raw panoptic id map) no
+    longer sizes a bincount by the id (1 << 50 wanted 8 PiB: MemoryError)."""
+    rng = np.random.default_rng(0)
+    for m in (rng.integers(0, 256, (30, 40)).astype(np.uint8), two_regions(), np.zeros((4, 4), np.uint8)):
+        want = np.unique(m)
+        assert region_indices(m) == [int(i) for i in want[want > 0]]
+        assert all(type(i) is int for i in region_indices(m))
+    huge = np.array([[0, 1 << 50], [3, 3]], dtype=np.int64)
+    assert region_indices(huge) == [3, 1 << 50]

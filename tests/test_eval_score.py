@@ -278,7 +278,7 @@ def test_missing_weights_offline_are_one_line_cli_errors(generations, tmp_path, 
 
     bench, folders = generations
     base = ["score", "--benchmark", str(bench), "--generations", str(folders[0]), "--out", str(tmp_path / "r")]
-    # cli.main's logging.basicConfig is a no-op when an earlier test left a root handler on its own (now closed)
+    # cli.main's logging setup adds no handler when an earlier test left a root handler on its own (now closed)
     # captured stderr, whose write errors would print tracebacks here: start from no handler
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
 
