@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +27,7 @@ from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from spatext.pipeline.crop import mask_bbox
+from spatext.pipeline.keys import key_hash
 from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import Reject
 from spatext.pipeline.schema import (
@@ -264,8 +268,9 @@ def _declared(path: str, meta: dict[str, str], report: VerifyReport) -> Declared
                     image_size=_number(path, meta, "image_size", int, report))
 
 
-def _verify_shard(path: str, report: VerifyReport, keys: _KeyIndex) -> dict[str, str]:
-    """Check one sample shard: schema, metadata, page checksums, every row; returns its metadata."""
+def _verify_shard(path: str, report: VerifyReport, hashes: list[int]) -> dict[str, str]:
+    """Check one sample shard: schema, metadata, page checksums, every row; returns its metadata and appends each
+    row's key hash to `hashes`."""
     parquet = checked_parquet(path)
     schema = parquet.schema_arrow
     if not schema.remove_metadata().equals(shard_schema().remove_metadata()):
@@ -282,9 +287,63 @@ def _verify_shard(path: str, report: VerifyReport, keys: _KeyIndex) -> dict[str,
             continue
         for row in rows:
             report.rows += 1
-            keys.add(row["key"], path)
+            hashes.append(key_hash(row["key"]))
             _verify_row(path, row, declared, report)
     return meta
+
+
+@dataclass
+class ShardCheck:
+    """What one shard's checks found (what a worker process sends back): its metadata, rows, violations, and the 64-bit
+    hash of each row's key, for the duplicate check across shards (8 bytes a key, not the key strings)."""
+
+    path: str
+    meta: dict[str, str]
+    rows: int
+    violations: list[tuple[str, str, str]]
+    key_hashes: np.ndarray
+
+
+def check_shard(path: str) -> ShardCheck:
+    """Every check of one shard file: in this process, or in a worker process with ``--processes``."""
+    report, hashes = VerifyReport(), []
+    try:
+        meta = _verify_shard(path, report, hashes)
+    except (OSError, ValueError) as exc:  # an unreadable file is a finding, not a crash
+        meta = {}
+        report.add(path, "", f"unreadable_shard: {exc}")
+    return ShardCheck(path, meta, report.rows, report.violations, np.array(hashes, dtype=np.uint64))
+
+
+def _shard_checks(shards: list[str], processes: int) -> Iterator[ShardCheck]:
+    """``check_shard`` of every shard, in order: here, or ``processes`` shards at a time in worker processes (spawned:
+    a fork would copy Arrow's and torch's thread pools mid-use)."""
+    if processes <= 1 or len(shards) <= 1:
+        yield from map(check_shard, shards)
+        return
+    with ProcessPoolExecutor(min(processes, len(shards)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(check_shard, shards, chunksize=1)
+
+
+def _report_duplicates(checks: list[ShardCheck], report: VerifyReport) -> None:
+    """Keys held by more than one row: candidates are repeated key hashes (a sort of 8-byte hashes over the whole
+    build); the keys of the shards holding a candidate are then read again and compared as strings, so a hash
+    collision is never reported as a duplicate."""
+    if not checks:
+        return
+    hashes = np.concatenate([c.key_hashes for c in checks])
+    ordered = np.sort(hashes)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if not len(repeated):
+        return
+    wanted = set(repeated.tolist())
+    keys = _KeyIndex()
+    for check in checks:
+        if np.isin(check.key_hashes, repeated).any():
+            for key in checked_parquet(check.path).read(columns=["key"]).column("key").to_pylist():
+                if key_hash(key) in wanted:
+                    keys.add(key, check.path)
+    keys.report(report)
 
 
 def _verify_one_build(output: str, metas: dict[str, dict[str, str]], report: VerifyReport) -> None:
@@ -451,8 +510,9 @@ def _verify_shard_sizes(output: str, manifest: dict, report: VerifyReport) -> No
                            f"--target-shard-mb {target_mb} ({limit} bytes)")
 
 
-def verify_build(output: str, progress: bool = True) -> VerifyReport:
-    """Verify a build directory; returns the report (never raises for a damaged file: it is reported).
+def verify_build(output: str, progress: bool = True, processes: int = 1) -> VerifyReport:
+    """Verify a build directory, ``processes`` shards at a time; returns the report (never raises for a damaged file:
+    it is reported; the same report for any number of processes).
 
     FileNotFoundError when `output` holds no build at all. A build whose manifest accepted no sample (every input
     rejected) has no shards; that is consistent, and the report says so instead of failing."""
@@ -467,15 +527,14 @@ def verify_build(output: str, progress: bool = True) -> VerifyReport:
     report.shards = len(shards)
     if not shards and not all_rejected:
         report.add(output, "", f"no_shards: no Parquet files under {FileSystems.join(output, SHARDS_DIR)}")
-    keys = _KeyIndex()
-    metas: dict[str, dict[str, str]] = {}
-    for path in tqdm(shards, desc="verify", unit="shard", disable=not progress):
-        try:
-            metas[path] = _verify_shard(path, report, keys)
-        except (OSError, ValueError) as exc:  # an unreadable file is a finding, not a crash
-            report.add(path, "", f"unreadable_shard: {exc}")
-    _verify_one_build(output, {path: meta for path, meta in metas.items() if meta}, report)
-    keys.report(report)
+    checks = []
+    for check in tqdm(_shard_checks(shards, processes), total=len(shards), desc="verify", unit="shard",
+                      disable=not progress):
+        report.rows += check.rows
+        report.violations += check.violations
+        checks.append(check)
+    _verify_one_build(output, {c.path: c.meta for c in checks if c.meta}, report)
+    _report_duplicates(checks, report)
     found = {"shards": {FileSystems.split(p)[1] for p in shards}, "by_reason": _verify_rejects(rejects, report)}
     found["markers"] = _verify_markers(output, found["shards"], {FileSystems.split(p)[1] for p in rejects}, report)
     if manifest is not None:
@@ -489,10 +548,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spatext verify", description=__doc__.splitlines()[0])
     parser.add_argument("output", help="a build's output directory (holds shards/, rejects/, manifest.json)")
     parser.add_argument("--limit", type=int, default=50, help="violations to list in full")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="shards verified at a time, each in a worker process (e.g. the machine's core count)")
     args = parser.parse_args(argv)
     if args.limit < 0:
         parser.error(f"--limit must be >= 0 (0: counts by kind only), got {args.limit}")
-    report = verify_build(args.output, progress=sys.stderr.isatty())  # no bar in logs and pipes
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}")
+    report = verify_build(args.output, progress=sys.stderr.isatty(), processes=args.processes)  # no bar in pipes
     print(report.format(args.limit))
     return 0 if report.ok else 1
 

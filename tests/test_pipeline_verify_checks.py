@@ -154,6 +154,24 @@ def test_shard_name_mismatch_and_duplicate_keys_name_the_files(build):
     assert duplicates and all(m.endswith(f"in copy.parquet, {names[0]}") for m in duplicates)
 
 
+def test_worker_processes_give_the_same_report(build):
+    """--processes N: the same violations in the same order, duplicates across shards and a damaged shard included."""
+    names = sorted(p.name for p in (build / "shards").glob("*.parquet"))
+    shutil.copy(build / "shards" / names[0], build / "shards" / "copy.parquet")
+    (build / "shards" / names[1]).write_bytes(b"PAR1 not really parquet PAR1")
+    serial = verify.verify_build(str(build), progress=False)
+    parallel = verify.verify_build(str(build), progress=False, processes=2)
+    assert parallel.violations == serial.violations and parallel.rows == serial.rows
+    assert {"duplicate_key", "unreadable_shard"} <= _kinds(serial)
+
+
+def test_a_key_hash_collision_is_not_a_duplicate(build, monkeypatch):
+    """Duplicates are found by 64-bit key hashes, then confirmed on the keys themselves."""
+    monkeypatch.setattr(verify, "key_hash", lambda key: 7)  # every key collides
+    report = verify.verify_build(str(build), progress=False)
+    assert report.ok, report.format()
+
+
 def _rows(count: int, seed: int, image_bytes: int = 9000) -> list[dict]:
     """Schema-v1 rows with incompressible 'images' (random bytes: the writer does not decode) and ~3 KB maps, whose
     min/max Parquet statistics used to add ~4 copies of the map to every row group."""
