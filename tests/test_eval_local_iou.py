@@ -17,7 +17,7 @@ from spatext.eval.masks import (
     resize_index_map,
 )
 from spatext.pipeline.demo_corpus import generate_sample
-from spatext.pipeline.records import Segment, Segmentation
+from spatext.pipeline.records import Sample, Segment, Segmentation
 from spatext.pipeline.segmenters.base import SegmenterSpec, create_segmenter
 
 
@@ -113,8 +113,20 @@ def test_mask2former_backend_through_the_same_interface() -> None:
     masks = [np.zeros((48, 64), dtype=np.uint8) for _ in range(2)]
     masks[0][5:30, 5:40], masks[1][:, 32:] = 1, 1
     masks[0][30:, 40:] = 2
-    pairs = local_iou_pairs(images, masks, create_segmenter(spec))
+    segmenter = create_segmenter(spec)
+    pairs = local_iou_pairs(images, masks, segmenter)
     assert len(pairs) == 3 and bool(((pairs >= 0) & (pairs <= 1)).all())
+    # the same numbers as a brute-force IoU over the maps the backend gives each image alone
+    expected = []
+    for image, index_map in zip(images, masks, strict=True):
+        (seg,) = segmenter.segment([Sample(key="k", source="t", caption="", image=image)])
+        for region in (1, 2):
+            if (index_map == region).any():
+                a = index_map == region
+                expected.append(max([(a & (seg.id_map == s)).sum() / (a | (seg.id_map == s)).sum()
+                                     for s in np.unique(seg.id_map) if s > 0], default=0.0))
+    np.testing.assert_allclose(pairs.numpy(), expected, rtol=0, atol=1e-12)
+    assert pairs.max() > 0  # threshold 0: random queries do overlap the regions
 
 
 def test_mask2former_scores_do_not_depend_on_the_other_images() -> None:

@@ -137,10 +137,13 @@ def test_trained_prior_beats_identity_on_held_out_rows(pairs_dir, tmp_path):
 
 
 def test_training_is_deterministic_given_seed(pairs_dir, tmp_path):
-    first = train_prior(str(pairs_dir), str(tmp_path / "a"), TINY, steps=20, batch_size=64, seed=1)
-    second = train_prior(str(pairs_dir), str(tmp_path / "b"), TINY, steps=20, batch_size=64, seed=1)
-    assert first["heldout_prior_cosine"] == second["heldout_prior_cosine"]
-    assert first["num_heldout"] == second["num_heldout"]
+    runs = {name: train_prior(str(pairs_dir), str(tmp_path / name), TINY, steps=20, batch_size=64, seed=seed)
+            for name, seed in (("a", 1), ("b", 1), ("c", 2))}
+    weights = {name: safetensors.torch.load_file(str(tmp_path / name / "prior.safetensors")) for name in runs}
+    assert weights["a"].keys() == weights["b"].keys()
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])  # the same seed: same weights
+    assert runs["a"]["heldout_prior_cosine"] == runs["b"]["heldout_prior_cosine"]
+    assert any(not torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])  # another seed: others
 
 
 def test_bad_arguments(pairs_dir, tmp_path):
