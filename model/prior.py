@@ -384,7 +384,7 @@ def load_prior(output_or_file: str, device: str = "cpu") -> Prior:
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    """Flags of `python -m spatext.model.prior` (a future `spatext train-prior`)."""
+    """Flags of ``spatext train-prior`` (``python -m spatext.model.prior``)."""
     parser = argparse.ArgumentParser(
         prog="spatext train-prior", description="Train the prior P (CLIP text -> image embedding) on spatext shards"
     )
@@ -392,9 +392,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="folder for prior.safetensors, prior_config.json, metrics")
     parser.add_argument("--config", default="prior-tiny",
                         help=f"bundled prior config ({', '.join(list_prior_configs())}) or a JSON file")
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=256, help="rows per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine)")
+    # each also under the name `spatext train --config prior-*` gives it (one vocabulary for both commands)
+    parser.add_argument("--steps", "--max-train-steps", dest="steps", type=int, default=500, help="optimizer steps")
+    parser.add_argument("--batch-size", "--train-batch-size", dest="batch_size", type=int, default=256,
+                        help="rows per step")
+    parser.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=1e-3,
+                        help="peak learning rate (AdamW, warm-up then cosine)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share, chosen by a hash of the key")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")

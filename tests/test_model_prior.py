@@ -170,3 +170,12 @@ def test_command_line_entry_writes_the_outputs(pairs_dir, tmp_path):
     assert (tmp_path / "cli" / "prior.safetensors").read_bytes() == before
     assert main([*argv, "--seed", "3", "--overwrite"]) == 0
     assert (tmp_path / "cli" / "prior.safetensors").read_bytes() != before
+
+
+def test_train_prior_takes_the_flag_names_of_spatext_train():
+    from spatext.model.prior import parse_args
+
+    short = parse_args(["--data", "d", "--output", "o", "--steps", "7", "--batch-size", "3", "--lr", "0.5"])
+    long = parse_args(["--data", "d", "--output", "o", "--max-train-steps", "7", "--train-batch-size", "3",
+                       "--learning-rate", "0.5"])
+    assert vars(short) == vars(long) and (long.steps, long.batch_size, long.lr) == (7, 3, 0.5)
