@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from spatext.eval.benchmark_set import BenchmarkSample  # noqa: E402
+from spatext.pipeline.palette import region_colour  # noqa: E402
 
 PUBLISHED_NOTE = "published, not measured"
 # ZestGuide (ICCV 2023), COCO-Stuff val, "SD w/ SpaText" (DESIGN.md, "Metrics").
@@ -271,11 +272,10 @@ def bar_chart(result: dict, name: str, path: str) -> None:
 
 
 def scene_image(sample: BenchmarkSample) -> np.ndarray:
-    """The index map coloured (region i gets tab10 colour i - 1; unconditioned pixels black)."""
-    colours = (np.array(plt.get_cmap("tab10").colors) * 255).astype(np.uint8)
+    """The index map coloured (region i in ``region_colour(i)``, as in inspect and sample; unconditioned: black)."""
     out = np.zeros((*sample.masks.shape, 3), dtype=np.uint8)
     for region in sample.regions:
-        out[sample.masks == region.index] = colours[(region.index - 1) % len(colours)]
+        out[sample.masks == region.index] = region_colour(region.index)
     return out
 
 

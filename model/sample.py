@@ -35,12 +35,11 @@ from spatext.model.data import ShardDataset
 from spatext.model.pipeline import DEFAULT_GUIDANCE_SCALE, SpaTextPipeline, saved_pipeline_class
 from spatext.model.scene import Scene, load_painted_scene, load_scene
 from spatext.model.st import downsample_label_map
+from spatext.pipeline.palette import region_colour
 from spatext.pipeline.parquet_files import parquet_file
 
 logger = logging.getLogger(__name__)
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
 LINE = 12  # legend line height in pixels
 
 
@@ -50,11 +49,11 @@ def draw_scene(scene: Scene, size: tuple[int, int], legend: bool = True) -> Imag
     canvas = np.full((height, width, 3), 40, dtype=np.uint8)
     for i, region in enumerate(scene.regions):
         mask = np.asarray(Image.fromarray(region.mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST))
-        canvas[mask >= 128] = PALETTE[i % len(PALETTE)]
+        canvas[mask >= 128] = region_colour(i + 1)
     image = Image.fromarray(canvas)
     if not legend:
         return image
-    lines = [(f"{i + 1}. {r.prompt}", PALETTE[i % len(PALETTE)]) for i, r in enumerate(scene.regions)]
+    lines = [(f"{i + 1}. {r.prompt}", region_colour(i + 1)) for i, r in enumerate(scene.regions)]
     lines = [(scene.prompt or "(no global prompt)", (255, 255, 255)), *lines]
     out = Image.new("RGB", (width, height + LINE * len(lines) + 4), (20, 20, 20))
     out.paste(image, (0, 0))

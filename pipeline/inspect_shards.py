@@ -12,13 +12,12 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from spatext.pipeline.palette import region_colour
 from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.schema import ShardSample, read_metadata, row_to_sample
 from spatext.pipeline.write import list_parquet
 
 logger = logging.getLogger(__name__)
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 
 
 def iter_samples(output: str) -> Iterator[tuple[ShardSample, dict[str, str]]]:
@@ -39,7 +38,7 @@ def render_sample(sample: ShardSample, tile: int = 320) -> Image.Image:
     overlay = image.resize(size, Image.Resampling.LANCZOS)
     segment_map = Image.fromarray(sample.segment_map).resize(size, Image.Resampling.NEAREST)
     for seg in sample.segments:
-        color = PALETTE[(seg["index"] - 1) % len(PALETTE)]
+        color = region_colour(seg["index"])
         mask = Image.fromarray(((np.asarray(segment_map) == seg["index"]) * 255).astype(np.uint8))
         overlay = Image.composite(Image.blend(overlay, Image.new("RGB", size, color), 0.4), overlay, mask)
         edge = Image.fromarray(np.asarray(mask) - np.asarray(mask.filter(ImageFilter.MinFilter(5))))  # 2-px outline
@@ -52,7 +51,7 @@ def render_sample(sample: ShardSample, tile: int = 320) -> Image.Image:
         xy = ((tile - overlay.width) // 2 + x0 * scale + 2, (tile - overlay.height) // 2 + y0 * scale + 2)
         text = f"{seg['index']}: {seg['label'] or 'segment'} ({seg['area']:.0%})"
         box = draw.textbbox(xy, text, font=font)
-        draw.rectangle(box, fill=PALETTE[(seg["index"] - 1) % len(PALETTE)])
+        draw.rectangle(box, fill=region_colour(seg["index"]))
         draw.text(xy, text, fill=(0, 0, 0), font=font)
     draw.text((4, tile + 2), caption_lines(sample.caption, tile // 6), fill=(0, 0, 0), font=font)
     return canvas

@@ -377,3 +377,21 @@ def test_weights_of_unknown_provenance_are_warned_like_random_ones(tmp_path) -> 
 def test_tiny_fids_keep_their_size_and_sign_in_the_table() -> None:
     assert [report.fid_text(v) for v in (None, 0.0, 12.34567, -1.2e-13, 3.4e-5)] == [
         "n/a", "0.0000", "12.3457", "-1.2e-13", "3.4e-05"]
+
+
+def test_the_report_colours_regions_as_inspect_and_sample_do():
+    from spatext.eval.benchmark_set import BenchmarkRegion, BenchmarkSample
+    from spatext.eval.report import scene_image
+    from spatext.model.sample import draw_scene
+    from spatext.model.scene import Scene
+    from spatext.pipeline.palette import region_colour
+
+    masks = np.zeros((8, 8), dtype=np.uint8)
+    masks[:4], masks[4:, :4] = 1, 2
+    regions = (BenchmarkRegion(1, "a", 0.5), BenchmarkRegion(2, "b", 0.25))
+    image = scene_image(BenchmarkSample("k", "p", regions, masks, np.zeros((8, 8, 3), np.uint8)))
+    drawn = np.asarray(draw_scene(Scene("p", [((masks == i).astype(np.uint8) * 255, f"r{i}") for i in (1, 2)]),
+                                  (8, 8), legend=False).convert("RGB"))
+    for pixel, index in (((0, 0), 1), ((7, 0), 2)):
+        assert tuple(image[pixel]) == tuple(drawn[pixel]) == region_colour(index)
+    assert tuple(image[7, 7]) == (0, 0, 0)

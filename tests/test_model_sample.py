@@ -17,6 +17,7 @@ from spatext.model import sample, train
 from spatext.model.data import ShardDataset
 from spatext.model.scene import Scene
 from spatext.model.tiny_base import write_tiny_base_model
+from spatext.pipeline.palette import region_colour
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -147,7 +148,7 @@ def test_draw_scene_colours_each_region_and_lists_the_prompts():
     top[:4] = True
     scene = Scene("two halves", [(top, "sky"), (~top, "sea")])
     plain = np.asarray(sample.draw_scene(scene, (8, 8), legend=False))
-    assert tuple(plain[0, 0]) == sample.PALETTE[0] and tuple(plain[7, 7]) == sample.PALETTE[1]
+    assert tuple(plain[0, 0]) == region_colour(1) and tuple(plain[7, 7]) == region_colour(2)
     with_legend = sample.draw_scene(scene, (64, 64))
     assert with_legend.size == (64, 64 + 3 * sample.LINE + 4)
 
