@@ -36,7 +36,6 @@ for a faithful ``all``, build the source with ``--min-area 0 --k-min 255 --k-max
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import io
 import json
 import logging
@@ -61,6 +60,7 @@ from spatext.pipeline.records import Segment, Segmentation
 from spatext.pipeline.schema import ShardSample, decode_image, encode_image, read_metadata, row_to_sample
 from spatext.pipeline.selection import SelectOptions, choose_segments
 from spatext.pipeline.write import list_parquet
+from spatext.versions import package_version
 
 logger = logging.getLogger(__name__)
 
@@ -301,14 +301,6 @@ def _iter_chosen(files: list[str], chosen: set[str]) -> Iterator[ShardSample]:
                     yield row_to_sample(row)
 
 
-def _package_version() -> str | None:
-    """The installed spatext version, or None."""
-    try:
-        return importlib.metadata.version("spatext")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def make_benchmark(spec: BenchmarkSpec) -> dict:
     """Write the benchmark set that ``spec`` describes; return its ``benchmark.json`` record."""
     started = time.time()
@@ -332,7 +324,7 @@ def make_benchmark(spec: BenchmarkSpec) -> dict:
         "eligible": len(eligible), "skipped": {k: counts[k] for k in ("no_region", "unlabelled_regions")},
         "source": _source_info(files, spec, counts),
         "files": {"samples": SAMPLES_FILE, "masks": f"{MASKS_DIR}/", "reference": f"{REFERENCE_DIR}/"},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "package_version": _package_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "package_version": package_version("spatext"),
         "wall_s": round(time.time() - started, 2),
     }
     with open(os.path.join(spec.out, INFO_FILE), "w", encoding="utf-8") as handle:  # last: marks the set complete

@@ -37,6 +37,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 from spatext.eval.errors import ModelLoadError
 from spatext.pipeline.clip import ClipModel, encode_pixels, preprocess_images
 from spatext.pipeline.weights import file_sha256, read_state_dict
+from spatext.versions import package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +46,6 @@ INCEPTION_FEATURES = 2048
 INCEPTION_SIZE = 299
 # torch-fidelity's file is weights-inception-2015-12-05-6726825d.pth: torch hub names files by their sha256's start.
 STANDARD_INCEPTION_SHA256_PREFIX = "6726825d"
-
-
-def _version(package: str) -> str | None:
-    """The installed version of ``package``, or None."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 class ClipFeatureExtractor(torch.nn.Module):
@@ -162,7 +155,7 @@ def make_fid(
     ``not_comparable_because`` says what differs."""
     if extractor not in EXTRACTORS:
         raise ValueError(f"--fid-extractor {extractor!r} is not valid; choose one of {', '.join(EXTRACTORS)}")
-    versions = {name: _version(name) for name in ("torchmetrics", "torch", "torch-fidelity", "open_clip_torch")}
+    versions = package_versions(("torchmetrics", "torch", "torch-fidelity", "open_clip_torch"))
     if extractor == "inception":
         metric = _inception_fid(inception_weights, antialias)
         resize = (

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -66,8 +65,10 @@ from spatext.eval.masks import MaskPerturbation, perturb_masks, region_indices
 from spatext.eval.outputs import a_few, only_files_with_suffix, read_info, refuse_inputs, to_uint8
 from spatext.model.tiny_base import WEIGHTS_MARKER, read_weights_marker
 from spatext.pipeline.weights import file_sha256
+from spatext.versions import package_versions
 
 logger = logging.getLogger(__name__)
+IMAGE_PACKAGES = ("torch", "diffusers", "transformers", "spatext")  # the libraries that shape the images
 
 FORMAT = "spatext-generations"
 FORMAT_VERSION = 1
@@ -283,17 +284,6 @@ def _save(image: np.ndarray, size: tuple[int, int], path: str) -> None:
     picture.save(path, format="PNG")
 
 
-def _versions() -> dict:
-    """Versions of the libraries that shape the images."""
-    out = {}
-    for name in ("torch", "diffusers", "transformers", "spatext"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def generate(spec: GenerateSpec) -> dict:
     """Write one image per benchmark sample for ``spec.method`` and ``generation.json``; return the latter."""
     bench_info = read_benchmark_info(spec.benchmark)
@@ -327,7 +317,8 @@ def generate(spec: GenerateSpec) -> dict:
         "device": spec.device,
         "concat_rule": CONCAT_RULE if spec.method in ("concat", "ntlb") else None,
         "resize": None if spec.method == "reference" else "PIL bicubic to each sample's reference size",
-        "images": images, "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "images": images, "versions": package_versions(IMAGE_PACKAGES),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with open(os.path.join(spec.out, INFO), "w", encoding="utf-8") as handle:
         json.dump(info, handle, indent=2, sort_keys=True)

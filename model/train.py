@@ -44,7 +44,7 @@ from spatext.model.prior import check_prior_output, load_prior_config, train_pri
 from spatext.model.train_args import PRIOR_FLAGS, check_args, ignored_by_prior, is_prior_config, parse_args
 from spatext.model.train_loop import train
 from spatext.model.train_preflight import launched_world_size, preflight
-from spatext.model.train_record import package_versions
+from spatext.model.train_record import run_versions
 
 logger = logging.getLogger("spatext.model.train")  # not __name__: that is "__main__" under `python -m`
 
@@ -74,7 +74,7 @@ def train_prior_run(args: argparse.Namespace) -> dict:
            "args": {name: getattr(args, name) for name in PRIOR_FLAGS}, "optimization": metrics["optimization"],
            "config": load_prior_config(args.config).to_dict() | {"embed_dim": metrics["config"]["embed_dim"]},
            "metrics": metrics, "lineage": {"data": args.data, **metrics["lineage"]}, "random_init": random_init,
-           "versions": package_versions(), "wall_time_s": round(time.perf_counter() - started, 3)}
+           "versions": run_versions(), "wall_time_s": round(time.perf_counter() - started, 3)}
     write_json(os.path.join(args.output, RUN_FILE), run)
     return run
 

@@ -13,13 +13,13 @@ import hashlib
 import logging
 import os
 import platform
-from importlib import metadata as importlib_metadata
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 
 from spatext.model.train_setup import Session
+from spatext.versions import package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +28,9 @@ KEY_FIELDS = ("step", "epoch", "key")
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)  # no full replica per rank
 
 
-def package_versions() -> dict[str, str]:
-    """Installed versions of the packages a run depends on (no git)."""
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+def run_versions() -> dict[str, str | None]:
+    """Python's and the installed versions of the packages a run depends on (None: not installed; no git)."""
+    return {"python": platform.python_version(), **package_versions(PACKAGES)}
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -103,5 +97,5 @@ def run_record(s: Session, state: dict, status: str, elapsed: float, last_loss: 
         "ema": s.ema is not None, "pipeline_weights": "EMA" if s.ema is not None else "trained",
         "accelerate": {"num_processes": s.accelerator.num_processes, "mixed_precision": s.args.mixed_precision,
                        "device": str(s.accelerator.device)},
-        "ranks": ranks, "versions": package_versions(), "wall_time_s": round(elapsed, 3),
+        "ranks": ranks, "versions": run_versions(), "wall_time_s": round(elapsed, 3),
     }

@@ -14,7 +14,6 @@ import posixpath
 import sys
 import time
 import warnings
-from importlib import metadata
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -51,6 +50,7 @@ from spatext.pipeline.write import (
     write_atomic,
     write_manifest,
 )
+from spatext.versions import package_version, package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +109,9 @@ def shard_metadata(config: BuildConfig, segmenter: str) -> dict[str, object]:
         "seed": config.seed,
         "image_size": config.image_size,
         "image_format": config.image_format,
-        "package_version": _version("spatext"),
+        "package_version": package_version("spatext") or "unknown",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def lineage(config: BuildConfig, segmenter: str) -> dict:
@@ -128,7 +121,7 @@ def lineage(config: BuildConfig, segmenter: str) -> dict:
         "input": config.input,
         "segmenter": segmenter,
         "python": platform.python_version(),
-        "packages": {name: _version(name) for name in packages},
+        "packages": package_versions(packages),
     }
 
 
