@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import fsspec
 import numpy as np
@@ -344,20 +346,24 @@ def save_prior(prior: Prior, output: str, metrics: dict | None = None) -> None:
         _write(f"{output.rstrip('/')}/{METRICS_FILE}", json.dumps(metrics, indent=2, sort_keys=True).encode())
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors blob (8-byte little-endian header length, then a JSON header)."""
-    (length,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + length]).get("__metadata__", {})
+def prior_file(output_or_file: str) -> str:
+    """The prior's weights file: the given ``.safetensors`` file, or the one in a train_prior output folder."""
+    return output_or_file if output_or_file.endswith(".safetensors") else f"{output_or_file.rstrip('/')}/{WEIGHTS_FILE}"
+
+
+def _safetensors_metadata(handle: IO[bytes]) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, from its header only (8-byte little-endian length, then JSON): a
+    remote prior's lineage is read without downloading its weights."""
+    (length,) = struct.unpack("<Q", handle.read(8))
+    return json.loads(handle.read(length)).get("__metadata__", {})
 
 
 def load_prior_lineage(output_or_file: str) -> dict:
     """The lineage a trained prior was saved with (``clip_model``, ``clip_pretrained``, ``embed_dim``, ...): from
     its safetensors metadata, else from the ``prior_metrics.json`` beside it; {} when neither has one."""
-    path = output_or_file if output_or_file.endswith(".safetensors") else f"{output_or_file.rstrip('/')}/{WEIGHTS_FILE}"
+    path = prior_file(output_or_file)
     with fsspec.open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = handle.read(length)
-    meta = json.loads(header).get("__metadata__", {})
+        meta = _safetensors_metadata(handle)
     if "lineage" in meta:
         return json.loads(meta["lineage"])
     metrics = f"{path.rsplit('/', 1)[0]}/{METRICS_FILE}" if "/" in path else METRICS_FILE
@@ -370,10 +376,10 @@ def load_prior_lineage(output_or_file: str) -> dict:
 
 def load_prior(output_or_file: str, device: str = "cpu") -> Prior:
     """Load a trained prior from a train_prior output dir or its .safetensors file (safetensors only; no pickle)."""
-    path = output_or_file if output_or_file.endswith(".safetensors") else f"{output_or_file.rstrip('/')}/{WEIGHTS_FILE}"
+    path = prior_file(output_or_file)
     with fsspec.open(path, "rb") as handle:
         data = handle.read()
-    meta = _safetensors_metadata(data)
+    meta = _safetensors_metadata(io.BytesIO(data))
     if "config" not in meta:
         raise ValueError(f"{path!r} carries no prior config in its safetensors metadata; not a spatext prior")
     cfg_dict = json.loads(meta["config"])
