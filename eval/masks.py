@@ -66,14 +66,6 @@ def region_indices(index_map: np.ndarray) -> list[int]:
     return [int(i) for i in present_ids(np.asarray(index_map))]
 
 
-def resize_index_map(index_map: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of an index map to ``height`` x ``width`` (labels are never blended)."""
-    check_index_map(index_map)
-    rows = (np.arange(height) * index_map.shape[0] // height).clip(0, index_map.shape[0] - 1)
-    cols = (np.arange(width) * index_map.shape[1] // width).clip(0, index_map.shape[1] - 1)
-    return np.ascontiguousarray(index_map[rows[:, None], cols[None, :]])
-
-
 def erode(index_map: np.ndarray, pixels: int) -> np.ndarray:
     """Shrink every region by ``pixels`` (Euclidean); the image frame does not erode (see the module docstring)."""
     out = np.zeros_like(index_map)

@@ -37,6 +37,7 @@ from spatext.model.scene import Scene, load_painted_scene, load_scene
 from spatext.model.st import downsample_label_map
 from spatext.pipeline.palette import region_colour
 from spatext.pipeline.parquet_files import parquet_file
+from spatext.pipeline.resize import resize_labels
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ def draw_scene(scene: Scene, size: tuple[int, int], legend: bool = True) -> Imag
     height, width = size
     canvas = np.full((height, width, 3), 40, dtype=np.uint8)
     for i, region in enumerate(scene.regions):
-        mask = np.asarray(Image.fromarray(region.mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST))
-        canvas[mask >= 128] = region_colour(i + 1)
+        canvas[resize_labels(region.mask.astype(bool), (height, width))] = region_colour(i + 1)
     image = Image.fromarray(canvas)
     if not legend:
         return image

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from spatext.paths import leaves
+from spatext.pipeline.resize import resize_labels
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +93,7 @@ def _as_bool_mask(mask: Any, label: str) -> np.ndarray:
 
 def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a boolean mask to ``size`` (height, width)."""
-    if mask.shape == tuple(size):
-        return mask
-    image = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)) >= 128
+    return resize_labels(mask.astype(bool, copy=False), size)
 
 
 def rasterise(scene: Scene, size: tuple[int, int], check: bool = True) -> np.ndarray:

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from spatext.pipeline.palette import region_colour
 from spatext.pipeline.parquet_files import parquet_file
+from spatext.pipeline.resize import resize_labels
 from spatext.pipeline.schema import ShardSample, read_metadata, row_to_sample
 from spatext.pipeline.write import list_parquet
 
@@ -36,10 +37,10 @@ def render_sample(sample: ShardSample, tile: int = 320) -> Image.Image:
     scale = tile / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     overlay = image.resize(size, Image.Resampling.LANCZOS)
-    segment_map = Image.fromarray(sample.segment_map).resize(size, Image.Resampling.NEAREST)
+    segment_map = resize_labels(sample.segment_map, (size[1], size[0]))
     for seg in sample.segments:
         color = region_colour(seg["index"])
-        mask = Image.fromarray(((np.asarray(segment_map) == seg["index"]) * 255).astype(np.uint8))
+        mask = Image.fromarray(((segment_map == seg["index"]) * 255).astype(np.uint8))
         overlay = Image.composite(Image.blend(overlay, Image.new("RGB", size, color), 0.4), overlay, mask)
         edge = Image.fromarray(np.asarray(mask) - np.asarray(mask.filter(ImageFilter.MinFilter(5))))  # 2-px outline
         overlay.paste(Image.new("RGB", size, color), mask=edge)

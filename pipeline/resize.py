@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 MODES = ("bicubic", "bilinear")
 
@@ -78,3 +79,18 @@ def hwc_array(chw: torch.Tensor) -> np.ndarray:
     for channel, plane in enumerate(planes):
         out[..., channel] = plane
     return out
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map or mask (H x W bool, uint8 or integer ids) to ``size`` (height, width):
+    labels are picked, never blended (PIL's NEAREST: each output pixel takes the input pixel under its centre). The
+    one home of this for masks and index maps (scenes, scene pictures, inspect)."""
+    if labels.shape == tuple(size):
+        return labels
+    if labels.dtype == bool:
+        return resize_labels(labels.view(np.uint8), size).astype(bool)
+    source = labels if labels.dtype == np.uint8 else labels.astype(np.int32)
+    if source is not labels and not np.array_equal(source, labels):
+        raise ValueError(f"labels of dtype {labels.dtype} do not fit int32")
+    out = np.asarray(Image.fromarray(source).resize((size[1], size[0]), Image.Resampling.NEAREST))
+    return out.astype(labels.dtype, copy=False)

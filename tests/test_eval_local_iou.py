@@ -14,7 +14,6 @@ from spatext.eval.masks import (
     parse_perturb,
     perturb_masks,
     region_indices,
-    resize_index_map,
 )
 from spatext.pipeline.demo_corpus import generate_sample
 from spatext.pipeline.records import Sample, Segment, Segmentation
@@ -218,13 +217,6 @@ def test_perturb_masks_dispatch_and_checks() -> None:
     np.testing.assert_array_equal(perturb_masks(m, MaskPerturbation("erode", 2)), erode(m, 2))
     with pytest.raises(ValueError, match="uint8 index map"):
         perturb_masks(m.astype(np.int64), "erode:2")
-
-
-def test_resize_index_map_is_nearest() -> None:
-    m = two_regions()
-    up = resize_index_map(m, 80, 100)
-    np.testing.assert_array_equal(up[::2, ::2], m)
-    assert set(np.unique(resize_index_map(m, 13, 17))) <= {0, 1, 2}
 
 
 def test_region_indices_match_numpy_unique_for_small_and_huge_ids() -> None:

@@ -121,3 +121,19 @@ def test_pixel_transform_refuses_steps_it_cannot_translate() -> None:
     assert PixelTransform.from_compose(T.Compose([T.Resize(32, interpolation=T.InterpolationMode.NEAREST),
                                                   T.ToTensor()])) is None
     assert PixelTransform.from_compose(T.Compose([T.Resize(32)])) is None  # no ToTensor: not a model input
+
+
+@pytest.mark.parametrize(("shape", "size"), [((61, 37), (13, 17)), ((100, 100), (7, 9)), ((7, 9), (100, 131)),
+                                             ((512, 384), (64, 48))])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, bool])
+def test_label_resize_picks_the_pixel_under_each_output_centre(shape, size, dtype):
+    """Nearest neighbour against an independent index computation (output pixel centres mapped back)."""
+    from spatext.pipeline.resize import resize_labels
+
+    labels = np.random.default_rng(0).integers(0, 2 if dtype is bool else 200_000 if dtype is np.int32 else 256,
+                                               shape).astype(dtype)
+    rows = np.floor((np.arange(size[0]) + 0.5) * shape[0] / size[0]).astype(int)
+    cols = np.floor((np.arange(size[1]) + 0.5) * shape[1] / size[1]).astype(int)
+    out = resize_labels(labels, size)
+    assert out.dtype == labels.dtype and out.shape == size
+    np.testing.assert_array_equal(out, labels[rows[:, None], cols[None, :]])
