@@ -24,10 +24,11 @@ from apache_beam.runners.runner import PipelineResult
 from spatext.device import check_device
 from spatext.pipeline.batch_failures import SplitFailures
 from spatext.pipeline.clip import RANDOM_INIT_LABEL as CLIP_RANDOM_INIT_LABEL
-from spatext.pipeline.clip import ClipEmbedder, ClipSpec, check_pretrained, clip_embed_dim
+from spatext.pipeline.clip import ClipSpec, check_pretrained, clip_embed_dim
 from spatext.pipeline.config import RESUME_MAY_CHANGE, BuildConfig, parse_args
 from spatext.pipeline.decode import Decode, DecodeOptions
 from spatext.pipeline.dedupe import DuplicateKeys
+from spatext.pipeline.embed import ClipEmbedder
 from spatext.pipeline.read import COUNTS, REJECTS, ReadCorpus, check_input, has_annotations, match_files
 from spatext.pipeline.records import Reject, rejects_from_failed_batch
 from spatext.pipeline.schema import sample_to_row, shard_schema

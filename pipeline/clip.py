@@ -1,9 +1,10 @@
-"""The CLIP wrapper: load an open_clip model, embed images / texts, and the embed stage as a Beam ModelHandler.
+"""The CLIP wrapper: load an open_clip model and embed images, segment crops and texts.
 
 ``embed_images`` and ``embed_texts`` are the public building blocks (the eval package's Global / Local distance reuse
-them); ``ClipEmbedder`` is the pipeline's embed stage. Importing this module registers the tiny test architectures
-with open_clip (``configs/open_clip/``): ``spatext-tiny`` (64-px input) and ``spatext-tiny-224`` (the same tiny model
-with ViT-sized 224-px input, so benchmarks time real-sized preprocessing next to a negligible forward).
+them); the pipeline's embed stage, ``embed.ClipEmbedder``, runs ``ClipModel.embed_samples``. Importing this module
+registers the tiny test architectures with open_clip (``configs/open_clip/``): ``spatext-tiny`` (64-px input) and
+``spatext-tiny-224`` (the same tiny model with ViT-sized 224-px input, so benchmarks time real-sized preprocessing next
+to a negligible forward).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,8 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import ModelHandler
 from PIL import Image
 
-from .batch_failures import each_alone_on_failure
 from .clip_preprocess import PixelTransform
 from .crop import labeled_crop_array
 from .records import Embeddings, Sample
@@ -39,7 +37,6 @@ CONFIG_DIR = Path(__file__).parent / "configs" / "open_clip"  # one JSON per arc
 RANDOM_INIT = "none"
 RANDOM_INIT_LABEL = "none (random init)"
 PRECISIONS = ("fp32", "bf16", "fp16")
-METRICS_NAMESPACE = "spatext_embed"
 # wall and this thread's CPU milliseconds (torch's intra-op threads excluded: exact with one torch thread)
 TIMINGS = ("preprocess_ms", "preprocess_cpu_ms", "forward_ms", "forward_cpu_ms")
 MAX_IMAGES_PER_FORWARD = 256  # encode_image chunk size; a batch of samples with their crops is split into chunks
@@ -267,67 +264,9 @@ def embed_texts(model: ClipModel, texts: Sequence[str]) -> np.ndarray:
         return _unit(model.model.encode_text(tokens))
 
 
-def _embed_fields(sample: Sample) -> Sample:
-    """The sample without what the embed step does not read (the segmenter's full-size id maps)."""
-    return dataclasses.replace(sample, annotation=None, segmentation=None)
-
-
 def segment_crops(sample: Sample) -> list[np.ndarray]:
     """Return the square crops (uint8 arrays) of a sample's selected segments, in index order."""
     if sample.segment_map is None:
         raise ValueError(f"sample {sample.key!r} has no segment_map: the select stage must run before embedding")
     segments = sorted(sample.segments, key=lambda s: s.index)
     return [labeled_crop_array(sample.image, sample.segment_map, s.index, s.bbox) for s in segments]
-
-
-class ClipEmbedder(ModelHandler[Sample, tuple[Sample, Embeddings], ClipModel]):
-    """The embed stage: CLIP image embeddings of segment crops and whole image, text embedding of the caption."""
-
-    def __init__(self, spec: ClipSpec, share_across_processes: bool = False, model_copies: int | None = None) -> None:
-        """Keep the spec; the model is loaded on the worker by ``load_model``.
-
-        ``share_across_processes``: one model server per machine for all worker processes (Beam's ``large_model``),
-        ``model_copies``: that many servers (implies sharing); the default is one model per worker process.
-        """
-        # Full batches of ``spec.batch_size`` (fewer only at a bundle's end), not Beam's adaptive sizing from one
-        # sample up, which left the demo build's batches at a mean of 4.9 of 8 (segment) and 7.5 of 64 (embed)
-        # samples: more, smaller model calls than the flag asks for (RunInference's metrics; full: 8.0 and 64.0).
-        super().__init__(
-            min_batch_size=spec.batch_size, max_batch_size=spec.batch_size, large_model=share_across_processes,
-            model_copies=model_copies,
-        )
-        self.spec = spec
-        # Where the stage's time goes (see ClipModel.embed_samples): wall and thread-CPU milliseconds per batch.
-        self._timings = {name: Metrics.distribution(METRICS_NAMESPACE, name) for name in TIMINGS}
-        self._images = Metrics.counter(METRICS_NAMESPACE, "images_embedded")
-        self._retried = Metrics.counter(METRICS_NAMESPACE, "embed_batches_run_one_by_one")
-
-    def load_model(self) -> ClipModel:
-        """Load the CLIP model named by the spec."""
-        return load_clip(self.spec)
-
-    def run_inference(
-        self, batch: Sequence[Sample], model: ClipModel, inference_args: dict[str, Any] | None = None
-    ) -> Iterable[tuple[Sample, Embeddings]]:
-        """Embed a batch: all crops and whole images in one encode_image pass, all captions in one encode_text. A
-        batch that fails is run again one sample at a time: a sample that fails alone is a ``FailedSample``."""
-        return each_alone_on_failure(batch, lambda samples: self._embed(samples, model), self._retried)
-
-    def _embed(self, batch: Sequence[Sample], model: ClipModel) -> list[tuple[Sample, Embeddings]]:
-        """One model call on ``batch``: (sample, embeddings) pairs in batch order."""
-        # Only a method call on `model`: with --model-sharing machine it is a proxy to a model server process, and
-        # the samples travel there without the fields the embed step does not read.
-        embeddings, timings = model.embed_samples([_embed_fields(sample) for sample in batch])
-        for name, value in timings.items():
-            self._timings[name].update(round(value))
-        self._images.inc(sum(len(sample.segments) + 1 for sample in batch))
-        return list(zip(batch, embeddings, strict=True))
-
-    def get_num_bytes(self, batch: Sequence[Sample]) -> int:
-        """Bytes of the arrays and captions in a batch (cheaper than Beam's default of pickling it)."""
-        return sum(s.image.nbytes + len(s.caption.encode()) + getattr(s.segment_map, "nbytes", 0) for s in batch)
-
-    def get_metrics_namespace(self) -> str:
-        """Beam metrics namespace of the embed stage."""
-        return METRICS_NAMESPACE
-

@@ -21,7 +21,6 @@ from safetensors.torch import save_file
 from spatext.pipeline.clip import (
     RANDOM_INIT_LABEL,
     TINY_MODEL,
-    ClipEmbedder,
     ClipSpec,
     check_pretrained,
     embed_images,
@@ -30,6 +29,7 @@ from spatext.pipeline.clip import (
     preprocess_images,
 )
 from spatext.pipeline.crop import mask_bbox, segment_crop
+from spatext.pipeline.embed import ClipEmbedder
 from spatext.pipeline.records import Embeddings, Sample, SelectedSegment
 
 TINY = ClipSpec(model=TINY_MODEL, pretrained="none", batch_size=4)

@@ -12,9 +12,10 @@ import pytest
 from apache_beam.utils import multi_process_shared
 
 from spatext.pipeline import clip as clip_module
-from spatext.pipeline.clip import TINY_MODEL, ClipEmbedder, ClipSpec, load_clip
+from spatext.pipeline.clip import TINY_MODEL, ClipSpec, load_clip
 from spatext.pipeline.config import BuildConfig
 from spatext.pipeline.crop import mask_bbox
+from spatext.pipeline.embed import ClipEmbedder
 from spatext.pipeline.records import Sample, Segment, Segmentation, SelectedSegment
 from spatext.pipeline.segment import SegmenterModelHandler, SerialSegmenter
 from spatext.pipeline.segmenters.base import Segmenter, SegmenterSpec, create_segmenter
