@@ -422,5 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m spatext.pipeline.build` answers bad input as `spatext build` does
+    from spatext.cli import main as spatext_main
+
+    raise SystemExit(spatext_main(["build", *sys.argv[1:]]))

@@ -120,3 +120,14 @@ def test_train_prints_the_prior_report(demo_shards, tmp_path) -> None:
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
     )
     assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_the_module_form_of_build_answers_bad_input_like_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "spatext.pipeline.build", "--input", str(tmp_path / "x.tar"),
+                           "--output", str(tmp_path / "o"), "--device", "tpu"], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert done.returncode == 2 and "spatext build: error: --device must be" in done.stderr
+    assert "Traceback" not in done.stderr
