@@ -61,7 +61,7 @@ class SegmenterModelHandler(ModelHandler[Sample, Sample, Segmenter]):
         ``model_copies``: that many servers (implies sharing); the default is one model per worker process.
         """
         # Full batches of ``spec.batch_size`` (fewer only at a bundle's end), not Beam's adaptive sizing from one
-        # sample up, which left the demo build's batches at a mean of 4.9 of 8 (segment) and 7.5 of 64 (embed)
+        # sample up, which left a 128-sample demo build's batches at a mean of 4.9 of 8 (segment), 7.5 of 64 (embed)
         # samples: more, smaller model calls than the flag asks for (RunInference's metrics; full: 8.0 and 64.0).
         super().__init__(
             min_batch_size=spec.batch_size, max_batch_size=spec.batch_size, large_model=share_across_processes,

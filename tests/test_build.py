@@ -174,7 +174,7 @@ def test_a_sample_the_segmenter_cannot_take_fails_alone(built, corpus, tmp_path)
 
 def test_model_calls_take_full_batches(corpus, tmp_path):
     """The batch-size flags set the samples per model call (not a ceiling Beam's adaptive sizing grows towards from
-    one sample: that left the demo build's CLIP calls at 7.5 samples of 64)."""
+    one sample: that left a 128-sample demo build's CLIP calls at 7.5 samples of 64)."""
     config, beam_args = build.parse_args([
         "--input", str(corpus / "wds" / "*.tar"), "--output", str(tmp_path / "b"), "--image-format", "png",
         "--segmenter", "auto", *TINY_CLIP, "--segmenter-batch-size", "4", "--clip-batch-size", "10"])
