@@ -524,39 +524,3 @@ def test_threaded_map_works_ahead_while_the_consumer_is_busy(ahead):
     expected = 1 + (2 * 2 if ahead is None else ahead)  # the item taken + the ones in flight
     assert sorted(done) == list(range(expected))
     assert list(mapped) == list(range(1, 100))
-
-
-@pytest.mark.parametrize("resolution", [16, 64, 97, 300])
-def test_label_crops_equal_pils_nearest_resize_of_the_crop_box(resolution):
-    """The segment map's centre crop, resized nearest (torchvision decode + torch nearest-exact): each output pixel is
-    the label under its centre, as an independent index computation gives (and as the image's resize aligns pixel
-    centres); equal but for float rounding exactly on a cell border (at most 1 pixel in 10,000)."""
-    import io
-
-    from spatext.model.data import load_label_crop
-
-    rng = np.random.default_rng(resolution)
-    for width, height in ((512, 440), (301, 173), (97, 250)):
-        labels = np.kron(rng.integers(0, 6, (height // 7 + 1, width // 7 + 1)), np.ones((7, 7)))[:height, :width]
-        buf = io.BytesIO()
-        Image.fromarray(labels.astype(np.uint8)).save(buf, format="PNG")
-        got, size = load_label_crop(buf.getvalue(), resolution)
-        x0, y0, x1, y1 = crop_box(width, height)
-        rows = y0 + np.floor((np.arange(resolution) + 0.5) * (y1 - y0) / resolution).astype(int)
-        cols = x0 + np.floor((np.arange(resolution) + 0.5) * (x1 - x0) / resolution).astype(int)
-        ref = labels[rows[:, None], cols[None, :]]
-        assert size == (width, height) and got.shape == (resolution, resolution) and got.dtype == np.uint8
-        assert (got != ref).mean() <= 1e-4
-
-
-def test_a_segment_map_that_is_not_a_single_channel_png_is_refused():
-    import io
-
-    from spatext.model.data import load_label_crop
-
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, format="PNG")
-    with pytest.raises(ValueError, match="single-channel 8-bit"):
-        load_label_crop(buf.getvalue(), 4)
-    with pytest.raises(ValueError, match="not a readable PNG"):
-        load_label_crop(b"not a png at all", 4)
