@@ -340,9 +340,15 @@ def _report_duplicates(checks: list[ShardCheck], report: VerifyReport) -> None:
     keys = _KeyIndex()
     for check in checks:
         if np.isin(check.key_hashes, repeated).any():
-            for key in checked_parquet(check.path).read(columns=["key"]).column("key").to_pylist():
-                if key_hash(key) in wanted:
-                    keys.add(key, check.path)
+            parquet = checked_parquet(check.path)
+            for group in range(parquet.num_row_groups):
+                try:
+                    column = parquet.read_row_group(group, columns=["key"]).column("key").to_pylist()
+                except (OSError, ValueError):  # a damaged group: the first pass reported it
+                    continue
+                for key in column:
+                    if key_hash(key) in wanted:
+                        keys.add(key, check.path)
     keys.report(report)
 
 

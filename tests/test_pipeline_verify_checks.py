@@ -165,6 +165,25 @@ def test_worker_processes_give_the_same_report(build):
     assert {"duplicate_key", "unreadable_shard"} <= _kinds(serial)
 
 
+def test_a_damaged_key_chunk_in_a_shard_holding_a_duplicate_is_reported_not_raised(build):
+    """Duplicates are confirmed by reading keys again: a damaged row group there is skipped (the first pass reports
+    it), not an abort."""
+    path = list_parquet(str(build))[0]
+    table = pq.read_table(path)
+    pq.write_table(table, path, row_group_size=3, write_page_checksum=True, compression="zstd")
+    shutil.copy(path, build / "shards" / "copy.parquet")  # every key of this shard twice
+    meta = pq.ParquetFile(path).metadata
+    names = [meta.row_group(1).column(i).path_in_schema for i in range(meta.num_columns)]
+    column = meta.row_group(1).column(names.index("key"))
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(open(path, "rb").read())
+    for i in range(start + column.total_compressed_size - 8, start + column.total_compressed_size - 2):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    report = verify.verify_build(str(build), progress=False)
+    assert {"duplicate_key", "checksum"} <= _kinds(report) or {"duplicate_key", "unreadable_shard"} <= _kinds(report)
+
+
 def test_a_key_hash_collision_is_not_a_duplicate(build, monkeypatch):
     """Duplicates are found by 64-bit key hashes, then confirmed on the keys themselves."""
     monkeypatch.setattr(verify, "key_hash", lambda key: 7)  # every key collides
