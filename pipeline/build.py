@@ -331,24 +331,43 @@ def warn_if_device_would_idle(config: BuildConfig, options: PipelineOptions) -> 
     return True
 
 
+def _metric(result: PipelineResult) -> dict:
+    """Beam's metrics query of a finished job, {} where the runner reports none."""
+    try:
+        return result.metrics().query()
+    except (NotImplementedError, AttributeError):  # a runner without metrics support
+        return {}
+
+
+def _settled(metric: object) -> object:
+    """A metric's committed value, or its attempted one where the runner commits none."""
+    committed = getattr(metric, "committed", None)
+    return committed if committed is not None else getattr(metric, "attempted", None)
+
+
 def mean_batch_sizes(result: PipelineResult) -> dict[str, float]:
-    """Samples per model call of the Segment and Embed steps, from RunInference's own metrics (inferences over the
-    count of its per-batch latency distribution); {} where the runner reports no metrics."""
+    """Samples per ``run_inference`` call of the Segment and Embed steps, from RunInference's own metrics (inferences
+    over the count of its per-batch latency distribution); {} where the runner reports no metrics. A batch that failed
+    and ran again one sample at a time (``retried_batches``) still counts as one call here."""
     inferences: dict[str, int] = {}
     batches: dict[str, int] = {}
-    try:
-        query = result.metrics().query()
-    except NotImplementedError:  # a runner without metrics support
-        return {}
-    for counter in query["counters"]:
-        if counter.key.metric.name == "num_inferences":
+    query = _metric(result)
+    for counter in query.get("counters", ()):
+        if counter.key.metric.name == "num_inferences" and _settled(counter) is not None:
             stage = counter.key.step.split("/")[0].lower()
-            inferences[stage] = inferences.get(stage, 0) + counter.committed
-    for dist in query["distributions"]:
-        if dist.key.metric.name == "inference_batch_latency_micro_secs":
+            inferences[stage] = inferences.get(stage, 0) + _settled(counter)
+    for dist in query.get("distributions", ()):
+        value = _settled(dist)
+        if dist.key.metric.name == "inference_batch_latency_micro_secs" and value is not None:
             stage = dist.key.step.split("/")[0].lower()
-            batches[stage] = batches.get(stage, 0) + dist.committed.count
+            batches[stage] = batches.get(stage, 0) + value.count
     return {stage: inferences[stage] / batches[stage] for stage in inferences if batches.get(stage)}
+
+
+def retried_batches(result: PipelineResult) -> int:
+    """Model batches that failed and ran again one sample at a time (``batch_failures``), over both model stages."""
+    return sum(_settled(c) or 0 for c in _metric(result).get("counters", ())
+               if c.key.metric.name.endswith("_batches_run_one_by_one"))
 
 
 def execute(
@@ -391,6 +410,11 @@ def execute(
             logger.info("samples per model call: %s (--segmenter-batch-size %d, --clip-batch-size %d)",
                         ", ".join(f"{stage} {size:.1f}" for stage, size in sorted(sizes.items())),
                         config.segmenter_batch_size, config.clip_batch_size)
+        retried = retried_batches(result)
+        if retried:
+            logger.warning("%d model batch(es) failed and ran again one sample at a time: the samples that failed "
+                           "alone are rejects with their own error (segment/segmenter_error, embed/embedder_error)",
+                           retried)
     try:
         return result, read_manifest(config.output)
     except OSError:

@@ -48,6 +48,7 @@ VALID_INPUTS = (
 
 BAD_CAPTION_ENCODING = "bad_caption_encoding"  # a caption that is not UTF-8: rejected, never decoded lossily
 BAD_NAME_ENCODING = "bad_name_encoding"  # a key or file name that UTF-8 cannot encode (a non-UTF-8 name)
+BAD_LABEL_ENCODING = "bad_label_encoding"  # a ground-truth label (category name) that UTF-8 cannot encode
 OUTSIDE_CORPUS = "path_outside_corpus"  # a folder entry naming a file outside the corpus root
 
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -415,9 +416,20 @@ def unencodable_text(key: str, source: str, **texts: object) -> Reject | None:
     refuse. Without this check one such sample failed the whole job, or the whole model batch it was in."""
     for name, value in (("key", key), *texts.items()):
         if isinstance(value, str) and not utf8_encodable(value):
-            code = BAD_CAPTION_ENCODING if name == "caption" else BAD_NAME_ENCODING
+            code = {"caption": BAD_CAPTION_ENCODING, "label": BAD_LABEL_ENCODING}.get(name, BAD_NAME_ENCODING)
             return Reject(key, source, "read", f"{code}: the {name} {ascii(value)[:160]} holds characters UTF-8 "
                           "cannot encode (a name that is not UTF-8, or a lone surrogate escape in JSON)")
+    return None
+
+
+def unencodable_label(annotation: object) -> str | None:
+    """The first string in a ground truth's ``segments_info`` entries (a category name, say) that UTF-8 cannot
+    encode, or None: labels are written to the shards, where such a string would fail the job."""
+    segments = annotation.get("segments_info") if isinstance(annotation, dict) else None
+    for segment in segments if isinstance(segments, list) else ():
+        for value in segment.values() if isinstance(segment, dict) else ():
+            if isinstance(value, str) and not utf8_encodable(value):
+                return value
     return None
 
 
@@ -425,7 +437,8 @@ def route_item(item: RawSample | Reject, read_counter, reject_counter) -> Iterat
     """Send Rejects (and samples whose key or caption UTF-8 cannot encode) to the tagged output, everything else
     to the main one."""
     if isinstance(item, RawSample):
-        item = unencodable_text(item.key, item.source, caption=item.caption) or item
+        item = unencodable_text(item.key, item.source, caption=item.caption,
+                                label=unencodable_label(item.annotation)) or item
     if isinstance(item, Reject):
         reject_counter.inc()
         yield beam.pvalue.TaggedOutput(REJECTS, item)

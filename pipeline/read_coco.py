@@ -40,6 +40,7 @@ from spatext.pipeline.read import (
     FileRefused,
     read_optional,
     route_item,
+    unencodable_label,
     unencodable_text,
 )
 from spatext.pipeline.records import RawSample, Reject
@@ -240,10 +241,14 @@ def coco_index(
             yield {"key": key, "unit": unit, "file_name": file_name, "caption": first_caption.get(image_id),
                    "png": None, "segments_info": None, "annotation_error": problem}
             continue
+        segments_info = _segments_info(annotation, categories) if annotation else None
+        label = unencodable_label({"segments_info": segments_info})
+        if label is not None:  # a category name the shards could not hold
+            yield unencodable_text(key, unit, label=label)
+            continue
         yield {
             "key": key, "unit": unit, "file_name": file_name, "caption": first_caption.get(image_id),
-            "png": annotation.get("file_name") if annotation else None,
-            "segments_info": _segments_info(annotation, categories) if annotation else None,
+            "png": annotation.get("file_name") if annotation else None, "segments_info": segments_info,
         }
 
 

@@ -160,8 +160,11 @@ class PoisonSegmenter(AnnotationSegmenter):
 
 def test_a_sample_the_segmenter_cannot_take_fails_alone(built, corpus, tmp_path):
     """Batched with good samples (batches of up to 4), one bad sample is the only reject, with its own error."""
-    manifest = _build(corpus, tmp_path / "poison", "--segmenter", "test_build:PoisonSegmenter",
-                      "--segmenter-batch-size", "4")
+    config, beam_args = build.parse_args([
+        "--input", str(corpus / "wds" / "*.tar"), "--output", str(tmp_path / "poison"), "--image-format", "png",
+        *TINY_CLIP, "--segmenter", "test_build:PoisonSegmenter", "--segmenter-batch-size", "4"])
+    result, manifest = build.execute(config, beam_args)
+    assert build.retried_batches(result) == 1  # 11 samples in calls of 4, 4, 3: the poisoned one shared a call
     counts = manifest["counts"]
     assert counts["accepted"] == NUM - 1 and counts["read"] == NUM + BAD_INPUTS
     assert counts["rejected_by_reason"]["segment/segmenter_error"] == 1

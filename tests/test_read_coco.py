@@ -221,3 +221,23 @@ def test_unknown_category_or_malformed_segments_are_rejected(coco):
     with pytest.raises(DecodeError, match="bad_annotation: unknown_category: category_id 999"):
         decode_sample(bad, DecodeOptions(require_annotation=True))  # the annotations segmenter needs it: a reject
     assert decode_sample(bad, DecodeOptions(keep_annotation=False)).annotation is None  # a model segmenter: kept
+
+
+def test_a_category_name_utf8_cannot_encode_rejects_the_images_that_use_it(coco):
+    """A lone surrogate escape in a category name would fail the job where labels are written: a read reject."""
+    root, _ = coco
+    layout = find_coco(str(root))
+    panoptic = json.loads((root / "annotations" / "panoptic_val2017.json").read_text())
+    captions = json.loads((root / "annotations" / "captions_val2017.json").read_text())
+    first = min(panoptic["annotations"], key=lambda a: a["image_id"])
+    used = first["segments_info"][0]["category_id"]
+    for category in panoptic["categories"]:
+        if category["id"] == used:
+            category["name"] = "bad \ud800 label"
+    items = list(coco_index(panoptic, captions, layout))
+    rejected = {i.key: i.reason for i in items if isinstance(i, Reject)}
+    users = {coco_key("val2017", a["image_id"]) for a in panoptic["annotations"]
+             if any(s["category_id"] == used for s in a["segments_info"])}
+    assert set(rejected) == users and coco_key("val2017", first["image_id"]) in users
+    assert all(r.startswith("bad_label_encoding: the label 'bad \\ud800 label'") for r in rejected.values())
+    assert len(items) == len(panoptic["images"])  # every image is an entry or a reject: none lost

@@ -138,3 +138,18 @@ def test_folder_lines_with_text_utf8_cannot_encode_are_rejects():
         "bad_caption_encoding", "bad_name_encoding", "c"]
     assert items[1].key == "b\\udce9"  # written with a backslash escape, so the reject itself can be stored
     assert all(i.reason.encode("utf-8") for i in items[:2])
+
+
+def test_a_ground_truth_label_utf8_cannot_encode_is_a_read_reject(make_tar):
+    class Count:
+        def inc(self, n=1):
+            pass
+
+    bad = json.dumps({"segments_info": [{"id": 1, "category": "bad \ud800 label"}]}).encode()
+    path = make_tar("labels.tar", [("a.jpg", jpeg_bytes()), ("a.txt", b"c"), ("a.json", bad),
+                                   ("b.jpg", jpeg_bytes()), ("b.txt", b"c")])
+    with open(path, "rb") as handle:
+        routed = [out for item in iter_webdataset(handle, path) for out in read.route_item(item, Count(), Count())]
+    reject = routed[0].value
+    assert reject.key == "a" and reject.reason.startswith("bad_label_encoding: the label 'bad \\ud800 label'")
+    assert isinstance(routed[1], RawSample) and routed[1].key == "b"
