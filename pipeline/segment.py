@@ -16,9 +16,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import ModelHandler
 
-from spatext.pipeline.batch_failures import each_alone_on_failure
+from spatext.pipeline.model_stage import ModelStage
 from spatext.pipeline.records import Sample, Segmentation
 from spatext.pipeline.segmenters.base import Segmenter, SegmenterSpec, create_segmenter
 
@@ -49,29 +48,20 @@ class SerialSegmenter(Segmenter):
             return self.segmenter.segment(samples)
 
 
-class SegmenterModelHandler(ModelHandler[Sample, Sample, Segmenter]):
+class SegmenterModelHandler(ModelStage):
     """Loads the segmenter that a ``SegmenterSpec`` names and fills ``Sample.segmentation`` batch by batch."""
+
+    namespace, stage = METRICS_NAMESPACE, "segment"
 
     def __init__(
         self, spec: SegmenterSpec, share_across_processes: bool = False, model_copies: int | None = None
     ) -> None:
-        """Keep the spec; the model is loaded on the worker by ``load_model``.
-
-        ``share_across_processes``: one model server per machine for all worker processes (Beam's ``large_model``),
-        ``model_copies``: that many servers (implies sharing); the default is one model per worker process.
-        """
-        # Full batches of ``spec.batch_size`` (fewer only at a bundle's end), not Beam's adaptive sizing from one
-        # sample up, which left a 128-sample demo build's batches at a mean of 4.9 of 8 (segment), 7.5 of 64 (embed)
-        # samples: more, smaller model calls than the flag asks for (RunInference's metrics; full: 8.0 and 64.0).
-        super().__init__(
-            min_batch_size=spec.batch_size, max_batch_size=spec.batch_size, large_model=share_across_processes,
-            model_copies=model_copies,
-        )
+        """Keep the spec (batch size, model); see ``ModelStage`` for the sharing flags."""
+        super().__init__(spec.batch_size, share_across_processes, model_copies)
         self.spec = spec
         self._images = Metrics.counter(METRICS_NAMESPACE, "images_segmented")
         self._segments = Metrics.counter(METRICS_NAMESPACE, "segments_found")
         self._empty = Metrics.counter(METRICS_NAMESPACE, "images_without_segments")
-        self._retried = Metrics.counter(METRICS_NAMESPACE, "segment_batches_run_one_by_one")
 
     def load_model(self) -> Segmenter:
         """Build the segmenter (called once per worker process, or once per machine when shared), run one call at a
@@ -84,7 +74,7 @@ class SegmenterModelHandler(ModelHandler[Sample, Sample, Segmenter]):
         """Segment the batch in one call; return the samples with ``segmentation`` set, in batch order. A batch that
         fails is run again one sample at a time: a sample that fails alone is a ``FailedSample``."""
         self.validate_inference_args(inference_args)
-        return each_alone_on_failure(batch, lambda samples: self._segment(samples, model), self._retried)
+        return self.each_alone_on_failure(batch, lambda samples: self._segment(samples, model))
 
     def _segment(self, batch: Sequence[Sample], model: Segmenter) -> list[Sample]:
         """One segmenter call on ``batch``: the samples with ``segmentation`` set, in batch order."""
@@ -119,7 +109,3 @@ class SegmenterModelHandler(ModelHandler[Sample, Sample, Segmenter]):
     def get_num_bytes(self, batch: Sequence[Sample]) -> int:
         """Bytes of image data in the batch (cheaper than pickling it, as the default does)."""
         return sum(sample.image.nbytes for sample in batch)
-
-    def get_metrics_namespace(self) -> str:
-        """RunInference's own metrics (latency, counts) share the stage's namespace."""
-        return METRICS_NAMESPACE
