@@ -31,7 +31,9 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from bench_record import write_record
-from spatext.model.data import MIN_DCT_SCALE, ShardDataset, collate, crop_box, dct_scale, is_jpeg, resolve_files
+from spatext.model.crops import MIN_DCT_SCALE, crop_box, dct_scale, is_jpeg
+from spatext.model.data import ShardDataset, collate
+from spatext.model.shard_files import resolve_files
 from spatext.pipeline import build
 from spatext.pipeline.demo_corpus import write_corpus
 from spatext.pipeline.schema import decode_image

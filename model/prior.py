@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spatext.device import check_device
-from spatext.model.data import (
+from spatext.model.shard_files import (
     WorkUnit,
     check_metadata,
     fixed_lists,

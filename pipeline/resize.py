@@ -6,7 +6,7 @@ PIL). On a GPU, whose antialiased kernels take floating point only, the resize r
 (mean difference to PIL's ~0.1 level; a few levels at hard edges where PIL clips between its two passes; tested on the
 CPU through ``resize_via_float``). The build uses these for the
 stored image (decode stage) and the CLIP eval transform (``spatext.pipeline.clip_preprocess``); the training loader
-(``spatext.model.data``) for its crops.
+(``spatext.model.crops``) for its crops.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The shard contract, schema v1: the one module that knows the Parquet columns of a spatio-textual sample.
 
 The pipeline writes rows with `sample_to_row`; verify, inspect and eval's benchmark sets read them back with
-`row_to_sample`. The model's loader (model/data.py) reads the columns it needs straight from Arrow, without a
+`row_to_sample`. The model's loader (model/shard_files.py) reads the columns it needs straight from Arrow, without a
 Python object per row, for speed; it checks the schema version in the file metadata (`SCHEMA_VERSION`). The table is
 in DESIGN.md ("The shard contract").
 """

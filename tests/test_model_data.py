@@ -16,24 +16,18 @@ import pytest
 import torch
 from PIL import Image
 
-from spatext.model.data import (
+from spatext.model.crops import (
     MIN_DCT_SCALE,
-    ShardDataset,
-    WorkUnit,
-    assign_units,
-    collate,
     crop_box,
     dct_scale,
     decode_rgb,
     load_image_crop,
-    read_unit,
     renumber,
     resize_crop,
-    resolve_files,
     single_thread,
-    threaded_map,
-    to_model_input,
 )
+from spatext.model.data import ShardDataset, collate, threaded_map, to_model_input
+from spatext.model.shard_files import WorkUnit, assign_units, read_unit, resolve_files
 from spatext.pipeline.schema import encode_image, encode_segment_map, row_to_sample, shard_schema
 
 D = 64

@@ -27,10 +27,10 @@ from PIL import Image
 from spatext.model import sample, train
 from spatext.model.checkpoint import COUNTERS, STATE_FILE
 from spatext.model.config import get_config
-from spatext.model.data import resolve_files
 from spatext.model.denoiser import build_denoiser, predict
 from spatext.model.pipeline import SpaTextPipeline
 from spatext.model.prior import load_prior_lineage
+from spatext.model.shard_files import resolve_files
 from spatext.model.tiny_base import write_tiny_base_model
 from spatext.model.train_args import check_args, ignored_by_prior, parse_args
 from spatext.model.train_setup import load_prior_component

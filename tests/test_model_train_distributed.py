@@ -22,7 +22,7 @@ import pytest
 import safetensors.torch
 
 from spatext.model.checkpoint import COUNTERS, STATE_FILE
-from spatext.model.data import resolve_files
+from spatext.model.shard_files import resolve_files
 from spatext.model.tiny_base import write_tiny_base_model
 from spatext.model.train_record import weights_sha256
 
