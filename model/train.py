@@ -40,7 +40,8 @@ from collections.abc import Sequence
 
 from spatext.cli import command_logging
 from spatext.model.checkpoint import RUN_FILE, write_json
-from spatext.model.prior import check_prior_output, load_prior_config, train_prior
+from spatext.model.prior import check_prior_output, load_prior_config
+from spatext.model.prior_train import train_prior
 from spatext.model.train_args import PRIOR_FLAGS, check_args, ignored_by_prior, is_prior_config, parse_args
 from spatext.model.train_loop import train
 from spatext.model.train_preflight import launched_world_size, preflight

@@ -17,7 +17,7 @@ COMMANDS = {
     "inspect": ("spatext.pipeline.inspect_shards", "draw samples of a build with their segments"),
     "train": ("spatext.model.train", "train a SpaText denoiser (or, with a prior config, the prior P) on shards"),
     "sample": ("spatext.model.sample", "generate images from a trained run: global prompt + scene"),
-    "train-prior": ("spatext.model.prior", "train the prior P (CLIP text -> image embedding) on shards"),
+    "train-prior": ("spatext.model.prior_train", "train the prior P (CLIP text -> image embedding) on shards"),
     "tiny-base-model": ("spatext.model.tiny_base", "write a tiny offline SD-like base model (random weights)"),
     "eval": ("spatext.eval.cli", "evaluation: make-benchmark, generate (methods + baselines), score (reports)"),
     "demo": ("spatext.demo", "run the offline end-to-end demo"),

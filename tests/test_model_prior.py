@@ -12,16 +12,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from spatext.model.prior import (
-    Prior,
-    PriorConfig,
-    heldout_mask,
-    list_prior_configs,
-    load_embedding_pairs,
-    load_prior,
-    load_prior_config,
-    train_prior,
-)
+from spatext.model.prior import Prior, PriorConfig, list_prior_configs, load_prior, load_prior_config
+from spatext.model.prior_train import heldout_mask, load_embedding_pairs, train_prior
 from spatext.pipeline.keys import key_hash
 from spatext.pipeline.schema import encode_image, encode_segment_map, shard_schema
 
@@ -158,7 +150,7 @@ def test_bad_arguments(pairs_dir, tmp_path):
 
 
 def test_command_line_entry_writes_the_outputs(pairs_dir, tmp_path):
-    from spatext.model.prior import main
+    from spatext.model.prior_train import main
 
     argv = ["--data", str(pairs_dir), "--output", str(tmp_path / "cli"), "--steps", "5", "--batch-size", "32"]
     assert main(argv) == 0
@@ -173,7 +165,7 @@ def test_command_line_entry_writes_the_outputs(pairs_dir, tmp_path):
 
 
 def test_train_prior_takes_the_flag_names_of_spatext_train():
-    from spatext.model.prior import parse_args
+    from spatext.model.prior_train import parse_args
 
     short = parse_args(["--data", "d", "--output", "o", "--steps", "7", "--batch-size", "3", "--lr", "0.5"])
     long = parse_args(["--data", "d", "--output", "o", "--max-train-steps", "7", "--train-batch-size", "3",
