@@ -250,8 +250,9 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     command_logging()
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
-    if args.num_images < 1 or args.steps < 1:
-        raise ValueError(f"--num-images and --steps must be >= 1, got {args.num_images} and {args.steps}")
+    for flag, value in (("--num-images", args.num_images), ("--steps", args.steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if (args.text_scale is None) != (args.st_scale is None):
         raise ValueError("--text-scale and --st-scale go together (one scale per condition); give both, or neither "
                          "for the joint --guidance-scale")
