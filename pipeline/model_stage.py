@@ -13,6 +13,8 @@ from apache_beam.ml.inference.base import ModelHandler
 from spatext.pipeline.batch_failures import FailedSample, each_alone_on_failure
 from spatext.pipeline.records import Sample
 
+HOPELESS_AFTER = 2  # retried batches in a row that fail sample by sample before a failing batch is no longer retried
+
 
 class ModelStage(ModelHandler):
     """Base of ``SegmenterModelHandler`` and ``ClipEmbedder``; subclasses set ``namespace`` and ``stage``."""
@@ -32,11 +34,24 @@ class ModelStage(ModelHandler):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size, large_model=share_across_processes,
                          model_copies=model_copies)
         self._retried = Metrics.counter(self.namespace, f"{self.stage}_batches_run_one_by_one")
+        self._hopeless = 0  # retried batches in a row in which every sample failed alone too
 
     def each_alone_on_failure(self, batch: Sequence[Sample], infer: Callable[[Sequence[Sample]], list[Any]]
                               ) -> list[Any | FailedSample]:
-        """``infer(batch)``, or each sample alone when the batch fails (counted in ``STAGE_batches_run_one_by_one``)."""
-        return each_alone_on_failure(batch, infer, self._retried)
+        """``infer(batch)``, or each sample alone when the batch fails (counted in ``STAGE_batches_run_one_by_one``).
+
+        After ``HOPELESS_AFTER`` retried batches in a row in which every sample failed alone as well, the model itself
+        is failing (not one sample): a failing batch is then not run again (its samples are rejected with the batch's
+        error, by RunInference's dead letter), so a broken model costs one call per batch, not one per sample, until
+        a batch succeeds again."""
+        if self._hopeless >= HOPELESS_AFTER:
+            out = infer(batch)  # raises to the dead letter while the model keeps failing
+            self._hopeless = 0
+            return out
+        out = each_alone_on_failure(batch, infer, self._retried)
+        failed_alone = len(batch) > 1 and all(isinstance(item, FailedSample) for item in out)
+        self._hopeless = self._hopeless + 1 if failed_alone else 0
+        return out
 
     def get_metrics_namespace(self) -> str:
         """RunInference's own metrics (latency, counts) share the stage's namespace."""

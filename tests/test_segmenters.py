@@ -421,3 +421,37 @@ def test_mask2former_weights_are_checked_at_launch(tmp_path, monkeypatch) -> Non
         build.run(["--input", str(tmp_path / "corpus" / "*.tar"), "--output", str(out), "--clip-model",
                    "spatext-tiny", "--clip-pretrained", "none", "--segmenter", "mask2former"])
     assert not out.exists()
+
+
+def test_a_model_that_fails_every_sample_stops_being_retried_sample_by_sample() -> None:
+    """Two retried batches in a row where every sample fails alone too: the model is broken, so a failing batch is
+    no longer re-run per sample (one call per batch, to the dead letter) until a batch succeeds again."""
+    from spatext.pipeline.model_stage import HOPELESS_AFTER
+
+    handler = SegmenterModelHandler(SegmenterSpec(name="fail-on-bad", batch_size=3))
+    calls: list[int] = []
+
+    class Broken:
+        broken = True
+
+        def segment(self, samples):
+            calls.append(len(samples))
+            if self.broken:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return [Segmentation(np.zeros(s.image.shape[:2], np.int32), ()) for s in samples]
+
+    model = Broken()
+    batch = [_sample(f"k{i}", 8, 8) for i in range(3)]
+    for _ in range(HOPELESS_AFTER):  # each retried: 1 batch call + 3 single calls, every sample a FailedSample
+        out = handler.run_inference(batch, model)
+        assert [type(o).__name__ for o in out] == ["FailedSample"] * 3
+    assert calls == [3, 1, 1, 1] * HOPELESS_AFTER
+    calls.clear()
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # now straight to the dead letter
+        handler.run_inference(batch, model)
+    assert calls == [3]
+    model.broken = False  # recovered: a good batch resets the streak, and a later single failure is retried again
+    assert [type(o).__name__ for o in handler.run_inference(batch, model)] == ["Sample"] * 3
+    bad = [_sample("good", 8, 8), _sample("bad1", 8, 8)]
+    out = handler.run_inference(bad, _FailOnBadKeys(SegmenterSpec(name="fail-on-bad")))
+    assert [type(o).__name__ for o in out] == ["Sample", "FailedSample"]
