@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import get_int_from_env
+from accelerate.utils import get_int_from_env, parse_flag_from_env
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 
@@ -176,7 +176,8 @@ def launched_world_size() -> int:
 def check_mixed_precision(args: argparse.Namespace) -> None:
     """fp16 needs an accelerator: accelerate runs no fp16 autocast on the CPU, and the fp16 text encoder would meet the
     fp32 UNet at the first step."""
-    if args.mixed_precision == "fp16" and not torch.accelerator.is_available():
+    on_cpu = not torch.accelerator.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")  # accelerate --cpu
+    if args.mixed_precision == "fp16" and on_cpu:
         raise ValueError("--mixed-precision fp16 needs a GPU (accelerate has no fp16 autocast on the CPU); on the CPU "
                          "use --mixed-precision bf16 or no")
 

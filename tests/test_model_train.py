@@ -282,8 +282,13 @@ def test_resume_refuses_another_number_of_processes(resumed, demo_shards, base, 
     assert (out / "run.json").read_bytes() == before
 
 
-@pytest.mark.skipif(torch.accelerator.is_available(), reason="fp16 runs where there is an accelerator")
-def test_fp16_without_a_gpu_is_refused_before_anything_is_written(demo_shards, base, tmp_path):
+@pytest.mark.parametrize("use_cpu", ["", "true"])
+def test_fp16_without_a_gpu_is_refused_before_anything_is_written(demo_shards, base, tmp_path, monkeypatch, use_cpu):
+    """No accelerator here, or `accelerate launch --cpu` (ACCELERATE_USE_CPU) on a machine that has one."""
+    if use_cpu:
+        monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
+    elif torch.accelerator.is_available():
+        pytest.skip("fp16 runs where there is an accelerator")
     output = tmp_path / "fp16"
     with pytest.raises(ValueError, match="--mixed-precision fp16 needs a GPU"):
         run_train(_argv(str(demo_shards), base, output, "latent-tiny", 2, "--mixed-precision", "fp16"))
