@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass
 
@@ -227,11 +228,20 @@ def check_beam_args(beam_args: list[str]) -> None:
     stray word, typically an unquoted glob the shell expanded (``--input c/*.tar`` -> ``--input c/1.tar c/2.tar``:
     the build would read only the first file)."""
     options = PipelineOptions(beam_args)
-    known = options.get_all_options(drop_default=True)
-    unknown = sorted(set(options.get_all_options(retain_unknown_options=True, drop_default=True)) - set(known))
+    beam_logger = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_logger.level
+    beam_logger.setLevel(logging.ERROR)  # its 'Discarding unparseable args' warning: the error below says it better
+    try:
+        known = options.get_all_options(drop_default=True)
+    finally:
+        beam_logger.setLevel(level)
+    unknown = set(options.get_all_options(retain_unknown_options=True, drop_default=True)) - set(known)
     if unknown:
-        raise ValueError(f"unknown flag(s) {', '.join('--' + name for name in unknown)}: neither a build flag nor a "
-                         "Beam pipeline option (spatext build --help lists the build's)")
+        typed = {token[2:].split("=", 1)[0].replace("-", "_"): token.split("=", 1)[0]
+                 for token in beam_args if token.startswith("--")}  # the flags as the user spelt them
+        names = sorted(typed.get(name, "--" + name) for name in unknown)
+        raise ValueError(f"unknown flag(s) {', '.join(names)}: neither a build flag nor a Beam pipeline option "
+                         "(spatext build --help lists the build's)")
     strays, i = [], 0
     while i < len(beam_args):
         token = beam_args[i]
