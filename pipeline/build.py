@@ -331,7 +331,7 @@ def warn_if_device_would_idle(config: BuildConfig, options: PipelineOptions) -> 
     return True
 
 
-def _metric(result: PipelineResult) -> dict:
+def _metrics_query(result: PipelineResult) -> dict:
     """Beam's metrics query of a finished job, {} where the runner reports none."""
     try:
         return result.metrics().query()
@@ -351,7 +351,7 @@ def mean_batch_sizes(result: PipelineResult) -> dict[str, float]:
     and ran again one sample at a time (``retried_batches``) still counts as one call here."""
     inferences: dict[str, int] = {}
     batches: dict[str, int] = {}
-    query = _metric(result)
+    query = _metrics_query(result)
     for counter in query.get("counters", ()):
         if counter.key.metric.name == "num_inferences" and _settled(counter) is not None:
             stage = counter.key.step.split("/")[0].lower()
@@ -366,7 +366,7 @@ def mean_batch_sizes(result: PipelineResult) -> dict[str, float]:
 
 def retried_batches(result: PipelineResult) -> int:
     """Model batches that failed and ran again one sample at a time (``batch_failures``), over both model stages."""
-    return sum(_settled(c) or 0 for c in _metric(result).get("counters", ())
+    return sum(_settled(c) or 0 for c in _metrics_query(result).get("counters", ())
                if c.key.metric.name.endswith("_batches_run_one_by_one"))
 
 
