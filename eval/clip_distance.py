@@ -21,6 +21,7 @@ function, so they cannot drift apart. Example (``clip`` from ``spatext.pipeline.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchmetrics import Metric
+from torchmetrics.utilities import rank_zero_warn
 
 from spatext.eval.masks import check_index_map, region_indices
-from spatext.pipeline.clip import ClipModel, embed_images, embed_texts
+from spatext.pipeline.clip import ClipModel, embed_images, embed_texts, prompt_list
 from spatext.pipeline.crop import segment_crop
 
 
@@ -60,9 +62,10 @@ def cosine_distances(image_embeddings: torch.Tensor, text_embeddings: torch.Tens
 def global_pairs(images: Sequence[np.ndarray], prompts: Sequence[str], clip: ClipModel) -> torch.Tensor:
     """One Global distance per image (float64, N)."""
     check_images(images)
+    prompts = prompt_list(prompts)
     check_lengths(images=images, prompts=prompts)
     image_vectors = embed_images(clip, [Image.fromarray(image) for image in images])
-    text_vectors = embed_texts(clip, list(prompts))
+    text_vectors = embed_texts(clip, prompts)
     return cosine_distances(torch.from_numpy(image_vectors), torch.from_numpy(text_vectors))
 
 
@@ -130,9 +133,12 @@ class MeanOfPairs(Metric):
         self.count += values.numel()
 
     def compute(self) -> torch.Tensor:
-        """The mean over every pair seen (on every process)."""
+        """The mean over every pair seen (on every process); NaN, with a warning, before any pair (as torchmetrics'
+        ``MeanMetric``): ``forward`` on a batch without a region returns NaN and keeps what was accumulated."""
         if self.count == 0:
-            raise RuntimeError(f"{type(self).__name__}.compute() before any update with at least one pair")
+            rank_zero_warn(f"{type(self).__name__}: no pair seen yet (an update without images or regions): the mean "
+                           "is NaN")
+            return torch.tensor(math.nan, dtype=torch.float64, device=self.total.device)
         return self.total / self.count
 
 

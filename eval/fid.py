@@ -23,12 +23,13 @@ The Fréchet distance itself is torchmetrics' own ``_compute_fid`` (the function
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +63,7 @@ class ClipFeatureExtractor(torch.nn.Module):
         super().__init__()
         self.clip = clip
         self.num_features = int(clip.embed_dim)
+        self._preprocessed = False  # see preprocessed_input
 
     @property
     def resize_mode(self) -> str:
@@ -84,9 +86,24 @@ class ClipFeatureExtractor(torch.nn.Module):
         arrays = [np.ascontiguousarray(image.numpy()) for image in images.detach().permute(0, 2, 3, 1).cpu()]
         return self.preprocess_arrays(arrays, images.device)
 
+    @contextlib.contextmanager
+    def preprocessed_input(self) -> Iterator[None]:
+        """Within: ``forward`` takes float images already through ``preprocess`` (N x 3 x S x S), as ``fid_update``
+        passes images of many sizes. Outside, float input is refused: float images in [0, 1] (torchmetrics'
+        ``normalize=True`` convention) would otherwise be taken for CLIP-normalised pixels, a wrong FID."""
+        self._preprocessed = True
+        try:
+            yield
+        finally:
+            self._preprocessed = False
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Embed uint8 RGB images (N x 3 x H x W), or float ones already through ``preprocess`` (N x 3 x S x S)."""
-        pixels = images.detach() if images.is_floating_point() and images.ndim == 4 else self.preprocess(images)
+        """Embed uint8 RGB images (N x 3 x H x W); float ones already through ``preprocess`` (N x 3 x S x S) only
+        within ``preprocessed_input``."""
+        if images.is_floating_point() and not self._preprocessed:
+            raise ValueError(f"images must be uint8 N x 3 x H x W (0..255), got {images.dtype}: the CLIP extractor "
+                             "preprocesses them itself (float images in [0, 1]: (images * 255).round().byte())")
+        pixels = images.detach() if images.is_floating_point() else self.preprocess(images)
         # float64 so that torchmetrics returns the FID in float64 (it casts the result to the features' dtype).
         return torch.from_numpy(encode_pixels(self.clip, pixels)).to(images.device, torch.float64)
 
@@ -205,12 +222,12 @@ def fid_update(metric: FrechetInceptionDistance, images: Sequence[np.ndarray], r
             raise ValueError(f"images[{i}] must be an H x W x 3 uint8 array, got {got}")
         by_shape.setdefault(image.shape, []).append(image)
     if isinstance(metric.inception, ClipFeatureExtractor):
-        batches = [metric.inception.preprocess_arrays(images, metric.device)] if by_shape else []
-    else:
-        batches = [torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2).to(metric.device)
-                   for group in by_shape.values()]
-    for batch in batches:
-        metric.update(batch.contiguous(), real=real)
+        if by_shape:
+            with metric.inception.preprocessed_input():
+                metric.update(metric.inception.preprocess_arrays(images, metric.device).contiguous(), real=real)
+        return
+    for group in by_shape.values():
+        metric.update(torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2).to(metric.device).contiguous(), real=real)
 
 
 def fid_summary(metric: FrechetInceptionDistance, description: dict) -> dict:

@@ -114,6 +114,8 @@ class LocalIoU(MeanOfPairs):
 
     def __init__(self, segmenter: Segmenter, batch_size: int = DEFAULT_BATCH_SIZE, **kwargs: Any) -> None:
         """Keep the segmenter (built with ``create_segmenter``) and its batch size."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         super().__init__(**kwargs)
         self.segmenter = segmenter
         self.batch_size = batch_size

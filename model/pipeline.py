@@ -46,7 +46,7 @@ from spatext.model.guidance import (
 from spatext.model.prior import Prior, load_prior, prior_config_from_dict
 from spatext.model.scene import Scene, check_regions_visible, rasterise
 from spatext.model.st import build_st, downsample_label_map
-from spatext.pipeline.clip import RANDOM_INIT_LABEL, ClipModel
+from spatext.pipeline.clip import RANDOM_INIT_LABEL, ClipModel, prompt_list
 
 logger = logging.getLogger(__name__)
 
@@ -84,19 +84,20 @@ class LocalPromptEncoder(ModelMixin, ConfigMixin):
         encoder.text.load_state_dict(state, strict=True)
         return encoder.to(clip.spec.device).eval()
 
-    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        """open_clip's tokenizer of this CLIP (token ids, N x context length)."""
+    def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """open_clip's tokenizer of this CLIP (token ids, N x context length; one string: N = 1)."""
         if self._tokenizer is None:
             self._tokenizer = open_clip.get_tokenizer(self.config.clip_model)
-        return self._tokenizer(list(prompts))
+        return self._tokenizer(prompt_list(prompts))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids → L2-normalised text embeddings."""
         return F.normalize(self.text(tokens).float(), dim=-1)
 
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts → L2-normalised text embeddings on this module's device (N x D); prompts longer than CLIP's
-        context are cut, with a warning (as diffusers warns for the global prompt)."""
+    def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Prompts → L2-normalised text embeddings on this module's device (N x D; one string: N = 1); prompts longer
+        than CLIP's context are cut, with a warning (as diffusers warns for the global prompt)."""
+        prompts = prompt_list(prompts)
         if not prompts:
             return torch.zeros(0, self.embed_dim, device=self.device)
         tokens = self.tokenize(prompts)
@@ -218,19 +219,19 @@ class SpaTextPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         return prompts, scenes
 
-    def encode_prompt(self, prompts: Sequence[str], device: torch.device | None = None) -> torch.Tensor:
-        """Global prompts → the base text encoder's last hidden states (N x L x C)."""
+    def encode_prompt(self, prompts: str | Sequence[str], device: torch.device | None = None) -> torch.Tensor:
+        """Global prompts → the base text encoder's last hidden states (N x L x C; one string: N = 1)."""
         device = device or self._execution_device
+        prompts = prompt_list(prompts)
         limit = self.tokenizer.model_max_length
-        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
-                                return_tensors="pt")
-        for ids in self.tokenizer(list(prompts)).input_ids:  # untruncated: warn as diffusers' SD pipelines do
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+        for ids in self.tokenizer(prompts).input_ids:  # untruncated: warn as diffusers' SD pipelines do
             if len(ids) > limit:
                 logger.warning("The following part of your input was truncated because CLIP can only handle "
                                "sequences up to %d tokens: %r", limit, self.tokenizer.decode(ids[limit - 1 : -1]))
         return self.text_encoder(tokens.input_ids.to(device))[0]
 
-    def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+    def embed_prompts(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """Prompts → CLIP text embeddings → prior → CLIP image embeddings (N x D, L2-normalised)."""
         return self.prior(self.local_encoder.encode(prompts))
 

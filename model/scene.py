@@ -76,7 +76,10 @@ class Scene:
 
 
 def _as_bool_mask(mask: Any, label: str) -> np.ndarray:
-    """A 2-D boolean mask from a bool / float / int array or tensor (float: > 0.5 is inside)."""
+    """A 2-D boolean mask from a bool / float / int array or tensor (float: > 0.5 is inside; int: non-zero), or a PIL
+    image (read as a mask file is: `_pil_mask`)."""
+    if isinstance(mask, Image.Image):
+        return _pil_mask(mask, f"{label}: mask image")
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
     mask = np.asarray(mask)
@@ -185,27 +188,31 @@ def warn_if_stretched(path: str, image_size: tuple[int, int], size: tuple[int, i
     return True
 
 
+def _pil_mask(image: Image.Image, where: str) -> np.ndarray:
+    """A mask image as a boolean mask of its own size, the one rule for mask files and PIL masks given in code: grey
+    >= 128 is inside, or 1 in a mask of 0s and 1s only (as `mask.astype(np.uint8)` saves it); transparent pixels are
+    outside. A mask whose brightest grey is below 128 (and not a 0/1 mask) is an error that says so: it would have no
+    pixel inside."""
+    grey = np.asarray(image.convert("L"))
+    brightest = int(grey.max())
+    if brightest != 1 and brightest < 128:
+        raise ValueError(f"{where}: its brightest grey level is {brightest}, and a pixel is inside at >= 128: save "
+                         "masks as 0/255 (white inside; 0/1 masks are read as such)")
+    mask = grey >= (1 if brightest == 1 else 128)
+    if "A" in image.getbands() or "transparency" in image.info:
+        mask &= np.asarray(image.convert("RGBA"))[..., 3] >= 128
+    return mask
+
+
 def _image_mask(path: str, size: tuple[int, int], label: str) -> np.ndarray:
-    """A mask PNG (grey >= 128 is inside, or 1 in a mask of 0s and 1s only, as `mask.astype(np.uint8)` saves it;
-    transparent pixels are outside) resized to ``size`` (nearest). A mask whose brightest grey is below 128 (and not
-    a 0/1 mask) is an error that says so: it would have no pixel inside."""
+    """A mask PNG (see `_pil_mask`) resized to ``size`` (nearest)."""
     if not os.path.isfile(path):
         raise ValueError(f"{label}: mask file {path!r} not found")
     with Image.open(path) as image:
         image.load()
         warn_if_stretched(path, image.size, size)
-        resized = image.resize((size[1], size[0]), Image.Resampling.NEAREST)
-        levels = np.unique(np.asarray(image.convert("L")))
-    threshold = 128
-    if levels[-1] == 1:  # 0s and 1s only
-        threshold = 1
-    elif levels[-1] < 128:
-        raise ValueError(f"{label}: mask {path!r}: its brightest grey level is {levels[-1]}, and a pixel is inside "
-                         "at >= 128: save masks as 0/255 (white inside; 0/1 masks are read as such)")
-    mask = np.asarray(resized.convert("L")) >= threshold
-    if "A" in resized.getbands() or "transparency" in resized.info:
-        mask &= np.asarray(resized.convert("RGBA"))[..., 3] >= 128
-    return mask
+        mask = _pil_mask(image, f"{label}: mask {path!r}")
+    return np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.Resampling.NEAREST))
 
 
 def _region_mask(spec: Any, base_dir: str, size: tuple[int, int], label: str) -> tuple[np.ndarray, str]:

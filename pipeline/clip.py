@@ -79,6 +79,20 @@ class ClipModel:
     device_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False, repr=False,
                                                     compare=False)
 
+    def __deepcopy__(self, memo: dict) -> ClipModel:
+        """Itself: a loaded model is read-only inference state, shared rather than copied, so that copies of what
+        holds it (torchmetrics' ``clone``, ``BootStrapper``, ``MetricTracker``) do not each hold another CLIP."""
+        return self
+
+    def __getstate__(self) -> dict:
+        """Everything but the lock (locks do not pickle; an unpickled model gets its own)."""
+        return {k: v for k, v in self.__dict__.items() if k != "device_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        """Restore the fields and give the model a new lock."""
+        self.__dict__.update(state)
+        object.__setattr__(self, "device_lock", threading.Lock())
+
     def embed_samples(self, samples: Sequence[Sample]) -> tuple[list[Embeddings], dict[str, float]]:
         """The embed stage's work on a batch: every segment crop and whole image through the image tower in one
         pass, every caption through the text tower; also the wall / thread-CPU milliseconds of preprocessing and of
@@ -255,11 +269,25 @@ def embed_images(model: ClipModel, images: Sequence[Image.Image | np.ndarray]) -
     return encode_pixels(model, preprocess_images(model, images))
 
 
-def embed_texts(model: ClipModel, texts: Sequence[str]) -> np.ndarray:
-    """Return the L2-normalised CLIP text embeddings (N x D float32) of strings, in order."""
+def prompt_list(prompts: str | Sequence[str], name: str = "prompts") -> list[str]:
+    """``prompts`` as a list of strings: a lone string is one prompt (diffusers' convention), not one per character;
+    anything but strings is a ValueError naming ``name``."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Sequence):
+        raise ValueError(f"{name} must be a string or a sequence of strings, got {type(prompts).__name__}")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"{name}[{i}] must be a string, got {type(prompt).__name__}")
+    return list(prompts)
+
+
+def embed_texts(model: ClipModel, texts: str | Sequence[str]) -> np.ndarray:
+    """Return the L2-normalised CLIP text embeddings (N x D float32) of strings, in order (one string: N = 1)."""
+    texts = prompt_list(texts, "texts")
     if not texts:
         return np.zeros((0, model.embed_dim), dtype=np.float32)
-    tokens = model.tokenizer(list(texts)).to(model.spec.device)
+    tokens = model.tokenizer(texts).to(model.spec.device)
     with torch.inference_mode():
         return _unit(model.model.encode_text(tokens))
 

@@ -32,16 +32,22 @@ def _resized_size(height: int, width: int, size: int | Sequence[int]) -> tuple[i
     return int(size[0]), int(size[1])
 
 
-def _resize_step(resize: T.Resize) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A uint8-tensor twin of a torchvision Resize, or None when it uses settings this module does not translate."""
+class _ResizeStep:
+    """A uint8-tensor twin of a torchvision Resize (a class, not a closure, so that a loaded CLIP pickles)."""
+
+    def __init__(self, size: int | Sequence[int], mode: str) -> None:
+        self.size, self.mode = size, mode
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return resize_chw(x, _resized_size(x.shape[-2], x.shape[-1], self.size), self.mode)
+
+
+def _resize_step(resize: T.Resize) -> _ResizeStep | None:
+    """The uint8 twin of a torchvision Resize, or None when it uses settings this module does not translate."""
     mode = _MODES.get(resize.interpolation)
     if mode is None or resize.max_size is not None or resize.antialias is False:
         return None
-
-    def step(x: torch.Tensor) -> torch.Tensor:
-        return resize_chw(x, _resized_size(x.shape[-2], x.shape[-1], resize.size), mode)
-
-    return step
+    return _ResizeStep(resize.size, mode)
 
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:

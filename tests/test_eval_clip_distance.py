@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchmetrics.wrappers import BootStrapper
 
 import spatext.eval.clip_distance as clip_distance
 import spatext.pipeline.crop
@@ -19,7 +22,7 @@ from spatext.eval.clip_distance import (
     global_distance,
     local_distance,
 )
-from spatext.pipeline.clip import TINY_MODEL, ClipSpec, load_clip
+from spatext.pipeline.clip import TINY_MODEL, ClipSpec, embed_texts, load_clip
 
 
 @pytest.fixture(scope="module")
@@ -125,5 +128,47 @@ def test_bad_inputs_are_named(tiny, bench) -> None:
         local_distance([s.reference], [s.masks[1:]], [s.local_prompts], tiny)
     with pytest.raises(ValueError, match="nothing to average"):
         global_distance([], [], tiny)
-    with pytest.raises(RuntimeError, match="before any update"):
-        GlobalDistance(tiny).compute()
+    with pytest.raises(ValueError, match=r"prompts\[0\] must be a string, got NoneType"):
+        GlobalDistance(tiny).update([s.reference], [None])
+    with pytest.warns(UserWarning, match="no pair seen yet"):
+        assert torch.isnan(GlobalDistance(tiny).compute())
+
+
+def test_a_lone_prompt_string_is_one_prompt(tiny, bench) -> None:
+    s = bench[0]
+    assert float(global_distance([s.reference], s.prompt, tiny)) == float(global_distance([s.reference], [s.prompt],
+                                                                                            tiny))
+    assert embed_texts(tiny, "a cat").shape == (1, tiny.embed_dim)
+
+
+def test_forward_on_a_batch_without_regions_keeps_the_state(tiny, bench) -> None:
+    """torchmetrics' forward computes the batch value between saving and restoring the accumulated state: a batch
+    with no region must give NaN there (as MeanMetric does), not raise and lose every earlier batch."""
+    s = bench[0]
+    metric = LocalDistance(tiny)
+    first = metric([s.reference], [s.masks], [s.local_prompts])
+    with pytest.warns(UserWarning, match="no pair seen yet"):
+        empty = metric([s.reference], [np.zeros_like(s.masks)], [[]])
+    assert torch.isnan(empty)
+    assert int(metric.count) == len(s.local_prompts)
+    assert float(metric.compute()) == pytest.approx(float(first))
+
+
+@pytest.mark.parametrize("cls", [GlobalDistance, LocalDistance])
+def test_clones_and_pickles_share_or_carry_the_clip_model(tiny, bench, cls) -> None:
+    """clone() (deepcopy, used by BootStrapper and MetricTracker) shares the loaded CLIP; pickling carries it."""
+    s = bench[0]
+    metric = cls(tiny)
+    args = ([s.reference], [s.prompt]) if cls is GlobalDistance else ([s.reference], [s.masks], [s.local_prompts])
+    metric.update(*args)
+    copy = metric.clone()
+    assert copy.clip is tiny and copy is not metric
+    copy.update(*args)
+    assert int(copy.count) == 2 * int(metric.count)
+    unpickled = pickle.loads(pickle.dumps(metric))  # the test's own object: no untrusted data
+    assert unpickled.clip is not tiny
+    assert float(unpickled.compute()) == float(metric.compute())
+    unpickled.update(*args)  # the unpickled CLIP runs (its lock and uint8 transform were rebuilt)
+    assert float(unpickled.compute()) == pytest.approx(float(metric.compute()), abs=1e-6)
+    wrapped = BootStrapper(cls(tiny), num_bootstraps=3)
+    assert all(m.clip is tiny for m in wrapped.metrics)

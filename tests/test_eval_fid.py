@@ -163,7 +163,8 @@ def test_clip_extractor_features_are_the_pipeline_embeddings_of_non_square_image
         got = extractor(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
         assert got.dtype == torch.float64 and tuple(got.shape) == want.shape
         np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(extractor(extractor.preprocess_arrays(images)).numpy(), want, rtol=0, atol=1e-6)
+        with extractor.preprocessed_input():
+            np.testing.assert_allclose(extractor(extractor.preprocess_arrays(images)).numpy(), want, rtol=0, atol=1e-6)
     mixed = demo_images(2, 1, size=(97, 131)) + demo_images(2, 2, size=(131, 97))
     metric, description = make_fid("clip", clip=tiny)
     fid_update(metric, mixed, real=True)
@@ -177,9 +178,16 @@ def test_clip_extractor_input_types(tiny) -> None:
     images = torch.from_numpy(np.stack(demo_images(2, 8, size=(50, 70)))).permute(0, 3, 1, 2)
     pixels = extractor.preprocess(images)
     assert pixels.dtype == torch.float32 and tuple(pixels.shape) == (2, 3, 64, 64)
-    torch.testing.assert_close(extractor(pixels), extractor(images))  # preprocessed floats pass straight through
+    with extractor.preprocessed_input():  # as fid_update passes images of many sizes
+        torch.testing.assert_close(extractor(pixels), extractor(images))  # preprocessed floats pass straight through
     with pytest.raises(ValueError, match="uint8"):
         extractor(images.to(torch.int16))
+    metric, _ = make_fid("clip", clip=tiny)  # float images in [0, 1] (torchmetrics' normalize=True) are refused,
+    for floats in (images.float() / 255, pixels):  # not taken for CLIP-normalised pixels; so are preprocessed ones
+        with pytest.raises(ValueError, match=r"images must be uint8 N x 3 x H x W.*float32"):
+            metric.update(floats, real=True)
+    metric.update(images, real=True)
+    assert int(metric.real_features_num_samples) == 2
 
 
 def test_make_fid_errors(tiny, tmp_path: Path) -> None:

@@ -229,3 +229,8 @@ def test_region_indices_match_numpy_unique_for_small_and_huge_ids() -> None:
         assert all(type(i) is int for i in region_indices(m))
     huge = np.array([[0, 1 << 50], [3, 3]], dtype=np.int64)
     assert region_indices(huge) == [3, 1 << 50]
+
+
+def test_a_bad_batch_size_is_refused_at_construction(annotations_segmenter) -> None:
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        LocalIoU(annotations_segmenter, batch_size=0)

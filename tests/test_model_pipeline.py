@@ -238,6 +238,15 @@ def test_local_prompt_encoder_matches_the_clip_text_embeddings(parts):
     assert parts["encoder"].config.pretrained == "none (random init)"
 
 
+def test_a_lone_prompt_string_is_one_prompt_not_one_per_character(latent, parts):
+    """diffusers' encode_prompt takes str | list[str]: a string is one prompt."""
+    torch.testing.assert_close(latent.encode_prompt("a cat"), latent.encode_prompt(["a cat"]))
+    torch.testing.assert_close(parts["encoder"].encode("a dog"), parts["encoder"].encode(["a dog"]))
+    assert latent.embed_prompts("a dog").shape[0] == 1
+    with pytest.raises(ValueError, match=r"prompts\[1\] must be a string, got int"):
+        latent.encode_prompt(["a cat", 3])
+
+
 def test_prior_component_wraps_a_saved_prior(parts, tmp_path):
     save_prior(parts["prior"].prior, str(tmp_path / "prior"))
     loaded = PriorModel.from_file(str(tmp_path / "prior"))

@@ -141,6 +141,21 @@ def test_mask_png_of_zeros_and_ones_and_a_too_dark_mask(tmp_path):
         load_scene(_write_scene(tmp_path, {"regions": [{"prompt": "a", "mask": "red.png"}]}), (4, 4))
 
 
+def test_a_pil_mask_in_code_reads_as_the_same_mask_file(tmp_path):
+    soft = np.zeros((8, 8), np.uint8)
+    soft[:4, :4] = 255
+    soft[4:6, :4] = 60  # a soft edge: outside at >= 128, as in a mask file
+    Image.fromarray(soft).save(tmp_path / "m.png")
+    from_file = load_scene(_write_scene(tmp_path, {"regions": [{"prompt": "a", "mask": "m.png"}]}), (8, 8))
+    with Image.open(tmp_path / "m.png") as image:
+        in_code = Scene("", [(image, "a")])
+    assert in_code.regions[0].mask.tolist() == from_file.regions[0].mask.tolist()
+    assert int(in_code.regions[0].mask.sum()) == 16
+    assert Scene("", [(soft, "a")]).regions[0].mask.sum() == 24  # an integer array: non-zero is inside (documented)
+    with pytest.raises(ValueError, match=r"regions\[0\] \('a'\): mask image: its brightest grey level is 60"):
+        Scene("", [(Image.fromarray(np.full((4, 4), 60, np.uint8)), "a")])
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
