@@ -231,9 +231,10 @@ def fid_update(metric: FrechetInceptionDistance, images: Sequence[np.ndarray], r
 
 
 def fid_summary(metric: FrechetInceptionDistance, description: dict) -> dict:
-    """The FID value with its description and the image counts on each side (what a report prints)."""
+    """The FID value with its description and the image counts on each side (what a report prints). A distance is
+    never negative: rounding can make the computed value of two equal sets -1e-9, reported as 0."""
     return {
-        "fid": float(metric.compute()),
+        "fid": max(0.0, float(metric.compute())),
         "num_real": int(metric.real_features_num_samples),
         "num_generated": int(metric.fake_features_num_samples),
         **description,

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from spatext.model.st import downsample_label_map
 from spatext.pipeline.resize import resize_chw
 
 
@@ -116,13 +117,42 @@ def load_image_crop(
         return torch.from_numpy(np.array(small)).permute(2, 0, 1)  # channels-last, like resize_crop
 
 
-def load_label_crop(data: bytes, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
+def load_label_crop(
+    data: bytes, resolution: int, segments: np.ndarray | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     """Decode a stored segment map (single-channel PNG) and resize its `crop_box` to R x R, nearest; returns the
-    mode-L label image and the map's (W, H)."""
+    mode-L label image and the map's (W, H). When reducing, a segment with at least one output pixel's worth of
+    area is never lost (see `keep_small_segments`; `segments`: the map's stored indices, when known)."""
     with Image.open(io.BytesIO(data)) as im:
         if im.mode != "L":
             raise ValueError(f"segment_map must be a single-channel (L) PNG, got mode {im.mode}")
-        return im.resize((resolution, resolution), Image.Resampling.NEAREST, box=crop_box(*im.size)), im.size
+        box = crop_box(*im.size)
+        small = im.resize((resolution, resolution), Image.Resampling.NEAREST, box=box)
+        if box[2] - box[0] > resolution:
+            small = keep_small_segments(im, box, small, segments)
+        return small, im.size
+
+
+def keep_small_segments(
+    im: Image.Image, box: tuple[int, int, int, int], small: Image.Image, segments: np.ndarray | None = None
+) -> Image.Image:
+    """`small` (the nearest-neighbour reduction of `box` of the label image `im`), or, where nearest sampling stepped
+    over a segment with at least one output pixel's worth of area in the box (a thin pole, a wire), the reduction by
+    `downsample_label_map` instead: per-pixel majority, small segments rescued (DESIGN.md: downsampling must not
+    erase them; the same rule as ST's own reduction to the denoiser's size). With `segments` (the stored indices the
+    map may hold) a map whose segments all reached `small`, the usual case, costs nothing more to check."""
+    kept = np.asarray(small.histogram())
+    if segments is not None and kept[np.asarray(segments, dtype=np.int64)].all():
+        return small
+    crop = im.crop(box)
+    cell_area = (crop.size[0] / small.size[0]) * (crop.size[1] / small.size[1])
+    area = np.asarray(crop.histogram())
+    if not np.any((area[1:] >= cell_area) & (kept[1:] == 0)):
+        return small
+    labels = torch.from_numpy(np.array(crop, dtype=np.int64))[None]
+    with single_thread():
+        reduced = downsample_label_map(labels, (small.size[1], small.size[0]), int(np.flatnonzero(area).max()))
+    return Image.fromarray(reduced[0].numpy().astype(np.uint8), "L")
 
 
 def renumber(labels: np.ndarray, keep: np.ndarray, histogram: np.ndarray | None = None) -> np.ndarray:

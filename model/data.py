@@ -10,7 +10,9 @@
    exactly once per epoch over all ranks x workers (tested), given the same file list, seed, epoch and world size.
 3. Within a worker, rows pass through a shuffle buffer (random generator from (seed, epoch, rank, worker)).
 4. Each row is decoded and cropped: the image and its segment map get the same box (the centred square of the
-   shorter side) resized to R x R, bilinear (antialiased, PIL's filter) for the image and nearest for the map.
+   shorter side) resized to R x R, bilinear (antialiased, PIL's filter) for the image and nearest for the map
+   (reduced instead by ST's rule, `downsample_label_map`, where nearest sampling would step over a segment of one
+   output pixel's worth of area or more: `crops.keep_small_segments`).
    JPEGs are decoded by torchvision (libjpeg-turbo, the same pixels as PIL; other formats by PIL) and resized by
    torch's uint8 resize on one thread; a JPEG whose box is >= 4R pixels across is instead decoded at a reduced DCT
    scale (PIL's `draft`: 1/4 or 1/8, never below R pixels; see `MIN_DCT_SCALE`) and resized by PIL with the box
@@ -89,8 +91,8 @@ def to_sample(
     raw: dict, resolution: int, max_segments: int, resample_rng: np.random.Generator | None, uint8: bool = False
 ) -> dict:
     """One raw shard row -> the training sample dict (see ShardDataset)."""
-    small, size = load_label_crop(raw["segment_map"], resolution)
     stored = raw["segment_index"]
+    small, size = load_label_crop(raw["segment_map"], resolution, stored)
     histogram = np.asarray(small.histogram())
     present = stored[histogram[stored] > 0]  # the segments the crop left
     keep = choose_segments(present, resample_rng is not None, max_segments, resample_rng, raw["key"])

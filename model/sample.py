@@ -141,7 +141,8 @@ def shard_scenes(dataset: ShardDataset, num: int, model_size: int) -> list[tuple
     """The first ``num`` shard samples as (scene, real image): segment masks as the model sees them (reduced to
     ``model_size`` and back, segments below one cell dropped), segment labels as local prompts, caption as prompt."""
     loader = ShardDataset(dataset.files, dataset.resolution, shuffle_buffer=0, rank=0, world_size=1,
-                          max_segments=dataset.max_segments)
+                          max_segments=dataset.max_segments, resample_segments=dataset.resample_segments,
+                          seed=dataset.seed)  # resampling as the run trains: needed when k_max > max_segments
     samples = list(itertools.islice(iter(loader), num))
     segments = _segments_by_key(loader.files, [s["key"] for s in samples])
     out = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -74,14 +75,16 @@ def decode_image_info(
             width, height = im.size  # read from the header: no pixel decoded yet
             if width * height > max_pixels:
                 raise DecodeError("image_too_large", f"{width}x{height} exceeds {max_pixels} pixels")
-            if min(width, height) < MIN_SIDE:
-                raise DecodeError("image_too_small", f"{width}x{height}")
+            stored = target_size(width, height, image_size)
+            if min(width, height) < MIN_SIDE or min(stored) < MIN_SIDE:  # also a thin image (2000 x 16 -> 512 x 4)
+                detail = "" if min(width, height) < MIN_SIDE else f" (stored at {stored[0]}x{stored[1]})"
+                raise DecodeError("image_too_small", f"{width}x{height}{detail}: sides under {MIN_SIDE} px")
             orientation = int(im.getexif().get(0x0112, 1) or 1)
             im.draft("RGB", target_size(width, height, image_size))  # JPEG: decode at a reduced scale, fast
             ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
             if im.mode in DEEP_MODES:
                 im = deep_to_8bit(im)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:  # tRNS in P, L and RGB PNGs too
                 im = im.convert("RGBA")
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(background, im)
@@ -184,11 +187,19 @@ def decode_annotation(
     return Segmentation(id_map=id_map.astype(np.int32, copy=False), segments=tuple(segments))
 
 
+BLANK_CATEGORIES = ("Zs", "Zl", "Zp", "Cc", "Cf")  # Unicode separators, controls (NUL, ...) and format characters
+
+
+def is_blank(text: str) -> bool:
+    """Whether text shows nothing: only white space, control and format characters (NUL, zero-width space, ...)."""
+    return all(unicodedata.category(c) in BLANK_CATEGORIES for c in text)
+
+
 def decode_sample(raw: RawSample, options: DecodeOptions) -> Sample:
     """RawSample -> Sample; DecodeError with a reason code when the sample is unusable."""
     if raw.image_bytes is None:
         raise DecodeError("missing_image")
-    if raw.caption is None or not raw.caption.strip():
+    if raw.caption is None or is_blank(raw.caption):
         raise DecodeError("missing_caption")
     image, stored, orientation = decode_image_info(raw.image_bytes, options.image_size, options.max_pixels)
     annotation = None

@@ -25,13 +25,25 @@ def encode_id_map(id_map: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# Image modes that hold the encoding: RGB; RGBA (alpha ignored); P (a palette of RGB colours, exact). A grey or 16-bit
+# map is another encoding (its grey level v read as RGB would be id 65793 * v): refused, not guessed.
+PANOPTIC_MODES = ("RGB", "RGBA", "P")
+
+
+def _rgb_array(im: Image.Image) -> np.ndarray:
+    """The H x W x 3 uint8 colours of a panoptic map image; ValueError naming any other mode."""
+    if im.mode not in PANOPTIC_MODES:
+        raise ValueError(f"a panoptic PNG must be RGB (id = R + 256*G + 256**2*B), got mode {im.mode}")
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+
+
 def decode_id_map(png: bytes | np.ndarray | Image.Image) -> np.ndarray:
     """Decode a COCO-panoptic PNG (bytes, PIL image or H x W x 3 array) to an H x W int32 id map."""
     if isinstance(png, bytes | bytearray):
         with Image.open(io.BytesIO(png)) as im:
-            rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            rgb = _rgb_array(im)
     elif isinstance(png, Image.Image):
-        rgb = np.asarray(png if png.mode == "RGB" else png.convert("RGB"))
+        rgb = _rgb_array(png)
     else:
         rgb = np.asarray(png)
     if rgb.ndim != 3 or rgb.shape[2] != 3:

@@ -227,16 +227,24 @@ def iter_webdataset(fileobj: IO[bytes], source: str) -> Iterator[RawSample | Rej
     current: str | None = None
     dropped = False  # the current key was rejected: its remaining members are skipped, not rejected again
     members: dict[str, bytes] = {}
+    names: set[str] = set()  # the current key's member extensions so far (used or not)
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
                 key, ext = split_member_name(info.name)
+                if key == current and ext in names and not dropped:
+                    # k.jpg k.txt k.jpg ...: a second copy of the key right after the first. The first copy is
+                    # kept and the second is a duplicate_key reject, as for a copy further down the tar.
+                    yield _raw_from_members(current, source, members)
+                    yield Reject(key, source, "read", f"duplicate_key: {info.name} repeated in this tar")
+                    dropped = True
+                names.add(ext)
                 if key != current:
                     if current is not None and not dropped:
                         yield _raw_from_members(current, source, members)
-                    current, members, dropped = key, {}, key in seen
+                    current, members, names, dropped = key, {}, {ext}, key in seen
                     if dropped:
                         yield Reject(key, source, "read", "duplicate_key")
                     seen.add(key)

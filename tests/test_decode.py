@@ -66,6 +66,24 @@ def test_transparent_pixels_become_white():
     assert decode_image(buf.getvalue(), 512).min() == 255
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "P"])
+def test_transparency_chunks_of_grey_and_rgb_pngs_become_white(mode):
+    """A tRNS chunk marks one colour transparent in L and RGB PNGs as well as in palette ones."""
+    im = Image.new(mode, (32, 32), 0)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", transparency=0 if mode != "RGB" else (0, 0, 0))
+    assert Image.open(io.BytesIO(buf.getvalue())).info.get("transparency") is not None
+    assert decode_image(buf.getvalue(), 512).min() == 255
+
+
+def test_an_image_whose_stored_side_would_fall_under_16_px_is_too_small():
+    assert decode_image(jpeg_bytes(1024, 32), 512).shape == (16, 512, 3)  # the limit itself is kept
+    for size, image_size in (((2000, 16), 512), ((16, 2000), 512), ((400, 40), 128)):
+        with pytest.raises(DecodeError, match=r"image_too_small: \d+x\d+ \(stored at \d+x\d+\)") as err:
+            decode_image(jpeg_bytes(*size), image_size)
+        assert err.value.reason == "image_too_small"
+
+
 def test_decompression_bomb_is_rejected_before_decoding():
     buf = io.BytesIO()
     Image.new("1", (9000, 9000)).save(buf, format="PNG")  # 81 Mpx in a tiny file
@@ -103,12 +121,23 @@ def test_max_pixels_above_pillows_limit_is_honoured(monkeypatch):
     assert err.value.reason == "unreadable_image"
 
 
+def _grey_png(values: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
         (RawSample("k", "s", None, "cap"), "missing_image"),
         (RawSample("k", "s", b"x", None), "missing_caption"),
         (RawSample("k", "s", b"x", "   "), "missing_caption"),
+        (RawSample("k", "s", b"x", "\x00\x00"), "missing_caption"),  # nothing visible: NUL, zero-width, BOM
+        (RawSample("k", "s", b"x", "\u200b \ufeff\u00a0"), "missing_caption"),
+        (RawSample("k", "s", jpeg_bytes(2000, 16), "cap"), "image_too_small"),  # stored at 512 x 4
+        (RawSample("k", "s", jpeg_bytes(64, 48), "cap", _grey_png(np.ones((48, 64), np.uint8)),
+                   {"segments_info": [{"id": 1}]}), "bad_annotation"),  # a grey map: not the COCO RGB encoding
         (RawSample("k", "s", b"not an image", "cap"), "unreadable_image"),
         (RawSample("k", "s", jpeg_bytes(8, 8), "cap"), "image_too_small"),
         (RawSample("k", "s", jpeg_bytes(), "cap"), "missing_annotation"),

@@ -22,12 +22,14 @@ from spatext.model.crops import (
     dct_scale,
     decode_rgb,
     load_image_crop,
+    load_label_crop,
     renumber,
     resize_crop,
     single_thread,
 )
 from spatext.model.data import ShardDataset, collate, threaded_map, to_model_input
 from spatext.model.shard_files import WorkUnit, assign_units, read_unit, resolve_files
+from spatext.model.st import downsample_label_map
 from spatext.pipeline.schema import encode_image, encode_segment_map, row_to_sample, shard_schema
 
 D = 64
@@ -518,3 +520,31 @@ def test_threaded_map_works_ahead_while_the_consumer_is_busy(ahead):
     expected = 1 + (2 * 2 if ahead is None else ahead)  # the item taken + the ones in flight
     assert sorted(done) == list(range(expected))
     assert list(mapped) == list(range(1, 100))
+
+
+def _png_l(labels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(labels.astype(np.uint8), "L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_reducing_the_label_crop_keeps_thin_segments_of_one_output_pixel_or_more():
+    """Nearest sampling every 16th pixel steps over a 15 px wide pole (2 output pixels' worth of area at R = 32):
+    the crop is then reduced by the ST rule instead, which keeps it; a map without such a segment stays nearest."""
+    labels = np.zeros((512, 512), np.uint8)
+    labels[256:, :] = 2
+    labels[100:134, 9:24] = 1  # 15 x 34 px between the sampled columns 8 and 24; one output pixel: 16 x 16 px
+    labels[300:302, 300:302] = 3  # 4 px: below one output pixel's worth, may vanish
+    nearest = Image.fromarray(labels).resize((32, 32), Image.Resampling.NEAREST)
+    assert 1 not in np.unique(np.asarray(nearest))  # what the loader did before
+    small, size = load_label_crop(_png_l(labels), 32)
+    got = np.asarray(small)
+    assert size == (512, 512) and got.shape == (32, 32)
+    assert {0, 1, 2} <= set(np.unique(got).tolist())
+    want = downsample_label_map(torch.from_numpy(labels.astype(np.int64))[None], (32, 32))[0].numpy()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(load_label_crop(_png_l(labels), 32, np.array([1, 2, 3]))[0]), want)
+    plain = labels.copy()
+    plain[100:134, 9:24] = 0
+    np.testing.assert_array_equal(np.asarray(load_label_crop(_png_l(plain), 32)[0]),
+                                  np.asarray(Image.fromarray(plain).resize((32, 32), Image.Resampling.NEAREST)))

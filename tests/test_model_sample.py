@@ -144,6 +144,16 @@ def test_shard_scenes_use_segment_labels_and_the_model_resolution(demo_shards):
     assert scenes[0][0].regions[0].prompt == "sand"
 
 
+def test_shard_scenes_resample_segments_as_the_run_does(demo_shards):
+    """A run with --resample-segments may keep fewer segments than the shards' k_max: its sample grids must too."""
+    dataset = ShardDataset(str(demo_shards), 32, shuffle_buffer=0, max_segments=2, resample_segments=True)
+    assert int(dataset.metadata["k_max"]) > 2
+    scenes = sample.shard_scenes(dataset, 4, model_size=8)
+    assert len(scenes) == 4 and all(1 <= len(scene.regions) <= 2 for scene, _ in scenes)
+    again = sample.shard_scenes(dataset, 4, model_size=8)  # the same regions at every grid of the run
+    assert [[r.prompt for r in s.regions] for s, _ in again] == [[r.prompt for r in s.regions] for s, _ in scenes]
+
+
 def test_draw_scene_colours_each_region_and_lists_the_prompts():
     top = np.zeros((8, 8), bool)
     top[:4] = True

@@ -42,6 +42,17 @@ def test_duplicate_and_oversized_members_become_rejects(make_tar, monkeypatch):
     assert items[1].reason.startswith("member_too_large") and items[2].reason == "duplicate_key"
 
 
+def test_a_key_repeated_right_after_itself_keeps_the_first_copy(make_tar):
+    """k.jpg k.txt k.jpg k.txt: the second copy is a duplicate_key reject, not a silent overwrite of the first."""
+    path = make_tar("d.tar", [("k.jpg", b"IMAGE-1"), ("k.txt", b"first"), ("k.jpg", b"IMAGE-2"), ("k.txt", b"second"),
+                              ("k.cls", b"1"), ("j.jpg", b"J"), ("j.txt", b"j")])
+    items = _iter_tar(path)
+    assert [(type(i).__name__, i.key) for i in items] == [("RawSample", "k"), ("Reject", "k"), ("RawSample", "j")]
+    assert (items[0].image_bytes, items[0].caption) == (b"IMAGE-1", "first")
+    assert items[1].reason == "duplicate_key: k.jpg repeated in this tar"
+    assert (items[2].image_bytes, items[2].caption) == (b"J", "j")
+
+
 def test_truncated_tar_keeps_what_was_read_and_rejects_the_rest(make_tar):
     path = make_tar("c.tar", [("k1.jpg", b"a" * 2000), ("k1.txt", b"c"), ("k2.jpg", b"b" * 5000), ("k2.txt", b"d")])
     with open(path, "r+b") as handle:
