@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
 from spatext.model.pipeline import SpaTextPipeline
+from spatext.pipeline.weights import safetensors_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def save_checkpoint(accelerator: Accelerator, unet: torch.nn.Module, ema: EMAMod
         names = [n for n, _ in accelerator.unwrap_model(unet).named_parameters()]
         tensors = {n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params, strict=True)}
         meta = {k: json.dumps(v) for k, v in ema.state_dict().items() if k != "shadow_params"}
-        safetensors.torch.save_file(tensors, os.path.join(path, EMA_FILE), metadata=meta)
+        with open(os.path.join(path, EMA_FILE), "wb") as handle:
+            handle.write(safetensors_bytes(tensors, meta))
     write_json(os.path.join(path, STATE_FILE), state)
     if args.checkpoints_total_limit:
         for old in checkpoint_dirs(args.output)[: -args.checkpoints_total_limit]:

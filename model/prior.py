@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spatext.pipeline.weights import safetensors_bytes
+
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -165,7 +167,7 @@ def save_prior(prior: Prior, output: str, metrics: dict | None = None) -> None:
     metadata = {"config": config_json}
     if metrics is not None and metrics.get("lineage"):  # which CLIP space it maps within, also in the file alone
         metadata["lineage"] = json.dumps(metrics["lineage"], sort_keys=True)
-    _write(f"{output.rstrip('/')}/{WEIGHTS_FILE}", safetensors.torch.save(tensors, metadata=metadata))
+    _write(f"{output.rstrip('/')}/{WEIGHTS_FILE}", safetensors_bytes(tensors, metadata))
     _write(f"{output.rstrip('/')}/{CONFIG_FILE}", config_json.encode())
     if metrics is not None:
         _write(f"{output.rstrip('/')}/{METRICS_FILE}", json.dumps(metrics, indent=2, sort_keys=True).encode())

@@ -70,8 +70,11 @@ def resolve_clip(args: argparse.Namespace, meta: dict[str, str], config: Denoise
     return model, RANDOM_INIT if pretrained == RANDOM_INIT_LABEL else pretrained
 
 
-def load_prior_component(path: str | None, dim: int, clip_model: str | None = None) -> tuple[PriorModel, str]:
-    """The prior saved with the pipeline: ``--prior`` or an untrained (identity) one; and its label.
+def load_prior_component(
+    path: str | None, dim: int, clip_model: str | None = None, seed: int = 0
+) -> tuple[PriorModel, str]:
+    """The prior saved with the pipeline: ``--prior`` or an untrained (identity) one (initialised from ``seed``, so
+    that two runs save the same weights); and its label.
 
     A ``--prior`` must map embeddings of the run's CLIP (``clip_model``): one trained in another CLIP space of the
     same size would load and run, and quietly put the wrong embeddings into ST."""
@@ -79,7 +82,9 @@ def load_prior_component(path: str | None, dim: int, clip_model: str | None = No
         cfg = load_prior_config("prior-tiny").to_dict() | {"embed_dim": dim}
         logger.warning("no --prior: the pipeline gets an %s prior (local prompts' CLIP text embeddings go into ST "
                        "unchanged); train one with --config prior-tiny", UNTRAINED_PRIOR)
-        return PriorModel(prior_config=cfg), UNTRAINED_PRIOR
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return PriorModel(prior_config=cfg), UNTRAINED_PRIOR
     prior = PriorModel.from_file(path)
     if prior.embed_dim != dim:
         raise ValueError(f"--prior {path!r} maps D={prior.embed_dim} embeddings, the shards have D={dim}")
@@ -98,7 +103,7 @@ def build_training_pipeline(
     clip_model, clip_pretrained = resolve_clip(args, meta, config)
     clip = load_clip(ClipSpec(model=clip_model, pretrained=clip_pretrained))
     encoder = LocalPromptEncoder.from_clip(clip)
-    prior, prior_label = load_prior_component(args.prior, config.embed_dim, clip_model)
+    prior, prior_label = load_prior_component(args.prior, config.embed_dim, clip_model, seed=args.seed)
     pipe = build_pipeline(config, args.base_model, encoder, prior, seed=args.seed)
     if pipe.scheduler.config.get("prediction_type") != config.prediction_type:
         logger.info("scheduler prediction_type set to the config's %s", config.prediction_type)

@@ -1,9 +1,12 @@
-"""Reading weight files safely: the one home of "a checkpoint file -> a state dict of tensors, nothing unpickled"."""
+"""Weight files: the one home of "a checkpoint file -> a state dict of tensors, nothing unpickled", and of writing
+safetensors files that two identical saves make byte for byte alike."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 
+import safetensors.torch
 import torch
 
 
@@ -36,3 +39,19 @@ def read_state_dict(path: str, flag: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{flag} {path!r}: expected a non-empty state dict of tensors, got {type(state).__name__}")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save``, with the header's metadata in sorted key order. safetensors writes metadata in
+    hash order, which changes from process to process, so two identical saves differed in their bytes (not in any
+    tensor): a rerun could not be confirmed by checksum. Only the order changes, so the header keeps its length."""
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return data
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) != len(data[8 : 8 + size].rstrip(b" ")):  # another JSON spelling than expected: keep the original
+        return data
+    return data[:8] + text.ljust(size, b" ") + data[8 + size :]

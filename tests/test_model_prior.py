@@ -12,10 +12,18 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from spatext.model.prior import Prior, PriorConfig, list_prior_configs, load_prior, load_prior_config
+from spatext.model.prior import (
+    Prior,
+    PriorConfig,
+    list_prior_configs,
+    load_prior,
+    load_prior_config,
+    save_prior,
+)
 from spatext.model.prior_train import heldout_mask, load_embedding_pairs, train_prior
 from spatext.pipeline.keys import key_hash
 from spatext.pipeline.schema import encode_image, encode_segment_map, shard_schema
+from spatext.pipeline.weights import safetensors_bytes
 
 D = 32
 TINY = PriorConfig(name="test", hidden_dim=128, num_layers=2, expansion=2)
@@ -171,3 +179,24 @@ def test_train_prior_takes_the_flag_names_of_spatext_train():
     long = parse_args(["--data", "d", "--output", "o", "--max-train-steps", "7", "--train-batch-size", "3",
                        "--learning-rate", "0.5"])
     assert vars(short) == vars(long) and (long.steps, long.batch_size, long.lr) == (7, 3, 0.5)
+
+
+def test_safetensors_files_are_byte_identical_across_saves(tmp_path) -> None:
+    """safetensors writes its metadata in hash order, which changes from one save to the next; ours is sorted."""
+    tensors = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(3, dtype=torch.float16)}
+    metadata = {name: json.dumps({"value": i}) for i, name in enumerate("hgfedcba")}
+    raw = {safetensors.torch.save(tensors, metadata=metadata) for _ in range(10)}
+    ours = {safetensors_bytes(tensors, metadata) for _ in range(10)}
+    assert len(raw) > 1 and len(ours) == 1  # the library's own bytes vary; ours do not
+    data = ours.pop()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(metadata)
+    (tmp_path / "t.safetensors").write_bytes(data)
+    with safetensors.safe_open(str(tmp_path / "t.safetensors"), "pt") as handle:
+        assert handle.metadata() == metadata
+        assert {k: handle.get_tensor(k).tolist() for k in handle.keys()} == {k: v.tolist() for k, v in tensors.items()}
+    torch.manual_seed(0)
+    prior = Prior(PriorConfig(**{**load_prior_config("prior-tiny").to_dict(), "embed_dim": 16}))
+    for run in ("a", "b"):
+        save_prior(prior, str(tmp_path / run), {"lineage": {"clip_model": "x", "shards": ["s1", "s2"]}})
+    assert (tmp_path / "a" / "prior.safetensors").read_bytes() == (tmp_path / "b" / "prior.safetensors").read_bytes()

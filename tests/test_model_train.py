@@ -365,6 +365,15 @@ def test_prior_config_trains_the_prior_and_a_denoiser_run_takes_it(demo_shards, 
         load_prior_component(str(prior_run), dim, "ViT-B-16")
 
 
+def test_the_untrained_prior_of_a_run_is_initialised_from_its_seed() -> None:
+    """Without --prior, two runs of one seed save the same prior weights (its output layer starts at zero, so the
+    prior is the identity whatever the others hold, but a checksum or a later fine-tune sees them)."""
+    weights = [{k: v.clone() for k, v in load_prior_component(None, 16, seed=seed)[0].state_dict().items()}
+               for seed in (0, 0, 1)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert any(not torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
 def test_a_bf16_run_saves_the_base_weights_in_fp32_and_samples(four_rows, base, tmp_path):
     out = tmp_path / "bf16"
     assert run_train(_argv(four_rows, base, out, "latent-tiny", 1, "--mixed-precision", "bf16", "--ema-decay", "0",
