@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/shared_model.py --repeats 5 --out bench_output
 	$(PY) benchmarks/pipeline_overlap.py --num-samples 512 --ms-per-image 10 \
 		--modes in_process,processes:3,threads:4 --out bench_output/overlap
+	$(PY) benchmarks/torch_threads.py --repeats 3 --out bench_output
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -6,6 +6,7 @@ not know are Beam pipeline options (--runner, --direct_running_mode, --project, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,8 +15,10 @@ import posixpath
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 
 import apache_beam as beam
+import torch
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
@@ -35,6 +38,7 @@ from spatext.pipeline.schema import sample_to_row, shard_schema
 from spatext.pipeline.segment import SegmenterModelHandler
 from spatext.pipeline.segmenters.base import SegmenterSpec, may_read_ground_truth, weights_label
 from spatext.pipeline.selection import Select, SelectOptions
+from spatext.pipeline.torch_threads import worker_torch_threads
 from spatext.pipeline.write import (
     BUILD_CONFIG,
     REJECTS_DIR,
@@ -151,10 +155,11 @@ def build_pipeline(
 
     read = p | "Read" >> ReadCorpus(config.input, config.read_options(), skip)
     winners = read["samples"] | "DuplicateKeys" >> DuplicateKeys(completed_tables(config.output) if skip else ())
-    decoded = read["samples"] | "Decode" >> beam.ParDo(Decode(decode_options)).with_outputs(REJECTS, main="ok")
+    threads = worker_torch_threads(config.torch_threads, p.options)
+    decoded = read["samples"] | "Decode" >> beam.ParDo(Decode(decode_options, threads)).with_outputs(REJECTS, main="ok")
     share, copies = config.share_models(), config.model_copies
     segmented, seg_failed = decoded.ok | "Segment" >> RunInference(
-        SegmenterModelHandler(segmenter_spec(config, segmenter), share, copies)
+        SegmenterModelHandler(segmenter_spec(config, segmenter), share, copies, threads)
     ).with_exception_handling()
     # A failed batch runs again one sample at a time (pipeline/batch_failures.py): what fails alone is rejected
     # here with its own error; a batch of one that fails goes to RunInference's dead letter (the *Failures steps).
@@ -162,7 +167,7 @@ def build_pipeline(
         SplitFailures("segment", "segmenter_error")).with_outputs(REJECTS, main="ok")
     selected = segmented_alone.ok | "Select" >> beam.ParDo(Select(select_options)).with_outputs(REJECTS, main="ok")
     embedded, embed_failed = selected.ok | "Embed" >> RunInference(
-        ClipEmbedder(clip_spec(config), share, copies)
+        ClipEmbedder(clip_spec(config), share, copies, threads)
     ).with_exception_handling()
     embedded_alone = embedded | "EmbedFailedAlone" >> beam.ParDo(
         SplitFailures("embed", "embedder_error")).with_outputs(REJECTS, main="ok")
@@ -396,6 +401,30 @@ def execute(
     started_at = time.time()
     warn_if_device_would_idle(config, options)
     done_before = len(read_markers(config.output))
+    with torch_threads_restored():  # in-process runners set --torch-threads in this process: not beyond the build
+        result = _run_jobs(config, options, jobs, test_pipeline, started_at, done_before)
+    try:
+        return result, read_manifest(config.output)
+    except OSError:
+        return result, None  # a remote runner that returned before the job finished
+
+
+@contextlib.contextmanager
+def torch_threads_restored() -> Iterator[None]:
+    """Restore this process's torch intra-op threads on exit."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _run_jobs(
+    config: BuildConfig, options: PipelineOptions, jobs: list[frozenset[str]], test_pipeline: beam.Pipeline | None,
+    started_at: float, done_before: int,
+) -> PipelineResult:
+    """Run the build's Beam job(s) in turn; the last job's result."""
     for number, job_skip in enumerate(jobs, 1):
         if len(jobs) > 1:
             logger.info("--units-per-run: job %d of %d", number, len(jobs))
@@ -415,10 +444,7 @@ def execute(
             logger.warning("%d model batch(es) failed and ran again one sample at a time: the samples that failed "
                            "alone are rejects with their own error (segment/segmenter_error, embed/embedder_error)",
                            retried)
-    try:
-        return result, read_manifest(config.output)
-    except OSError:
-        return result, None  # a remote runner that returned before the job finished
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

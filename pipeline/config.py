@@ -57,6 +57,7 @@ class BuildConfig:
     precision: str = "fp32"
     model_sharing: str = "auto"  # process | machine (one model server shared by a machine's worker processes)
     model_copies: int | None = None  # with machine sharing: model servers per machine
+    torch_threads: int = 0  # intra-op threads per worker process; 0 = auto (pipeline/torch_threads.py)
     rows_per_group: int = 256
     target_shard_mb: float = 128.0
     overwrite: bool = False
@@ -72,6 +73,8 @@ class BuildConfig:
             raise ValueError(f"--precision {self.precision} applies on cuda only (--device {self.device} runs the "
                              "models in fp32): drop --precision or use --device cuda")
         _check_choice("--model-sharing", self.model_sharing, MODEL_SHARING)
+        if self.torch_threads < 0:
+            raise ValueError(f"--torch-threads must be >= 0 (0: auto), got {self.torch_threads}")
         if self.model_copies is not None and self.model_copies < 1:
             raise ValueError(f"--model-copies must be >= 1, got {self.model_copies}")
         if self.model_copies is not None and self.model_sharing == "process":
@@ -130,7 +133,7 @@ class BuildConfig:
 # Settings a --resume may change: how the work runs, where the build is (a moved or copied build resumes too), and
 # the rows per Parquet row group (readers take any; older builds recorded it and a resume ignores it there).
 RESUME_MAY_CHANGE = ("overwrite", "resume", "device", "segmenter_batch_size", "clip_batch_size", "model_sharing",
-                     "model_copies", "units_per_run", "output", "rows_per_group")
+                     "model_copies", "units_per_run", "output", "rows_per_group", "torch_threads")
 _READ_FLAGS = ("image_column", "caption_column", "key_column", "coco_split")
 
 
@@ -202,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "the GPU, one copy in GPU memory); auto = machine when --device is cuda, else process")
     p.add_argument("--model-copies", type=int, default=None,
                    help="model servers per machine with machine sharing (e.g. one per GPU); default 1")
+    p.add_argument("--torch-threads", type=int, default=d.torch_threads,
+                   help="torch intra-op threads in each worker process; 0 = auto: 1 where Beam runs samples in "
+                   "parallel (several DirectRunner workers, Dataflow, Spark, Flink), so that processes and threads "
+                   "do not each start one per core; torch's default in a single DirectRunner worker and in a shared "
+                   "model server")
     p.add_argument("--rows-per-group", type=int, default=d.rows_per_group, help="Parquet row group size (rows)")
     p.add_argument("--target-shard-mb", type=float, default=d.target_shard_mb,
                    help="max size of an output shard (MB); each input unit (tar) writes one or more shards")

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from spatext.pipeline.panoptic import decode_id_map
 from spatext.pipeline.records import REJECTS, RawSample, Reject, Sample, Segment, Segmentation
 from spatext.pipeline.resize import resize_image
+from spatext.pipeline.torch_threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -218,10 +220,26 @@ def decode_sample(raw: RawSample, options: DecodeOptions) -> Sample:
 class Decode(beam.DoFn):
     """RawSample -> Sample (main output) or Reject (the 'rejects' output)."""
 
-    def __init__(self, options: DecodeOptions) -> None:
+    def __init__(self, options: DecodeOptions, torch_threads: int | None = None) -> None:
+        """``torch_threads``: this worker process's torch intra-op threads (``worker_torch_threads``), set at setup:
+        the first step to run torch in a worker (its resize)."""
         self.options = options
+        self.torch_threads = torch_threads
         self.decoded = beam.metrics.Metrics.counter("spatext_decode", "samples_decoded")
         self.rejected = beam.metrics.Metrics.counter("spatext_decode", "rejected")
+        self.threads_metric = beam.metrics.Metrics.distribution("spatext_decode", "torch_threads")
+
+    def setup(self) -> None:
+        """Set this worker process's torch threads."""
+        apply_torch_threads(self.torch_threads)
+        self._threads_recorded = False
+
+    def start_bundle(self) -> None:
+        """Record the torch threads once per DoFn instance (metric ``torch_threads``: min and max over workers;
+        a metric needs a bundle, which setup does not run in)."""
+        if not self._threads_recorded:
+            self.threads_metric.update(torch.get_num_threads())
+            self._threads_recorded = True
 
     def process(self, raw: RawSample) -> Iterator:
         try:

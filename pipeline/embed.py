@@ -30,9 +30,10 @@ class ClipEmbedder(ModelStage):
 
     namespace, stage = METRICS_NAMESPACE, "embed"
 
-    def __init__(self, spec: ClipSpec, share_across_processes: bool = False, model_copies: int | None = None) -> None:
-        """Keep the spec (batch size, model); see ``ModelStage`` for the sharing flags."""
-        super().__init__(spec.batch_size, share_across_processes, model_copies)
+    def __init__(self, spec: ClipSpec, share_across_processes: bool = False, model_copies: int | None = None,
+                 torch_threads: int | None = None) -> None:
+        """Keep the spec (batch size, model); see ``ModelStage`` for the sharing flags and ``torch_threads``."""
+        super().__init__(spec.batch_size, share_across_processes, model_copies, torch_threads)
         self.spec = spec
         # Where the stage's time goes (see ClipModel.embed_samples): wall and thread-CPU milliseconds per batch.
         self._timings = {name: Metrics.distribution(METRICS_NAMESPACE, name) for name in TIMINGS}
@@ -40,6 +41,7 @@ class ClipEmbedder(ModelStage):
 
     def load_model(self) -> ClipModel:
         """Load the CLIP model named by the spec."""
+        self.prepare_process()
         return load_clip(self.spec)
 
     def run_inference(

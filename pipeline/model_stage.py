@@ -12,6 +12,7 @@ from apache_beam.ml.inference.base import ModelHandler
 
 from spatext.pipeline.batch_failures import FailedSample, each_alone_on_failure
 from spatext.pipeline.records import Sample
+from spatext.pipeline.torch_threads import apply_torch_threads
 
 HOPELESS_AFTER = 2  # retried batches in a row that fail sample by sample before a failing batch is no longer retried
 
@@ -22,12 +23,15 @@ class ModelStage(ModelHandler):
     namespace = "spatext"
     stage = "model"
 
-    def __init__(self, batch_size: int, share_across_processes: bool = False, model_copies: int | None = None) -> None:
+    def __init__(self, batch_size: int, share_across_processes: bool = False, model_copies: int | None = None,
+                 torch_threads: int | None = None) -> None:
         """The model is loaded on the worker by ``load_model``.
 
         ``share_across_processes``: one model server per machine for all worker processes (Beam's ``large_model``),
-        ``model_copies``: that many servers (implies sharing); the default is one model per worker process.
+        ``model_copies``: that many servers (implies sharing); the default is one model per worker process, which
+        runs torch on ``torch_threads`` intra-op threads (None: torch's default; a model server keeps the default).
         """
+        self._torch_threads = None if share_across_processes or model_copies is not None else torch_threads
         # Full batches of ``batch_size`` (fewer only at a bundle's end), not Beam's adaptive sizing from one sample up,
         # which left a 128-sample demo build's batches at a mean of 4.9 of 8 (segment), 7.5 of 64 (embed) samples:
         # more, smaller model calls than the flag asks for (RunInference's metrics; full: 8.0 and 64.0).
@@ -35,6 +39,10 @@ class ModelStage(ModelHandler):
                          model_copies=model_copies)
         self._retried = Metrics.counter(self.namespace, f"{self.stage}_batches_run_one_by_one")
         self._hopeless = 0  # retried batches in a row in which every sample failed alone too
+
+    def prepare_process(self) -> None:
+        """What ``load_model`` does first in the process that will run the model: its torch threads."""
+        apply_torch_threads(self._torch_threads)
 
     def each_alone_on_failure(self, batch: Sequence[Sample], infer: Callable[[Sequence[Sample]], list[Any]]
                               ) -> list[Any | FailedSample]:

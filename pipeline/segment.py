@@ -54,10 +54,11 @@ class SegmenterModelHandler(ModelStage):
     namespace, stage = METRICS_NAMESPACE, "segment"
 
     def __init__(
-        self, spec: SegmenterSpec, share_across_processes: bool = False, model_copies: int | None = None
+        self, spec: SegmenterSpec, share_across_processes: bool = False, model_copies: int | None = None,
+        torch_threads: int | None = None,
     ) -> None:
-        """Keep the spec (batch size, model); see ``ModelStage`` for the sharing flags."""
-        super().__init__(spec.batch_size, share_across_processes, model_copies)
+        """Keep the spec (batch size, model); see ``ModelStage`` for the sharing flags and ``torch_threads``."""
+        super().__init__(spec.batch_size, share_across_processes, model_copies, torch_threads)
         self.spec = spec
         self._images = Metrics.counter(METRICS_NAMESPACE, "images_segmented")
         self._segments = Metrics.counter(METRICS_NAMESPACE, "segments_found")
@@ -66,6 +67,7 @@ class SegmenterModelHandler(ModelStage):
     def load_model(self) -> Segmenter:
         """Build the segmenter (called once per worker process, or once per machine when shared), run one call at a
         time by the threads that share it."""
+        self.prepare_process()
         return SerialSegmenter(create_segmenter(self.spec))
 
     def run_inference(

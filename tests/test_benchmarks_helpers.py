@@ -165,6 +165,8 @@ def test_records_write_nan_and_infinity_as_null(bench, tmp_path: Path) -> None:
     ("train_step", ["--threads", "-1"], "--warmup and --threads must be >= 0"),
     ("train_step", ["--widths", "32"], "--widths: 2 to 4 positive block widths"),
     ("sampling", ["--num-images", "0"], "--num-images, --steps and --repeats must be >= 1"),
+    ("torch_threads", ["--threads", "auto", "0"], "--threads takes auto or whole numbers >= 1"),
+    ("torch_threads", ["--workers", "0"], "need --num-samples >= 16, --workers >= 1"),
 ])
 def test_benchmark_flags_are_usage_errors(bench, capsys, script, argv, message) -> None:
     with pytest.raises(SystemExit) as exit_info:

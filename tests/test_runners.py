@@ -10,10 +10,15 @@ import sys
 import time
 
 import pytest
+import torch
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from conftest import assert_same_rows, read_rows
 from spatext.pipeline import build
+from spatext.pipeline.config import parse_args
 from spatext.pipeline.demo_corpus import write_corpus
+from spatext.pipeline.torch_threads import worker_torch_threads
 
 TINY = ["--clip-model", "spatext-tiny", "--clip-pretrained", "none", "--image-format", "png"]
 
@@ -56,11 +61,36 @@ def test_three_runners_give_the_same_rows(tmp_path, job_service):
                              "--model-sharing", "machine"],
         "portable": ["--runner", "PortableRunner", "--job_endpoint", job_service, "--environment_type", "LOOPBACK"],
     }
-    rows = {}
+    rows, threads = {}, {}
+    launcher_threads = torch.get_num_threads()
     for name, beam_args in runs.items():
         out = tmp_path / name
-        manifest = build.run(["--input", str(tmp_path / "corpus" / "*.tar"), "--output", str(out), *TINY, *beam_args])
+        config, rest = parse_args(["--input", str(tmp_path / "corpus" / "*.tar"), "--output", str(out), *TINY,
+                                   *beam_args])
+        result, manifest = build.execute(config, rest)
         assert manifest["counts"]["accepted"] == 8, name
         rows[name] = read_rows(out)
+        found = result.metrics().query(MetricsFilter().with_name("torch_threads"))["distributions"]
+        threads[name] = {(d.committed.min, d.committed.max) for d in found}
+        assert torch.get_num_threads() == launcher_threads  # an in-process job leaves this process's setting alone
     assert_same_rows(rows["multi_processing"], rows["direct"])
     assert_same_rows(rows["portable"], rows["direct"])
+    # --torch-threads auto: torch's default in a lone DirectRunner worker, one thread per worker process elsewhere
+    assert threads == {"direct": {(launcher_threads, launcher_threads)}, "multi_processing": {(1, 1)},
+                       "portable": {(1, 1)}}
+
+
+@pytest.mark.parametrize(("flags", "want"), [
+    ([], None),
+    (["--direct_num_workers=1"], None),
+    (["--direct_num_workers=2", "--direct_running_mode=multi_processing"], 1),
+    (["--direct_num_workers=4", "--direct_running_mode=multi_threading"], 1),
+    (["--direct_num_workers=0"], 1),  # 0: one worker per core
+    (["--runner", "DataflowRunner"], 1),
+    (["--runner", "PortableRunner"], 1),
+])
+def test_auto_torch_threads_by_runner(flags, want) -> None:
+    assert worker_torch_threads(0, PipelineOptions(flags)) == want
+    assert worker_torch_threads(3, PipelineOptions(flags)) == 3
+    with pytest.raises(ValueError, match="--torch-threads must be >= 0"):
+        parse_args(["--input", "x", "--output", "y", "--torch-threads", "-1"])
