@@ -49,12 +49,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from spatext.eval.masks import check_index_map, region_indices
 from spatext.eval.outputs import is_same_or_inside, only_files_with_suffix, read_info
-from spatext.paths import inside
+from spatext.paths import inside, match_in
 from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import Segment, Segmentation
 from spatext.pipeline.schema import ShardSample, decode_image, encode_image, read_metadata, row_to_sample
@@ -148,8 +147,7 @@ def shard_files(shards: str) -> list[str]:
     """The shard Parquet files of a build folder, or of a folder of Parquet files."""
     files = list_parquet(shards)
     if not files:
-        found = FileSystems.match([FileSystems.join(shards, "*.parquet")])
-        files = sorted(m.path for r in found for m in r.metadata_list)
+        files = sorted(m.path for m in match_in(shards, "*.parquet"))
     if not files:
         raise ValueError(f"--shards {shards!r}: no shards found (looked for shards/*.parquet and *.parquet in it)")
     return files

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -17,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from spatext.paths import escape_glob
 from spatext.pipeline.parquet_files import streaming_parquet
 from spatext.pipeline.schema import SCHEMA_VERSION, read_metadata
 from spatext.pipeline.write import SHARDS_DIR, SUFFIX
@@ -50,7 +50,7 @@ def _glob(data: str, storage_options: dict) -> list[str]:
     """The Parquet files one path names: a build dir, a glob or a file (full URLs, sorted)."""
     fs, path = url_to_fs(data, **storage_options)
     if fs.isdir(path):  # a build dir (its shards/ folder), or else a folder of Parquet files
-        root = _escape_glob(path.rstrip("/"))  # a folder named 'run[1]' is a folder, not a pattern
+        root = escape_glob(path.rstrip("/"))  # a folder named 'run[1]' is a folder, not a pattern
         found = fs.glob(f"{root}/{SHARDS_DIR}/*{SUFFIX}") or fs.glob(f"{root}/*{SUFFIX}")
     elif fs.exists(path):
         found = [path]
@@ -61,11 +61,6 @@ def _glob(data: str, storage_options: dict) -> list[str]:
     if "://" not in data:  # keep plain local paths plain
         return sorted(found)
     return sorted(fs.unstrip_protocol(p) for p in found)
-
-
-def _escape_glob(path: str) -> str:
-    """`path` with glob characters bracketed, so that a glob of it matches the literal name."""
-    return re.sub(r"([*?[])", r"[\1]", path)
 
 
 def _canonical(path: str) -> str:

@@ -25,6 +25,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from apache_beam.runners.runner import PipelineResult
 
 from spatext.device import check_device
+from spatext.paths import delete_files
 from spatext.pipeline.batch_failures import SplitFailures
 from spatext.pipeline.clip import RANDOM_INIT_LABEL as CLIP_RANDOM_INIT_LABEL
 from spatext.pipeline.clip import ClipSpec, check_pretrained, clip_embed_dim
@@ -41,6 +42,7 @@ from spatext.pipeline.selection import Select, SelectOptions
 from spatext.pipeline.torch_threads import worker_torch_threads
 from spatext.pipeline.write import (
     BUILD_CONFIG,
+    OWN_FILES,
     REJECTS_DIR,
     SHARDS_DIR,
     UNITS_DIR,
@@ -48,10 +50,14 @@ from spatext.pipeline.write import (
     clear_output,
     completed_tables,
     existing_build,
+    foreign_files,
+    input_file,
+    input_stamp,
     list_files,
     read_json,
     read_manifest,
     read_markers,
+    unreferenced_files,
     write_atomic,
     write_manifest,
 )
@@ -214,6 +220,7 @@ def prepare_output(config: BuildConfig, fmt: str) -> frozenset[str]:
     """Check --output against --overwrite / --resume; returns the input units already complete (resume). `fmt`: the
     input's format, as ``check_input`` found it."""
     config_path = FileSystems.join(config.output, BUILD_CONFIG)
+    check_output_is_apart(config, fmt)
     if existing_build(config.output):
         if config.overwrite:
             clear_output(config.output)
@@ -237,9 +244,16 @@ def prepare_output(config: BuildConfig, fmt: str) -> frozenset[str]:
                 raise ValueError(f"--resume: settings that define the rows or the shards differ from the build's "
                                  f"({config_path}): {'; '.join(changed)}")
             check_completed_files(config.output)
-            done = frozenset(m["source"] for m in read_markers(config.output))
+            markers = read_markers(config.output)
+            check_inputs_unchanged(markers)
+            done = frozenset(m["source"] for m in markers)
             logger.info("resume: %d input unit(s) already complete", len(done))
             warn_unmatched_units(config, done, fmt)
+            leftovers = unreferenced_files(config.output)
+            if leftovers:  # a unit killed while writing: redone from scratch, or gone from --input
+                logger.info("resume: removing %d file(s) that no completed unit lists: %s", len(leftovers),
+                            ", ".join(leftovers[:3]) + (" ..." if len(leftovers) > 3 else ""))
+                delete_files(leftovers)
             return done
     elif config.resume:
         logger.warning("--resume: --output %s holds no build to resume; starting a new build there", config.output)
@@ -263,6 +277,55 @@ def check_same_input(recorded: str | None, given: str) -> None:
 def _real(path: str) -> str:
     """A local path made absolute with symlinks resolved; other URLs as they are."""
     return os.path.realpath(path) if "://" not in path else path
+
+
+def check_output_is_apart(config: BuildConfig, fmt: str) -> None:
+    """ValueError when --output's shards/, rejects/ or _units/ hold files no build wrote (a build would mix its
+    shards with them; --overwrite would leave them), or when --input matches files there (--overwrite would delete
+    the input, and a build would read its own output)."""
+    foreign = foreign_files(config.output)
+    if foreign:
+        raise ValueError(f"--output {config.output!r} holds files no spatext build wrote, e.g. {foreign[0]} ("
+                         f"{len(foreign)} in shards/, rejects/ or {UNITS_DIR}/): a build there would mix its shards "
+                         "with them, and --overwrite deletes only a build's own files; choose another --output")
+    if fmt not in ("webdataset", "parquet"):
+        return
+    tables = [_real(FileSystems.join(config.output, table)).rstrip("/") + "/" for table in OWN_FILES]
+    inside = [path for path in match_files(config.input) if _real(path).startswith(tuple(tables))]
+    if inside:
+        raise ValueError(f"--input {config.input!r} matches files inside --output {config.output!r} ({inside[0]}): "
+                         "a build would read its own output, and --overwrite would delete its input; choose another "
+                         "--output")
+
+
+def check_inputs_unchanged(markers: list[dict]) -> None:
+    """ValueError when the input file of a completed unit has another size than when the unit was built: its rows
+    came from the old content (for captions.jsonl and COCO json, every later line range shifted, so samples would be
+    skipped or read twice); a changed modification time alone is a warning (a copy changes it too)."""
+    changed, touched, now = [], [], {}
+    for marker in markers:
+        if "input_size" not in marker:  # built before markers recorded it
+            continue
+        path = input_file(marker["source"])
+        if path not in now:
+            now[path] = input_stamp(marker["source"])
+        stamp = now[path]
+        if not stamp:  # gone: warn_unmatched_units says so
+            continue
+        if stamp["input_size"] != marker["input_size"]:
+            changed.append(f"{path} ({marker['input_size']} -> {stamp['input_size']} bytes)")
+        elif marker.get("input_mtime") and stamp.get("input_mtime") and stamp["input_mtime"] != marker["input_mtime"]:
+            touched.append(path)
+    if changed:
+        changed = sorted(set(changed))
+        raise ValueError(f"--resume: {len(changed)} input file(s) changed since their units were built, e.g. "
+                         f"{changed[0]}: their rows came from the old content; --overwrite to rebuild, or delete "
+                         f"those units' markers in {UNITS_DIR}/ to redo them (tars and Parquet files only: a line "
+                         "range of a changed captions.jsonl or COCO json no longer holds the same samples)")
+    if touched:
+        touched = sorted(set(touched))
+        logger.warning("--resume: %d input file(s) of completed units were modified since (same size), e.g. %s: "
+                       "their rows are from the content read then", len(touched), touched[0])
 
 
 def warn_unmatched_units(config: BuildConfig, done: frozenset[str], fmt: str) -> None:

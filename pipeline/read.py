@@ -24,7 +24,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from spatext.paths import within
+from spatext.paths import match_in, within
 from spatext.pipeline.records import REJECTS, RawSample, Reject, utf8_encodable
 
 logger = logging.getLogger(__name__)
@@ -372,7 +372,7 @@ def read_optional(path: str, root: str | None = None, limit: int = MAX_MEMBER_BY
             raise FileRefused("not_a_file", f"{path!r} is not a regular file")
         size = info.st_size
     else:
-        size = next((m.size_in_bytes for r in FileSystems.match([path]) for m in r.metadata_list), 0)
+        size = next((m.size_in_bytes for m in match_in(path)), 0)
     if size > limit:
         raise FileRefused("member_too_large", f"{path!r} has {size} bytes (limit {limit})")
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
@@ -560,8 +560,7 @@ def has_annotations(pattern: str, input_format: str, probe_members: int = 64) ->
     if fmt == "folder":
         root = pattern.rstrip("/")
         root = posixpath.dirname(root) if root.endswith(CAPTIONS_FILE) else root
-        results = FileSystems.match([FileSystems.join(root, "panoptic", "*.png")], limits=[1])
-        return any(r.metadata_list for r in results)
+        return bool(match_in(root, "panoptic", "*.png", limit=1))
     files = match_files(pattern)
     for path in files:
         found = probe_tar(path, probe_members)

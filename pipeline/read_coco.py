@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from spatext.paths import match_in
 from spatext.pipeline.read import (
     COCO_UNIT_IMAGES,
     COUNTS,
@@ -135,7 +136,7 @@ def find_coco(pattern: str, split: str | None = None) -> CocoLayout:
 
 def _has_a_file(folder: str) -> bool:
     """Whether `folder` holds at least one file (a glob, so object stores without real folders work too)."""
-    return any(r.metadata_list for r in FileSystems.match([FileSystems.join(folder, "*")], limits=[1]))
+    return bool(match_in(folder, "*", limit=1))
 
 
 def check_coco_layout(layout: CocoLayout) -> None:
@@ -155,8 +156,7 @@ def check_coco_json(path: str, lists: tuple[str, ...]) -> None:
     A file up to LAUNCH_PARSE_BYTES is parsed whole (a val split's files: a few MB, well under a second); a bigger
     one (train2017) only has to start with '{' and end with '}' — that catches a truncated download or a wrong file
     without loading hundreds of MB on the launcher; the worker that loads it names the file if it still fails."""
-    (match,) = FileSystems.match([path])
-    size = match.metadata_list[0].size_in_bytes
+    size = match_in(path)[0].size_in_bytes
     with FileSystems.open(path) as handle:
         if size <= LAUNCH_PARSE_BYTES:
             data = _parse_coco_json(handle.read(), path)

@@ -26,6 +26,7 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
+from spatext.paths import match_in
 from spatext.pipeline.crop import mask_bbox
 from spatext.pipeline.keys import key_hash
 from spatext.pipeline.parquet_files import parquet_file
@@ -504,8 +505,7 @@ def _verify_shard_sizes(output: str, manifest: dict, report: VerifyReport) -> No
     if not isinstance(target_mb, (int, float)) or isinstance(target_mb, bool) or target_mb <= 0:
         return
     limit = int(target_mb * 2**20)
-    matched = FileSystems.match([FileSystems.join(output, SHARDS_DIR, f"*{SUFFIX}")])
-    for meta in sorted((m for r in matched for m in r.metadata_list), key=lambda m: m.path):
+    for meta in sorted(match_in(output, SHARDS_DIR, f"*{SUFFIX}"), key=lambda m: m.path):
         if meta.size_in_bytes > limit:
             try:
                 rows = checked_parquet(meta.path).metadata.num_rows

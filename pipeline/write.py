@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from spatext.paths import delete_files, match_in
 from spatext.pipeline.dedupe import duplicate_reject
 from spatext.pipeline.records import Reject
 from spatext.pipeline.schema import REJECT_SCHEMA, reject_to_row
@@ -38,6 +39,16 @@ SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 
 
+# The names this module gives files (``unit_name``: a sanitised basename and 10 hex digits), with the temporary
+# suffix of a write in progress: what --overwrite may delete and what a build may find in its own folders.
+_UNIT = r"[A-Za-z0-9_.-]+-[0-9a-f]{10}"
+OWN_FILES = {
+    SHARDS_DIR: re.compile(_UNIT + r"-\d{5}\.parquet(\.tmp)?"),
+    REJECTS_DIR: re.compile(_UNIT + r"\.parquet(\.tmp)?"),
+    UNITS_DIR: re.compile(_UNIT + r"\.json(\.tmp)?"),
+}
+
+
 def unit_name(source: str) -> str:
     """A safe, stable file stem for an input unit: its readable basename plus a hash of the full source."""
     base = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.rstrip("/").rsplit("/", 1)[-1])[-48:].strip("._") or "unit"
@@ -46,8 +57,7 @@ def unit_name(source: str) -> str:
 
 def list_files(output: str, table: str = SHARDS_DIR, suffix: str = SUFFIX) -> list[str]:
     """The build's files of one table (shards, rejects, _units), sorted."""
-    results = FileSystems.match([FileSystems.join(output, table, f"*{suffix}")])
-    return sorted(m.path for r in results for m in r.metadata_list)
+    return sorted(m.path for m in match_in(output, table, f"*{suffix}"))
 
 
 def list_parquet(output: str, table: str = SHARDS_DIR) -> list[str]:
@@ -67,7 +77,7 @@ def write_atomic(path: str, data: bytes) -> None:
     with FileSystems.create(tmp) as handle:
         handle.write(data)
     if FileSystems.exists(path):
-        FileSystems.delete([path])
+        delete_files([path])
     FileSystems.rename([tmp], [path])
 
 
@@ -78,9 +88,8 @@ def read_markers(output: str) -> list[dict]:
     """The markers of all completed units of a build, sorted by file name. A launch lists them many times (resume
     checks, each --units-per-run job, the manifest): each file is read once per process, then served from memory
     while its size and modification time are unchanged (an --overwrite rewrites it, and it is read again)."""
-    results = FileSystems.match([FileSystems.join(output, UNITS_DIR, "*.json")])
     markers = []
-    for meta in sorted((m for r in results for m in r.metadata_list), key=lambda m: m.path):
+    for meta in sorted(match_in(output, UNITS_DIR, "*.json"), key=lambda m: m.path):
         stamp = getattr(meta, "last_updated_in_seconds", None)
         key = (meta.path, meta.size_in_bytes, stamp)
         marker = _MARKERS.get(key) if stamp else None
@@ -105,20 +114,61 @@ def completed_tables(output: str) -> list[tuple[str, str, str]]:
 
 
 def existing_build(output: str) -> bool:
-    """Whether `output` already holds (part of) a build."""
-    return bool(list_files(output, UNITS_DIR, ".json") or list_parquet(output)) or FileSystems.exists(
-        FileSystems.join(output, MANIFEST)
-    )
+    """Whether `output` already holds (part of) a spatext build: its build_config.json (written before anything
+    else, so a second launch on the folder of a running build sees it), a unit marker, or a build manifest."""
+    if FileSystems.exists(FileSystems.join(output, BUILD_CONFIG)) or own_files(output, UNITS_DIR):
+        return True
+    try:
+        manifest = read_json(FileSystems.join(output, MANIFEST))
+    except (OSError, ValueError):  # absent, or not JSON: not a build's manifest
+        return False
+    return isinstance(manifest, dict) and "counts" in manifest and "config" in manifest
+
+
+def own_files(output: str, table: str) -> list[str]:
+    """The files of `table` (shards, rejects, _units) named as a build names them (``OWN_FILES``), sorted."""
+    return [p for p in list_files(output, table, "") if OWN_FILES[table].fullmatch(posixpath.basename(p))]
+
+
+def foreign_files(output: str) -> list[str]:
+    """Files in `output`'s shards/, rejects/ and _units/ that no build wrote: a build there would mix its files
+    with them (readers take every Parquet file in shards/), and --overwrite does not delete them."""
+    return [p for table in OWN_FILES for p in list_files(output, table, "")
+            if not OWN_FILES[table].fullmatch(posixpath.basename(p))]
 
 
 def clear_output(output: str) -> None:
-    """Delete a previous build in `output` (for --overwrite)."""
-    stale = [p for table in (SHARDS_DIR, REJECTS_DIR) for p in list_files(output, table, "")]
-    stale += list_files(output, UNITS_DIR, "")
+    """Delete a previous build in `output` (for --overwrite): the files a build writes, and nothing else."""
+    stale = [p for table in OWN_FILES for p in own_files(output, table)]
     singles = [FileSystems.join(output, name) for name in (MANIFEST, BUILD_CONFIG)]
     stale += [path for path in singles if FileSystems.exists(path)]
     if stale:
-        FileSystems.delete(stale)
+        delete_files(stale)
+
+
+def unreferenced_files(output: str) -> list[str]:
+    """A build's own shard and reject files that no unit marker lists: what a unit killed while writing left, which
+    belongs to no completed unit (its redo rewrites it; a unit no longer in --input never does)."""
+    listed = {posixpath.basename(path) for _, _, path in completed_tables(output)}
+    return [p for table in (SHARDS_DIR, REJECTS_DIR) for p in own_files(output, table)
+            if posixpath.basename(p) not in listed]
+
+
+def input_file(source: str) -> str:
+    """The file a unit reads: the unit itself (a tar, a Parquet file), or the file of a line or image range
+    ('captions.jsonl#000003', 'panoptic_val2017.json#000001')."""
+    return re.sub(r"#\d{6}$", "", source)
+
+
+def input_stamp(source: str) -> dict:
+    """Size and modification time of a unit's input file now ({} where the filesystem cannot say): a marker records
+    them, and --resume compares, so a file replaced after its unit was built is not silently kept."""
+    found = match_in(input_file(source))
+    if not found:
+        return {}
+    meta = found[0]
+    mtime = getattr(meta, "last_updated_in_seconds", None)
+    return {"input_size": meta.size_in_bytes, **({"input_mtime": mtime} if mtime else {})}
 
 
 # Columns of encoded images: Parquet's min/max statistics of them (kept for small blobs such as segment maps, in
@@ -247,6 +297,7 @@ class _WriteUnit(beam.DoFn):
             write_atomic(FileSystems.join(self.output, REJECTS_DIR, reject_name), data)
         remove_stale_files(self.output, name, shard_names, reject_name)
         marker = unit_marker(source, sum(grouped["read"]), len(rows), rejects, shard_names, reject_name)
+        marker.update(input_stamp(source))
         if marker["read"] != marker["accepted"] + marker["rejected"]:
             self.mismatches.inc()
             logger.error("unit %s: read %d != accepted %d + rejected %d", source, marker["read"],
@@ -262,15 +313,14 @@ def remove_stale_files(output: str, name: str, shard_names: list[str], reject_na
     before its marker, or a runner retried the bundle): a redo that splits into fewer shards, or has no rejects,
     would otherwise leave the old ones in shards/ and rejects/, with rows that duplicate the new shards'."""
     own = re.compile(re.escape(name) + r"-\d{5}" + re.escape(SUFFIX))
-    matches = FileSystems.match([FileSystems.join(output, SHARDS_DIR, f"{name}-*{SUFFIX}")])
-    stale = [m.path for r in matches for m in r.metadata_list
+    stale = [m.path for m in match_in(output, SHARDS_DIR, f"{name}-*{SUFFIX}")
              if own.fullmatch(posixpath.basename(m.path)) and posixpath.basename(m.path) not in shard_names]
     if reject_name is None:
         rejects = FileSystems.join(output, REJECTS_DIR, f"{name}{SUFFIX}")
         stale += [rejects] if FileSystems.exists(rejects) else []
     if stale:
         logger.info("unit %s: removing %d file(s) of an earlier attempt: %s", name, len(stale), stale)
-        FileSystems.delete(stale)
+        delete_files(stale)
 
 
 def reason_code(reject: Reject) -> str:

@@ -234,3 +234,62 @@ def test_ctrl_c_in_a_transform_is_one_line_with_the_resume_hint(monkeypatch, cap
     monkeypatch.setattr(build, "run", lambda argv: (_ for _ in ()).throw(RuntimeError("other")))
     with pytest.raises(RuntimeError, match="other"):
         build.main([])
+
+
+def _three_tar_corpus(corpus, folder):
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(corpus / f"shard-{i:05d}.tar", folder)
+    return folder
+
+
+def test_an_output_path_with_glob_characters_is_taken_literally(corpus, tmp_path):
+    """runs/b[1]?: its shards, markers and manifest are found (they were listed as the glob 'b1' and friends)."""
+    copy = _three_tar_corpus(corpus, tmp_path / "corpus")
+    out = tmp_path / "b[1]?"
+    manifest = build.run(["--input", str(copy / "shard-*.tar"), "--output", str(out), *TINY])
+    assert manifest["counts"]["read"] == 6 and manifest["counts"]["units"] == 3
+    report = verify.verify_build(str(out), progress=False)
+    assert report.ok and report.rows == manifest["counts"]["accepted"]
+    assert build.run(["--input", str(copy / "shard-*.tar"), "--output", str(out), *TINY, "--resume"])[
+        "units_this_run"] == 0
+
+
+def test_overwrite_deletes_only_a_builds_own_files_and_never_its_input(corpus, full, tmp_path):
+    """A folder holding another tool's files is no build; a build refuses to mix with them; an input inside the
+    output's tables is refused before --overwrite could delete it."""
+    data = tmp_path / "data"
+    (data / "shards").mkdir(parents=True)
+    (data / "manifest.json").write_text('{"made by": "another tool"}')
+    (data / "shards" / "part-0001.parquet").write_bytes(b"not ours")
+    with pytest.raises(ValueError, match=r"holds files no spatext build wrote, e\.g\. .*part-0001\.parquet"):
+        build.run(["--input", str(corpus / "shard-0000[01].tar"), "--output", str(data), *TINY, "--overwrite"])
+    assert (data / "manifest.json").exists() and (data / "shards" / "part-0001.parquet").exists()
+    out, _ = full  # a build's own shards as the input of a rebuild into the same folder
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with pytest.raises(ValueError, match=r"matches files inside --output .*would delete its input"):
+        build.run(["--input", str(copy / "shards" / "*.parquet"), "--output", str(copy), *TINY, "--overwrite",
+                   "--segmenter-weights", "none"])
+    assert list_parquet(str(copy)) == sorted(str(copy / "shards" / p) for p in os.listdir(copy / "shards"))
+    assert len(list_parquet(str(copy))) == len(list_parquet(str(out)))
+
+
+def test_resume_refuses_an_input_file_that_changed_and_removes_orphans(corpus, tmp_path, caplog):
+    copy = _three_tar_corpus(corpus, tmp_path / "corpus")
+    out = tmp_path / "out"
+    argv = ["--input", str(copy / "shard-*.tar"), "--output", str(out), *TINY]
+    build.run(argv)
+    assert all(m["input_size"] > 0 for m in read_markers(str(out)))
+    orphan = out / "shards" / f"{unit_name('gone.tar')}-00000.parquet"  # a unit killed while writing, now gone
+    shutil.copy(next((out / "shards").iterdir()), orphan)
+    with caplog.at_level("INFO", logger="spatext.pipeline.build"):
+        assert build.run([*argv, "--resume"])["units_this_run"] == 0
+    assert not orphan.exists() and "removing 1 file(s) that no completed unit lists" in caplog.text
+    assert verify.verify_build(str(out), progress=False).ok
+    shutil.copy(corpus / "shard-00005.tar", copy / "shard-00001.tar")  # other samples under a completed unit's name
+    with open(copy / "shard-00001.tar", "ab") as handle:
+        handle.write(b"\0" * 512)  # another size for sure
+    with pytest.raises(ValueError, match=r"1 input file\(s\) changed since their units were built, e\.g\. "
+                                         r".*shard-00001\.tar \(\d+ -> \d+ bytes\)"):
+        build.run([*argv, "--resume"])
