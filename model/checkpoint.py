@@ -11,7 +11,9 @@ import contextlib
 import csv
 import json
 import logging
+import math
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 
@@ -36,6 +38,22 @@ COUNTERS = ("global_step", "epoch", "batch_in_epoch", "micro_step")
 TOTALS = ("samples", "elapsed_s", "last_loss")
 
 
+class DivergedError(ValueError):
+    """Training produced a non-finite loss: nothing after it is saved (a checkpoint of NaN weights, or a pruning that
+    keeps only those, would lose the run)."""
+
+
+def check_finite_loss(loss: float, step: int, lr_flag: str, lr: float, output: str) -> None:
+    """DivergedError at a NaN / infinite loss, naming the step, the learning rate and the checkpoint to resume from."""
+    if math.isfinite(loss):
+        return
+    found = checkpoint_dirs(output)
+    resume = (f"resume from {os.path.basename(found[-1])} (--resume-from-checkpoint latest, with a lower "
+              f"{lr_flag} in a new --output)" if found else "no checkpoint was written before it")
+    raise DivergedError(f"the loss is {loss} at step {step}: training diverged (with {lr_flag} {lr:g}); nothing of "
+                        f"this step was saved; {resume}")
+
+
 def write_json(path: str, data: dict) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     tmp = f"{path}.tmp"
@@ -44,22 +62,32 @@ def write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def checkpoint_dirs(output: str) -> list[str]:
-    """OUTPUT/checkpoints/checkpoint-N dirs, by increasing N."""
+def checkpoint_dirs(output: str, complete: bool = True) -> list[str]:
+    """OUTPUT/checkpoints/checkpoint-N dirs, by increasing N: the complete ones (their ``training_state.json``, written
+    last, is there), or with ``complete=False`` also those whose saving was cut short (a kill, a full disk)."""
     root = os.path.join(output, "checkpoints")
-    found = [d for d in os.listdir(root) if d.startswith(CHECKPOINT_PREFIX)] if os.path.isdir(root) else []
-    return [os.path.join(root, d) for d in sorted(found, key=lambda d: int(d[len(CHECKPOINT_PREFIX):]))]
+    found = [d for d in os.listdir(root) if re.fullmatch(CHECKPOINT_PREFIX + r"\d+", d)] if os.path.isdir(root) else []
+    dirs = [os.path.join(root, d) for d in sorted(found, key=lambda d: int(d[len(CHECKPOINT_PREFIX):]))]
+    return dirs if not complete else [d for d in dirs if os.path.isfile(os.path.join(d, STATE_FILE))]
 
 
 def resolve_resume(args: argparse.Namespace) -> str | None:
     """The checkpoint dir to resume from, or None (fresh start); refuses to overwrite a run by accident."""
+    found = checkpoint_dirs(args.output)
     if args.resume_from_checkpoint is None:
-        if os.path.exists(os.path.join(args.output, RUN_FILE)):
+        if os.path.exists(os.path.join(args.output, RUN_FILE)) or checkpoint_dirs(args.output, complete=False):
             raise ValueError(f"--output {args.output!r} already holds a run; pass --resume-from-checkpoint latest "
                              "to continue it, or choose another --output")
         return None
     if args.resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(args.output)
+        if not found and os.path.exists(os.path.join(args.output, RUN_FILE)):
+            raise ValueError(f"--resume-from-checkpoint latest: {args.output!r} holds a run ({RUN_FILE}) but no "
+                             f"checkpoint in {os.path.join(args.output, 'checkpoints')}: starting over would replace "
+                             "it; restore its checkpoints, or choose another --output")
+        cut = sorted(set(checkpoint_dirs(args.output, complete=False)) - set(found))
+        if cut:
+            logger.warning("--resume-from-checkpoint latest: passing over %s: no %s (its saving was cut short)",
+                           ", ".join(os.path.basename(d) for d in cut), STATE_FILE)
         if not found:
             logger.info("--resume-from-checkpoint latest: no checkpoint in %s; starting fresh", args.output)
         return found[-1] if found else None
@@ -76,11 +104,26 @@ def resolve_resume(args: argparse.Namespace) -> str | None:
     return given
 
 
+def checkpoint_path(output: str, step: int) -> str:
+    """OUTPUT/checkpoints/checkpoint-STEP."""
+    return os.path.join(output, "checkpoints", f"{CHECKPOINT_PREFIX}{step}")
+
+
+def save_state(accelerator: Accelerator, path: str) -> None:
+    """accelerate's ``save_state`` (every rank: the main process the weights, each its RNG state), a failure named
+    with the folder and its free space (torch's own message for a full disk is 'unexpected pos 3719744 vs ...')."""
+    try:
+        accelerator.save_state(path, safe_serialization=True)
+    except (OSError, RuntimeError) as exc:
+        free = shutil.disk_usage(os.path.dirname(path)).free / 2**30 if os.path.isdir(os.path.dirname(path)) else 0
+        raise OSError(f"could not write checkpoint {path} ({free:.2f} GiB free there; a full disk?): {exc}") from exc
+
+
 def save_checkpoint(accelerator: Accelerator, unet: torch.nn.Module, ema: EMAModel | None, state: dict,
                     args: argparse.Namespace) -> str:
-    """Write checkpoints/checkpoint-N (accelerate state with safetensors weights, EMA, counters); prune old ones."""
-    path = os.path.join(args.output, "checkpoints", f"{CHECKPOINT_PREFIX}{state['global_step']}")
-    accelerator.save_state(path, safe_serialization=True)
+    """Complete checkpoints/checkpoint-N after every rank's ``save_state`` (the caller's): EMA, then the counters
+    (``training_state.json``, written last: what makes it a checkpoint); then prune old ones."""
+    path = checkpoint_path(args.output, state["global_step"])
     if ema is not None:
         names = [n for n, _ in accelerator.unwrap_model(unet).named_parameters()]
         tensors = {n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params, strict=True)}

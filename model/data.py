@@ -255,7 +255,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _raw_rows(self, units: list[WorkUnit]) -> Iterator[dict]:
         """Raw rows of the units, in order."""
         for unit in units:
-            yield from table_rows(read_unit(unit, self.storage_options))
+            for row in table_rows(read_unit(unit, self.storage_options)):
+                row["_from"] = unit  # named by a decoding error
+                yield row
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -273,7 +275,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         resample_rng = None
         if self.resample_segments:
             resample_rng = np.random.default_rng([self.seed, self.epoch, key_hash(raw["key"])])
-        return to_sample(raw, self.resolution, self.max_segments, resample_rng, self.uint8)
+        try:
+            return to_sample(raw, self.resolution, self.max_segments, resample_rng, self.uint8)
+        except (OSError, ValueError, RuntimeError) as exc:  # PIL, torchvision's decoder, a map of another size
+            unit = raw.get("_from")
+            where = f"{unit.path}, row group {unit.row_group}, " if unit is not None else ""
+            raise ValueError(f"{where}key {raw['key']!r}: cannot use this row ({exc})") from exc
 
 
 def _hwc(value: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from spatext.device import check_device
+from spatext.model.checkpoint import DivergedError
 from spatext.model.prior import (
     Prior,
     PriorConfig,
@@ -120,6 +121,9 @@ def _fit(prior: Prior, text: torch.Tensor, image: torch.Tensor, steps: int, batc
             group["lr"] = _lr_at(step, steps, lr)
         pred = prior(text[index].to(device).float())
         loss = (1 - F.cosine_similarity(pred, image[index].to(device).float(), dim=-1)).mean()
+        if not torch.isfinite(loss):  # nothing is saved of a diverged prior (see check_finite_loss)
+            raise DivergedError(f"the prior's loss is {float(loss.detach())} at step {step + 1}: training diverged (with "
+                                f"--lr {lr:g}); nothing was saved: train again with a lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

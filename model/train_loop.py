@@ -23,14 +23,16 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from spatext.model.checkpoint import (
-    CHECKPOINT_PREFIX,
     COUNTERS,
     TOTALS,
     append_loss,
+    check_finite_loss,
+    checkpoint_path,
     load_checkpoint,
     reset_loss_log,
     save_checkpoint,
     save_run,
+    save_state,
 )
 from spatext.model.data import ShardDataset, collate
 from spatext.model.sample import sample_grid, shard_scenes
@@ -80,12 +82,11 @@ def save_rank_checkpoint(s: Session, loop: Loop) -> None:
     ones), the other ranks add their RNG state (``random_states_R.pkl``) through the same ``save_state``."""
     acc, state = s.accelerator, loop.state
     samples = [n for _, n in sorted(gather_object([(acc.process_index, loop.ledger.count)]))]
+    save_state(acc, checkpoint_path(s.args.output, state["global_step"]))
+    acc.wait_for_everyone()  # every rank's RNG state is written before the counters mark the checkpoint complete
     if acc.is_main_process:
         totals = {"samples": samples, "elapsed_s": loop.elapsed(), "last_loss": loop.last_loss}
         save_checkpoint(acc, s.unet, s.ema, {**state, **totals}, s.args)
-    else:
-        path = os.path.join(s.args.output, "checkpoints", f"{CHECKPOINT_PREFIX}{state['global_step']}")
-        acc.save_state(path, safe_serialization=True)
 
 
 def rank_batches(dataset: ShardDataset, batch_size: int, num_workers: int) -> int:
@@ -117,6 +118,7 @@ def after_step(s: Session, loop: Loop) -> None:
         s.ema.step(s.unet.parameters())
     state["global_step"] += 1
     step = state["global_step"]
+    check_finite_loss(loop.last_loss, step, "--learning-rate", args.learning_rate, args.output)
     loop.bar.update(1)
     loop.bar.set_postfix(loss=f"{loop.last_loss:.4f}")
     checkpoint = bool(args.checkpointing_steps and step % args.checkpointing_steps == 0)

@@ -29,6 +29,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from spatext.model.checkpoint import CHECKPOINT_PREFIX, RUN_FILE, STATE_FILE, checkpoint_dirs, resolve_resume
 from spatext.model.config import DenoiserConfig, get_config
+from spatext.model.shard_files import read_footers, resolve_files
 from spatext.model.train_args import flag
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,25 @@ def check_resumed_run(args: argparse.Namespace, config: DenoiserConfig, checkpoi
     return record
 
 
+def check_same_data(args: argparse.Namespace, record: dict | None) -> None:
+    """Refuse a resume whose ``--data`` now holds other shard files (by name) or another number of rows than when the
+    run started (its lineage): the epoch's order would change mid-epoch, training rows twice or skipping some."""
+    lineage = (record or {}).get("lineage") or {}
+    if "shard_files" not in lineage or "num_rows" not in lineage:
+        return
+    files = resolve_files(args.data)
+    then = sorted(os.path.basename(f) for f in lineage["shard_files"])
+    now = sorted(os.path.basename(f) for f in files)
+    rows = sum(sum(groups) for groups, _ in read_footers(files))
+    if then != now or rows != lineage["num_rows"]:
+        added, gone = sorted(set(now) - set(then)), sorted(set(then) - set(now))
+        what = "; ".join(part for part in (f"added {', '.join(added[:3])}" if added else "",
+                                           f"missing {', '.join(gone[:3])}" if gone else "") if part)
+        raise ValueError(f"--data {args.data!r} changed since the run started: {len(now)} shard file(s) with {rows} "
+                         f"rows, then {len(then)} with {lineage['num_rows']}{f' ({what})' if what else ''}; a resume "
+                         "would train rows twice or skip some: resume on the run's shards, or start a new run")
+
+
 def check_steps(args: argparse.Namespace, checkpoint: str, state: dict, record: dict | None) -> dict | None:
     """Refuse ``--max-train-steps`` below the checkpoint's step; at that step, return the run's record when the run is
     finished there (nothing to train, nothing to rewrite), else None (the end of the run is written again)."""
@@ -223,6 +243,7 @@ def preflight(args: argparse.Namespace) -> Preflight:
     if state is None:
         raise ValueError(f"--resume-from-checkpoint {resume!r} is not a checkpoint dir (no {STATE_FILE})")
     record = check_resumed_run(args, config, resume)
+    check_same_data(args, record)
     check_world_size(resume, state, record)
     check_later_checkpoints(args, resume, state)
     return Preflight(config, resume, state, check_steps(args, resume, state, record))

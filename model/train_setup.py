@@ -86,6 +86,8 @@ def load_prior_component(
             torch.manual_seed(seed)
             return PriorModel(prior_config=cfg), UNTRAINED_PRIOR
     prior = PriorModel.from_file(path)
+    if not all(torch.isfinite(p).all() for p in prior.parameters()):
+        raise ValueError(f"--prior {path!r} holds NaN or infinite weights (its training diverged): train it again")
     if prior.embed_dim != dim:
         raise ValueError(f"--prior {path!r} maps D={prior.embed_dim} embeddings, the shards have D={dim}")
     trained_on = load_prior_lineage(path).get("clip_model")

@@ -200,3 +200,22 @@ def test_safetensors_files_are_byte_identical_across_saves(tmp_path) -> None:
     for run in ("a", "b"):
         save_prior(prior, str(tmp_path / run), {"lineage": {"clip_model": "x", "shards": ["s1", "s2"]}})
     assert (tmp_path / "a" / "prior.safetensors").read_bytes() == (tmp_path / "b" / "prior.safetensors").read_bytes()
+
+
+def test_a_diverging_prior_stops_and_a_nan_prior_is_refused(tmp_path) -> None:
+    from spatext.model.checkpoint import DivergedError
+    from spatext.model.prior_train import _fit
+    from spatext.model.train_setup import load_prior_component
+
+    config = PriorConfig(**{**load_prior_config("prior-tiny").to_dict(), "embed_dim": 16})
+    torch.manual_seed(0)
+    text, image = F.normalize(torch.randn(32, 16), dim=-1), F.normalize(torch.randn(32, 16), dim=-1)
+    with pytest.raises(DivergedError, match=r"the prior's loss is nan at step \d+: training diverged \(with --lr "
+                                            r"1e\+30\)"):
+        _fit(Prior(config), text, image, steps=50, batch_size=8, lr=1e30, seed=0)
+    prior = Prior(config)
+    with torch.no_grad():
+        next(prior.parameters()).fill_(float("nan"))
+    save_prior(prior, str(tmp_path / "nan"))
+    with pytest.raises(ValueError, match="holds NaN or infinite weights"):
+        load_prior_component(str(tmp_path / "nan"), 16)

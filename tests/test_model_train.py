@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import statistics
 import textwrap
@@ -25,8 +26,9 @@ from accelerate.utils import load as accelerate_load
 from PIL import Image
 
 from spatext.model import sample, train
-from spatext.model.checkpoint import COUNTERS, STATE_FILE
+from spatext.model.checkpoint import COUNTERS, STATE_FILE, DivergedError
 from spatext.model.config import get_config
+from spatext.model.data import ShardDataset
 from spatext.model.denoiser import build_denoiser, predict
 from spatext.model.pipeline import SpaTextPipeline
 from spatext.model.prior import load_prior_lineage
@@ -492,3 +494,68 @@ def test_resume_from_checkpoint_takes_a_bare_checkpoint_name(tmp_path):
         resolve_resume(args)
     args.resume_from_checkpoint = "latest"
     assert resolve_resume(args) == str(tmp_path / "checkpoints" / "checkpoint-4")
+
+
+def test_latest_passes_over_a_checkpoint_cut_short_and_refuses_a_run_without_checkpoints(tmp_path, caplog):
+    from argparse import Namespace
+
+    from spatext.model.checkpoint import resolve_resume
+
+    for step in (4, 8):
+        (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-4" / STATE_FILE).write_text("{}")  # 8: saving cut short (no counters)
+    args = Namespace(output=str(tmp_path), resume_from_checkpoint="latest")
+    with caplog.at_level("WARNING", logger="spatext.model.checkpoint"):
+        assert resolve_resume(args) == str(tmp_path / "checkpoints" / "checkpoint-4")
+    assert "passing over checkpoint-8" in caplog.text
+    args.resume_from_checkpoint = None  # checkpoints without run.json still make a run: no fresh start over them
+    with pytest.raises(ValueError, match="already holds a run"):
+        resolve_resume(args)
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "run.json").write_text("{}")
+    args.resume_from_checkpoint = "latest"
+    with pytest.raises(ValueError, match=r"holds a run \(run.json\) but no checkpoint in .*starting over would"):
+        resolve_resume(args)
+
+
+def test_a_diverged_run_stops_before_saving_anything_of_it(four_rows, base, tmp_path):
+    """A NaN loss at step 3 (lr 1e30): no checkpoint of NaN weights, the good one kept, a message naming it."""
+    out = tmp_path / "nan"
+    argv = _argv(four_rows, base, out, "latent-tiny", 6, "--checkpointing-steps", "1", "--checkpoints-total-limit",
+                 "1", "--ema-decay", "0")
+    argv[argv.index("--learning-rate") + 1] = "1e30"
+    with pytest.raises(DivergedError, match=r"the loss is nan at step (\d+): training diverged \(with "
+                                            r"--learning-rate 1e\+30\).* resume from checkpoint-") as err:
+        run_train(argv)
+    step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    kept = os.listdir(out / "checkpoints")
+    assert kept == [f"checkpoint-{step - 1}"] and step >= 2
+    assert all(loss == loss for _, loss in _losses(out))  # no NaN row in loss.csv
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(demo_shards, base, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_shards, data)
+    out = tmp_path / "run"
+    assert run_train(_argv(str(data), base, out, "latent-tiny", 2, "--checkpointing-steps", "2")) == 0
+    extra = data / "shards" / "extra.parquet"
+    shutil.copy(resolve_files(str(data))[0], extra)
+    with pytest.raises(ValueError, match=r"--data .* changed since the run started: \d+ shard file\(s\) with \d+ rows, "
+                                         r"then \d+ with \d+ \(added extra.parquet\)"):
+        run_train(_argv(str(data), base, out, "latent-tiny", 4, "--checkpointing-steps", "2",
+                        "--resume-from-checkpoint", "latest"))
+
+
+def test_a_row_that_cannot_be_decoded_is_named_by_file_and_key(four_rows, tmp_path):
+    source = resolve_files(four_rows)[0]
+    table = pq.read_table(source)
+    images = table.column("image").to_pylist()
+    images[2] = images[2][: len(images[2]) // 3]  # a truncated JPEG
+    broken = tmp_path / "shards"
+    broken.mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary())),
+                   broken / "part.parquet")
+    key = table.column("key")[2].as_py()
+    dataset = ShardDataset(str(tmp_path), 32, shuffle_buffer=0)
+    with pytest.raises(ValueError, match=rf"part\.parquet, row group 0, key '{key}': cannot use this row"):
+        list(dataset)
