@@ -38,7 +38,9 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -204,6 +206,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.resolution, self.shuffle_buffer, self.seed, self.epoch = resolution, shuffle_buffer, seed, epoch
         self.resample_segments, self.max_segments, self.uint8 = resample_segments, max_segments, bool(uint8)
         self.decode_threads, self.decode_ahead = decode_threads, decode_ahead
+        self.skip_rows: tuple[int, ...] = ()  # rows each worker leaves out of the next iteration: skip_batches
         self.rank, self.world_size = _dist_defaults(rank, world_size)
         self.storage_options = dict(storage_options or {})
         self.files = resolve_files(data, self.storage_options)
@@ -242,8 +245,33 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return sum(u.num_rows for u in self.units)
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for `epoch` (call on every rank before iterating)."""
+        """Reshuffle for `epoch` (call on every rank before iterating); clears `skip_batches`."""
         self.epoch = epoch
+        self.skip_rows: tuple[int, ...] = ()
+
+    def skip_batches(self, batches: int, batch_size: int, num_workers: int = 0) -> int:
+        """Leave out of this epoch's next iteration, without decoding their rows, the first of the `batches` batches a
+        DataLoader (`batch_size`, `num_workers`, no drop_last) would yield (a mid-epoch resume); returns how many it
+        leaves out. Rows still pass through the shuffle buffer, so what follows is exactly what the full iteration
+        yields after them. Workers yield batches round-robin, each until its rows run out (torch's order), and every
+        iteration starts at worker 0: so whole rounds are left out, and the caller drops the rest (fewer than
+        `num_workers` batches) from the loader."""
+        if batches < 0 or batch_size < 1 or num_workers < 0:
+            raise ValueError(f"need batches >= 0, batch_size >= 1, num_workers >= 0; got {batches}, {batch_size}, "
+                             f"{num_workers}")
+        workers = max(1, num_workers)
+        rows = [sum(u.num_rows for u in self.my_units(w, workers)) for w in range(workers)]
+        counts = [math.ceil(n / batch_size) for n in rows]
+        skipped, taken, round_ = [0] * workers, 0, 0
+        while round_ < max(counts, default=0):
+            active = [w for w in range(workers) if round_ < counts[w]]
+            if taken + len(active) > batches:
+                break
+            for w in active:
+                skipped[w] += 1
+            taken, round_ = taken + len(active), round_ + 1
+        self.skip_rows = tuple(min(k * batch_size, n) for k, n in zip(skipped, rows, strict=True)) if taken else ()
+        return taken
 
     def my_units(self, worker: int = 0, num_workers: int = 1) -> list[WorkUnit]:
         """The units this rank's `worker` reads in the current epoch."""
@@ -265,6 +293,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         units = self.my_units(worker, num_workers)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         rows = shuffle_buffer_iter(self._raw_rows(units), self.shuffle_buffer, rng)
+        if self.skip_rows and len(self.skip_rows) != num_workers:
+            raise ValueError(f"skip_batches was set for {len(self.skip_rows)} worker(s), the loader has {num_workers}")
+        skip = self.skip_rows[worker] if self.skip_rows else 0
+        rows = itertools.islice(rows, skip, None)  # read and shuffled, not decoded
         if self.decode_threads == 1:
             yield from map(self._sample, rows)
         else:

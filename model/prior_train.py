@@ -122,8 +122,8 @@ def _fit(prior: Prior, text: torch.Tensor, image: torch.Tensor, steps: int, batc
         pred = prior(text[index].to(device).float())
         loss = (1 - F.cosine_similarity(pred, image[index].to(device).float(), dim=-1)).mean()
         if not torch.isfinite(loss):  # nothing is saved of a diverged prior (see check_finite_loss)
-            raise DivergedError(f"the prior's loss is {float(loss.detach())} at step {step + 1}: training diverged (with "
-                                f"--lr {lr:g}); nothing was saved: train again with a lower --lr")
+            raise DivergedError(f"the prior's loss is {float(loss.detach())} at step {step + 1}: training diverged "
+                                f"(with --lr {lr:g}); nothing was saved: train again with a lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -142,11 +142,13 @@ def run_epoch(s: Session, loop: Loop, loader: torch.utils.data.DataLoader, null_
     args, state = s.args, loop.state
     s.dataset.set_epoch(state["epoch"])
     batches = epoch_batches(s, announce)
-    seen = 0
-    for i, batch in enumerate(itertools.islice(loader, batches)):
+    # resuming mid-epoch: the batches trained on are left out, undecoded but for fewer than the workers' count
+    left_out = s.dataset.skip_batches(state["batch_in_epoch"], args.train_batch_size, args.dataloader_num_workers)
+    seen = left_out
+    for i, batch in enumerate(itertools.islice(loader, batches - left_out), start=left_out):
         seen += 1
         if i < state["batch_in_epoch"]:
-            continue  # resuming mid-epoch: the same order, the batches already trained on are skipped
+            continue
         loop.ledger.add(state["global_step"] + 1, state["epoch"], batch["key"])
         loop.loss_sum += float(micro_step(s, batch, null_text, state["micro_step"])) / args.gradient_accumulation_steps
         state["batch_in_epoch"], state["micro_step"] = i + 1, state["micro_step"] + 1

@@ -548,3 +548,30 @@ def test_reducing_the_label_crop_keeps_thin_segments_of_one_output_pixel_or_more
     plain[100:134, 9:24] = 0
     np.testing.assert_array_equal(np.asarray(load_label_crop(_png_l(plain), 32)[0]),
                                   np.asarray(Image.fromarray(plain).resize((32, 32), Image.Resampling.NEAREST)))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_batches_leaves_out_exactly_the_first_batches_without_decoding_them(resharded, workers, monkeypatch):
+    """A mid-epoch resume: the batches after the first k are those of the full iteration (shuffled, uneven worker
+    shares: 5 / 4 rows in 2 workers; round-robin order), and the rows of the first k are never decoded."""
+    def batches(skip: int) -> list[list[str]]:
+        dataset = ShardDataset(str(resharded), 16, shuffle_buffer=4, seed=1, epoch=1)
+        dataset.set_epoch(1)
+        left_out = dataset.skip_batches(skip, 2, workers)
+        assert left_out == skip if workers == 0 else skip - left_out < workers
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers, collate_fn=collate)
+        return [list(batch["key"]) for batch in loader][skip - left_out :]
+
+    full = batches(0)
+    assert len(full) >= 5
+    for skip in (1, 2, 3, len(full) - 1, len(full)):
+        assert batches(skip) == full[skip:], skip
+    if workers == 0:  # decoding counted in this process
+        decoded = []
+        original = ShardDataset._sample
+        monkeypatch.setattr(ShardDataset, "_sample",
+                            lambda self, raw: decoded.append(raw["key"]) or original(self, raw))
+        assert batches(3) == full[3:]
+        assert sorted(decoded) == sorted(k for batch in full[3:] for k in batch)
+    with pytest.raises(ValueError, match="need batches >= 0"):
+        ShardDataset(str(resharded), 16).skip_batches(-1, 2)

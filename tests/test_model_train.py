@@ -559,3 +559,18 @@ def test_a_row_that_cannot_be_decoded_is_named_by_file_and_key(four_rows, tmp_pa
     dataset = ShardDataset(str(tmp_path), 32, shuffle_buffer=0)
     with pytest.raises(ValueError, match=rf"part\.parquet, row group 0, key '{key}': cannot use this row"):
         list(dataset)
+
+
+def test_a_mid_epoch_resume_with_loader_workers_matches_an_uninterrupted_run(demo_shards, base, tmp_path):
+    """With 2 loader workers an epoch is 4 batches (2 a worker); step 6 is batch 2 of epoch 1: the resume leaves one
+    whole round of batches out undecoded; the weights and losses end as an uninterrupted run's."""
+    extra = ("--dataloader-num-workers", "2", "--ema-decay", "0", "--checkpointing-steps", "6")
+    out, straight = tmp_path / "resumed", tmp_path / "straight"
+    assert run_train(_argv(str(demo_shards), base, out, "latent-tiny", 6, *extra)) == 0
+    assert {k: _state(out, 6)[k] for k in ("epoch", "batch_in_epoch")} == {"epoch": 1, "batch_in_epoch": 2}
+    assert run_train(_argv(str(demo_shards), base, out, "latent-tiny", 8, *extra,
+                           "--resume-from-checkpoint", "latest")) == 0
+    assert run_train(_argv(str(demo_shards), base, straight, "latent-tiny", 8, *extra)) == 0
+    a, b = _weights(out), _weights(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(out) == _losses(straight)
