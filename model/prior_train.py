@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from spatext.device import check_device
+from spatext.locks import folder_lock
 from spatext.model.checkpoint import DivergedError
 from spatext.model.prior import (
     Prior,
@@ -234,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device is not None:
         check_device(args.device)
     check_prior_output(args.output, args.overwrite)
-    train_prior(args.data, args.output, args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                seed=args.seed, val_fraction=args.val_fraction, device=args.device)
+    with folder_lock(args.output, "--output"):
+        train_prior(args.data, args.output, args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    seed=args.seed, val_fraction=args.val_fraction, device=args.device)
     return 0
 
 

@@ -33,12 +33,14 @@ The pipeline is saved in fp32 also under ``--mixed-precision``, from the base mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Sequence
 
 from spatext.cli import command_logging
+from spatext.locks import folder_lock
 from spatext.model.checkpoint import RUN_FILE, write_json
 from spatext.model.prior import check_prior_output, load_prior_config
 from spatext.model.prior_train import train_prior
@@ -100,7 +102,8 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
             print(f"spatext train: {args.output} is already finished at step {args.max_train_steps} "
                   "(--max-train-steps): nothing to train, nothing rewritten; pass a larger --max-train-steps to go on")
         return 0
-    run = train_prior_run(args) if prior else train(args, checked)
+    with folder_lock(args.output, "--output") if main_process else contextlib.nullcontext():
+        run = train_prior_run(args) if prior else train(args, checked)
     if not main_process:
         return 0
     if run.get("lineage", {}).get("random_init"):

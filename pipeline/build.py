@@ -25,6 +25,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from apache_beam.runners.runner import PipelineResult
 
 from spatext.device import check_device
+from spatext.locks import folder_lock
 from spatext.paths import delete_files
 from spatext.pipeline.batch_failures import SplitFailures
 from spatext.pipeline.clip import RANDOM_INIT_LABEL as CLIP_RANDOM_INIT_LABEL
@@ -457,15 +458,16 @@ def execute(
         check_device(config.device)
         if config.segmenter == "detectron2":  # and their own packages (a worker container may hold it)
             check_detectron2()
-    skip = prepare_output(config, fmt)
-    jobs = job_skips(config, skip, fmt)
-    if test_pipeline is not None and len(jobs) > 1:
-        raise ValueError("a test pipeline runs one job: drop --units-per-run")
-    started_at = time.time()
-    warn_if_device_would_idle(config, options)
-    done_before = len(read_markers(config.output))
-    with torch_threads_restored():  # in-process runners set --torch-threads in this process: not beyond the build
-        result = _run_jobs(config, options, jobs, test_pipeline, started_at, done_before)
+    with folder_lock(config.output, "--output"):
+        skip = prepare_output(config, fmt)
+        jobs = job_skips(config, skip, fmt)
+        if test_pipeline is not None and len(jobs) > 1:
+            raise ValueError("a test pipeline runs one job: drop --units-per-run")
+        started_at = time.time()
+        warn_if_device_would_idle(config, options)
+        done_before = len(read_markers(config.output))
+        with torch_threads_restored():  # in-process runners set --torch-threads in this process: not beyond the build
+            result = _run_jobs(config, options, jobs, test_pipeline, started_at, done_before)
     try:
         return result, read_manifest(config.output)
     except OSError:

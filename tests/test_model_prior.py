@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from spatext.locks import LOCK_FILE
 from spatext.model.prior import (
     Prior,
     PriorConfig,
@@ -163,7 +164,7 @@ def test_command_line_entry_writes_the_outputs(pairs_dir, tmp_path):
     argv = ["--data", str(pairs_dir), "--output", str(tmp_path / "cli"), "--steps", "5", "--batch-size", "32"]
     assert main(argv) == 0
     assert {p.name for p in (tmp_path / "cli").iterdir()} == {"prior.safetensors", "prior_config.json",
-                                                             "prior_metrics.json"}
+                                                             "prior_metrics.json", LOCK_FILE}  # the folder's lock
     before = (tmp_path / "cli" / "prior.safetensors").read_bytes()
     with pytest.raises(ValueError, match="already holds a prior .*--overwrite to replace it"):
         main([*argv[:-4], "--steps", "1"])  # runs trained with it name this folder: not replaced silently
