@@ -27,6 +27,7 @@ from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from spatext.paths import match_in
+from spatext.pipeline.config import RESUME_MAY_CHANGE
 from spatext.pipeline.crop import mask_bbox
 from spatext.pipeline.keys import key_hash
 from spatext.pipeline.parquet_files import parquet_file
@@ -42,6 +43,7 @@ from spatext.pipeline.schema import (
     stored_image_format,
 )
 from spatext.pipeline.write import (
+    BUILD_CONFIG,
     MANIFEST,
     REJECTS_DIR,
     SHARDS_DIR,
@@ -546,7 +548,27 @@ def verify_build(output: str, progress: bool = True, processes: int = 1) -> Veri
     if manifest is not None:
         _verify_counts(output, manifest, found, report)
         _verify_shard_sizes(output, manifest, report)
+        _verify_build_config(output, manifest, report)
     return report
+
+
+def _verify_build_config(output: str, manifest: dict, report: VerifyReport) -> None:
+    """build_config.json is there (a --resume needs it) and says what the manifest's config says: two launches into
+    one folder left the settings of one and the shards of the other."""
+    path = FileSystems.join(output, BUILD_CONFIG)
+    try:
+        recorded = read_json(path)
+    except (OSError, ValueError) as exc:
+        report.add(path, "", f"build_config: cannot read {BUILD_CONFIG} (a --resume of this build would refuse): {exc}")
+        return
+    config = manifest.get("config")
+    if not isinstance(recorded, dict) or not isinstance(config, dict):
+        return  # a malformed manifest config is reported by the shard-size check
+    differ = sorted(k for k in recorded if k in config and recorded[k] != config[k]
+                    and k not in ("output", *RESUME_MAY_CHANGE))  # what a resume or a moved build may change
+    if differ:
+        report.add(path, "", "build_config: differs from the manifest's config in " + "; ".join(
+            f"{k} ({recorded[k]!r} vs {config[k]!r})" for k in differ[:5]))
 
 
 def main(argv: list[str] | None = None) -> int:

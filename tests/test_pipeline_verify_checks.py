@@ -334,3 +334,18 @@ def test_a_negative_limit_is_a_usage_error(build, capsys):
     with pytest.raises(SystemExit) as exit_info:  # -1 listed all but the last violation and miscounted the rest
         verify.main([str(build), "--limit", "-1"])
     assert exit_info.value.code == 2 and "--limit must be >= 0" in capsys.readouterr().err
+
+
+def test_a_missing_or_disagreeing_build_config_is_reported(build):
+    """A --resume needs build_config.json; one that says another seed than the manifest is a build of two launches."""
+    assert verify.verify_build(str(build), progress=False).ok
+    config = json.loads((build / "build_config.json").read_text())
+    (build / "build_config.json").write_text(json.dumps({**config, "seed": config["seed"] + 1,
+                                                         "clip_batch_size": 999}))  # a resume may change this one
+    report = verify.verify_build(str(build), progress=False)
+    assert _kinds(report) == {"build_config"}
+    assert f"differs from the manifest's config in seed ({config['seed'] + 1} vs {config['seed']})" in report.format()
+    assert "clip_batch_size" not in report.format()
+    (build / "build_config.json").unlink()
+    report = verify.verify_build(str(build), progress=False)
+    assert _kinds(report) == {"build_config"} and "cannot read build_config.json" in report.format()
