@@ -27,6 +27,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -232,9 +233,10 @@ def fid_update(metric: FrechetInceptionDistance, images: Sequence[np.ndarray], r
 
 def fid_summary(metric: FrechetInceptionDistance, description: dict) -> dict:
     """The FID value with its description and the image counts on each side (what a report prints). A distance is
-    never negative: rounding can make the computed value of two equal sets -1e-9, reported as 0."""
+    never negative: rounding can make the computed value of two equal sets -1e-9, reported as 0 (NaN stays NaN)."""
+    value = float(metric.compute())
     return {
-        "fid": max(0.0, float(metric.compute())),
+        "fid": value if math.isnan(value) else max(0.0, value),
         "num_real": int(metric.real_features_num_samples),
         "num_generated": int(metric.fake_features_num_samples),
         **description,

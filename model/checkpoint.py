@@ -48,10 +48,10 @@ def check_finite_loss(loss: float, step: int, lr_flag: str, lr: float, output: s
     if math.isfinite(loss):
         return
     found = checkpoint_dirs(output)
-    resume = (f"resume from {os.path.basename(found[-1])} (--resume-from-checkpoint latest, with a lower "
-              f"{lr_flag} in a new --output)" if found else "no checkpoint was written before it")
+    last = f"the last checkpoint is {os.path.basename(found[-1])}" if found else "no checkpoint was written before it"
     raise DivergedError(f"the loss is {loss} at step {step}: training diverged (with {lr_flag} {lr:g}); nothing of "
-                        f"this step was saved; {resume}")
+                        f"this step was saved ({last}: resuming it with the same flags diverges again); start a new "
+                        f"run with a lower {lr_flag}")
 
 
 def write_json(path: str, data: dict) -> None:

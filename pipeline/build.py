@@ -251,9 +251,13 @@ def prepare_output(config: BuildConfig, fmt: str) -> frozenset[str]:
             logger.info("resume: %d input unit(s) already complete", len(done))
             warn_unmatched_units(config, done, fmt)
             leftovers = unreferenced_files(config.output)
-            if leftovers:  # a unit killed while writing: redone from scratch, or gone from --input
-                logger.info("resume: removing %d file(s) that no completed unit lists: %s", len(leftovers),
-                            ", ".join(leftovers[:3]) + (" ..." if len(leftovers) > 3 else ""))
+            named = ", ".join(leftovers[:3]) + (" ..." if len(leftovers) > 3 else "")
+            if leftovers and "://" in config.output:  # not locked: they may be a job's that still runs
+                logger.warning("resume: %d file(s) no completed unit lists (a unit killed while writing, or one a job "
+                               "still running writes: remote outputs are not locked) are left as they are: %s; "
+                               "units redone rewrite theirs", len(leftovers), named)
+            elif leftovers:  # a unit killed while writing: redone from scratch, or gone from --input
+                logger.info("resume: removing %d file(s) that no completed unit lists: %s", len(leftovers), named)
                 delete_files(leftovers)
             return done
     elif config.resume:
@@ -476,13 +480,13 @@ def execute(
 
 @contextlib.contextmanager
 def torch_threads_restored() -> Iterator[None]:
-    """Restore this process's torch intra-op threads on exit."""
+    """Restore this process's torch intra-op threads on exit: always set, since a worker thread's setting changes what
+    threads started later get while this thread still reads its own."""
     threads = torch.get_num_threads()
     try:
         yield
     finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
 
 
 def _run_jobs(

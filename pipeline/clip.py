@@ -28,6 +28,7 @@ from PIL import Image
 from .clip_preprocess import PixelTransform
 from .crop import labeled_crop_array
 from .records import Embeddings, Sample
+from .torch_threads import apply_torch_threads
 from .weights import read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ RANDOM_INIT = "none"
 RANDOM_INIT_LABEL = "none (random init)"
 PRECISIONS = ("fp32", "bf16", "fp16")
 # wall and this thread's CPU milliseconds (torch's intra-op threads excluded: exact with one torch thread)
-TIMINGS = ("preprocess_ms", "preprocess_cpu_ms", "forward_ms", "forward_cpu_ms")
+# what embed_samples reports of each call: where its time went, and the torch threads it ran on
+TIMINGS = ("preprocess_ms", "preprocess_cpu_ms", "forward_ms", "forward_cpu_ms", "torch_threads")
 MAX_IMAGES_PER_FORWARD = 256  # encode_image chunk size; a batch of samples with their crops is split into chunks
 
 
@@ -78,6 +80,9 @@ class ClipModel:
     # One batch at a time on the device when threads share the model (see segment.SerialSegmenter for why).
     device_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False, repr=False,
                                                     compare=False)
+    # torch intra-op threads set on the calling thread of each embed_samples (None: leave them): the embed stage's
+    # (see pipeline/torch_threads.py; a model server's threads may start after a worker set its own)
+    torch_threads: int | None = None
 
     def __deepcopy__(self, memo: dict) -> ClipModel:
         """Itself: a loaded model is read-only inference state, shared rather than copied, so that copies of what
@@ -97,6 +102,7 @@ class ClipModel:
         """The embed stage's work on a batch: every segment crop and whole image through the image tower in one
         pass, every caption through the text tower; also the wall / thread-CPU milliseconds of preprocessing and of
         the forwards (``TIMINGS``). A method, so that it runs in the model's process behind Beam's model proxy."""
+        apply_torch_threads(self.torch_threads)
         started, started_cpu = time.perf_counter(), time.thread_time()
         crops = [segment_crops(sample) for sample in samples]  # CPU work: outside the device lock
         images = [crop for sample_crops in crops for crop in sample_crops] + [sample.image for sample in samples]
@@ -112,6 +118,7 @@ class ClipModel:
             "preprocess_cpu_ms": 1000 * (preprocessed_cpu - started_cpu),
             "forward_ms": 1000 * (time.perf_counter() - preprocessed),
             "forward_cpu_ms": 1000 * (time.thread_time() - preprocessed_cpu),
+            "torch_threads": torch.get_num_threads(),
         }
         whole = vectors[len(vectors) - len(samples) :]
         results, start = [], 0

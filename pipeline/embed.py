@@ -42,7 +42,7 @@ class ClipEmbedder(ModelStage):
     def load_model(self) -> ClipModel:
         """Load the CLIP model named by the spec."""
         self.prepare_process()
-        return load_clip(self.spec)
+        return dataclasses.replace(load_clip(self.spec), torch_threads=self.call_threads)
 
     def run_inference(
         self, batch: Sequence[Sample], model: ClipModel, inference_args: dict[str, Any] | None = None

@@ -20,6 +20,7 @@ from apache_beam.metrics import Metrics
 from spatext.pipeline.model_stage import ModelStage
 from spatext.pipeline.records import Sample, Segmentation
 from spatext.pipeline.segmenters.base import Segmenter, SegmenterSpec, create_segmenter
+from spatext.pipeline.torch_threads import apply_torch_threads
 
 METRICS_NAMESPACE = "spatext_segment"
 
@@ -35,16 +36,20 @@ class SerialSegmenter(Segmenter):
     for one caller. Under the lock the other callers wait without contending.
     """
 
-    def __init__(self, segmenter: Segmenter) -> None:
-        """Wrap ``segmenter``; its ``name`` and ``weights_label`` stay readable here."""
+    def __init__(self, segmenter: Segmenter, torch_threads: int | None = None) -> None:
+        """Wrap ``segmenter``; its ``name`` and ``weights_label`` stay readable here. ``torch_threads``: set on the
+        calling thread before each call (torch's setting is per thread: a model server's threads may start after a
+        worker's own setting; see pipeline/torch_threads.py)."""
         self.segmenter = segmenter
         self.name = segmenter.name
         self.weights_label = segmenter.weights_label
+        self.torch_threads = torch_threads
         self._lock = threading.Lock()
 
     def segment(self, samples: Sequence[Sample]) -> list[Segmentation]:
         """The wrapped segmenter's result, computed while no other thread runs it."""
         with self._lock:
+            apply_torch_threads(self.torch_threads)
             return self.segmenter.segment(samples)
 
 
@@ -68,7 +73,7 @@ class SegmenterModelHandler(ModelStage):
         """Build the segmenter (called once per worker process, or once per machine when shared), run one call at a
         time by the threads that share it."""
         self.prepare_process()
-        return SerialSegmenter(create_segmenter(self.spec))
+        return SerialSegmenter(create_segmenter(self.spec), self.call_threads)
 
     def run_inference(
         self, batch: Sequence[Sample], model: Segmenter, inference_args: dict[str, Any] | None = None

@@ -16,6 +16,9 @@ import torch
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 AUTO = 0
+# Beam's in-process runners as --runner may name them (any case, or by their module path)
+LOCAL_RUNNERS = ("direct", "directrunner", "switchingdirectrunner", "fnapirunner", "bundlebasedirectrunner")
+TORCH_DEFAULT = torch.get_num_threads()  # this process's own default, read at import: before a build changes it
 
 
 def worker_torch_threads(requested: int, options: PipelineOptions) -> int | None:
@@ -25,9 +28,10 @@ def worker_torch_threads(requested: int, options: PipelineOptions) -> int | None
         raise ValueError(f"--torch-threads must be >= 0 (0: auto), got {requested}")
     if requested > AUTO:
         return requested
-    runner = options.view_as(StandardOptions).runner
-    workers = options.view_as(DirectOptions).direct_num_workers
-    if runner in (None, "DirectRunner", "direct") and workers in (None, 1):
+    runner = (options.view_as(StandardOptions).runner or "direct").rsplit(".", 1)[-1].lower()
+    direct = options.view_as(DirectOptions)
+    one_worker = direct.direct_num_workers in (None, 1) or (direct.direct_running_mode or "in_memory") == "in_memory"
+    if runner in LOCAL_RUNNERS and one_worker:  # in_memory runs one worker whatever direct_num_workers says
         return None
     return 1
 

@@ -60,8 +60,9 @@ def match_in(folder: str, *parts: str, limit: int | None = None) -> list[Any]:
 
 
 def delete_files(paths: list[str]) -> None:
-    """Delete files by their literal names: local ones with ``os.remove`` (Beam's local ``delete`` globs each path, so
-    'b[1]/x' would name 'b1/x'), others through Beam's ``FileSystems`` (object stores take names literally)."""
+    """Delete files by their literal names: local ones with ``os.remove``, gs:// ones escaped (Beam's local and GCS
+    ``delete`` glob each path, so 'b[1]/x' would name 'b1/x'), others as they are (S3 and the rest take names
+    literally)."""
     from apache_beam.io.filesystems import FileSystems
 
     remote = []
@@ -69,6 +70,6 @@ def delete_files(paths: list[str]) -> None:
         if "://" not in path or path.startswith("file://"):
             os.remove(path.removeprefix("file://"))
         else:
-            remote.append(path)
+            remote.append(escape_glob(path) if path.startswith("gs://") else path)
     if remote:
         FileSystems.delete(remote)

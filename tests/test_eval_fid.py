@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,8 @@ def test_clip_extractor_describes_itself_and_scores(tiny) -> None:
     assert 0 <= summary["fid"] < 1e-4  # the same images on both sides
     compute, metric.compute = metric.compute, lambda: torch.tensor(-2.3e-9, dtype=torch.float64)  # seen in reports
     assert fid_summary(metric, description)["fid"] == 0.0  # rounding below zero is reported as 0
+    metric.compute = lambda: torch.tensor(float("nan"), dtype=torch.float64)
+    assert math.isnan(fid_summary(metric, description)["fid"])  # not 0.0, the best score (max(0, nan) is 0)
     metric.compute = compute
     metric.reset()
     fid_update(metric, reference, real=True)

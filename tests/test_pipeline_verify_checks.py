@@ -253,6 +253,8 @@ def test_blob_columns_carry_no_statistics_or_dictionary(tmp_path):
 def test_verify_flags_a_shard_over_the_target(build):
     """A build written before the size fix (or by hand) is caught: the manifest's config holds the target."""
     _edit_manifest(build, lambda m: {**m, "config": {**m["config"], "target_shard_mb": 0.01}})
+    config = json.loads((build / "build_config.json").read_text())  # edited alike: only the sizes are at fault
+    (build / "build_config.json").write_text(json.dumps({**config, "target_shard_mb": 0.01}))
     report = verify.verify_build(str(build), progress=False)
     assert _kinds(report) == {"shard_size"}, report.format()
     assert "exceed --target-shard-mb 0.01 (10485 bytes)" in report.format()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -71,13 +72,22 @@ def test_three_runners_give_the_same_rows(tmp_path, job_service):
         assert manifest["counts"]["accepted"] == 8, name
         rows[name] = read_rows(out)
         found = result.metrics().query(MetricsFilter().with_name("torch_threads"))["distributions"]
-        threads[name] = {(d.committed.min, d.committed.max) for d in found}
-        assert torch.get_num_threads() == launcher_threads  # an in-process job leaves this process's setting alone
+        threads[name] = {d.key.metric.namespace: (d.committed.min, d.committed.max) for d in found}
+        assert torch.get_num_threads() == launcher_threads  # an in-process job leaves this process's setting alone,
+        seen: list[int] = []  # also for threads started after it (a worker thread's setting reaches those)
+        thread = threading.Thread(target=lambda out=seen: out.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert seen == [launcher_threads], name
     assert_same_rows(rows["multi_processing"], rows["direct"])
     assert_same_rows(rows["portable"], rows["direct"])
-    # --torch-threads auto: torch's default in a lone DirectRunner worker, one thread per worker process elsewhere
-    assert threads == {"direct": {(launcher_threads, launcher_threads)}, "multi_processing": {(1, 1)},
-                       "portable": {(1, 1)}}
+    # --torch-threads auto: torch's default in a lone DirectRunner worker, one thread per worker process elsewhere,
+    # and torch's default again in the model server that the worker processes share (a fresh process's default)
+    fresh = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                               capture_output=True, text=True, check=True).stdout)
+    assert threads == {"direct": {"spatext_decode": (launcher_threads,) * 2, "spatext_embed": (launcher_threads,) * 2},
+                       "multi_processing": {"spatext_decode": (1, 1), "spatext_embed": (fresh, fresh)},
+                       "portable": {"spatext_decode": (1, 1), "spatext_embed": (1, 1)}}
 
 
 @pytest.mark.parametrize(("flags", "want"), [
@@ -85,7 +95,10 @@ def test_three_runners_give_the_same_rows(tmp_path, job_service):
     (["--direct_num_workers=1"], None),
     (["--direct_num_workers=2", "--direct_running_mode=multi_processing"], 1),
     (["--direct_num_workers=4", "--direct_running_mode=multi_threading"], 1),
-    (["--direct_num_workers=0"], 1),  # 0: one worker per core
+    (["--direct_num_workers=0", "--direct_running_mode=multi_processing"], 1),  # 0: one worker per core
+    (["--direct_num_workers=2"], None),  # in_memory (the default mode) runs one worker anyway
+    (["--runner", "directrunner"], None),
+    (["--runner", "apache_beam.runners.portability.fn_api_runner.FnApiRunner"], None),
     (["--runner", "DataflowRunner"], 1),
     (["--runner", "PortableRunner"], 1),
 ])
