@@ -85,7 +85,7 @@ def decode_image_info(
             im.draft("RGB", target_size(width, height, image_size))  # JPEG: decode at a reduced scale, fast
             ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
             if im.mode in DEEP_MODES:
-                im = deep_to_8bit(im)
+                im = deep_to_8bit(im)  # LA when a 16-bit PNG marks a transparent grey
             if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:  # tRNS in P, L and RGB PNGs too
                 im = im.convert("RGBA")
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -118,6 +118,11 @@ def deep_to_8bit(im: Image.Image) -> Image.Image:
     -> 0..255 (what a 16-bit PNG or TIFF holds); float images in [0, 1] are scaled by 255, others in [0, 255] kept.
     DecodeError `unsupported_image_mode` for values outside those ranges (rejected, never guessed)."""
     values = np.asarray(im)
+    transparent = im.info.get("transparency")
+    if isinstance(transparent, int) and im.mode != "F":  # a 16-bit PNG's tRNS grey: kept as alpha, then white
+        grey = deep_to_8bit(Image.fromarray(values))
+        alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), "L")
+        return Image.merge("LA", (grey, alpha))
     if im.mode == "F":
         if not np.isfinite(values).all() or values.min() < 0 or values.max() > 255:
             raise DecodeError("unsupported_image_mode", "float image with values outside [0, 255] (or not finite)")
@@ -190,11 +195,13 @@ def decode_annotation(
 
 
 BLANK_CATEGORIES = ("Zs", "Zl", "Zp", "Cc", "Cf")  # Unicode separators, controls (NUL, ...) and format characters
+BLANK_LETTERS = frozenset("\u115f\u1160\u2800\u3164\uffa0")  # Hangul fillers, the Braille blank: letters, invisible
 
 
 def is_blank(text: str) -> bool:
-    """Whether text shows nothing: only white space, control and format characters (NUL, zero-width space, ...)."""
-    return all(unicodedata.category(c) in BLANK_CATEGORIES for c in text)
+    """Whether text shows nothing: only white space, control and format characters (NUL, zero-width space, ...) and
+    the letters that show nothing (Hangul fillers, the Braille blank)."""
+    return all(c in BLANK_LETTERS or unicodedata.category(c) in BLANK_CATEGORIES for c in text)
 
 
 def decode_sample(raw: RawSample, options: DecodeOptions) -> Sample:

@@ -76,6 +76,16 @@ def test_transparency_chunks_of_grey_and_rgb_pngs_become_white(mode):
     assert decode_image(buf.getvalue(), 512).min() == 255
 
 
+def test_a_transparent_grey_of_a_16_bit_png_becomes_white():
+    values = np.full((32, 32), 1000, np.uint16)
+    values[:8] = 7  # the tRNS grey
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG", transparency=7)
+    assert Image.open(io.BytesIO(buf.getvalue())).info.get("transparency") == 7
+    image = decode_image(buf.getvalue(), 512)
+    assert (image[:8] == 255).all() and (image[8:] == round(1000 * 255 / 65535)).all()
+
+
 def test_an_image_whose_stored_side_would_fall_under_16_px_is_too_small():
     assert decode_image(jpeg_bytes(1024, 32), 512).shape == (16, 512, 3)  # the limit itself is kept
     for size, image_size in (((2000, 16), 512), ((16, 2000), 512), ((400, 40), 128)):
@@ -135,6 +145,7 @@ def _grey_png(values: np.ndarray) -> bytes:
         (RawSample("k", "s", b"x", "   "), "missing_caption"),
         (RawSample("k", "s", b"x", "\x00\x00"), "missing_caption"),  # nothing visible: NUL, zero-width, BOM
         (RawSample("k", "s", b"x", "\u200b \ufeff\u00a0"), "missing_caption"),
+        (RawSample("k", "s", b"x", "\u2800\u3164 \u2800"), "missing_caption"),  # Braille blank, Hangul filler
         (RawSample("k", "s", jpeg_bytes(2000, 16), "cap"), "image_too_small"),  # stored at 512 x 4
         (RawSample("k", "s", jpeg_bytes(64, 48), "cap", _grey_png(np.ones((48, 64), np.uint8)),
                    {"segments_info": [{"id": 1}]}), "bad_annotation"),  # a grey map: not the COCO RGB encoding
