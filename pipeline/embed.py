@@ -41,7 +41,6 @@ class ClipEmbedder(ModelStage):
 
     def load_model(self) -> ClipModel:
         """Load the CLIP model named by the spec."""
-        self.prepare_process()
         return dataclasses.replace(load_clip(self.spec), torch_threads=self.call_threads)
 
     def run_inference(

@@ -12,7 +12,7 @@ from apache_beam.ml.inference.base import ModelHandler
 
 from spatext.pipeline.batch_failures import FailedSample, each_alone_on_failure
 from spatext.pipeline.records import Sample
-from spatext.pipeline.torch_threads import TORCH_DEFAULT, apply_torch_threads
+from spatext.pipeline.torch_threads import TORCH_DEFAULT
 
 HOPELESS_AFTER = 2  # retried batches in a row that fail sample by sample before a failing batch is no longer retried
 
@@ -32,8 +32,8 @@ class ModelStage(ModelHandler):
         runs torch on ``torch_threads`` intra-op threads (None: torch's default; a model server keeps the default).
         """
         shared = share_across_processes or model_copies is not None
-        self._torch_threads = None if shared else torch_threads  # set in the worker process at load
-        # set on the thread of every model call: a model server, one process for every worker, keeps torch's default
+        # set on the thread of every model call (the model keeps it): a model server, one process for every worker,
+        # keeps torch's default
         self.call_threads = TORCH_DEFAULT if shared and torch_threads is not None else torch_threads
         # Full batches of ``batch_size`` (fewer only at a bundle's end), not Beam's adaptive sizing from one sample up,
         # which left a 128-sample demo build's batches at a mean of 4.9 of 8 (segment), 7.5 of 64 (embed) samples:
@@ -42,10 +42,6 @@ class ModelStage(ModelHandler):
                          model_copies=model_copies)
         self._retried = Metrics.counter(self.namespace, f"{self.stage}_batches_run_one_by_one")
         self._hopeless = 0  # retried batches in a row in which every sample failed alone too
-
-    def prepare_process(self) -> None:
-        """What ``load_model`` does first in the process that will run the model: its torch threads."""
-        apply_torch_threads(self._torch_threads)
 
     def each_alone_on_failure(self, batch: Sequence[Sample], infer: Callable[[Sequence[Sample]], list[Any]]
                               ) -> list[Any | FailedSample]:

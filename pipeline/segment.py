@@ -72,7 +72,6 @@ class SegmenterModelHandler(ModelStage):
     def load_model(self) -> Segmenter:
         """Build the segmenter (called once per worker process, or once per machine when shared), run one call at a
         time by the threads that share it."""
-        self.prepare_process()
         return SerialSegmenter(create_segmenter(self.spec), self.call_threads)
 
     def run_inference(
