@@ -13,7 +13,7 @@
 #   train_gpu.py     `spatext train` (bf16, resume) and `spatext sample` on cuda    TRAINER_S (default 70)
 # Each section works in /tmp/gpu_session/NAME (corpora, builds) and copies only its JSON to $OUT, next to its log
 # $OUT/NAME.log, so the few small files the device tool brings back are these; a section out of time keeps its log.
-# SECTIONS="sampling trainer" runs only those sections.
+# SECTIONS="sampling trainer" runs only those sections; PIPELINE_FLAGS replaces pipeline_gpu.py's flags on --run.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -90,7 +90,7 @@ case "${1:-}" in
         "$python" -m pip install --quiet --no-compile --no-index --no-deps --target "$SITE/deps" "${wheels[@]}" || exit 1
         "$python" -m pip install --quiet --no-compile --no-deps --no-build-isolation --target "$SITE/pkg" "$REPO" || exit 1
         export PYTHONPATH="$SITE/pkg:$SITE/deps" HF_HUB_OFFLINE=1
-        benchmarks "$python" "--num-samples 512 --build-modes processes:8,threads:8,in_process" \
+        benchmarks "$python" "${PIPELINE_FLAGS:---num-samples 512 --build-modes processes:8,threads:8,in_process}" \
             "--sd15 --device cuda --dtype bfloat16 --steps 50 --num-images 1,4 --no-flops --repeats 7 --modes plain,joint,per-condition" ""
         ;;
     --smoke)

@@ -12,7 +12,9 @@ and CLIP ViT-L/14. Sections:
   build      the real Beam job (DirectRunner) on the demo corpus at 512 px, models on the GPU, in each --build-modes
              set-up (in one process; N worker processes feeding one shared model server; N worker threads sharing
              one model); its images/s and the ceiling for the same work (images / segmenter rate + crops / CLIP
-             rate). Results are printed and written as each section or set-up ends, so a time limit loses none.
+             rate), also with our segmenter's own rate; the GPU's and CPU's use during the build (sampled) and the
+             seconds its workers spent in each model step's calls. Results are printed and written as each section
+             or set-up ends, so a time limit loses none.
 Prints a table, writes JSON. `--smoke` runs tiny models on the CPU to check the script itself.
 
     python benchmarks/pipeline_gpu.py --out $OUT          # on the GPU machine
@@ -27,6 +29,7 @@ import logging
 import os
 import platform
 import statistics
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 
 from bench_record import build_mode, write_record
-from corpus_subset import corpus_subset
+from corpus_subset import corpus_subset, replicate_corpus
 from spatext.pipeline.clip import ClipSpec, encode_pixels, load_clip
 from spatext.pipeline.records import Sample
 from spatext.pipeline.segmenters import SegmenterSpec, create_segmenter
@@ -195,6 +198,59 @@ def bare_batch_sweep(segmenter, args) -> dict:
     return out
 
 
+class UsageSampler:
+    """GPU and CPU use sampled on a thread while a build runs: the share of each period in which the GPU ran a kernel
+    (NVML, through ``torch.cuda.utilization``; None without a GPU or without NVML) and the machine's CPU use (psutil,
+    all cores), as means over the whole run and over its second half (start-up left out)."""
+
+    def __init__(self, device: str, period: float = 0.25) -> None:
+        import psutil
+
+        self.period, self._psutil = period, psutil
+        self.gpu = device.startswith("cuda") and self._nvml_answers()
+        self.samples: list[tuple[float, float | None, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _nvml_answers() -> bool:
+        try:
+            torch.cuda.utilization()
+        except (ModuleNotFoundError, RuntimeError) as exc:  # no pynvml, or NVML not answering: leave the GPU out
+            print(f"  (no GPU utilisation: {type(exc).__name__}: {exc})", flush=True)
+            return False
+        return True
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        self._psutil.cpu_percent(interval=None)  # the first reading has nothing to compare with
+        while not self._stop.wait(self.period):
+            gpu = float(torch.cuda.utilization()) if self.gpu else None
+            self.samples.append((time.perf_counter() - started, gpu, self._psutil.cpu_percent(interval=None)))
+
+    def __enter__(self) -> UsageSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def means(self) -> dict[str, float]:
+        """``gpu_util`` / ``cpu_util`` (percent) over the run, ``*_second_half`` over its second half."""
+        if not self.samples:
+            return {}
+        half = self.samples[-1][0] / 2
+        out = {}
+        for name, index in (("gpu_util", 1), ("cpu_util", 2)):
+            if index == 1 and not self.gpu:
+                continue
+            out[name] = round(statistics.fmean(s[index] for s in self.samples), 1)
+            late = [s[index] for s in self.samples if s[0] >= half]
+            out[f"{name}_second_half"] = round(statistics.fmean(late), 1) if late else None
+        return out
+
+
 def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
     """The real job on the demo corpus in each of --build-modes, each mode's results emitted as soon as it ends; the
     ceiling from the section rates above."""
@@ -205,7 +261,11 @@ def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
     from spatext.pipeline.demo_corpus import write_corpus
 
     corpus = os.path.join(args.out, "corpus")
-    write_corpus(corpus, args.num_samples, seed=0, fmt="webdataset", samples_per_shard=max(1, args.num_samples // 16))
+    # Drawn images (~50 ms each) up to --unique-samples, then renamed copies: the model work per image is the same.
+    unique = min(args.num_samples, args.unique_samples)
+    copies = -(-args.num_samples // unique)
+    write_corpus(corpus, unique, seed=0, fmt="webdataset", samples_per_shard=max(1, unique * copies // 16))
+    replicate_corpus(corpus, copies)
     warm = True  # the first build of a process pays one-time costs (imports, CUDA kernels): run one untimed first
     for mode in args.build_modes.split(","):
         beam_args, sharing = build_mode(mode.strip())
@@ -230,7 +290,8 @@ def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
             _, quarter_manifest = build.execute(quarter, beam_args)
             quarter_wall = time.perf_counter() - started
             started = time.perf_counter()
-            result, manifest = build.execute(config, beam_args)
+            with UsageSampler(args.device) as usage:
+                result, manifest = build.execute(config, beam_args)
             wall = time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001 - a benchmark reports a failing mode and runs the rest
             traceback.print_exc()
@@ -249,8 +310,12 @@ def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
             for segments in pq.read_table(os.path.join(config.output, "shards", path), columns=["segments"])
             .column("segments").to_pylist()
         )
-        for stage, size in build.mean_batch_sizes(result).items():  # BatchElements grows batches from 1 in each bundle
-            record[f"{key}_{stage}_mean_batch"] = round(size, 2)
+        for stage, calls in build.model_calls(result).items():
+            if calls["calls"]:
+                record[f"{key}_{stage}_mean_batch"] = round(calls["samples"] / calls["calls"], 2)
+            # summed over workers: above the wall time, workers waited for the shared model
+            record[f"{key}_{stage}_call_s"] = round(calls["seconds"], 2)
+        record.update({f"{key}_{name}": value for name, value in usage.means().items()})
         record.update({
             f"{key}_images": images, f"{key}_accepted": counts["accepted"], f"{key}_crops": crops,
             f"{key}_wall_s": round(wall, 2), f"{key}_img_s": round(images / wall, 2),
@@ -261,6 +326,9 @@ def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
             record[f"{key}_ceiling_s"] = round(ceiling_s, 2)
             record[f"{key}_vs_ceiling"] = round(ceiling_s / wall, 3)
             record[f"{key}_marginal_vs_ceiling"] = round(marginal * ceiling_s / images, 3)
+        if clip_rate and rates.get("segmenter_ours_img_s"):  # the same with our segmenter's own rate (pre + post)
+            ours_s = images / rates["segmenter_ours_img_s"] + (crops + counts["accepted"]) / clip_rate
+            record[f"{key}_marginal_vs_ceiling_ours"] = round(marginal * ours_s / images, 3)
         emit(record)
 
 
@@ -279,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=1024,
                         help="demo corpus size for the build section (a quarter-size build runs too: the difference "
                         "is the steady-state rate, start-up excluded)")
+    parser.add_argument("--unique-samples", type=int, default=512,
+                        help="distinct images drawn for the build's corpus; the rest of --num-samples are renamed "
+                        "copies of them")
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement")
     parser.add_argument("--build-modes", default=None,
                         help="comma-separated build set-ups: in_process, processes:N (N worker processes sharing one "
@@ -306,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     args.build_clip_batch = 8 if smoke else 64
     args.build_modes = args.build_modes or ("in_process,processes:2,threads:2" if smoke
                                             else "in_process,processes:8,threads:8")
+    if args.num_samples < 1 or args.unique_samples < 1:
+        parser.error("--num-samples and --unique-samples must be >= 1")
     if smoke:
-        args.num_samples, args.repeats = min(args.num_samples, 16), 1
+        args.num_samples, args.unique_samples, args.repeats = min(args.num_samples, 16), 8, 1
     os.makedirs(args.out, exist_ok=True)
     record: dict = {"benchmark": "pipeline_gpu", "smoke": smoke, "torch": torch.__version__,
                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()}

@@ -418,23 +418,31 @@ def _settled(metric: object) -> object:
     return committed if committed is not None else getattr(metric, "attempted", None)
 
 
-def mean_batch_sizes(result: PipelineResult) -> dict[str, float]:
-    """Samples per ``run_inference`` call of the Segment and Embed steps, from RunInference's own metrics (inferences
-    over the count of its per-batch latency distribution); {} where the runner reports no metrics. A batch that failed
-    and ran again one sample at a time (``retried_batches``) still counts as one call here."""
-    inferences: dict[str, int] = {}
-    batches: dict[str, int] = {}
+def model_calls(result: PipelineResult) -> dict[str, dict[str, float]]:
+    """Per model step (``segment``, ``embed``): ``samples`` (inferences), ``calls`` and ``seconds`` (the summed
+    latency of its ``run_inference`` calls as each worker saw it, so time spent waiting for a shared model counts)
+    from RunInference's own metrics; {} where the runner reports no metrics."""
+    stats: dict[str, dict[str, float]] = {}
     query = _metrics_query(result)
     for counter in query.get("counters", ()):
         if counter.key.metric.name == "num_inferences" and _settled(counter) is not None:
-            stage = counter.key.step.split("/")[0].lower()
-            inferences[stage] = inferences.get(stage, 0) + _settled(counter)
+            stage = stats.setdefault(counter.key.step.split("/")[0].lower(), {"samples": 0, "calls": 0, "seconds": 0})
+            stage["samples"] += _settled(counter)
     for dist in query.get("distributions", ()):
         value = _settled(dist)
         if dist.key.metric.name == "inference_batch_latency_micro_secs" and value is not None:
-            stage = dist.key.step.split("/")[0].lower()
-            batches[stage] = batches.get(stage, 0) + value.count
-    return {stage: inferences[stage] / batches[stage] for stage in inferences if batches.get(stage)}
+            stage = stats.setdefault(dist.key.step.split("/")[0].lower(), {"samples": 0, "calls": 0, "seconds": 0})
+            stage["calls"] += value.count
+            stage["seconds"] += value.sum / 1e6
+    return stats
+
+
+def mean_batch_sizes(result: PipelineResult) -> dict[str, float]:
+    """Samples per ``run_inference`` call of the Segment and Embed steps (``model_calls``); {} where the runner
+    reports no metrics. A batch that failed and ran again one sample at a time (``retried_batches``) still counts as
+    one call here."""
+    return {name: stage["samples"] / stage["calls"] for name, stage in model_calls(result).items()
+            if stage["calls"]}
 
 
 def retried_batches(result: PipelineResult) -> int:
@@ -503,11 +511,13 @@ def _run_jobs(
         result = p.run()
         state = result.wait_until_finish()
         logger.info("pipeline finished: %s", state)
-        sizes = mean_batch_sizes(result)
-        if sizes:
-            logger.info("samples per model call: %s (--segmenter-batch-size %d, --clip-batch-size %d)",
-                        ", ".join(f"{stage} {size:.1f}" for stage, size in sorted(sizes.items())),
-                        config.segmenter_batch_size, config.clip_batch_size)
+        calls = {name: stage for name, stage in sorted(model_calls(result).items()) if stage["calls"]}
+        if calls:
+            logger.info("samples per model call: %s (--segmenter-batch-size %d, --clip-batch-size %d); seconds in "
+                        "model calls, summed over workers: %s",
+                        ", ".join(f"{name} {stage['samples'] / stage['calls']:.1f}" for name, stage in calls.items()),
+                        config.segmenter_batch_size, config.clip_batch_size,
+                        ", ".join(f"{name} {stage['seconds']:.1f}" for name, stage in calls.items()))
         retried = retried_batches(result)
         if retried:
             logger.warning("%d model batch(es) failed and ran again one sample at a time: the samples that failed "

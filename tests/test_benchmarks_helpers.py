@@ -47,6 +47,30 @@ def test_corpus_subset_links_and_drops_stale_links(bench, tmp_path: Path) -> Non
     assert sorted(p.name for p in folder.iterdir()) == ["shard-00000.tar"]
 
 
+def test_replicate_corpus_adds_renamed_copies_with_new_keys(bench, tmp_path: Path) -> None:
+    import tarfile
+
+    from spatext.pipeline.demo_corpus import write_corpus
+
+    subset = bench("corpus_subset")
+    write_corpus(str(tmp_path), 4, seed=0, fmt="webdataset", samples_per_shard=2)
+    assert subset.replicate_corpus(str(tmp_path), 3) == 4
+    tars = sorted(p.name for p in tmp_path.glob("shard-*.tar"))
+    assert tars == ["shard-00000.tar", "shard-00001.tar", "shard-r1-00000.tar", "shard-r1-00001.tar",
+                    "shard-r2-00000.tar", "shard-r2-00001.tar"]
+
+    def members(name: str) -> dict[str, bytes]:
+        with tarfile.open(tmp_path / name) as tar:
+            return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+    original = {name: data for name, data in members("shard-00001.tar").items() if name.endswith((".jpg", ".txt"))}
+    assert sorted(original) == ["demo-000002.jpg", "demo-000002.txt", "demo-000003.jpg", "demo-000003.txt"]
+    assert members("shard-r2-00001.tar") == {f"r2-{name}": data for name, data in original.items()}
+    assert Path(subset.corpus_subset(str(tmp_path), 1 / 3)).parent.joinpath("shard-00000.tar").exists()
+    assert subset.replicate_corpus(str(tmp_path), 2) == 2  # again: copies of the originals only, not of copies
+    assert len(list(tmp_path.glob("shard-*.tar"))) == 6
+
+
 def test_overlap_flags_rates_above_the_device_ceiling(bench, tmp_path: Path, monkeypatch) -> None:
     overlap = bench("pipeline_overlap")
     for i in range(16):

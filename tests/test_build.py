@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -181,10 +182,16 @@ def test_model_calls_take_full_batches(corpus, tmp_path):
     config, beam_args = build.parse_args([
         "--input", str(corpus / "wds" / "*.tar"), "--output", str(tmp_path / "b"), "--image-format", "png",
         "--segmenter", "auto", *TINY_CLIP, "--segmenter-batch-size", "4", "--clip-batch-size", "10"])
+    started = time.perf_counter()
     result, manifest = build.execute(config, beam_args)
+    wall = time.perf_counter() - started
     sizes = build.mean_batch_sizes(result)
     assert manifest["counts"]["accepted"] == NUM  # 11 samples reach the segmenter ('tiny' is rejected after it)
     assert sizes == {"segment": pytest.approx(11 / 3), "embed": 10.0}  # calls of 4, 4, 3; one call of 10
+    calls = build.model_calls(result)
+    assert {name: (stage["samples"], stage["calls"]) for name, stage in calls.items()} == {
+        "segment": (11, 3), "embed": (10, 1)}
+    assert 0 < calls["segment"]["seconds"] + calls["embed"]["seconds"] < wall  # one worker: calls take turns
 
 
 def test_a_gpu_build_in_one_direct_worker_warns_that_the_device_would_idle(caplog):
