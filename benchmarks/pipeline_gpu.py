@@ -3,12 +3,13 @@
 Random weights at real sizes: Mask2Former with a Swin-L backbone (configs/mask2former-swin-large.json, 216 M params)
 and CLIP ViT-L/14. Sections:
   clip       ViT-L/14 image tower on random pixels: our encode_pixels in fp32 and bf16, and bare bf16 weights (img/s)
-  segmenter  Mask2Former alone on a preprocessed batch (bare, the ceiling; also at --segmenter-batches sizes, which
-             show whether the forward is launch-bound) and through our segmenter (ours: device-side
-             preprocessing + forward + batched panoptic merge), each stage on its own (pre, post) next to what it
-             replaced (pre_cpu: the processor on the CPU; post_transformers: transformers' post-processing), all
-             interleaved, medians (img/s); checks: device preprocessing vs the CPU processor (max |difference|, one
-             grey level for scale) and the merge vs transformers on the same logits (identical maps / segments)
+  segmenter  Mask2Former on the build's own images (the demo corpus decoded as the build does, batches in corpus
+             order): the bare forward over our passes of similar shapes (the ceiling) and over each batch as one
+             pass (before passes: padding), our segmenter (device preprocessing + forward + batched panoptic merge,
+             pass by pass) and its stages (pre, post), all interleaved, medians (img/s); padding (pixels run / own
+             pixels); the bare forward on random squares at --segmenter-batches sizes (launch-bound or not); checks:
+             device preprocessing vs the CPU processor (max |difference|, one grey level for scale) and the merge vs
+             transformers on the same logits (identical maps / segments)
   build      the real Beam job (DirectRunner) on the demo corpus at 512 px, models on the GPU, in each --build-modes
              set-up (in one process; N worker processes feeding one shared model server; N worker threads sharing
              one model); its images/s and the ceiling for the same work (images / segmenter rate + crops / CLIP
@@ -151,37 +152,64 @@ def segmenter_checks(segmenter, outputs, sizes) -> dict:
     }
 
 
+def corpus_images(corpus: str, num: int, image_size: int) -> list[np.ndarray]:
+    """The first ``num`` images of the demo corpus decoded and resized as the build does (the build's own inputs:
+    their sizes and aspect ratios decide the padding of Mask2Former's passes), in corpus order."""
+    import tarfile
+
+    from spatext.pipeline.decode import decode_image
+
+    images = []
+    for name in sorted(f for f in os.listdir(corpus) if f.endswith(".tar")):
+        with tarfile.open(os.path.join(corpus, name)) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".jpg") and len(images) < num:
+                    images.append(decode_image(tar.extractfile(member).read(), image_size))
+    return images
+
+
+def _padding(inputs: list[dict[str, torch.Tensor]]) -> float:
+    """Pixels the model runs over the images' own processed pixels (1.0: no padding)."""
+    return sum(i["pixel_mask"].numel() for i in inputs) / sum(float(i["pixel_mask"].sum()) for i in inputs)
+
+
 def bench_segmenter(args) -> dict:
-    """Mask2Former alone (the ceiling) and through our segmenter; each stage of the segmenter, and the stages it
-    replaced (the processor on the CPU, transformers' post-processing), timed interleaved; then the checks."""
+    """Mask2Former on the build's own images (``corpus_images``, batches of --segmenter-batch in corpus order): the
+    bare forward over our passes of similar shapes (the ceiling) and over each batch as one pass (what it did
+    before), our segmenter (device preprocessing + forward + merge, pass by pass) and each of its stages, timed
+    interleaved, medians (img/s); then the checks on random images."""
     spec = SegmenterSpec("mask2former", weights="none", config=args.segmenter_config, threshold=0.0,
                          mask_threshold=0.0, overlap_threshold=0.0, processor_size=args.image_size,
                          device=args.device, precision="bf16" if args.device.startswith("cuda") else "fp32")
     segmenter = create_segmenter(spec)
-    samples = [Sample(f"k{i}", "s", "c", im) for i, im in enumerate(_images(args.segmenter_batch, args.image_size))]
-    inputs, sizes = segmenter.preprocess(samples)
-    outputs = segmenter.forward(inputs)
-    float_outputs = _float_outputs(outputs)
-
-    def cpu_pre():  # what the segmenter did before: the processor on the CPU, then a copy to the device
-        cpu = segmenter.processor(images=[s.image for s in samples], return_tensors="pt",
-                                  input_data_format="channels_last")
-        return {k: v.to(args.device) for k, v in cpu.items()}
+    images = corpus_images(args.corpus, args.segmenter_batch * args.segmenter_batches_timed, args.image_size)
+    samples = [Sample(f"k{i}", "s", "c", im) for i, im in enumerate(images)]
+    batches = [samples[i:i + args.segmenter_batch] for i in range(0, len(samples), args.segmenter_batch)]
+    passes = [[batch[i] for i in group] for batch in batches for group in segmenter.pass_groups(batch)]
+    pass_inputs = [segmenter.preprocess(part) for part in passes]
+    one_pass_inputs = [segmenter.preprocess(batch)[0] for batch in batches]
+    pass_outputs = [(segmenter.forward(inputs), sizes) for inputs, sizes in pass_inputs]
 
     stages = {
-        "pre_cpu": cpu_pre,
-        "pre": lambda: segmenter.preprocess(samples),
-        "bare": lambda: segmenter.forward(inputs),
-        "post_transformers": lambda: _transformers_post(segmenter, float_outputs, sizes),
-        "post": lambda: segmenter.postprocess(outputs, sizes),
-        "ours": lambda: segmenter.segment(samples),
+        "pre": lambda: [segmenter.preprocess(part) for part in passes],
+        "bare": lambda: [segmenter.forward(inputs) for inputs, _ in pass_inputs],
+        "bare_one_pass": lambda: [segmenter.forward(inputs) for inputs in one_pass_inputs],
+        "post": lambda: [segmenter.postprocess(outputs, sizes) for outputs, sizes in pass_outputs],
+        "ours": lambda: [segmenter.segment(batch) for batch in batches],
     }
     seconds = _median_seconds(stages, args.device, args.repeats)
     record = {"segmenter_params_m": round(sum(p.numel() for p in segmenter.model.parameters()) / 1e6, 1),
-              "segmenter_batch": args.segmenter_batch, "segmenter_queries": segmenter.model.config.num_queries}
-    record.update({f"segmenter_{name}_img_s": args.segmenter_batch / s for name, s in seconds.items()})
+              "segmenter_batch": args.segmenter_batch, "segmenter_queries": segmenter.model.config.num_queries,
+              "segmenter_images": f"{len(samples)} demo corpus images at {args.image_size} px, as the build decodes",
+              "segmenter_passes_per_batch": round(len(passes) / len(batches), 2),
+              "segmenter_padding_passes": round(_padding([inputs for inputs, _ in pass_inputs]), 3),
+              "segmenter_padding_one_pass": round(_padding(one_pass_inputs), 3)}
+    record.update({f"segmenter_{name}_img_s": len(samples) / s for name, s in seconds.items()})
     record["segmenter_ours_vs_bare"] = round(seconds["bare"] / seconds["ours"], 3)
-    record.update(segmenter_checks(segmenter, outputs, sizes))
+    record["segmenter_passes_vs_one_pass"] = round(seconds["bare_one_pass"] / seconds["bare"], 3)
+    random = [Sample(f"r{i}", "s", "c", im) for i, im in enumerate(_images(args.segmenter_batch, args.image_size))]
+    inputs, sizes = segmenter.preprocess(random)
+    record.update(segmenter_checks(segmenter, segmenter.forward(inputs), sizes))
     record.update(bare_batch_sweep(segmenter, args))
     return record
 
@@ -196,6 +224,19 @@ def bare_batch_sweep(segmenter, args) -> dict:
         seconds = _median_seconds({"bare": lambda i=inputs: segmenter.forward(i)}, args.device, args.repeats)
         out[f"segmenter_bare_batch{batch}_img_s"] = batch / seconds["bare"]
     return out
+
+
+def write_build_corpus(args) -> str:
+    """The demo corpus of --num-samples (webdataset, 16 tars): drawn images (~50 ms each) up to --unique-samples,
+    then renamed copies (the model work per image is the same); returns its folder."""
+    from spatext.pipeline.demo_corpus import write_corpus
+
+    corpus = os.path.join(args.out, "corpus")
+    unique = min(args.num_samples, args.unique_samples)
+    copies = -(-args.num_samples // unique)
+    write_corpus(corpus, unique, seed=0, fmt="webdataset", samples_per_shard=max(1, unique * copies // 16))
+    replicate_corpus(corpus, copies)
+    return corpus
 
 
 class UsageSampler:
@@ -258,14 +299,8 @@ def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
 
     from spatext.pipeline import build
     from spatext.pipeline.config import BuildConfig
-    from spatext.pipeline.demo_corpus import write_corpus
 
-    corpus = os.path.join(args.out, "corpus")
-    # Drawn images (~50 ms each) up to --unique-samples, then renamed copies: the model work per image is the same.
-    unique = min(args.num_samples, args.unique_samples)
-    copies = -(-args.num_samples // unique)
-    write_corpus(corpus, unique, seed=0, fmt="webdataset", samples_per_shard=max(1, unique * copies // 16))
-    replicate_corpus(corpus, copies)
+    corpus = args.corpus
     warm = True  # the first build of a process pays one-time costs (imports, CUDA kernels): run one untimed first
     for mode in args.build_modes.split(","):
         beam_args, sharing = build_mode(mode.strip())
@@ -367,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args.clip_model, args.clip_size, args.clip_batch = ("spatext-tiny", 64, 8) if smoke else ("ViT-L-14", 224, 512)
     args.segmenter_config = "mask2former-tiny" if smoke else "mask2former-swin-large"
     args.image_size, args.segmenter_batch = (128, 2) if smoke else (512, 8)
+    args.segmenter_batches_timed = 2 if smoke else 8  # batches of the build's images the segmenter section times
     batches = args.segmenter_batches or ("4" if smoke else "16,32")
     try:
         args.segmenter_batches = [int(b) for b in batches.split(",")]
@@ -398,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         write_record(args.out, "pipeline_gpu.json", record)
 
     print(f"pipeline_gpu on {record['device']} (torch {record['torch']}), random weights", flush=True)
+    args.corpus = write_build_corpus(args)
     for name, section in (("clip", bench_clip), ("segmenter", bench_segmenter)):
         if name not in sections:
             continue

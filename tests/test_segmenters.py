@@ -168,16 +168,21 @@ def test_mask2former_random_tiny_output_contract(tiny: Segmenter, two_samples: l
     assert tiny.segment([]) == []
 
 
-def test_mask2former_output_depends_on_batch_padding_only(tiny: Segmenter) -> None:
-    """What README says of model segmenters and batching: peers of the same size leave an image's result exactly as
-    it is alone; a peer of another size pads the batch, which the model sees (the merge cuts it off, but the model's
-    features span the padded input), and may change it (here it does)."""
-    image, same, other = _sample("a", 100, 150, seed=1), _sample("c", 100, 150, seed=3), _sample("b", 130, 90, seed=2)
+def test_mask2former_output_depends_on_the_padding_of_its_pass_only(tiny: Segmenter) -> None:
+    """What README says of model segmenters and batching: a batch runs as forward passes of similar shapes
+    (``pass_groups``); peers of the same size leave an image's result exactly as it is alone, and so does a peer of
+    the other orientation (it runs in a pass of its own); a wider peer in the same pass pads the image, which the
+    model sees (the merge cuts it off, but the model's features span the padded input), and changes it (here it
+    does)."""
+    image = _sample("a", 100, 120, seed=1)  # processed to 128 x 160 (128 px shortest edge, sides rounded up to 32)
+    same, portrait, wider = _sample("c", 100, 120, seed=3), _sample("b", 150, 90, seed=2), _sample("d", 100, 150, 4)
     alone = tiny.segment([image])[0]
-    beside_same = tiny.segment([same, image])[1]
-    assert np.array_equal(alone.id_map, beside_same.id_map) and alone.segments == beside_same.segments
-    beside_other = tiny.segment([image, other])[0]
-    assert not (np.array_equal(alone.id_map, beside_other.id_map) and alone.segments == beside_other.segments)
+    for peers, position, one_pass in (([same, image], 1, True), ([image, portrait], 0, False),
+                                      ([wider, image], 1, True)):
+        assert (tiny.pass_groups(peers) == [[0, 1]]) is one_pass
+        beside = tiny.segment(peers)[position]
+        unchanged = np.array_equal(alone.id_map, beside.id_map) and alone.segments == beside.segments
+        assert unchanged is (peers[0] is not wider), peers[0].key
 
 
 def test_mask2former_random_init_is_logged_and_deterministic(tiny: Segmenter, caplog) -> None:
@@ -259,7 +264,11 @@ def test_mask2former_equals_transformers_post_processing(tiny, thresholds, monke
     monkeypatch.setattr(tiny, "spec", spec)
     samples = [_sample("a", 100, 150, seed=1), _sample("b", 130, 90, seed=2), _sample("c", 100, 150, seed=3)]
     ours = tiny.segment(samples)
-    for seg, ref, sample in zip(ours, _transformers_segmentations(tiny, samples), samples, strict=True):
+    groups = tiny.pass_groups(samples)
+    assert groups == [[0, 2], [1]]  # two landscape images of one shape, one portrait: two forward passes
+    reference = {i: ref for group in groups
+                 for i, ref in zip(group, _transformers_segmentations(tiny, [samples[i] for i in group]), strict=True)}
+    for seg, ref, sample in zip(ours, [reference[i] for i in range(len(samples))], samples, strict=True):
         _check_segmentation(seg, sample.image.shape[:2])
         np.testing.assert_array_equal(seg.id_map, ref.id_map)
         assert seg.segments == ref.segments

@@ -31,6 +31,7 @@ from spatext.pipeline.segmenters.base import (
     clean_segmentation,
 )
 from spatext.pipeline.segmenters.panoptic_merge import PanopticResult, panoptic_merge, valid_fractions
+from spatext.pipeline.segmenters.shape_groups import processed_shape, shape_groups
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +130,10 @@ def _pretrained(weights: str, spec: SegmenterSpec) -> tuple[Mask2FormerForUniver
 class Mask2FormerSegmenter(Segmenter):
     """Panoptic segmentation with ``Mask2FormerForUniversalSegmentation``, batched over the given images.
 
-    ``segment`` = ``preprocess`` (the processor's torchvision path on ``spec.device``) -> ``forward`` ->
-    ``postprocess`` (``panoptic_merge``: transformers' panoptic post-processing, batched on the device); only uint8
-    images go to the device and only int32 id maps and segment lists come back.
+    ``segment`` = per group of similar shapes (``pass_groups``, which keeps padding low): ``preprocess`` (the
+    processor's torchvision path on ``spec.device``) -> ``forward`` -> ``postprocess`` (``panoptic_merge``:
+    transformers' panoptic post-processing, batched on the device); only uint8 images go to the device and only
+    int32 id maps and segment lists come back.
     """
 
     name = "mask2former"
@@ -152,12 +154,30 @@ class Mask2FormerSegmenter(Segmenter):
 
     @torch.inference_mode()
     def segment(self, samples: Sequence[Sample]) -> list[Segmentation]:
-        """Preprocess on the device, one forward pass over all images, then the panoptic merge on the device."""
-        if not samples:
-            return []
-        inputs, sizes = self.preprocess(samples)
-        outputs = self.forward(inputs)
-        return self.postprocess(outputs, sizes, valid_fractions(inputs["pixel_mask"]))
+        """Per group of similar shapes (``pass_groups``): preprocess on the device, one forward pass, then the
+        panoptic merge on the device; the results in the samples' order."""
+        results: list[Segmentation | None] = [None] * len(samples)
+        for group in self.pass_groups(samples):
+            part = [samples[i] for i in group]
+            inputs, sizes = self.preprocess(part)
+            outputs = self.forward(inputs)
+            for i, result in zip(group, self.postprocess(outputs, sizes, valid_fractions(inputs["pixel_mask"])),
+                                 strict=True):
+                results[i] = result
+        return results
+
+    def pass_groups(self, samples: Sequence[Sample]) -> list[list[int]]:
+        """The samples' indices in forward passes of similar processed shapes (``shape_groups``: the pixels run,
+        padding included, plus one image's worth per pass, are the fewest); one pass where the processor gives every
+        image the same shape (a fixed height and width)."""
+        size = self.processor.size
+        shortest, longest = (getattr(size, name, None) or (size.get(name) if isinstance(size, dict) else None)
+                             for name in ("shortest_edge", "longest_edge"))
+        if not shortest:
+            return [list(range(len(samples)))] if samples else []
+        divisor = getattr(self.processor, "size_divisor", None) or 1
+        shapes = [processed_shape(*s.image.shape[:2], shortest, longest, divisor) for s in samples]
+        return shape_groups(shapes, pass_cost=shortest * shortest)
 
     @torch.inference_mode()
     def preprocess(self, samples: Sequence[Sample]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:

@@ -1,0 +1,58 @@
+"""Forward passes of similar shapes (pipeline/segmenters/shape_groups.py): the processed shape against transformers'
+own processor, the cut against a brute force over every cut of the aspect-ratio order."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from transformers import Mask2FormerImageProcessor
+
+from spatext.pipeline.segmenters.shape_groups import processed_shape, shape_groups
+
+
+@pytest.mark.parametrize(("shortest", "longest"), [(128, 213), (512, 853), (800, 1333)])
+def test_processed_shape_is_the_processors_own(shortest: int, longest: int) -> None:
+    processor = Mask2FormerImageProcessor(size={"shortest_edge": shortest, "longest_edge": longest})
+    rng = np.random.default_rng(0)
+    sizes = [(512, 512), (512, 232), (232, 512), (391, 512), (512, 17), (33, 480), (100, 150), (1000, 333)]
+    sizes += [tuple(int(v) for v in rng.integers(16, 700, 2)) for _ in range(12)]
+    for height, width in sizes:
+        image = np.zeros((height, width, 3), np.uint8)
+        pixels = processor(images=[image], return_tensors="pt", input_data_format="channels_last")["pixel_values"]
+        assert processed_shape(height, width, shortest, longest, processor.size_divisor) == tuple(pixels.shape[-2:])
+
+
+def _cost(shapes, groups, pass_cost):
+    return sum(pass_cost + len(g) * max(shapes[i][0] for i in g) * max(shapes[i][1] for i in g) for g in groups)
+
+
+def test_shape_groups_is_the_cheapest_cut_of_the_aspect_order() -> None:
+    rng = np.random.default_rng(1)
+    for trial in range(60):
+        n = int(rng.integers(1, 9))
+        shapes = [tuple(int(v) * 32 for v in rng.integers(4, 28, 2)) for _ in range(n)]
+        pass_cost = float(rng.choice([0, 128 * 128, 512 * 512, 4 * 512 * 512]))
+        groups = shape_groups(shapes, pass_cost)
+        assert sorted(i for g in groups for i in g) == list(range(n))  # each index once
+        assert all(g == sorted(g) for g in groups) and groups == sorted(groups)
+        order = sorted(range(n), key=lambda i: (shapes[i][0] / shapes[i][1], i))
+        best = min(
+            _cost(shapes, [order[a:b] for a, b in itertools.pairwise((0, *cuts, n))], pass_cost)
+            for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+        )
+        assert _cost(shapes, groups, pass_cost) == pytest.approx(best), trial
+
+
+def test_shape_groups_extremes() -> None:
+    mixed = [(512, 768), (768, 512), (512, 640), (512, 768), (704, 512)]
+    assert shape_groups(mixed, pass_cost=1e12) == [[0, 1, 2, 3, 4]]  # passes dearer than any padding: one pass
+    free = shape_groups(mixed, pass_cost=0)  # passes free: no padding at all
+    assert all(len({mixed[i] for i in g}) == 1 for g in free)
+    assert _cost(mixed, free, 0) == sum(h * w for h, w in mixed)
+    assert shape_groups(mixed, pass_cost=512 * 512) == [[0, 2, 3], [1, 4]]  # landscape and portrait apart
+    assert shape_groups([(512, 512)] * 4, pass_cost=0) == [[0, 1, 2, 3]]
+    assert shape_groups([], pass_cost=1.0) == []
+    with pytest.raises(ValueError, match="pass_cost"):
+        shape_groups(mixed, pass_cost=-1)
