@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated build set-ups: in_process, processes:N (N worker processes sharing one "
                         "model server), threads:N (N worker threads sharing one model); default "
                         "in_process,processes:8,threads:8 (smoke: in_process,processes:2,threads:2)")
+    parser.add_argument("--segmenter-batch", type=int, default=8,
+                        help="images per segmenter call, in the segmenter section and the build (smoke: 2)")
     parser.add_argument("--segmenter-batches", default=None,
                         help="comma-separated extra batch sizes for the bare Mask2Former forward (default 16,32; "
                         "smoke: 4)")
@@ -401,8 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     args.device = "cpu" if smoke else "cuda"
     args.clip_model, args.clip_size, args.clip_batch = ("spatext-tiny", 64, 8) if smoke else ("ViT-L-14", 224, 512)
     args.segmenter_config = "mask2former-tiny" if smoke else "mask2former-swin-large"
-    args.image_size, args.segmenter_batch = (128, 2) if smoke else (512, 8)
-    args.segmenter_batches_timed = 2 if smoke else 8  # batches of the build's images the segmenter section times
+    args.image_size = 128 if smoke else 512
+    args.segmenter_batch = 2 if smoke else args.segmenter_batch
+    if args.segmenter_batch < 1:
+        parser.error(f"--segmenter-batch must be >= 1, got {args.segmenter_batch}")
+    # the build's images the segmenter section times: 32 (a few batches), at least one batch
+    args.segmenter_batches_timed = 2 if smoke else max(1, 32 // args.segmenter_batch)
     batches = args.segmenter_batches or ("4" if smoke else "16,32")
     try:
         args.segmenter_batches = [int(b) for b in batches.split(",")]

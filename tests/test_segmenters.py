@@ -168,12 +168,13 @@ def test_mask2former_random_tiny_output_contract(tiny: Segmenter, two_samples: l
     assert tiny.segment([]) == []
 
 
-def test_mask2former_output_depends_on_the_padding_of_its_pass_only(tiny: Segmenter) -> None:
+def test_mask2former_output_depends_on_the_padding_of_its_pass_only(tiny: Segmenter, monkeypatch) -> None:
     """What README says of model segmenters and batching: a batch runs as forward passes of similar shapes
     (``pass_groups``); peers of the same size leave an image's result exactly as it is alone, and so does a peer of
     the other orientation (it runs in a pass of its own); a wider peer in the same pass pads the image, which the
     model sees (the merge cuts it off, but the model's features span the padded input), and changes it (here it
     does)."""
+    monkeypatch.setattr(tiny, "min_pass_images", 2)  # passes as a large batch on a GPU would make them
     image = _sample("a", 100, 120, seed=1)  # processed to 128 x 160 (128 px shortest edge, sides rounded up to 32)
     same, portrait, wider = _sample("c", 100, 120, seed=3), _sample("b", 150, 90, seed=2), _sample("d", 100, 150, 4)
     alone = tiny.segment([image])[0]
@@ -262,7 +263,8 @@ def test_mask2former_equals_transformers_post_processing(tiny, thresholds, monke
     threshold, mask_threshold, overlap = thresholds
     spec = dataclasses.replace(TINY, threshold=threshold, mask_threshold=mask_threshold, overlap_threshold=overlap)
     monkeypatch.setattr(tiny, "spec", spec)
-    samples = [_sample("a", 100, 150, seed=1), _sample("b", 130, 90, seed=2), _sample("c", 100, 150, seed=3)]
+    monkeypatch.setattr(tiny, "min_pass_images", 2)
+    samples = [_sample("a", 100, 150, seed=1), _sample("b", 150, 90, seed=2), _sample("c", 100, 150, seed=3)]
     ours = tiny.segment(samples)
     groups = tiny.pass_groups(samples)
     assert groups == [[0, 2], [1]]  # two landscape images of one shape, one portrait: two forward passes

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from transformers import Mask2FormerImageProcessor
 
-from spatext.pipeline.segmenters.shape_groups import processed_shape, shape_groups
+from spatext.pipeline.segmenters.shape_groups import MIN_PASS_IMAGES, processed_shape, shape_groups
 
 
 @pytest.mark.parametrize(("shortest", "longest"), [(128, 213), (512, 853), (800, 1333)])
@@ -24,8 +24,8 @@ def test_processed_shape_is_the_processors_own(shortest: int, longest: int) -> N
         assert processed_shape(height, width, shortest, longest, processor.size_divisor) == tuple(pixels.shape[-2:])
 
 
-def _cost(shapes, groups, pass_cost):
-    return sum(pass_cost + len(g) * max(shapes[i][0] for i in g) * max(shapes[i][1] for i in g) for g in groups)
+def _cost(shapes, groups, floor):
+    return sum(max(floor, len(g) * max(shapes[i][0] for i in g) * max(shapes[i][1] for i in g)) for g in groups)
 
 
 def test_shape_groups_is_the_cheapest_cut_of_the_aspect_order() -> None:
@@ -33,26 +33,35 @@ def test_shape_groups_is_the_cheapest_cut_of_the_aspect_order() -> None:
     for trial in range(60):
         n = int(rng.integers(1, 9))
         shapes = [tuple(int(v) * 32 for v in rng.integers(4, 28, 2)) for _ in range(n)]
-        pass_cost = float(rng.choice([0, 128 * 128, 512 * 512, 4 * 512 * 512]))
-        groups = shape_groups(shapes, pass_cost)
+        floor = float(rng.choice([0, 128 * 128, 512 * 512, 4 * 512 * 512]))
+        groups = shape_groups(shapes, floor)
         assert sorted(i for g in groups for i in g) == list(range(n))  # each index once
         assert all(g == sorted(g) for g in groups) and groups == sorted(groups)
         order = sorted(range(n), key=lambda i: (shapes[i][0] / shapes[i][1], i))
         best = min(
-            _cost(shapes, [order[a:b] for a, b in itertools.pairwise((0, *cuts, n))], pass_cost)
+            _cost(shapes, [order[a:b] for a, b in itertools.pairwise((0, *cuts, n))], floor)
             for k in range(n) for cuts in itertools.combinations(range(1, n), k)
         )
-        assert _cost(shapes, groups, pass_cost) == pytest.approx(best), trial
+        assert _cost(shapes, groups, floor) == pytest.approx(best), trial
 
 
 def test_shape_groups_extremes() -> None:
     mixed = [(512, 768), (768, 512), (512, 640), (512, 768), (704, 512)]
-    assert shape_groups(mixed, pass_cost=1e12) == [[0, 1, 2, 3, 4]]  # passes dearer than any padding: one pass
-    free = shape_groups(mixed, pass_cost=0)  # passes free: no padding at all
+    assert shape_groups(mixed, min_pass_pixels=1e12) == [[0, 1, 2, 3, 4]]  # any pass costs the floor: one pass
+    free = shape_groups(mixed, min_pass_pixels=0)  # no floor: no padding at all
     assert all(len({mixed[i] for i in g}) == 1 for g in free)
     assert _cost(mixed, free, 0) == sum(h * w for h, w in mixed)
-    assert shape_groups(mixed, pass_cost=512 * 512) == [[0, 2, 3], [1, 4]]  # landscape and portrait apart
-    assert shape_groups([(512, 512)] * 4, pass_cost=0) == [[0, 1, 2, 3]]
-    assert shape_groups([], pass_cost=1.0) == []
-    with pytest.raises(ValueError, match="pass_cost"):
-        shape_groups(mixed, pass_cost=-1)
+    assert shape_groups(mixed, min_pass_pixels=512 * 512) == [[0, 3], [1], [2], [4]]  # each pass past the floor
+    assert shape_groups(mixed, min_pass_pixels=3 * 512 * 512) == [[0, 2, 3], [1, 4]]  # landscape and portrait apart
+    assert shape_groups([(512, 512)] * 4, min_pass_pixels=0) == [[0, 1, 2, 3]]  # ties: fewer passes
+    assert shape_groups([], min_pass_pixels=1.0) == []
+    with pytest.raises(ValueError, match="min_pass_pixels"):
+        shape_groups(mixed, min_pass_pixels=-1)
+
+
+def test_the_default_floor_keeps_small_batches_whole_and_splits_large_mixed_ones() -> None:
+    unit = 512 * 512
+    landscape, portrait = processed_shape(384, 512, 512, 853), processed_shape(512, 300, 512, 853)
+    assert shape_groups([landscape, portrait] * 2, MIN_PASS_IMAGES * unit) == [list(range(4))]
+    groups = shape_groups([landscape, portrait] * 12, MIN_PASS_IMAGES * unit)
+    assert groups == [list(range(0, 24, 2)), list(range(1, 24, 2))]

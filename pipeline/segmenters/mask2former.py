@@ -31,7 +31,7 @@ from spatext.pipeline.segmenters.base import (
     clean_segmentation,
 )
 from spatext.pipeline.segmenters.panoptic_merge import PanopticResult, panoptic_merge, valid_fractions
-from spatext.pipeline.segmenters.shape_groups import processed_shape, shape_groups
+from spatext.pipeline.segmenters.shape_groups import MIN_PASS_IMAGES, processed_shape, shape_groups
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class Mask2FormerSegmenter(Segmenter):
     """
 
     name = "mask2former"
+    min_pass_images = MIN_PASS_IMAGES
 
     def __init__(self, spec: SegmenterSpec) -> None:
         """Load the model and processor that ``spec.weights`` names, in eval mode on ``spec.device``."""
@@ -168,8 +169,8 @@ class Mask2FormerSegmenter(Segmenter):
 
     def pass_groups(self, samples: Sequence[Sample]) -> list[list[int]]:
         """The samples' indices in forward passes of similar processed shapes (``shape_groups``: the pixels run,
-        padding included, plus one image's worth per pass, are the fewest); one pass where the processor gives every
-        image the same shape (a fixed height and width)."""
+        padding included, with a floor of ``min_pass_images`` images' worth per pass, are the fewest); one pass where
+        the processor gives every image the same shape (a fixed height and width)."""
         size = self.processor.size
         shortest, longest = (getattr(size, name, None) or (size.get(name) if isinstance(size, dict) else None)
                              for name in ("shortest_edge", "longest_edge"))
@@ -177,7 +178,7 @@ class Mask2FormerSegmenter(Segmenter):
             return [list(range(len(samples)))] if samples else []
         divisor = getattr(self.processor, "size_divisor", None) or 1
         shapes = [processed_shape(*s.image.shape[:2], shortest, longest, divisor) for s in samples]
-        return shape_groups(shapes, pass_cost=shortest * shortest)
+        return shape_groups(shapes, min_pass_pixels=self.min_pass_images * shortest * shortest)
 
     @torch.inference_mode()
     def preprocess(self, samples: Sequence[Sample]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:

@@ -2,11 +2,14 @@
 
 Mask2Former's processor scales every image to a shortest edge (``--segmenter-processor-size``, the longest edge
 capped), then pads the batch to its largest height and largest width. A batch that mixes portrait and landscape
-images pads every image to a square of the long edge: on the demo corpus, batches of 8 in corpus order ran on 1.84x
-the pixels of their processed images (an H100 build ran at a third of Mask2Former's rate on 512 px squares). Sorted
-by aspect ratio and cut into contiguous groups, they run on 1.10x in 2.6 passes a batch: more, smaller passes; each
-costs about one image's worth of fixed work (an H100's Swin-L Mask2Former: 10 ms a pass + 8.4 ms an image at
-512 px, from its batch 8 / 16 / 32 rates), which ``pass_cost`` charges.
+images pads every image to a square of the long edge: batches of 8 demo images in corpus order ran on 1.80x the
+pixels of their processed images. But a pass has a floor: on an H100 (Swin-L, bf16, eager) a forward of 8 images of
+512 x 512 took 78 ms and each image past that 8.8 ms (batch 16 and 32), so a pass of fewer than about 9 images' worth
+of pixels costs what 9 would, launching its kernels. Cut with no floor (one image's worth per pass), those batches ran
+in 2.4 passes on 1.12x their pixels at 41.6 img/s against 48.9 in one pass; the model ``max(78 ms, 8.8 ms x images
+of pixels)`` per pass, fitted on the squares, predicted 43.2 and 46.5 img/s for them. With the floor
+(``MIN_PASS_IMAGES``) it predicts 1.10x the one-pass rate for batches of 8, 1.65x for 16 and 1.88x for 32 (not yet
+measured on a GPU).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import math
 from collections.abc import Sequence
 
 from transformers.image_transforms import get_size_with_aspect_ratio
+
+MIN_PASS_IMAGES = 9  # a pass costs at least this many images (at the shortest edge, squared) of pixels; see above
 
 
 def processed_shape(height: int, width: int, shortest: int, longest: int | None, divisor: int = 32) -> tuple[int, int]:
@@ -25,14 +30,16 @@ def processed_shape(height: int, width: int, shortest: int, longest: int | None,
     return math.ceil(new_height / step) * step, math.ceil(new_width / step) * step
 
 
-def shape_groups(shapes: Sequence[tuple[int, int]], pass_cost: float) -> list[list[int]]:
-    """Indices of ``shapes`` (processed (height, width)) in groups, one forward pass each, that minimise the pixels
-    run (each group: its size x its largest height x its largest width) plus ``pass_cost`` pixels per pass.
+def shape_groups(shapes: Sequence[tuple[int, int]], min_pass_pixels: float) -> list[list[int]]:
+    """Indices of ``shapes`` (processed (height, width)) in groups, one forward pass each, that minimise the summed
+    cost of the passes: a pass runs its size x its largest height x its largest width pixels, and costs at least
+    ``min_pass_pixels`` (below that a forward is bound by launching its kernels, not by its pixels).
 
     The groups are contiguous runs of the images sorted by aspect ratio (ties by input order); the best cut of that
-    order is found exactly (dynamic programming, O(n^2)). Each group lists its indices in input order."""
-    if pass_cost < 0:
-        raise ValueError(f"pass_cost must be >= 0, got {pass_cost}")
+    order is found exactly (dynamic programming, O(n^2)); equal costs go to fewer passes. Each group lists its indices
+    in input order."""
+    if min_pass_pixels < 0:
+        raise ValueError(f"min_pass_pixels must be >= 0, got {min_pass_pixels}")
     order = sorted(range(len(shapes)), key=lambda i: (shapes[i][0] / shapes[i][1], i))
     best = [0.0] + [math.inf] * len(order)  # best[j]: the cheapest cut of order[:j]
     cut = [0] * (len(order) + 1)
@@ -41,7 +48,7 @@ def shape_groups(shapes: Sequence[tuple[int, int]], pass_cost: float) -> list[li
         for start in range(end - 1, -1, -1):  # the last group is order[start:end]
             height, width = shapes[order[start]]
             tallest, widest = max(tallest, height), max(widest, width)
-            cost = best[start] + pass_cost + (end - start) * tallest * widest
+            cost = best[start] + max(min_pass_pixels, (end - start) * tallest * widest)
             if cost <= best[end]:  # ties: the longer last group, so fewer passes
                 best[end], cut[end] = cost, start
     groups = []
