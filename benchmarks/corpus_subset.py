@@ -46,9 +46,13 @@ def corpus_subset(corpus: str, fraction: float) -> str:
 def replicate_corpus(corpus: str, copies: int) -> int:
     """Add ``copies - 1`` renamed copies of each tar of a demo corpus (``shard-rN-*.tar``, keys prefixed ``rN-``;
     image and caption members only, which is what a build with a model segmenter reads): a large build input without
-    drawing every image, which takes about 50 ms a sample in one process. Returns the number of tars added."""
+    drawing every image, which takes about 50 ms a sample in one process. Copies left by an earlier call are removed
+    first. Returns the number of tars added."""
     if copies < 1:
         raise ValueError(f"copies must be >= 1, got {copies}")
+    for name in os.listdir(corpus):
+        if name.startswith("shard-r") and name.endswith(".tar"):
+            os.remove(os.path.join(corpus, name))
     originals = sorted(f for f in os.listdir(corpus) if f.endswith(".tar") and not f.startswith("shard-r"))
     if not originals:
         raise ValueError(f"no .tar files in {corpus}")

@@ -14,6 +14,7 @@
 # Each section works in /tmp/gpu_session/NAME (corpora, builds) and copies only its JSON to $OUT, next to its log
 # $OUT/NAME.log, so the few small files the device tool brings back are these; a section out of time keeps its log.
 # SECTIONS="sampling trainer" runs only those sections; PIPELINE_FLAGS replaces pipeline_gpu.py's flags on --run.
+# The limits add up to more than one device call's 600 s: run SECTIONS=pipeline_gpu and the others as two calls.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -90,7 +91,7 @@ case "${1:-}" in
         "$python" -m pip install --quiet --no-compile --no-index --no-deps --target "$SITE/deps" "${wheels[@]}" || exit 1
         "$python" -m pip install --quiet --no-compile --no-deps --no-build-isolation --target "$SITE/pkg" "$REPO" || exit 1
         export PYTHONPATH="$SITE/pkg:$SITE/deps" HF_HUB_OFFLINE=1
-        benchmarks "$python" "${PIPELINE_FLAGS:---num-samples 1536 --build-modes processes:8 --repeats 5}" \
+        benchmarks "$python" "${PIPELINE_FLAGS---num-samples 1536 --build-modes processes:8 --repeats 5}" \
             "--sd15 --device cuda --dtype bfloat16 --steps 50 --num-images 1,4 --no-flops --repeats 7 --modes plain,joint,per-condition" ""
         ;;
     --smoke)

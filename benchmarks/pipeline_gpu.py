@@ -163,8 +163,10 @@ def corpus_images(corpus: str, num: int, image_size: int) -> list[np.ndarray]:
     for name in sorted(f for f in os.listdir(corpus) if f.endswith(".tar")):
         with tarfile.open(os.path.join(corpus, name)) as tar:
             for member in tar.getmembers():
-                if member.name.endswith(".jpg") and len(images) < num:
+                if member.name.endswith(".jpg"):
                     images.append(decode_image(tar.extractfile(member).read(), image_size))
+                    if len(images) == num:
+                        return images
     return images
 
 
@@ -227,8 +229,8 @@ def bare_batch_sweep(segmenter, args) -> dict:
 
 
 def write_build_corpus(args) -> str:
-    """The demo corpus of --num-samples (webdataset, 16 tars): drawn images (~50 ms each) up to --unique-samples,
-    then renamed copies (the model work per image is the same); returns its folder."""
+    """The demo corpus of --num-samples rounded up to whole copies (webdataset, about 16 tars): drawn images (~50 ms
+    each) up to --unique-samples, then renamed copies (the model work per image is the same); returns its folder."""
     from spatext.pipeline.demo_corpus import write_corpus
 
     corpus = os.path.join(args.out, "corpus")
@@ -255,9 +257,16 @@ class UsageSampler:
 
     @staticmethod
     def _nvml_answers() -> bool:
+        errors: tuple[type[Exception], ...] = (ModuleNotFoundError, RuntimeError)
+        try:
+            import pynvml
+
+            errors += (pynvml.NVMLError,)  # e.g. NotSupported, on a MIG slice
+        except ModuleNotFoundError:
+            pass
         try:
             torch.cuda.utilization()
-        except (ModuleNotFoundError, RuntimeError) as exc:  # no pynvml, or NVML not answering: leave the GPU out
+        except errors as exc:  # no pynvml, or NVML not answering: leave the GPU out
             print(f"  (no GPU utilisation: {type(exc).__name__}: {exc})", flush=True)
             return False
         return True
@@ -440,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         write_record(args.out, "pipeline_gpu.json", record)
 
     print(f"pipeline_gpu on {record['device']} (torch {record['torch']}), random weights", flush=True)
-    args.corpus = write_build_corpus(args)
+    if sections & {"segmenter", "build"}:
+        args.corpus = write_build_corpus(args)
     for name, section in (("clip", bench_clip), ("segmenter", bench_segmenter)):
         if name not in sections:
             continue

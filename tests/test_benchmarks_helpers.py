@@ -67,8 +67,8 @@ def test_replicate_corpus_adds_renamed_copies_with_new_keys(bench, tmp_path: Pat
     assert sorted(original) == ["demo-000002.jpg", "demo-000002.txt", "demo-000003.jpg", "demo-000003.txt"]
     assert members("shard-r2-00001.tar") == {f"r2-{name}": data for name, data in original.items()}
     assert Path(subset.corpus_subset(str(tmp_path), 1 / 3)).parent.joinpath("shard-00000.tar").exists()
-    assert subset.replicate_corpus(str(tmp_path), 2) == 2  # again: copies of the originals only, not of copies
-    assert len(list(tmp_path.glob("shard-*.tar"))) == 6
+    assert subset.replicate_corpus(str(tmp_path), 2) == 2  # again: copies of the originals only, old copies gone
+    assert sorted(p.name for p in tmp_path.glob("shard-*.tar")) == tars[:4]
 
 
 def test_overlap_flags_rates_above_the_device_ceiling(bench, tmp_path: Path, monkeypatch) -> None:

@@ -176,12 +176,19 @@ def test_a_sample_the_segmenter_cannot_take_fails_alone(built, corpus, tmp_path)
     assert_same_rows(read_rows(tmp_path / "poison"), good)
 
 
-def test_model_calls_take_full_batches(corpus, tmp_path):
+def test_model_calls_take_full_batches(corpus, tmp_path, monkeypatch):
     """The batch-size flags set the samples per model call (not a ceiling Beam's adaptive sizing grows towards from
     one sample: that left a 128-sample demo build's CLIP calls at 7.5 samples of 64)."""
     config, beam_args = build.parse_args([
         "--input", str(corpus / "wds" / "*.tar"), "--output", str(tmp_path / "b"), "--image-format", "png",
         "--segmenter", "auto", *TINY_CLIP, "--segmenter-batch-size", "4", "--clip-batch-size", "10"])
+    segment = AnnotationSegmenter.segment
+
+    def slow_segment(self, samples):  # each segment call takes at least 0.1 s
+        time.sleep(0.1)
+        return segment(self, samples)
+
+    monkeypatch.setattr(AnnotationSegmenter, "segment", slow_segment)
     started = time.perf_counter()
     result, manifest = build.execute(config, beam_args)
     wall = time.perf_counter() - started
@@ -191,7 +198,9 @@ def test_model_calls_take_full_batches(corpus, tmp_path):
     calls = build.model_calls(result)
     assert {name: (stage["samples"], stage["calls"]) for name, stage in calls.items()} == {
         "segment": (11, 3), "embed": (10, 1)}
-    assert 0 < calls["segment"]["seconds"] + calls["embed"]["seconds"] < wall  # one worker: calls take turns
+    assert 0.3 <= calls["segment"]["seconds"] < 1.5  # 3 calls of 0.1 s asleep, and the segmenter's own little work
+    assert 0 < calls["embed"]["seconds"]
+    assert calls["segment"]["seconds"] + calls["embed"]["seconds"] < wall  # one worker: calls take turns
 
 
 def test_a_gpu_build_in_one_direct_worker_warns_that_the_device_would_idle(caplog):

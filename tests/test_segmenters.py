@@ -174,7 +174,7 @@ def test_mask2former_output_depends_on_the_padding_of_its_pass_only(tiny: Segmen
     the other orientation (it runs in a pass of its own); a wider peer in the same pass pads the image, which the
     model sees (the merge cuts it off, but the model's features span the padded input), and changes it (here it
     does)."""
-    monkeypatch.setattr(tiny, "min_pass_images", 2)  # passes as a large batch on a GPU would make them
+    monkeypatch.setattr(tiny, "min_pass_pixels", 2 * 128 * 128)  # passes as a large batch on a GPU would make them
     image = _sample("a", 100, 120, seed=1)  # processed to 128 x 160 (128 px shortest edge, sides rounded up to 32)
     same, portrait, wider = _sample("c", 100, 120, seed=3), _sample("b", 150, 90, seed=2), _sample("d", 100, 150, 4)
     alone = tiny.segment([image])[0]
@@ -184,6 +184,24 @@ def test_mask2former_output_depends_on_the_padding_of_its_pass_only(tiny: Segmen
         beside = tiny.segment(peers)[position]
         unchanged = np.array_equal(alone.id_map, beside.id_map) and alone.segments == beside.segments
         assert unchanged is (peers[0] is not wider), peers[0].key
+
+
+def test_mask2former_passes_only_where_the_processor_resizes_by_a_shortest_edge(tiny, monkeypatch) -> None:
+    """Passes follow the shapes the processor makes: grouped where it scales a shortest edge (its size as a SizeDict
+    or a plain dict), one pass where it does not resize that way or pads to a fixed size; the default floor keeps a
+    small mixed batch in one pass."""
+    samples = [_sample("a", 100, 120, seed=1), _sample("b", 150, 90, seed=2), _sample("c", 100, 120, seed=3)]
+    assert tiny.pass_groups(samples) == [[0, 1, 2]] and tiny.pass_groups([]) == []  # the default floor: one pass
+    monkeypatch.setattr(tiny, "min_pass_pixels", 2 * 128 * 128)
+    assert tiny.pass_groups(samples) == [[0, 2], [1]]
+    processor = tiny.processor
+    monkeypatch.setattr(processor, "size", {"shortest_edge": 128, "longest_edge": 213})
+    assert tiny.pass_groups(samples) == [[0, 2], [1]]
+    for name, value in (("size", {"height": 128, "width": 128}), ("size", {"max_height": 128, "max_width": 128}),
+                        ("do_resize", False), ("pad_size", {"height": 256, "width": 256})):
+        with monkeypatch.context() as patched:
+            patched.setattr(processor, name, value)
+            assert tiny.pass_groups(samples) == [[0, 1, 2]], name
 
 
 def test_mask2former_random_init_is_logged_and_deterministic(tiny: Segmenter, caplog) -> None:
@@ -263,7 +281,7 @@ def test_mask2former_equals_transformers_post_processing(tiny, thresholds, monke
     threshold, mask_threshold, overlap = thresholds
     spec = dataclasses.replace(TINY, threshold=threshold, mask_threshold=mask_threshold, overlap_threshold=overlap)
     monkeypatch.setattr(tiny, "spec", spec)
-    monkeypatch.setattr(tiny, "min_pass_images", 2)
+    monkeypatch.setattr(tiny, "min_pass_pixels", 2 * 128 * 128)
     samples = [_sample("a", 100, 150, seed=1), _sample("b", 150, 90, seed=2), _sample("c", 100, 150, seed=3)]
     ours = tiny.segment(samples)
     groups = tiny.pass_groups(samples)

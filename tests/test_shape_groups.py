@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from transformers import Mask2FormerImageProcessor
 
-from spatext.pipeline.segmenters.shape_groups import MIN_PASS_IMAGES, processed_shape, shape_groups
+from spatext.pipeline.segmenters.shape_groups import MIN_PASS_PIXELS, processed_shape, shape_groups
 
 
 @pytest.mark.parametrize(("shortest", "longest"), [(128, 213), (512, 853), (800, 1333)])
@@ -60,8 +60,7 @@ def test_shape_groups_extremes() -> None:
 
 
 def test_the_default_floor_keeps_small_batches_whole_and_splits_large_mixed_ones() -> None:
-    unit = 512 * 512
     landscape, portrait = processed_shape(384, 512, 512, 853), processed_shape(512, 300, 512, 853)
-    assert shape_groups([landscape, portrait] * 2, MIN_PASS_IMAGES * unit) == [list(range(4))]
-    groups = shape_groups([landscape, portrait] * 12, MIN_PASS_IMAGES * unit)
+    assert shape_groups([landscape, portrait] * 2, MIN_PASS_PIXELS) == [list(range(4))]
+    groups = shape_groups([landscape, portrait] * 12, MIN_PASS_PIXELS)
     assert groups == [list(range(0, 24, 2)), list(range(1, 24, 2))]

@@ -31,7 +31,7 @@ from spatext.pipeline.segmenters.base import (
     clean_segmentation,
 )
 from spatext.pipeline.segmenters.panoptic_merge import PanopticResult, panoptic_merge, valid_fractions
-from spatext.pipeline.segmenters.shape_groups import MIN_PASS_IMAGES, processed_shape, shape_groups
+from spatext.pipeline.segmenters.shape_groups import MIN_PASS_PIXELS, processed_shape, shape_groups
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Mask2FormerSegmenter(Segmenter):
     """
 
     name = "mask2former"
-    min_pass_images = MIN_PASS_IMAGES
+    min_pass_pixels = MIN_PASS_PIXELS
 
     def __init__(self, spec: SegmenterSpec) -> None:
         """Load the model and processor that ``spec.weights`` names, in eval mode on ``spec.device``."""
@@ -169,16 +169,19 @@ class Mask2FormerSegmenter(Segmenter):
 
     def pass_groups(self, samples: Sequence[Sample]) -> list[list[int]]:
         """The samples' indices in forward passes of similar processed shapes (``shape_groups``: the pixels run,
-        padding included, with a floor of ``min_pass_images`` images' worth per pass, are the fewest); one pass where
-        the processor gives every image the same shape (a fixed height and width)."""
-        size = self.processor.size
+        padding included, with a floor of ``min_pass_pixels`` per pass, are the fewest). One pass where the processor
+        does not resize by a shortest edge (a fixed height and width, a maximum height and width, no resizing) or
+        pads every batch to one fixed size: there the shapes this predicts are not the ones it makes."""
+        processor = self.processor
+        size = processor.size
         shortest, longest = (getattr(size, name, None) or (size.get(name) if isinstance(size, dict) else None)
                              for name in ("shortest_edge", "longest_edge"))
-        if not shortest:
+        one_shape_rule = not getattr(processor, "do_resize", True) or getattr(processor, "pad_size", None)
+        if not samples or not shortest or one_shape_rule:
             return [list(range(len(samples)))] if samples else []
-        divisor = getattr(self.processor, "size_divisor", None) or 1
+        divisor = getattr(processor, "size_divisor", None) or 1
         shapes = [processed_shape(*s.image.shape[:2], shortest, longest, divisor) for s in samples]
-        return shape_groups(shapes, min_pass_pixels=self.min_pass_images * shortest * shortest)
+        return shape_groups(shapes, min_pass_pixels=self.min_pass_pixels)
 
     @torch.inference_mode()
     def preprocess(self, samples: Sequence[Sample]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:

@@ -4,12 +4,13 @@ Mask2Former's processor scales every image to a shortest edge (``--segmenter-pro
 capped), then pads the batch to its largest height and largest width. A batch that mixes portrait and landscape
 images pads every image to a square of the long edge: batches of 8 demo images in corpus order ran on 1.80x the
 pixels of their processed images. But a pass has a floor: on an H100 (Swin-L, bf16, eager) a forward of 8 images of
-512 x 512 took 78 ms and each image past that 8.8 ms (batch 16 and 32), so a pass of fewer than about 9 images' worth
-of pixels costs what 9 would, launching its kernels. Cut with no floor (one image's worth per pass), those batches ran
-in 2.4 passes on 1.12x their pixels at 41.6 img/s against 48.9 in one pass; the model ``max(78 ms, 8.8 ms x images
+512 x 512 took 78 ms, and at batch 32 8.8 ms an image, so a pass of fewer than about 9 such images' worth of pixels
+costs what 9 would, launching its kernels. Cut with no floor (one image's worth per pass), those batches ran in 2.4
+passes on 1.12x their pixels at 41.6 img/s against 48.9 in one pass; the model ``max(78 ms, 8.8 ms x 512 px images
 of pixels)`` per pass, fitted on the squares, predicted 43.2 and 46.5 img/s for them. With the floor
-(``MIN_PASS_IMAGES``) it predicts 1.10x the one-pass rate for batches of 8, 1.65x for 16 and 1.88x for 32 (not yet
-measured on a GPU).
+(``MIN_PASS_PIXELS``, a fixed number of pixels: the launch time does not grow with the processor's size) it predicts
+1.10x the one-pass rate for batches of 8, 1.65x for 16 and 1.88x for 32 (not yet measured on a GPU). Batches of 6 or
+fewer never split at a 512 px processor size (an image is at most 2.8 such squares there).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 from transformers.image_transforms import get_size_with_aspect_ratio
 
-MIN_PASS_IMAGES = 9  # a pass costs at least this many images (at the shortest edge, squared) of pixels; see above
+MIN_PASS_PIXELS = 9 * 512 * 512  # a pass costs at least this many pixels' worth of time; see above
 
 
 def processed_shape(height: int, width: int, shortest: int, longest: int | None, divisor: int = 32) -> tuple[int, int]:
