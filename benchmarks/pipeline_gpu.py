@@ -354,9 +354,9 @@ def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
             for segments in pq.read_table(os.path.join(config.output, "shards", path), columns=["segments"])
             .column("segments").to_pylist()
         )
+        for stage, size in build.mean_batch_sizes(result).items():
+            record[f"{key}_{stage}_mean_batch"] = round(size, 2)
         for stage, calls in build.model_calls(result).items():
-            if calls["calls"]:
-                record[f"{key}_{stage}_mean_batch"] = round(calls["samples"] / calls["calls"], 2)
             # summed over workers: above the wall time, workers waited for the shared model
             record[f"{key}_{stage}_call_s"] = round(calls["seconds"], 2)
         record.update({f"{key}_{name}": value for name, value in usage.means().items()})

@@ -511,13 +511,14 @@ def _run_jobs(
         result = p.run()
         state = result.wait_until_finish()
         logger.info("pipeline finished: %s", state)
-        calls = {name: stage for name, stage in sorted(model_calls(result).items()) if stage["calls"]}
-        if calls:
+        sizes = mean_batch_sizes(result)
+        if sizes:
+            calls = model_calls(result)
             logger.info("samples per model call: %s (--segmenter-batch-size %d, --clip-batch-size %d); seconds in "
                         "model calls, summed over workers: %s",
-                        ", ".join(f"{name} {stage['samples'] / stage['calls']:.1f}" for name, stage in calls.items()),
+                        ", ".join(f"{name} {size:.1f}" for name, size in sorted(sizes.items())),
                         config.segmenter_batch_size, config.clip_batch_size,
-                        ", ".join(f"{name} {stage['seconds']:.1f}" for name, stage in calls.items()))
+                        ", ".join(f"{name} {calls[name]['seconds']:.1f}" for name in sorted(sizes)))
         retried = retried_batches(result)
         if retried:
             logger.warning("%d model batch(es) failed and ran again one sample at a time: the samples that failed "
