@@ -29,15 +29,23 @@ def _finite(value):
     return value
 
 
-def build_mode(mode: str) -> tuple[list[str], str]:
+def build_mode(mode: str) -> tuple[list[str], dict]:
     """`in_process` (DirectRunner, one process, models loaded in it), `threads:N` (N worker threads in one process,
-    one model for all of them) or `processes:N` (N worker processes, one model server shared by all of them:
-    --model-sharing machine) -> (Beam args, model sharing)."""
+    one model for all of them), `processes:N` (N worker processes, one model server shared by all of them:
+    --model-sharing machine) or `processes:N:copiesM` (the same with M model servers per model, --model-copies M)
+    -> (Beam args, BuildConfig fields: model_sharing and model_copies)."""
     if mode == "in_process":
-        return [], "process"
-    name, _, workers = mode.partition(":")
-    if name not in ("threads", "processes") or not workers.isdigit() or int(workers) < 1:
-        raise ValueError(f"build mode {mode!r} is none of in_process, threads:N, processes:N")
+        return [], {"model_sharing": "process", "model_copies": None}
+    name, _, rest = mode.partition(":")
+    workers, _, copies = rest.partition(":")
+    valid = name in ("threads", "processes") and workers.isdigit() and int(workers) >= 1
+    if copies:
+        valid = valid and name == "processes" and copies.startswith("copies") and copies[6:].isdigit() \
+            and int(copies[6:]) >= 1
+    if not valid:
+        raise ValueError(f"build mode {mode!r} is none of in_process, threads:N, processes:N, processes:N:copiesM")
     if name == "threads":
-        return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_threading"], "process"
-    return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"], "machine"
+        return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_threading"], \
+            {"model_sharing": "process", "model_copies": None}
+    return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"], \
+        {"model_sharing": "machine", "model_copies": int(copies[6:]) if copies else None}

@@ -312,7 +312,7 @@ def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
     corpus = args.corpus
     warm = True  # the first build of a process pays one-time costs (imports, CUDA kernels): run one untimed first
     for mode in args.build_modes.split(","):
-        beam_args, sharing = build_mode(mode.strip())
+        beam_args, models = build_mode(mode.strip())
         key = "build_" + mode.strip().replace(":", "")
         config = BuildConfig(
             input=os.path.join(corpus, "shard-*.tar"), output=os.path.join(args.out, key), overwrite=True,
@@ -321,11 +321,12 @@ def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
             segmenter_processor_size=args.image_size, segmenter_batch_size=args.segmenter_batch,
             clip_model=args.clip_model, clip_pretrained="none", clip_batch_size=args.build_clip_batch,
             device=args.device, precision="bf16" if args.device.startswith("cuda") else "fp32",
-            image_size=args.image_size, min_area=0.01, model_sharing=sharing,
+            image_size=args.image_size, min_area=0.01, **models,
         )
         try:
             if warm:
                 warm_up = dataclasses.replace(config, input=corpus_subset(corpus, 1 / 16), model_sharing="process",
+                                              model_copies=None,
                                               output=config.output + "-warm-up")
                 build.execute(warm_up, [])
                 warm = False
@@ -397,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement")
     parser.add_argument("--build-modes", default=None,
                         help="comma-separated build set-ups: in_process, processes:N (N worker processes sharing one "
-                        "model server), threads:N (N worker threads sharing one model); default "
+                        "model server), processes:N:copiesM (the same with M model servers per model), threads:N (N "
+                        "worker threads sharing one model); default "
                         "in_process,processes:8,threads:8 (smoke: in_process,processes:2,threads:2)")
     parser.add_argument("--segmenter-batch", type=int, default=8,
                         help="images per segmenter call, in the segmenter section and the build (smoke: 2)")
@@ -428,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     args.build_clip_batch = 8 if smoke else 64
     args.build_modes = args.build_modes or ("in_process,processes:2,threads:2" if smoke
                                             else "in_process,processes:8,threads:8")
+    for mode in args.build_modes.split(","):
+        try:
+            build_mode(mode.strip())
+        except ValueError as exc:
+            parser.error(f"--build-modes: {exc}")
     if args.num_samples < 1 or args.unique_samples < 1:
         parser.error("--num-samples and --unique-samples must be >= 1")
     if smoke:

@@ -51,13 +51,13 @@ def measure(args: argparse.Namespace, corpus: str, mode: str, full_first: bool =
     """One subset (quarter) and one full build of a set-up: the steady-state rate and its share of the emulated
     ceiling, flagged unreliable when that share is above 1 or undefined. `full_first` swaps the two builds' order
     (repeats alternate it, so that a cost of whichever build runs first does not bias the difference one way)."""
-    beam_args, sharing = build_mode(mode)
+    beam_args, models = build_mode(mode)
     key = mode.replace(":", "")
     config = BuildConfig(
         input=os.path.join(corpus, "shard-*.tar"), output=os.path.join(args.out, key), overwrite=True,
         segmenter=SEGMENTER, segmenter_batch_size=args.segmenter_batch, clip_model="spatext-tiny",
         clip_pretrained="none", clip_batch_size=args.clip_batch, image_size=args.image_size, min_area=0.01,
-        model_sharing=sharing,
+        **models,
     )
     quarter = dataclasses.replace(config, input=corpus_subset(corpus, 0.25), output=config.output + "-quarter")
     if full_first:

@@ -175,6 +175,19 @@ def test_records_write_nan_and_infinity_as_null(bench, tmp_path: Path) -> None:
     assert "NaN" not in Path(path).read_text()
 
 
+def test_build_modes_map_to_beam_args_and_model_servers(bench) -> None:
+    build_mode = bench("bench_record").build_mode
+    assert build_mode("in_process") == ([], {"model_sharing": "process", "model_copies": None})
+    assert build_mode("threads:3") == (["--direct_num_workers=3", "--direct_running_mode=multi_threading"],
+                                       {"model_sharing": "process", "model_copies": None})
+    assert build_mode("processes:8") == (["--direct_num_workers=8", "--direct_running_mode=multi_processing"],
+                                         {"model_sharing": "machine", "model_copies": None})
+    assert build_mode("processes:8:copies2")[1] == {"model_sharing": "machine", "model_copies": 2}
+    for bad in ("threads:2:copies2", "processes:8:copies0", "processes:8:2", "processes:", "gpu:1"):
+        with pytest.raises(ValueError, match="is none of"):
+            build_mode(bad)
+
+
 @pytest.mark.parametrize(("script", "argv", "message"), [
     ("pipeline_overlap", ["--modes", "in_process,bogus"], "--modes: build mode 'bogus' is none of"),
     ("pipeline_overlap", ["--modes", "processes:0"], "--modes: build mode 'processes:0'"),
@@ -182,6 +195,7 @@ def test_records_write_nan_and_infinity_as_null(bench, tmp_path: Path) -> None:
     ("shared_model", ["--threads", "1,x"], "--threads: comma-separated integers"),
     ("shared_model", ["--threads", "1,3", "--calls", "4"], "--calls 4 must be a multiple of every --threads"),
     ("pipeline_overlap", ["--num-samples", "0"], "need --num-samples >= 16"),
+    ("pipeline_gpu", ["--smoke", "--build-modes", "processes:2:copies"], "build mode 'processes:2:copies' is none"),
     ("loader", ["--repeats", "0"], "--repeats and --epochs must be >= 1"),
     ("loader", ["--epochs", "0"], "--repeats and --epochs must be >= 1"),
     ("loader", ["--threads", "0"], "--resolutions, --threads"),
