@@ -1,0 +1,130 @@
+"""Mask2Former's cost of input shapes it has not run before: the build's calls vs the same calls repeated.
+
+The build feeds the segmenter new images in every call, so nearly every pass has a (batch, height, width) the model
+has not seen; benchmarks that repeat their batches time only shapes seen before. This script segments the demo
+corpus's images (decoded as the build decodes them) in batches, each batch timed on its first call (fresh shapes)
+and on later calls (the same shapes again), for each set-up of --setups:
+
+  LABEL=BATCH[:one_pass][:no_cudnn]   e.g. passes16=16  one8=8:one_pass  passes16_nocudnn=16:no_cudnn
+
+Each set-up gets images of its own (fresh to it), drawn from one corpus. Prints a table, writes JSON.
+
+    python benchmarks/segmenter_shapes.py --out $OUT              # on the GPU machine (Swin-L sized, bf16)
+    python benchmarks/segmenter_shapes.py --smoke --out /tmp/shapes   # tiny model on the CPU: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from bench_record import write_record
+from spatext.pipeline.records import Sample
+from spatext.pipeline.segmenters import SegmenterSpec, create_segmenter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pipeline_gpu import corpus_images  # noqa: E402 - the build's own decoded images
+
+
+def parse_setups(text: str) -> list[tuple[str, int, bool, bool]]:
+    """``LABEL=BATCH[:one_pass][:no_cudnn],...`` -> (label, batch, one pass, cuDNN off) per set-up."""
+    setups = []
+    for item in text.split(","):
+        label, _, rest = item.strip().partition("=")
+        batch, *flags = rest.split(":")
+        if not label or not batch.isdigit() or int(batch) < 1 or set(flags) - {"one_pass", "no_cudnn"}:
+            raise ValueError(f"set-up {item!r} is not LABEL=BATCH[:one_pass][:no_cudnn]")
+        setups.append((label, int(batch), "one_pass" in flags, "no_cudnn" in flags))
+    return setups
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_setup(segmenter, samples: list[Sample], batch: int, one_pass: bool, no_cudnn: bool, device: str,
+               repeats: int) -> dict:
+    """Seconds per call of each batch of ``samples``: its first call, then ``repeats`` more; the shapes its passes
+    ran (distinct ones, and those the set-up had seen before in this run)."""
+    floor = segmenter.min_pass_pixels
+    segmenter.min_pass_pixels = float("inf") if one_pass else floor  # an infinite floor: every batch in one pass
+    torch.backends.cudnn.enabled = not no_cudnn
+    batches = [samples[i:i + batch] for i in range(0, len(samples), batch)]
+    shapes = []
+    for part in batches:
+        for group in segmenter.pass_groups(part):
+            inputs, _ = segmenter.preprocess([part[i] for i in group])
+            shapes.append(tuple(inputs["pixel_values"].shape))
+    first, again = [], []
+    try:
+        for round_ in range(repeats + 1):
+            for part in batches:
+                _sync(device)
+                started = time.perf_counter()
+                segmenter.segment(part)
+                _sync(device)
+                (again if round_ else first).append(time.perf_counter() - started)
+    finally:
+        segmenter.min_pass_pixels = floor
+        torch.backends.cudnn.enabled = True
+    images = len(samples)
+    return {"batch": batch, "one_pass": one_pass, "cudnn": not no_cudnn, "images": images,
+            "passes": len(shapes), "distinct_shapes": len(set(shapes)),
+            "first_img_s": round(images / sum(first), 2),
+            "again_img_s": round(images * repeats / sum(again), 2) if again else None,
+            "first_call_s_median": round(statistics.median(first), 4),
+            "again_call_s_median": round(statistics.median(again), 4) if again else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the corpus, load the segmenter, warm it on one batch, time each set-up; print the table, write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_output/shapes", help="folder for the corpus and segmenter_shapes.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script itself")
+    parser.add_argument("--images", type=int, default=48, help="images per set-up (each set-up gets its own)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per batch after its first")
+    parser.add_argument("--setups", default="one8=8:one_pass,passes8=8,one16=16:one_pass,passes16=16,passes16_nocudnn=16:no_cudnn",
+                        help="comma-separated LABEL=BATCH[:one_pass][:no_cudnn]")
+    args = parser.parse_args(argv)
+    try:
+        setups = parse_setups(args.setups)
+    except ValueError as exc:
+        parser.error(f"--setups: {exc}")
+    if args.images < 1 or args.repeats < 1:
+        parser.error("--images and --repeats must be >= 1")
+    from spatext.pipeline.demo_corpus import write_corpus
+
+    device = "cpu" if args.smoke else "cuda"
+    config, size = ("mask2former-tiny", 128) if args.smoke else ("mask2former-swin-large", 512)
+    images = args.images * (len(setups) + 1)  # one batch's worth more for the warm-up
+    corpus = os.path.join(args.out, "corpus")
+    write_corpus(corpus, images, seed=1, fmt="webdataset", samples_per_shard=max(1, images // 4))
+    decoded = corpus_images(corpus, images, size)
+    samples = [Sample(f"k{i}", "s", "c", im) for i, im in enumerate(decoded)]
+    spec = SegmenterSpec("mask2former", weights="none", config=config, threshold=0.0, mask_threshold=0.0,
+                         overlap_threshold=0.0, processor_size=size, device=device,
+                         precision="fp32" if args.smoke else "bf16")
+    segmenter = create_segmenter(spec)
+    segmenter.segment(samples[-8:])  # one-time costs (CUDA context, kernels' first load) out of every set-up
+    record: dict = {"benchmark": "segmenter_shapes", "smoke": args.smoke, "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "config": config,
+                    "size": size, "weights": "random"}
+    print(f"{'set-up':<20}{'batch':>6}{'passes':>8}{'shapes':>8}{'first img/s':>13}{'again img/s':>13}")
+    for index, (label, batch, one_pass, no_cudnn) in enumerate(setups):
+        part = samples[index * args.images:(index + 1) * args.images]
+        result = time_setup(segmenter, part, batch, one_pass, no_cudnn, device, args.repeats)
+        record[label] = result
+        print(f"{label:<20}{batch:>6}{result['passes']:>8}{result['distinct_shapes']:>8}"
+              f"{result['first_img_s']:>13}{result['again_img_s']:>13}", flush=True)
+        write_record(args.out, "segmenter_shapes.json", record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
