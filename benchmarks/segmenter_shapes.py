@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script itself")
     parser.add_argument("--images", type=int, default=48, help="images per set-up (each set-up gets its own)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per batch after its first")
-    parser.add_argument("--setups", default="one8=8:one_pass,passes8=8,one16=16:one_pass,passes16=16,passes16_nocudnn=16:no_cudnn",
+    parser.add_argument("--setups",
+                        default="one8=8:one_pass,passes8=8,one16=16:one_pass,passes16=16,passes16_nocudnn=16:no_cudnn",
                         help="comma-separated LABEL=BATCH[:one_pass][:no_cudnn]")
     args = parser.parse_args(argv)
     try:
