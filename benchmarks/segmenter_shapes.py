@@ -5,7 +5,8 @@ has not seen; benchmarks that repeat their batches time only shapes seen before.
 corpus's images (decoded as the build decodes them) in batches, each batch timed on its first call (fresh shapes)
 and on later calls (the same shapes again), for each set-up of --setups:
 
-  LABEL=BATCH[:one_pass][:no_cudnn]   e.g. passes16=16  one8=8:one_pass  passes16_nocudnn=16:no_cudnn
+  LABEL=BATCH[:one_pass][:no_cudnn][:gridN]   e.g. passes16=16  one8=8:one_pass  passes16_nocudnn=16:no_cudnn
+                                              passes16_grid32=16:grid32 (passes padded to 32 px, not the default)
 
 Each set-up gets images of its own (fresh to it), drawn from one corpus. Prints a table, writes JSON.
 
@@ -31,15 +32,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pipeline_gpu import corpus_images  # noqa: E402 - the build's own decoded images
 
 
-def parse_setups(text: str) -> list[tuple[str, int, bool, bool]]:
-    """``LABEL=BATCH[:one_pass][:no_cudnn],...`` -> (label, batch, one pass, cuDNN off) per set-up."""
+def parse_setups(text: str) -> list[tuple[str, int, bool, bool, int | None]]:
+    """``LABEL=BATCH[:one_pass][:no_cudnn][:gridN],...`` -> (label, batch, one pass, cuDNN off, grid or None) per
+    set-up."""
     setups = []
     for item in text.split(","):
         label, _, rest = item.strip().partition("=")
         batch, *flags = rest.split(":")
-        if not label or not batch.isdigit() or int(batch) < 1 or set(flags) - {"one_pass", "no_cudnn"}:
-            raise ValueError(f"set-up {item!r} is not LABEL=BATCH[:one_pass][:no_cudnn]")
-        setups.append((label, int(batch), "one_pass" in flags, "no_cudnn" in flags))
+        grids = [f for f in flags if f.startswith("grid")]
+        valid = bool(label) and batch.isdigit() and int(batch) >= 1 and len(grids) <= 1
+        valid = valid and not set(flags) - {"one_pass", "no_cudnn", *grids}
+        valid = valid and all(g[4:].isdigit() and int(g[4:]) % 32 == 0 and int(g[4:]) > 0 for g in grids)
+        if not valid:
+            raise ValueError(f"set-up {item!r} is not LABEL=BATCH[:one_pass][:no_cudnn][:gridN] (N a multiple of 32)")
+        setups.append((label, int(batch), "one_pass" in flags, "no_cudnn" in flags,
+                       int(grids[0][4:]) if grids else None))
     return setups
 
 
@@ -48,13 +55,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_setup(segmenter, samples: list[Sample], batch: int, one_pass: bool, no_cudnn: bool, device: str,
-               repeats: int) -> dict:
+def time_setup(segmenter, samples: list[Sample], batch: int, one_pass: bool, no_cudnn: bool, grid: int | None,
+               device: str, repeats: int) -> dict:
     """Seconds per call of each batch of ``samples``: its first call, then ``repeats`` more; the shapes its passes
     ran (distinct ones, and those the set-up had seen before in this run)."""
     floor = segmenter.min_pass_pixels
     segmenter.min_pass_pixels = float("inf") if one_pass else floor  # an infinite floor: every batch in one pass
     torch.backends.cudnn.enabled = not no_cudnn
+    segmenter.pass_grid = grid
     batches = [samples[i:i + batch] for i in range(0, len(samples), batch)]
     shapes = []
     for part in batches:
@@ -72,9 +80,10 @@ def time_setup(segmenter, samples: list[Sample], batch: int, one_pass: bool, no_
                 (again if round_ else first).append(time.perf_counter() - started)
     finally:
         segmenter.min_pass_pixels = floor
+        segmenter.pass_grid = None
         torch.backends.cudnn.enabled = True
     images = len(samples)
-    return {"batch": batch, "one_pass": one_pass, "cudnn": not no_cudnn, "images": images,
+    return {"batch": batch, "one_pass": one_pass, "cudnn": not no_cudnn, "grid": grid or "default", "images": images,
             "passes": len(shapes), "distinct_shapes": len(set(shapes)),
             "first_img_s": round(images / sum(first), 2),
             "again_img_s": round(images * repeats / sum(again), 2) if again else None,
@@ -90,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=48, help="images per set-up (each set-up gets its own)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per batch after its first")
     parser.add_argument("--setups",
-                        default="one8=8:one_pass,passes8=8,one16=16:one_pass,passes16=16,passes16_nocudnn=16:no_cudnn",
-                        help="comma-separated LABEL=BATCH[:one_pass][:no_cudnn]")
+                        default="passes16_grid32=16:grid32,passes16=16,passes8_grid32=8:grid32,passes8=8,"
+                        "passes16_nocudnn=16:no_cudnn",
+                        help="comma-separated LABEL=BATCH[:one_pass][:no_cudnn][:gridN]")
     args = parser.parse_args(argv)
     try:
         setups = parse_setups(args.setups)
@@ -117,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                     "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "config": config,
                     "size": size, "weights": "random"}
     print(f"{'set-up':<20}{'batch':>6}{'passes':>8}{'shapes':>8}{'first img/s':>13}{'again img/s':>13}")
-    for index, (label, batch, one_pass, no_cudnn) in enumerate(setups):
+    for index, (label, batch, one_pass, no_cudnn, grid) in enumerate(setups):
         part = samples[index * args.images:(index + 1) * args.images]
-        result = time_setup(segmenter, part, batch, one_pass, no_cudnn, device, args.repeats)
+        result = time_setup(segmenter, part, batch, one_pass, no_cudnn, grid, device, args.repeats)
         record[label] = result
         print(f"{label:<20}{batch:>6}{result['passes']:>8}{result['distinct_shapes']:>8}"
               f"{result['first_img_s']:>13}{result['again_img_s']:>13}", flush=True)

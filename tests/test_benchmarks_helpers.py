@@ -195,6 +195,8 @@ def test_build_modes_map_to_beam_args_and_model_servers(bench) -> None:
     ("shared_model", ["--threads", "1,x"], "--threads: comma-separated integers"),
     ("shared_model", ["--threads", "1,3", "--calls", "4"], "--calls 4 must be a multiple of every --threads"),
     ("pipeline_overlap", ["--num-samples", "0"], "need --num-samples >= 16"),
+    ("segmenter_shapes", ["--smoke", "--setups", "a=4:grid33"], "--setups: set-up 'a=4:grid33' is not LABEL"),
+    ("segmenter_shapes", ["--smoke", "--setups", "a=4:fast"], "--setups: set-up 'a=4:fast' is not LABEL"),
     ("pipeline_gpu", ["--smoke", "--build-modes", "processes:2:copies"], "build mode 'processes:2:copies' is none"),
     ("loader", ["--repeats", "0"], "--repeats and --epochs must be >= 1"),
     ("loader", ["--epochs", "0"], "--repeats and --epochs must be >= 1"),

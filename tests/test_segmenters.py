@@ -204,6 +204,39 @@ def test_mask2former_passes_only_where_the_processor_resizes_by_a_shortest_edge(
             assert tiny.pass_groups(samples) == [[0, 1, 2]], name
 
 
+def test_mask2former_pads_passes_to_the_step_grid(tiny, monkeypatch) -> None:
+    """At a 256 px processor the passes are padded on from the processor's 32 px grid to 64 px (``shape_step``),
+    at the bottom and right like the processor's own padding; the pass groups are cut on that grid; the results
+    still equal transformers' post-processing of the padded pass."""
+    from spatext.pipeline.segmenters.shape_groups import processed_shape, shape_groups
+
+    spec = dataclasses.replace(TINY, processor_size=256)
+    coarse = create_segmenter(spec)
+    monkeypatch.setattr(coarse, "min_pass_pixels", 2 * 256 * 256)
+    samples = [_sample("a", 100, 110, seed=1), _sample("b", 130, 100, seed=2), _sample("c", 100, 130, seed=3)]
+    own = coarse.processor(images=[s.image for s in samples], return_tensors="pt",
+                           input_data_format="channels_last")
+    inputs, _ = coarse.preprocess(samples)
+    height, width = own["pixel_values"].shape[-2:]
+    assert (height, width) == (352, 352)  # the processor's own batch maximum (multiples of 32)
+    assert tuple(inputs["pixel_values"].shape[-2:]) == (384, 384)  # on to multiples of 64
+    torch.testing.assert_close(inputs["pixel_values"][..., :height, :width], own["pixel_values"], atol=0.05, rtol=0)
+    assert not inputs["pixel_values"][..., height:, :].any() and not inputs["pixel_values"][..., width:].any()
+    assert torch.equal(inputs["pixel_mask"][:, :height, :width], own["pixel_mask"])
+    assert not inputs["pixel_mask"][:, height:].any() and not inputs["pixel_mask"][:, :, width:].any()
+    shapes = [processed_shape(*s.image.shape[:2], 256, 427, 64) for s in samples]
+    assert coarse.pass_groups(samples) == shape_groups(shapes, coarse.min_pass_pixels) == [[0, 2], [1]]
+    ours = coarse.segment(samples)
+    for group in coarse.pass_groups(samples):
+        part = [samples[i] for i in group]
+        assert all(s % 64 == 0 for s in coarse.preprocess(part)[0]["pixel_values"].shape[-2:])
+        for i, ref in zip(group, _transformers_segmentations(coarse, part), strict=True):
+            np.testing.assert_array_equal(ours[i].id_map, ref.id_map)
+            assert ours[i].segments == ref.segments
+    at_128 = tiny.processor(images=[s.image for s in samples], return_tensors="pt", input_data_format="channels_last")
+    assert tiny.preprocess(samples)[0]["pixel_values"].shape == at_128["pixel_values"].shape  # 128 px: the 32 px grid
+
+
 def test_mask2former_random_init_is_logged_and_deterministic(tiny: Segmenter, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         again = create_segmenter(TINY)

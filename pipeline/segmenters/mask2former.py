@@ -31,7 +31,7 @@ from spatext.pipeline.segmenters.base import (
     clean_segmentation,
 )
 from spatext.pipeline.segmenters.panoptic_merge import PanopticResult, panoptic_merge, valid_fractions
-from spatext.pipeline.segmenters.shape_groups import MIN_PASS_PIXELS, processed_shape, shape_groups
+from spatext.pipeline.segmenters.shape_groups import MIN_PASS_PIXELS, processed_shape, shape_groups, shape_step
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class Mask2FormerSegmenter(Segmenter):
 
     name = "mask2former"
     min_pass_pixels = MIN_PASS_PIXELS
+    pass_grid: int | None = None  # passes padded to multiples of this many px; None: ``shape_step`` of the processor
 
     def __init__(self, spec: SegmenterSpec) -> None:
         """Load the model and processor that ``spec.weights`` names, in eval mode on ``spec.device``."""
@@ -169,19 +170,32 @@ class Mask2FormerSegmenter(Segmenter):
 
     def pass_groups(self, samples: Sequence[Sample]) -> list[list[int]]:
         """The samples' indices in forward passes of similar processed shapes (``shape_groups``: the pixels run,
-        padding included, with a floor of ``min_pass_pixels`` per pass, are the fewest). One pass where the processor
-        does not resize by a shortest edge (a fixed height and width, a maximum height and width, no resizing) or
-        pads every batch to one fixed size: there the shapes this predicts are not the ones it makes."""
+        padding to the ``shape_step`` grid included, with a floor of ``min_pass_pixels`` per pass, are the fewest).
+        One pass where the processor does not resize by a shortest edge (a fixed height and width, a maximum height
+        and width, no resizing) or pads every batch to one fixed size: there the shapes this predicts are not the
+        ones it makes."""
+        rule = self._shortest_edge_rule()
+        if not samples or rule is None:
+            return [list(range(len(samples)))] if samples else []
+        shortest, longest, _ = rule
+        step = self._grid(rule)
+        shapes = [processed_shape(*s.image.shape[:2], shortest, longest, step) for s in samples]
+        return shape_groups(shapes, min_pass_pixels=self.min_pass_pixels)
+
+    def _grid(self, rule: tuple[int, int | None, int]) -> int:
+        """The pass padding grid in px: ``pass_grid``, else ``shape_step`` of the processor's shortest edge."""
+        return self.pass_grid or shape_step(rule[0], rule[2])
+
+    def _shortest_edge_rule(self) -> tuple[int, int | None, int] | None:
+        """(shortest edge, longest edge or None, size divisor) where the processor scales images by a shortest edge
+        and pads to the batch's largest size; None where it resizes otherwise or pads to a fixed size."""
         processor = self.processor
         size = processor.size
         shortest, longest = (getattr(size, name, None) or (size.get(name) if isinstance(size, dict) else None)
                              for name in ("shortest_edge", "longest_edge"))
-        one_shape_rule = not getattr(processor, "do_resize", True) or getattr(processor, "pad_size", None)
-        if not samples or not shortest or one_shape_rule:
-            return [list(range(len(samples)))] if samples else []
-        divisor = getattr(processor, "size_divisor", None) or 1
-        shapes = [processed_shape(*s.image.shape[:2], shortest, longest, divisor) for s in samples]
-        return shape_groups(shapes, min_pass_pixels=self.min_pass_pixels)
+        if not shortest or not getattr(processor, "do_resize", True) or getattr(processor, "pad_size", None):
+            return None
+        return shortest, longest, getattr(processor, "size_divisor", None) or 1
 
     @torch.inference_mode()
     def preprocess(self, samples: Sequence[Sample]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
@@ -201,7 +215,16 @@ class Mask2FormerSegmenter(Segmenter):
         inputs = self.processor(
             images=images, return_tensors="pt", input_data_format="channels_last", device=self.device
         )
-        return {k: v.to(self.device) for k, v in inputs.items()}, [image.shape[:2] for image in images]
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        rule = self._shortest_edge_rule()
+        if rule is not None:  # pad on to the shape_step grid (bottom and right, as the processor pads): fewer shapes
+            step = self._grid(rule)
+            height, width = inputs["pixel_values"].shape[-2:]
+            extra = (0, -width % step, 0, -height % step)
+            if any(extra):
+                inputs = {k: torch.nn.functional.pad(v, extra) if k in ("pixel_values", "pixel_mask") else v
+                          for k, v in inputs.items()}
+        return inputs, [image.shape[:2] for image in images]
 
     @torch.inference_mode()
     def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
