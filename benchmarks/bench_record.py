@@ -31,21 +31,22 @@ def _finite(value):
 
 def build_mode(mode: str) -> tuple[list[str], dict]:
     """`in_process` (DirectRunner, one process, models loaded in it), `threads:N` (N worker threads in one process,
-    one model for all of them), `processes:N` (N worker processes, one model server shared by all of them:
-    --model-sharing machine) or `processes:N:copiesM` (the same with M model servers per model, --model-copies M)
-    -> (Beam args, BuildConfig fields: model_sharing and model_copies)."""
+    one model for all of them) or `processes:N[:copiesM][:ownserver]` (N worker processes sharing model servers:
+    --model-sharing machine; `copiesM`: M servers per model, --model-copies M; `ownserver`: each server a process of
+    its own, --model-server process, not a thread of a worker) -> (Beam args, BuildConfig fields)."""
+    single = {"model_sharing": "process", "model_copies": None, "model_server": "thread"}
     if mode == "in_process":
-        return [], {"model_sharing": "process", "model_copies": None}
+        return [], single
     name, _, rest = mode.partition(":")
-    workers, _, copies = rest.partition(":")
+    workers, *options = rest.split(":")
+    copies = [o for o in options if o.startswith("copies")]
     valid = name in ("threads", "processes") and workers.isdigit() and int(workers) >= 1
-    if copies:
-        valid = valid and name == "processes" and copies.startswith("copies") and copies[6:].isdigit() \
-            and int(copies[6:]) >= 1
+    valid = valid and (not options or name == "processes") and len(set(options)) == len(options) and len(copies) <= 1
+    valid = valid and all(o == "ownserver" or (o[6:].isdigit() and int(o[6:]) >= 1) for o in options)
     if not valid:
-        raise ValueError(f"build mode {mode!r} is none of in_process, threads:N, processes:N, processes:N:copiesM")
+        raise ValueError(f"build mode {mode!r} is none of in_process, threads:N, processes:N[:copiesM][:ownserver]")
     if name == "threads":
-        return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_threading"], \
-            {"model_sharing": "process", "model_copies": None}
-    return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"], \
-        {"model_sharing": "machine", "model_copies": int(copies[6:]) if copies else None}
+        return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_threading"], single
+    return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"], {
+        "model_sharing": "machine", "model_copies": int(copies[0][6:]) if copies else None,
+        "model_server": "process" if "ownserver" in options else "thread"}

@@ -106,7 +106,7 @@ case "${1:-}" in
             "--smoke"
         ;;
     *)
-        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

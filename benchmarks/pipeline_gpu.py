@@ -134,6 +134,10 @@ def segmenter_checks(segmenter, outputs, sizes) -> dict:
     samples = [Sample(f"c{i}", "s", "c", rng.integers(0, 256, (*hw, 3), dtype=np.uint8)) for i, hw in enumerate(shapes)]
     cpu = segmenter.processor(images=[s.image for s in samples], return_tensors="pt", input_data_format="channels_last")
     device_inputs, _ = segmenter.preprocess(samples)
+    # the device path pads on to the pass grid (bottom and right): compare the processor's part, the rest must be 0
+    height, width = cpu["pixel_values"].shape[-2:]
+    pixels, mask = device_inputs["pixel_values"].cpu(), device_inputs["pixel_mask"].cpu()
+    grid_padding_zero = not any(t[..., height:, :].any() or t[..., width:].any() for t in (pixels, mask))
     reference = _transformers_post(segmenter, _float_outputs(outputs), sizes)
     ours = panoptic_merge(outputs.class_queries_logits.float(), outputs.masks_queries_logits.float(), sizes,
                           segmenter.spec.threshold, segmenter.spec.mask_threshold, segmenter.spec.overlap_threshold)
@@ -143,9 +147,10 @@ def segmenter_checks(segmenter, outputs, sizes) -> dict:
         expected = [(i["id"], i["label_id"], i["score"]) for i in ref["segments_info"]]
         same_segments += expected == [(g.id, g.label_id, g.score) for g in our.segments]
     return {
-        "segmenter_check_pre_max_abs": float((device_inputs["pixel_values"].cpu() - cpu["pixel_values"]).abs().max()),
+        "segmenter_check_pre_max_abs": float((pixels[..., :height, :width] - cpu["pixel_values"]).abs().max()),
         "segmenter_check_pre_one_level": 1 / (255 * min(segmenter.processor.image_std)),
-        "segmenter_check_pre_mask_equal": bool(torch.equal(device_inputs["pixel_mask"].cpu(), cpu["pixel_mask"])),
+        "segmenter_check_pre_mask_equal": bool(torch.equal(mask[..., :height, :width], cpu["pixel_mask"])),
+        "segmenter_check_pre_grid_padding_zero": grid_padding_zero,
         "segmenter_check_merge_same_maps": f"{same_maps}/{len(ours)}",
         "segmenter_check_merge_same_segments": f"{same_segments}/{len(ours)}",
         "segmenter_check_segments_per_image": round(sum(len(o.segments) for o in ours) / len(ours), 1),
@@ -326,7 +331,7 @@ def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
         try:
             if warm:
                 warm_up = dataclasses.replace(config, input=corpus_subset(corpus, 1 / 16), model_sharing="process",
-                                              model_copies=None,
+                                              model_copies=None, model_server="thread",
                                               output=config.output + "-warm-up")
                 build.execute(warm_up, [])
                 warm = False
@@ -398,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement")
     parser.add_argument("--build-modes", default=None,
                         help="comma-separated build set-ups: in_process, processes:N (N worker processes sharing one "
-                        "model server), processes:N:copiesM (the same with M model servers per model), threads:N (N "
+                        "model server), processes:N:copiesM (M model servers per model), processes:N:ownserver (the "
+                        "server a process of its own, --model-server process; both may be given), threads:N (N "
                         "worker threads sharing one model); default "
                         "in_process,processes:8,threads:8 (smoke: in_process,processes:2,threads:2)")
     parser.add_argument("--segmenter-batch", type=int, default=8,

@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms-per-image", type=float, default=20.0,
                         help="emulated device time per image (an H100 ran Mask2Former Swin-L at ~10 ms/img, bare)")
     parser.add_argument("--modes", default="in_process,processes:2",
-                        help="comma-separated set-ups: in_process, processes:N (N worker processes, one shared model "
-                        "server), threads:N (N worker threads, one model)")
+                        help="comma-separated set-ups: in_process, processes:N[:ownserver] (N worker processes, one "
+                        "shared model server; ownserver: a process of its own), threads:N (N worker threads, one "
+                        "model)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="interleaved repeats of every set-up (the median run is reported, all runs listed)")
     parser.add_argument("--image-size", type=int, default=512, help="stored image size (px)")
@@ -115,9 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need --num-samples >= 16, --image-size >= 32, --segmenter-batch and --clip-batch >= 1")
     for mode in args.modes.split(","):
         try:
-            build_mode(mode.strip())
+            _, models = build_mode(mode.strip())
         except ValueError as exc:
             parser.error(f"--modes: {exc}")
+        if models["model_copies"] is not None:
+            parser.error(f"--modes: {mode.strip()}: one emulated device per model server, so M copies would be M "
+                         "devices against a ceiling of one; measure copies on a GPU (pipeline_gpu.py)")
     here = os.path.dirname(os.path.abspath(__file__))
     # the worker processes and the model server import emulated_device too, and read the time per image
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)

@@ -8,7 +8,9 @@ and on later calls (the same shapes again), for each set-up of --setups:
   LABEL=BATCH[:one_pass][:no_cudnn][:gridN]   e.g. passes16=16  one8=8:one_pass  passes16_nocudnn=16:no_cudnn
                                               passes16_grid32=16:grid32 (passes padded to 32 px, not the default)
 
-Each set-up gets images of its own (fresh to it), drawn from one corpus. Prints a table, writes JSON.
+Each set-up gets images of its own, drawn from one corpus; a shape an earlier set-up (or the warm-up) ran is not new
+to a later one, so each set-up reports its new shapes and the extra time of its first round per new shape (set-ups
+on different images: compare rates within a set-up, first vs again). Prints a table, writes JSON.
 
     python benchmarks/segmenter_shapes.py --out $OUT              # on the GPU machine (Swin-L sized, bf16)
     python benchmarks/segmenter_shapes.py --smoke --out /tmp/shapes   # tiny model on the CPU: checks the script
@@ -56,9 +58,10 @@ def _sync(device: str) -> None:
 
 
 def time_setup(segmenter, samples: list[Sample], batch: int, one_pass: bool, no_cudnn: bool, grid: int | None,
-               device: str, repeats: int) -> dict:
+               device: str, repeats: int, seen: set) -> dict:
     """Seconds per call of each batch of ``samples``: its first call, then ``repeats`` more; the shapes its passes
-    ran (distinct ones, and those the set-up had seen before in this run)."""
+    ran: distinct ones, and new ones (not in ``seen``, the shapes earlier set-ups of this run ran; updated), and
+    the extra seconds of the first round per new shape."""
     floor = segmenter.min_pass_pixels
     segmenter.min_pass_pixels = float("inf") if one_pass else floor  # an infinite floor: every batch in one pass
     torch.backends.cudnn.enabled = not no_cudnn
@@ -69,6 +72,8 @@ def time_setup(segmenter, samples: list[Sample], batch: int, one_pass: bool, no_
         for group in segmenter.pass_groups(part):
             inputs, _ = segmenter.preprocess([part[i] for i in group])
             shapes.append(tuple(inputs["pixel_values"].shape))
+    new = set(shapes) - seen
+    seen.update(shapes)
     first, again = [], []
     try:
         for round_ in range(repeats + 1):
@@ -83,8 +88,10 @@ def time_setup(segmenter, samples: list[Sample], batch: int, one_pass: bool, no_
         segmenter.pass_grid = None
         torch.backends.cudnn.enabled = True
     images = len(samples)
+    extra = sum(first) - sum(again) / repeats  # the first round's time over a round of the same calls again
     return {"batch": batch, "one_pass": one_pass, "cudnn": not no_cudnn, "grid": grid or "default", "images": images,
-            "passes": len(shapes), "distinct_shapes": len(set(shapes)),
+            "passes": len(shapes), "distinct_shapes": len(set(shapes)), "new_shapes": len(new),
+            "extra_s_per_new_shape": round(extra / len(new), 4) if new else None,
             "first_img_s": round(images / sum(first), 2),
             "again_img_s": round(images * repeats / sum(again), 2) if again else None,
             "first_call_s_median": round(statistics.median(first), 4),
@@ -126,13 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     record: dict = {"benchmark": "segmenter_shapes", "smoke": args.smoke, "torch": torch.__version__,
                     "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "config": config,
                     "size": size, "weights": "random"}
-    print(f"{'set-up':<20}{'batch':>6}{'passes':>8}{'shapes':>8}{'first img/s':>13}{'again img/s':>13}")
+    print(f"{'set-up':<20}{'batch':>6}{'passes':>8}{'shapes':>8}{'new':>5}{'first img/s':>13}{'again img/s':>13}"
+          f"{'extra s/new':>13}")
+    seen: set = set()  # shapes the model has run in this process (the warm-up's too)
+    for group in segmenter.pass_groups(samples[-8:]):
+        seen.add(tuple(segmenter.preprocess([samples[-8:][i] for i in group])[0]["pixel_values"].shape))
     for index, (label, batch, one_pass, no_cudnn, grid) in enumerate(setups):
         part = samples[index * args.images:(index + 1) * args.images]
-        result = time_setup(segmenter, part, batch, one_pass, no_cudnn, grid, device, args.repeats)
+        result = time_setup(segmenter, part, batch, one_pass, no_cudnn, grid, device, args.repeats, seen)
         record[label] = result
-        print(f"{label:<20}{batch:>6}{result['passes']:>8}{result['distinct_shapes']:>8}"
-              f"{result['first_img_s']:>13}{result['again_img_s']:>13}", flush=True)
+        print(f"{label:<20}{batch:>6}{result['passes']:>8}{result['distinct_shapes']:>8}{result['new_shapes']:>5}"
+              f"{result['first_img_s']:>13}{result['again_img_s']:>13}{result['extra_s_per_new_shape']!s:>13}",
+              flush=True)
         write_record(args.out, "segmenter_shapes.json", record)
     return 0
 

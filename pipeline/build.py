@@ -165,8 +165,9 @@ def build_pipeline(
     threads = worker_torch_threads(config.torch_threads, p.options)
     decoded = read["samples"] | "Decode" >> beam.ParDo(Decode(decode_options, threads)).with_outputs(REJECTS, main="ok")
     share, copies = config.share_models(), config.model_copies
+    own_servers = share and config.model_server == "process"
     segmented, seg_failed = decoded.ok | "Segment" >> RunInference(
-        SegmenterModelHandler(segmenter_spec(config, segmenter), share, copies, threads)
+        SegmenterModelHandler(segmenter_spec(config, segmenter), share, copies, threads, own_servers)
     ).with_exception_handling()
     # A failed batch runs again one sample at a time (pipeline/batch_failures.py): what fails alone is rejected
     # here with its own error; a batch of one that fails goes to RunInference's dead letter (the *Failures steps).
@@ -174,7 +175,7 @@ def build_pipeline(
         SplitFailures("segment", "segmenter_error")).with_outputs(REJECTS, main="ok")
     selected = segmented_alone.ok | "Select" >> beam.ParDo(Select(select_options)).with_outputs(REJECTS, main="ok")
     embedded, embed_failed = selected.ok | "Embed" >> RunInference(
-        ClipEmbedder(clip_spec(config), share, copies, threads)
+        ClipEmbedder(clip_spec(config), share, copies, threads, own_servers)
     ).with_exception_handling()
     embedded_alone = embedded | "EmbedFailedAlone" >> beam.ParDo(
         SplitFailures("embed", "embedder_error")).with_outputs(REJECTS, main="ok")

@@ -21,6 +21,7 @@ JPEG_QUALITY = (1, 100)  # Pillow's range (above 95 the files grow with no visib
 MIN_MAX_PIXELS = 16 * 16  # the smallest image decode accepts (decode.MIN_SIDE squared)
 PRECISIONS = ("fp32", "bf16", "fp16")
 MODEL_SHARING = ("auto", "process", "machine")
+MODEL_SERVERS = ("thread", "process")  # where a shared model runs (model_stage.py)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class BuildConfig:
     precision: str = "fp32"
     model_sharing: str = "auto"  # process | machine (one model server shared by a machine's worker processes)
     model_copies: int | None = None  # with machine sharing: model servers per machine
+    model_server: str = "thread"  # with machine sharing: thread (Beam's large_model, in a worker) | process (its own)
     torch_threads: int = 0  # intra-op threads per worker process; 0 = auto (pipeline/torch_threads.py)
     rows_per_group: int = 256
     target_shard_mb: float = 128.0
@@ -80,6 +82,10 @@ class BuildConfig:
         if self.model_copies is not None and self.model_sharing == "process":
             raise ValueError("--model-copies needs --model-sharing machine (or auto): it counts model servers "
                              "per machine")
+        _check_choice("--model-server", self.model_server, MODEL_SERVERS)
+        if self.model_server != "thread" and not self.share_models():
+            raise ValueError("--model-server process needs shared models (--model-sharing machine, or auto with "
+                             "--device cuda or --model-copies): it says where a shared model runs")
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"--device must be cpu, cuda, cuda:N, mps or xpu; got {self.device!r}")
         if not JPEG_QUALITY[0] <= self.jpeg_quality <= JPEG_QUALITY[1]:
@@ -133,7 +139,7 @@ class BuildConfig:
 # Settings a --resume may change: how the work runs, where the build is (a moved or copied build resumes too), and
 # the rows per Parquet row group (readers take any; older builds recorded it and a resume ignores it there).
 RESUME_MAY_CHANGE = ("overwrite", "resume", "device", "segmenter_batch_size", "clip_batch_size", "model_sharing",
-                     "model_copies", "units_per_run", "output", "rows_per_group", "torch_threads")
+                     "model_copies", "model_server", "units_per_run", "output", "rows_per_group", "torch_threads")
 _READ_FLAGS = ("image_column", "caption_column", "key_column", "coco_split")
 
 
@@ -205,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "the GPU, one copy in GPU memory); auto = machine when --device is cuda, else process")
     p.add_argument("--model-copies", type=int, default=None,
                    help="model servers per machine with machine sharing (e.g. one per GPU); default 1")
+    p.add_argument("--model-server", default=d.model_server, choices=MODEL_SERVERS,
+                   help="where a shared model runs: thread = Beam's large_model, a thread of the worker process that "
+                   "loaded it first (its launches wait for the GIL behind that worker's own work); process = a "
+                   "server process of its own (Beam's MultiProcessShared with spawn_process; start-up costs a few "
+                   "seconds)")
     p.add_argument("--torch-threads", type=int, default=d.torch_threads,
                    help="torch intra-op threads in each worker process; 0 = auto: 1 where Beam runs samples in "
                    "parallel (several DirectRunner workers, Dataflow, Spark, Flink), so that processes and threads "

@@ -8,7 +8,8 @@ text embedding of its caption. A failed batch runs again one sample at a time (`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from apache_beam.metrics import Metrics
@@ -25,23 +26,29 @@ def _embed_fields(sample: Sample) -> Sample:
     return dataclasses.replace(sample, annotation=None, segmentation=None)
 
 
+def clip_model(spec: ClipSpec, torch_threads: int | None) -> ClipModel:
+    """The CLIP model ``spec`` names, run on ``torch_threads`` (a module function: a model server process gets it
+    pickled)."""
+    return dataclasses.replace(load_clip(spec), torch_threads=torch_threads)
+
+
 class ClipEmbedder(ModelStage):
     """The embed stage: CLIP image embeddings of segment crops and whole image, text embedding of the caption."""
 
     namespace, stage = METRICS_NAMESPACE, "embed"
 
     def __init__(self, spec: ClipSpec, share_across_processes: bool = False, model_copies: int | None = None,
-                 torch_threads: int | None = None) -> None:
+                 torch_threads: int | None = None, own_servers: bool = False) -> None:
         """Keep the spec (batch size, model); see ``ModelStage`` for the sharing flags and ``torch_threads``."""
-        super().__init__(spec.batch_size, share_across_processes, model_copies, torch_threads)
+        super().__init__(spec.batch_size, share_across_processes, model_copies, torch_threads, own_servers)
         self.spec = spec
         # Where the stage's time goes (see ClipModel.embed_samples): wall and thread-CPU milliseconds per batch.
         self._timings = {name: Metrics.distribution(METRICS_NAMESPACE, name) for name in TIMINGS}
         self._images = Metrics.counter(METRICS_NAMESPACE, "images_embedded")
 
-    def load_model(self) -> ClipModel:
-        """Load the CLIP model named by the spec."""
-        return dataclasses.replace(load_clip(self.spec), torch_threads=self.call_threads)
+    def model_factory(self) -> Callable[[], ClipModel]:
+        """Loads the CLIP model named by the spec (in the worker process, or in each model server when shared)."""
+        return functools.partial(clip_model, self.spec, self.call_threads)
 
     def run_inference(
         self, batch: Sequence[Sample], model: ClipModel, inference_args: dict[str, Any] | None = None

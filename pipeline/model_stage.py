@@ -1,18 +1,29 @@
 """What the two model stages (segment.py, embed.py) share as Beam ``ModelHandler``s: full batches of the stage's batch
-size, one model per worker process or one model server per machine, a failed batch run again one sample at a time
-(``batch_failures``), and Beam metrics under the stage's namespace."""
+size, one model per worker process or model servers per machine (``ModelServers``), a failed batch run again one
+sample at a time (``batch_failures``), and Beam metrics under the stage's namespace."""
 
 from __future__ import annotations
 
+import inspect
+import itertools
+import multiprocessing
+import os
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
+from apache_beam.utils import multi_process_shared
 
 from spatext.pipeline.batch_failures import FailedSample, each_alone_on_failure
 from spatext.pipeline.records import Sample
 from spatext.pipeline.torch_threads import TORCH_DEFAULT
+
+# Beam's own shared model (``large_model``) is served by a thread of whichever worker process loaded it first, so its
+# kernel launches wait for the GIL behind that worker's Beam work; ``--model-server process`` gives it a process of
+# its own (``ModelServers``), where this Beam's ``MultiProcessShared`` can spawn one.
+SPAWNS_SERVERS = "spawn_process" in inspect.signature(multi_process_shared.MultiProcessShared).parameters
 
 HOPELESS_AFTER = 2  # retried batches in a row that fail sample by sample before a failing batch is no longer retried
 
@@ -24,24 +35,45 @@ class ModelStage(ModelHandler):
     stage = "model"
 
     def __init__(self, batch_size: int, share_across_processes: bool = False, model_copies: int | None = None,
-                 torch_threads: int | None = None) -> None:
+                 torch_threads: int | None = None, own_servers: bool = False) -> None:
         """The model is loaded on the worker by ``load_model``.
 
-        ``share_across_processes``: one model server per machine for all worker processes (Beam's ``large_model``),
-        ``model_copies``: that many servers (implies sharing); the default is one model per worker process, which
+        ``share_across_processes``: one model server per machine for all worker processes, Beam's ``large_model`` (a
+        thread of a worker process), or with ``own_servers`` a process of its own (``ModelServers``);
+        ``model_copies``: that many servers (implies sharing). The default is one model per worker process, which
         runs torch on ``torch_threads`` intra-op threads (None: torch's default; a model server keeps the default).
         """
         shared = share_across_processes or model_copies is not None
+        if own_servers and not shared:
+            raise ValueError("own model servers need model sharing (--model-server process: --model-sharing machine)")
+        if own_servers and not SPAWNS_SERVERS:
+            raise ValueError("--model-server process needs an apache-beam whose MultiProcessShared can spawn a server "
+                             "process (spawn_process; 2.77 has it): upgrade apache-beam or use --model-server thread")
         # set on the thread of every model call (the model keeps it): a model server, one process for every worker,
         # keeps torch's default
         self.call_threads = TORCH_DEFAULT if shared and torch_threads is not None else torch_threads
+        self.server_copies = (model_copies or 1) if own_servers else 0
+        # one tag for every worker of this pipeline (the handler travels to them pickled): they find the same servers
+        self.server_tag = f"spatext-{self.stage}-{uuid.uuid4().hex}" if own_servers else None
         # Full batches of ``batch_size`` (fewer only at a bundle's end), not Beam's adaptive sizing from one sample up,
         # which left a 128-sample demo build's batches at a mean of 4.9 of 8 (segment), 7.5 of 64 (embed) samples:
         # more, smaller model calls than the flag asks for (RunInference's metrics; full: 8.0 and 64.0).
-        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size, large_model=share_across_processes,
-                         model_copies=model_copies)
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size,
+                         large_model=shared and not own_servers, model_copies=None if own_servers else model_copies)
         self._retried = Metrics.counter(self.namespace, f"{self.stage}_batches_run_one_by_one")
         self._hopeless = 0  # retried batches in a row in which every sample failed alone too
+
+    def model_factory(self) -> Callable[[], Any]:
+        """A picklable callable that builds the stage's model (a model server process runs it)."""
+        raise NotImplementedError
+
+    def load_model(self) -> Any:
+        """The model (``model_factory()()``), or with own servers a ``ModelServers`` of proxies to the servers that the
+        first worker process to get here starts (the others connect to them)."""
+        factory = self.model_factory()
+        if not self.server_copies:
+            return factory()
+        return ModelServers(factory, [f"{self.server_tag}-{i}" for i in range(self.server_copies)])
 
     def each_alone_on_failure(self, batch: Sequence[Sample], infer: Callable[[Sequence[Sample]], list[Any]]
                               ) -> list[Any | FailedSample]:
@@ -63,3 +95,42 @@ class ModelStage(ModelHandler):
     def get_metrics_namespace(self) -> str:
         """RunInference's own metrics (latency, counts) share the stage's namespace."""
         return self.namespace
+
+
+class ModelServers:
+    """Proxies to a stage's model server processes (one per ``--model-copies``); each method call goes to the next
+    server in turn, from an offset per worker process so that the workers spread over the servers.
+
+    A server is Beam's ``MultiProcessShared`` with ``spawn_process``: the first process to ask for a tag starts the
+    server (``factory`` builds the model there), later ones connect to it, and it ends with the process that started
+    it. Calls from several workers reach it on threads of its own; the models serialise them (``SerialSegmenter``,
+    ``ClipModel.device_lock``). Only method calls work through it, and arguments and results travel pickled.
+    """
+
+    def __init__(self, factory: Callable[[], Any], tags: Sequence[str]) -> None:
+        """Start or connect to the servers named by ``tags``."""
+        # the handles keep each server's life line (a pipe whose closing stops the server) open as long as this
+        self._handles = [multi_process_shared.MultiProcessShared(factory, tag=tag, always_proxy=True,
+                                                                 spawn_process=True) for tag in tags]
+        before = {child.pid for child in multiprocessing.active_children()}
+        self._proxies = [handle.acquire() for handle in self._handles]
+        self._started = [child for child in multiprocessing.active_children() if child.pid not in before]
+        self._turn = itertools.count(os.getpid())
+
+    def shutdown_servers(self) -> None:
+        """Stop the servers now (they stop anyway with the process that started them; an in-process caller such as a
+        test stops them before its logging closes at exit)."""
+        for handle in self._handles:
+            try:
+                handle.unsafe_hard_delete()
+            except (EOFError, ConnectionError):  # the server ends before it answers
+                pass
+        for process in self._started:  # the servers this process started: Beam's exit hook finds nothing to stop
+            process.join(timeout=10)
+
+    def __getattr__(self, name: str) -> Any:
+        """The named method of the next server."""
+        proxies = self.__dict__.get("_proxies")
+        if not proxies or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(proxies[next(self._turn) % len(proxies)], name)

@@ -11,8 +11,9 @@ reject, with its own error, after ``SplitFailures``); a batch of one that fails 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from apache_beam.metrics import Metrics
@@ -53,6 +54,12 @@ class SerialSegmenter(Segmenter):
             return self.segmenter.segment(samples)
 
 
+def serial_segmenter(spec: SegmenterSpec, torch_threads: int | None) -> SerialSegmenter:
+    """The segmenter ``spec`` names, wrapped to run one call at a time (a module function: a model server process
+    gets it pickled)."""
+    return SerialSegmenter(create_segmenter(spec), torch_threads)
+
+
 class SegmenterModelHandler(ModelStage):
     """Loads the segmenter that a ``SegmenterSpec`` names and fills ``Sample.segmentation`` batch by batch."""
 
@@ -60,19 +67,19 @@ class SegmenterModelHandler(ModelStage):
 
     def __init__(
         self, spec: SegmenterSpec, share_across_processes: bool = False, model_copies: int | None = None,
-        torch_threads: int | None = None,
+        torch_threads: int | None = None, own_servers: bool = False,
     ) -> None:
         """Keep the spec (batch size, model); see ``ModelStage`` for the sharing flags and ``torch_threads``."""
-        super().__init__(spec.batch_size, share_across_processes, model_copies, torch_threads)
+        super().__init__(spec.batch_size, share_across_processes, model_copies, torch_threads, own_servers)
         self.spec = spec
         self._images = Metrics.counter(METRICS_NAMESPACE, "images_segmented")
         self._segments = Metrics.counter(METRICS_NAMESPACE, "segments_found")
         self._empty = Metrics.counter(METRICS_NAMESPACE, "images_without_segments")
 
-    def load_model(self) -> Segmenter:
-        """Build the segmenter (called once per worker process, or once per machine when shared), run one call at a
+    def model_factory(self) -> Callable[[], Segmenter]:
+        """Builds the segmenter (once per worker process, or in each model server when shared), run one call at a
         time by the threads that share it."""
-        return SerialSegmenter(create_segmenter(self.spec), self.call_threads)
+        return functools.partial(serial_segmenter, self.spec, self.call_threads)
 
     def run_inference(
         self, batch: Sequence[Sample], model: Segmenter, inference_args: dict[str, Any] | None = None

@@ -177,15 +177,38 @@ def test_records_write_nan_and_infinity_as_null(bench, tmp_path: Path) -> None:
 
 def test_build_modes_map_to_beam_args_and_model_servers(bench) -> None:
     build_mode = bench("bench_record").build_mode
-    assert build_mode("in_process") == ([], {"model_sharing": "process", "model_copies": None})
-    assert build_mode("threads:3") == (["--direct_num_workers=3", "--direct_running_mode=multi_threading"],
-                                       {"model_sharing": "process", "model_copies": None})
+    single = {"model_sharing": "process", "model_copies": None, "model_server": "thread"}
+    assert build_mode("in_process") == ([], single)
+    assert build_mode("threads:3") == (["--direct_num_workers=3", "--direct_running_mode=multi_threading"], single)
     assert build_mode("processes:8") == (["--direct_num_workers=8", "--direct_running_mode=multi_processing"],
-                                         {"model_sharing": "machine", "model_copies": None})
-    assert build_mode("processes:8:copies2")[1] == {"model_sharing": "machine", "model_copies": 2}
-    for bad in ("threads:2:copies2", "processes:8:copies0", "processes:8:2", "processes:", "gpu:1"):
+                                         {"model_sharing": "machine", "model_copies": None, "model_server": "thread"})
+    assert build_mode("processes:8:copies2")[1] == {"model_sharing": "machine", "model_copies": 2,
+                                                    "model_server": "thread"}
+    assert build_mode("processes:8:ownserver:copies3")[1] == {"model_sharing": "machine", "model_copies": 3,
+                                                              "model_server": "process"}
+    for bad in ("threads:2:copies2", "processes:8:copies0", "processes:8:2", "processes:", "gpu:1", "processes:8:",
+                "threads:2:", "processes:8:copies2:copies3", "processes:8:ownserver:ownserver", "processes:8:copies"):
         with pytest.raises(ValueError, match="is none of"):
             build_mode(bad)
+
+
+def test_segmenter_checks_compare_the_processors_part_of_a_grid_padded_input(bench) -> None:
+    """At 512 px the device preprocessing pads on to a 128 px grid: the check compares the processor's part and
+    requires the rest to be zero (it raised on the shape difference before)."""
+    import numpy as np
+
+    from spatext.pipeline.records import Sample
+    from spatext.pipeline.segmenters import SegmenterSpec, create_segmenter
+
+    segmenter = create_segmenter(SegmenterSpec("mask2former", weights="none", config="mask2former-tiny", threshold=0,
+                                               mask_threshold=0, overlap_threshold=0, processor_size=512))
+    image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    inputs, sizes = segmenter.preprocess([Sample("r", "s", "c", image)])
+    assert tuple(inputs["pixel_values"].shape[-2:]) == (512, 768)  # the processor's 512 x 704, on to the grid
+    checks = bench("pipeline_gpu").segmenter_checks(segmenter, segmenter.forward(inputs), sizes)
+    assert checks["segmenter_check_pre_max_abs"] == 0.0 and checks["segmenter_check_pre_mask_equal"]
+    assert checks["segmenter_check_pre_grid_padding_zero"] is True
+    assert checks["segmenter_check_merge_same_maps"] == "1/1"
 
 
 @pytest.mark.parametrize(("script", "argv", "message"), [
@@ -198,6 +221,7 @@ def test_build_modes_map_to_beam_args_and_model_servers(bench) -> None:
     ("segmenter_shapes", ["--smoke", "--setups", "a=4:grid33"], "--setups: set-up 'a=4:grid33' is not LABEL"),
     ("segmenter_shapes", ["--smoke", "--setups", "a=4:fast"], "--setups: set-up 'a=4:fast' is not LABEL"),
     ("pipeline_gpu", ["--smoke", "--build-modes", "processes:2:copies"], "build mode 'processes:2:copies' is none"),
+    ("pipeline_overlap", ["--modes", "processes:2:copies2"], "one emulated device per model server"),
     ("loader", ["--repeats", "0"], "--repeats and --epochs must be >= 1"),
     ("loader", ["--epochs", "0"], "--repeats and --epochs must be >= 1"),
     ("loader", ["--threads", "0"], "--resolutions, --threads"),

@@ -3,6 +3,7 @@ method calls, so Beam's cross-process model proxy gives the same outputs as the 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -12,10 +13,12 @@ import pytest
 from apache_beam.utils import multi_process_shared
 
 from spatext.pipeline import clip as clip_module
+from spatext.pipeline import model_stage
 from spatext.pipeline.clip import TINY_MODEL, ClipSpec, load_clip
 from spatext.pipeline.config import BuildConfig
 from spatext.pipeline.crop import mask_bbox
 from spatext.pipeline.embed import ClipEmbedder
+from spatext.pipeline.model_stage import ModelServers
 from spatext.pipeline.records import Sample, Segment, Segmentation, SelectedSegment
 from spatext.pipeline.segment import SegmenterModelHandler, SerialSegmenter
 from spatext.pipeline.segmenters.base import Segmenter, SegmenterSpec, create_segmenter
@@ -42,18 +45,44 @@ def _sample(seed: int) -> Sample:
 
 
 def _proxy(loader):
-    """The model behind Beam's cross-process proxy, as RunInference hands it to a handler with large_model."""
+    """The model behind Beam's cross-process proxy (a server thread in this process), as RunInference hands it to a
+    handler with Beam's large_model."""
     return multi_process_shared.MultiProcessShared(loader, tag=f"test-{uuid.uuid4().hex}", always_proxy=True).acquire()
 
 
-def test_clip_embedder_through_a_proxy_equals_local() -> None:
-    handler = ClipEmbedder(CLIP, share_across_processes=True)
-    assert handler.share_model_across_processes() and handler.model_copies() == 1
-    assert ClipEmbedder(CLIP, model_copies=2).model_copies() == 2
-    assert not ClipEmbedder(CLIP).share_model_across_processes()
+class _Pid:
+    """A stand-in model that says which process runs it."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def test_model_servers_are_processes_of_their_own_shared_by_tag() -> None:
+    """Each server is a process of its own (not a thread of the worker that started it); calls go round the copies;
+    another worker asking for the same tags gets the same servers."""
+    tags = [f"spatext-test-{uuid.uuid4().hex}-{i}" for i in range(2)]
+    servers = ModelServers(_Pid, tags)
+    pids = {servers.pid() for _ in range(4)}
+    assert len(pids) == 2 and os.getpid() not in pids
+    again = ModelServers(_Pid, tags)  # as a second worker process would: connects, starts nothing new
+    assert {again.pid() for _ in range(4)} == pids
+    with pytest.raises(AttributeError):
+        servers.__wrapped__  # noqa: B018 - dunder lookups do not reach a server
+    assert {p.pid for p in servers._started} == pids and again._started == []
+    servers.shutdown_servers()
+    assert not any(p.is_alive() for p in servers._started)
+
+
+def test_clip_embedder_through_its_server_equals_local() -> None:
+    handler = ClipEmbedder(CLIP, share_across_processes=True, own_servers=True)
+    assert handler.server_copies == 1 and not handler.share_model_across_processes()  # ours, not Beam's thread
+    assert ClipEmbedder(CLIP, model_copies=2, own_servers=True).server_copies == 2
+    assert ClipEmbedder(CLIP).server_copies == 0 and ClipEmbedder(CLIP, share_across_processes=True).server_copies == 0
     batch = [_sample(1), _sample(2)]
     local = handler.run_inference(batch, load_clip(CLIP))
-    remote = handler.run_inference(batch, _proxy(handler.load_model))
+    model = handler.load_model()
+    remote = handler.run_inference(batch, model)
+    model.shutdown_servers()
     for (sample_a, emb_a), (sample_b, emb_b), sample in zip(local, remote, batch, strict=True):
         assert sample_a is sample and sample_b is sample  # the caller's samples, not the server's copies
         np.testing.assert_array_equal(emb_a.segments, emb_b.segments)
@@ -61,15 +90,36 @@ def test_clip_embedder_through_a_proxy_equals_local() -> None:
         np.testing.assert_array_equal(emb_a.caption, emb_b.caption)
 
 
-def test_segmenter_handler_through_a_proxy_equals_local() -> None:
+def test_segmenter_handler_through_its_servers_equals_local() -> None:
+    handler = SegmenterModelHandler(SEGMENTER, share_across_processes=True, model_copies=2, own_servers=True)
+    assert handler.server_copies == 2 and handler.model_copies() == 1  # two servers of ours; Beam loads one proxy
+    model = handler.load_model()
+    assert isinstance(model, ModelServers)
+    batch = [_sample(3), _sample(4)]
+    local = handler.run_inference(batch, create_segmenter(SEGMENTER))
+    for _ in range(2):  # both servers
+        remote = handler.run_inference(batch, model)
+        for a, b in zip(local, remote, strict=True):
+            np.testing.assert_array_equal(a.segmentation.id_map, b.segmentation.id_map)
+            assert a.segmentation.segments == b.segmentation.segments
+    model.shutdown_servers()
+
+
+def test_beam_shares_the_model_by_default(monkeypatch) -> None:
+    """--model-server thread (the default): Beam's own large_model, a server thread in a worker process."""
     handler = SegmenterModelHandler(SEGMENTER, share_across_processes=True, model_copies=3)
-    assert handler.share_model_across_processes() and handler.model_copies() == 3
+    assert handler.share_model_across_processes() and handler.model_copies() == 3 and handler.server_copies == 0
     batch = [_sample(3), _sample(4)]
     local = handler.run_inference(batch, create_segmenter(SEGMENTER))
     remote = handler.run_inference(batch, _proxy(handler.load_model))  # the SerialSegmenter behind the proxy
     for a, b in zip(local, remote, strict=True):
         np.testing.assert_array_equal(a.segmentation.id_map, b.segmentation.id_map)
         assert a.segmentation.segments == b.segmentation.segments
+    with pytest.raises(ValueError, match="need model sharing"):
+        SegmenterModelHandler(SEGMENTER, own_servers=True)
+    monkeypatch.setattr(model_stage, "SPAWNS_SERVERS", False)  # a Beam whose MultiProcessShared cannot spawn
+    with pytest.raises(ValueError, match="upgrade apache-beam or use --model-server thread"):
+        SegmenterModelHandler(SEGMENTER, share_across_processes=True, own_servers=True)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +134,11 @@ def test_sharing_flags(sharing, device, copies, shared) -> None:
 
 
 def test_bad_sharing_flags_fail() -> None:
+    with pytest.raises(ValueError, match="--model-server process needs shared models"):
+        BuildConfig("in", "out", model_server="process")  # auto on the CPU: no sharing
+    with pytest.raises(ValueError, match="--model-server must be one of"):
+        BuildConfig("in", "out", model_sharing="machine", model_server="gpu")
+    assert BuildConfig("in", "out", model_copies=2, model_server="process").share_models()
     with pytest.raises(ValueError, match="--model-copies must be >= 1"):
         BuildConfig("in", "out", model_copies=0)
     with pytest.raises(ValueError, match="needs --model-sharing machine"):

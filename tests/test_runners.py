@@ -90,6 +90,24 @@ def test_three_runners_give_the_same_rows(tmp_path, job_service):
                        "portable": {"spatext_decode": (1, 1), "spatext_embed": (1, 1)}}
 
 
+def test_model_servers_of_their_own_give_the_same_rows(tmp_path) -> None:
+    """--model-server process: worker processes send their batches to server processes of their own (two per model
+    here), and the rows are those of an in-process build; the run's metrics count every sample through both."""
+    write_corpus(str(tmp_path / "corpus"), 6, seed=4, fmt="webdataset", samples_per_shard=2)
+    rows = {}
+    for name, extra in (("direct", []), ("servers", ["--direct_num_workers=2", "--direct_running_mode=multi_processing",
+                                                     "--model-sharing", "machine", "--model-copies", "2",
+                                                     "--model-server", "process"])):
+        config, rest = parse_args(["--input", str(tmp_path / "corpus" / "*.tar"), "--output", str(tmp_path / name),
+                                   *TINY, *extra])
+        result, manifest = build.execute(config, rest)
+        assert manifest["counts"]["accepted"] == 6, name
+        assert {stage: calls["samples"] for stage, calls in build.model_calls(result).items()} == {"segment": 6,
+                                                                                                "embed": 6}
+        rows[name] = read_rows(tmp_path / name)
+    assert_same_rows(rows["servers"], rows["direct"])
+
+
 @pytest.mark.parametrize(("flags", "want"), [
     ([], None),
     (["--direct_num_workers=1"], None),

@@ -233,6 +233,9 @@ def test_mask2former_pads_passes_to_the_step_grid(tiny, monkeypatch) -> None:
         for i, ref in zip(group, _transformers_segmentations(coarse, part), strict=True):
             np.testing.assert_array_equal(ours[i].id_map, ref.id_map)
             assert ours[i].segments == ref.segments
+    monkeypatch.setattr(coarse, "pass_grid", 48)  # not a multiple of the processor's 32: 64 it is, for both
+    assert tuple(coarse.preprocess(samples)[0]["pixel_values"].shape[-2:]) == (384, 384)
+    assert coarse.pass_groups(samples) == shape_groups(shapes, coarse.min_pass_pixels)
     at_128 = tiny.processor(images=[s.image for s in samples], return_tensors="pt", input_data_format="channels_last")
     assert tiny.preprocess(samples)[0]["pixel_values"].shape == at_128["pixel_values"].shape  # 128 px: the 32 px grid
 

@@ -138,7 +138,7 @@ class Mask2FormerSegmenter(Segmenter):
 
     name = "mask2former"
     min_pass_pixels = MIN_PASS_PIXELS
-    pass_grid: int | None = None  # passes padded to multiples of this many px; None: ``shape_step`` of the processor
+    pass_grid: int | None = None  # passes padded to multiples of this (rounded up to the processor's size divisor)
 
     def __init__(self, spec: SegmenterSpec) -> None:
         """Load the model and processor that ``spec.weights`` names, in eval mode on ``spec.device``."""
@@ -183,8 +183,10 @@ class Mask2FormerSegmenter(Segmenter):
         return shape_groups(shapes, min_pass_pixels=self.min_pass_pixels)
 
     def _grid(self, rule: tuple[int, int | None, int]) -> int:
-        """The pass padding grid in px: ``pass_grid``, else ``shape_step`` of the processor's shortest edge."""
-        return self.pass_grid or shape_step(rule[0], rule[2])
+        """The pass padding grid in px: ``pass_grid`` rounded up to a multiple of the processor's size divisor (the
+        processor rounds to that first), else ``shape_step`` of the processor's shortest edge."""
+        divisor = max(rule[2], 1)
+        return -(-self.pass_grid // divisor) * divisor if self.pass_grid else shape_step(rule[0], divisor)
 
     def _shortest_edge_rule(self) -> tuple[int, int | None, int] | None:
         """(shortest edge, longest edge or None, size divisor) where the processor scales images by a shortest edge

@@ -9,15 +9,16 @@ costs what 9 would, launching its kernels. Cut with no floor (one image's worth 
 passes on 1.12x their pixels at 41.6 img/s against 48.9 in one pass; the model ``max(78 ms, 8.8 ms x 512 px images
 of pixels)`` per pass, fitted on the squares, predicted 43.2 and 46.5 img/s for them. With the floor
 (``MIN_PASS_PIXELS``, a fixed number of pixels: the launch time does not grow with the processor's size) it predicts
-1.10x the one-pass rate for batches of 8, 1.65x for 16 and 1.88x for 32. Measured on 32 demo images (repeated shapes,
-bare forward): 1.44x at 16 on an H100 (68.3 vs 47.5 img/s); on an H200 our segmenter 1.43x at 16 and 1.01x at 8.
+1.10x the one-pass rate for batches of 8, 1.65x for 16 and 1.88x for 32. Measured on an H100 on 32 demo images in
+batches of 16, the bare forward over shapes run before: 1.44x (68.3 vs 47.5 img/s).
 Batches of 6 or fewer never split at a 512 px processor size (an image is at most 2.8 such squares there).
 
 Passes are also padded to a coarse grid (``shape_step``: a quarter of the shortest edge, 128 px at 512 px) rather
 than the processor's 32 px: the model's first pass of each new (batch, height, width) is slow. On an H200 (Swin-L,
 bf16, eager; ``benchmarks/segmenter_shapes.py``, ``benchmarks/results/segmenter_shapes_h200*.json``) batches whose
-pass shapes the model had not run took 0.19-0.46 s more per new shape than the same batches again (batches of 16
-demo images in two passes each: 20.1 img/s on new shapes, 61.9 again); cuDNN off did not remove it. Over 2,000
+pass shapes the model had not run took 0.09-0.46 s more per new shape than the same batches again (batches of 16
+demo images in two passes each: 20.1 img/s on new shapes, 61.9 again; cuDNN off: 0.09 and 0.28 s in two runs, so it
+does not remove the cost, and the figures count a shape an earlier set-up ran as new). Over 2,000
 batches of 16 demo images the passes had 193 distinct shapes on the 32 px grid (37 in the first 64 batches) and 53 on
 the 128 px one (27), for 3% more pixels; batches of 8: 195 and 32 (48 and 20 in the first 64). Long jobs meet every
 shape early either way; short ones (a benchmark, a 5,000-image validation set) pay for each.
