@@ -8,7 +8,7 @@
 #
 # --run installs the wheels and this checkout under /tmp (outside the repository, so its folders do not shadow the
 # installed package), then runs, each under its own time limit (seconds; override with the variables):
-#   pipeline_gpu.py  CLIP + Mask2Former stages and the Beam job vs its ceiling      PIPELINE_S (default 420)
+#   pipeline_gpu.py  CLIP + Mask2Former stages and the Beam job vs its ceiling      PIPELINE_S (default 480)
 #   sampling.py      SD-1.x-sized sampling: joint / per-condition guidance vs CFG  SAMPLING_S (default 200)
 #   train_gpu.py     `spatext train` (bf16, resume) and `spatext sample` on cuda    TRAINER_S (default 70)
 #   segmenter_shapes.py  Mask2Former on new vs repeated input shapes  SHAPES_S (default 200); only when named:
@@ -70,7 +70,7 @@ benchmarks() {  # python, extra flags for pipeline_gpu.py, for sampling.py, for 
     [[ $python == */* ]] && python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"  # before the cd
     cd /tmp || exit 1
     # shellcheck disable=SC2086
-    run_section pipeline_gpu "${PIPELINE_S:-420}" "$python" "$REPO/benchmarks/pipeline_gpu.py" \
+    run_section pipeline_gpu "${PIPELINE_S:-480}" "$python" "$REPO/benchmarks/pipeline_gpu.py" \
         --out "$WORK/pipeline_gpu" $pipeline_flags
     # shellcheck disable=SC2086
     run_section sampling "${SAMPLING_S:-200}" "$python" "$REPO/benchmarks/sampling.py" \
@@ -96,7 +96,7 @@ case "${1:-}" in
         "$python" -m pip install --quiet --no-compile --no-index --no-deps --target "$SITE/deps" "${wheels[@]}" || exit 1
         "$python" -m pip install --quiet --no-compile --no-deps --no-build-isolation --target "$SITE/pkg" "$REPO" || exit 1
         export PYTHONPATH="$SITE/pkg:$SITE/deps" HF_HUB_OFFLINE=1
-        benchmarks "$python" "${PIPELINE_FLAGS---num-samples 1536 --build-modes processes:8 --repeats 5}" \
+        benchmarks "$python" "${PIPELINE_FLAGS---num-samples 1024 --build-modes processes:8,processes:8:ownserver --repeats 3 --segmenter-batches 16}" \
             "--sd15 --device cuda --dtype bfloat16 --steps 50 --num-images 1,4 --no-flops --repeats 7 --modes plain,joint,per-condition" ""
         ;;
     --smoke)
