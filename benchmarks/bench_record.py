@@ -42,7 +42,8 @@ def build_mode(mode: str) -> tuple[list[str], dict]:
     copies = [o for o in options if o.startswith("copies")]
     valid = name in ("threads", "processes") and workers.isdigit() and int(workers) >= 1
     valid = valid and (not options or name == "processes") and len(set(options)) == len(options) and len(copies) <= 1
-    valid = valid and all(o == "ownserver" or (o[6:].isdigit() and int(o[6:]) >= 1) for o in options)
+    valid = valid and all(o == "ownserver" or (o.startswith("copies") and o[6:].isdigit() and int(o[6:]) >= 1)
+                          for o in options)
     if not valid:
         raise ValueError(f"build mode {mode!r} is none of in_process, threads:N, processes:N[:copiesM][:ownserver]")
     if name == "threads":

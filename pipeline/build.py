@@ -34,6 +34,7 @@ from spatext.pipeline.config import RESUME_MAY_CHANGE, BuildConfig, parse_args
 from spatext.pipeline.decode import Decode, DecodeOptions
 from spatext.pipeline.dedupe import DuplicateKeys
 from spatext.pipeline.embed import ClipEmbedder
+from spatext.pipeline.model_stage import stop_started_servers
 from spatext.pipeline.read import COUNTS, REJECTS, ReadCorpus, check_input, has_annotations, match_files
 from spatext.pipeline.records import Reject, rejects_from_failed_batch
 from spatext.pipeline.schema import sample_to_row, shard_schema
@@ -509,8 +510,11 @@ def _run_jobs(
         p = test_pipeline or beam.Pipeline(options=options)
         earlier = len(read_markers(config.output)) - done_before if number == len(jobs) > 1 else 0
         build_pipeline(p, config, started_at, job_skip, manifest=number == len(jobs), earlier_jobs=earlier)
-        result = p.run()
-        state = result.wait_until_finish()
+        try:
+            result = p.run()
+            state = result.wait_until_finish()
+        finally:  # an in-process runner's model servers (--model-server process) are this process's: not beyond it
+            stop_started_servers()
         logger.info("pipeline finished: %s", state)
         sizes = mean_batch_sizes(result)
         if sizes:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import multiprocessing
 import os
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +21,8 @@ from apache_beam.utils import multi_process_shared
 from spatext.pipeline.batch_failures import FailedSample, each_alone_on_failure
 from spatext.pipeline.records import Sample
 from spatext.pipeline.torch_threads import TORCH_DEFAULT
+
+logger = logging.getLogger(__name__)
 
 # Beam's own shared model (``large_model``) is served by a thread of whichever worker process loaded it first, so its
 # kernel launches wait for the GIL behind that worker's Beam work; ``--model-server process`` gives it a process of
@@ -97,40 +101,92 @@ class ModelStage(ModelHandler):
         return self.namespace
 
 
+class ModelServerLost(BaseException):
+    """A model server process ended (killed, out of memory) and the one started in its place failed as well.
+
+    A ``BaseException``, so that neither the per-sample retry nor RunInference's dead letter (both catch ``Exception``)
+    turns the lost server into rejected samples: the build fails, and ``--resume`` redoes the unfinished inputs."""
+
+
 class ModelServers:
     """Proxies to a stage's model server processes (one per ``--model-copies``); each method call goes to the next
     server in turn, from an offset per worker process so that the workers spread over the servers.
 
     A server is Beam's ``MultiProcessShared`` with ``spawn_process``: the first process to ask for a tag starts the
     server (``factory`` builds the model there), later ones connect to it, and it ends with the process that started
-    it. Calls from several workers reach it on threads of its own; the models serialise them (``SerialSegmenter``,
-    ``ClipModel.device_lock``). Only method calls work through it, and arguments and results travel pickled.
+    it (``build.execute`` stops the ones its own process started: ``stop_started_servers``). A call that finds its
+    server gone connects again, which starts a new server, and runs once more there; a second loss raises
+    ``ModelServerLost``. Calls from several workers reach a server on threads of its own; the models serialise them
+    (``SerialSegmenter``, ``ClipModel.device_lock``). Only method calls work through it, and arguments and results
+    travel pickled.
     """
 
     def __init__(self, factory: Callable[[], Any], tags: Sequence[str]) -> None:
         """Start or connect to the servers named by ``tags``."""
+        self._factory, self._tags = factory, list(tags)
+        self._lock = threading.Lock()  # one reconnection at a time (a worker's threads share this object)
+        self._started: list[multiprocessing.Process] = []  # the server processes this process started
+        self._own: set[int] = set()  # the indices of the servers it started
         # the handles keep each server's life line (a pipe whose closing stops the server) open as long as this
-        self._handles = [multi_process_shared.MultiProcessShared(factory, tag=tag, always_proxy=True,
-                                                                 spawn_process=True) for tag in tags]
-        before = {child.pid for child in multiprocessing.active_children()}
-        self._proxies = [handle.acquire() for handle in self._handles]
-        self._started = [child for child in multiprocessing.active_children() if child.pid not in before]
+        self._handles: list[Any] = [None] * len(self._tags)
+        self._proxies: list[Any] = [None] * len(self._tags)
+        for index in range(len(self._tags)):
+            self._connect(index)
         self._turn = itertools.count(os.getpid())
 
+    def _connect(self, index: int) -> None:
+        """Connect to server ``index``, starting it when no live one holds its tag."""
+        before = {child.pid for child in multiprocessing.active_children()}
+        handle = multi_process_shared.MultiProcessShared(self._factory, tag=self._tags[index], always_proxy=True,
+                                                         spawn_process=True)
+        self._handles[index], self._proxies[index] = handle, handle.acquire()
+        started = [child for child in multiprocessing.active_children() if child.pid not in before]
+        if started:
+            self._started += started
+            self._own.add(index)
+            if self not in _STARTED:
+                _STARTED.append(self)
+
     def shutdown_servers(self) -> None:
-        """Stop the servers now (they stop anyway with the process that started them; an in-process caller such as a
-        test stops them before its logging closes at exit)."""
-        for handle in self._handles:
+        """Stop the servers this process started (they stop anyway when it exits); others' servers keep running."""
+        for handle in (self._handles[index] for index in sorted(self._own)):
             try:
                 handle.unsafe_hard_delete()
-            except (EOFError, ConnectionError):  # the server ends before it answers
+            except (EOFError, ConnectionError):  # the server ends before it answers, or has ended already
                 pass
-        for process in self._started:  # the servers this process started: Beam's exit hook finds nothing to stop
+        for process in self._started:  # Beam's exit hook then finds nothing left to stop
             process.join(timeout=10)
 
     def __getattr__(self, name: str) -> Any:
         """The named method of the next server."""
-        proxies = self.__dict__.get("_proxies")
-        if not proxies or name.startswith("__"):
+        if name.startswith("__") or "_proxies" not in self.__dict__:
             raise AttributeError(name)
-        return getattr(proxies[next(self._turn) % len(proxies)], name)
+        index = next(self._turn) % len(self._tags)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            proxy = self._proxies[index]
+            try:
+                return getattr(proxy, name)(*args, **kwargs)
+            except (EOFError, ConnectionError) as exc:
+                logger.warning("model server %s is gone (%r): connecting again, which starts a new one",
+                               self._tags[index], exc)
+            with self._lock:
+                if self._proxies[index] is proxy:  # another thread may have reconnected already
+                    self._connect(index)
+            try:
+                return getattr(self._proxies[index], name)(*args, **kwargs)
+            except (EOFError, ConnectionError) as exc:
+                raise ModelServerLost(f"model server {self._tags[index]} ended twice ({exc!r}); failing the build "
+                                      "rather than rejecting its samples (--resume redoes what is unfinished)") from exc
+
+        return call
+
+
+_STARTED: list[ModelServers] = []  # servers started by this process, for stop_started_servers
+
+
+def stop_started_servers() -> None:
+    """Stop every model server this process started (an in-process build's own; worker processes' servers end with
+    them), so that builds run one after another in one process do not pile up models in memory."""
+    while _STARTED:
+        _STARTED.pop().shutdown_servers()

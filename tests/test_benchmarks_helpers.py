@@ -187,7 +187,8 @@ def test_build_modes_map_to_beam_args_and_model_servers(bench) -> None:
     assert build_mode("processes:8:ownserver:copies3")[1] == {"model_sharing": "machine", "model_copies": 3,
                                                               "model_server": "process"}
     for bad in ("threads:2:copies2", "processes:8:copies0", "processes:8:2", "processes:", "gpu:1", "processes:8:",
-                "threads:2:", "processes:8:copies2:copies3", "processes:8:ownserver:ownserver", "processes:8:copies"):
+                "threads:2:", "processes:8:copies2:copies3", "processes:8:ownserver:ownserver", "processes:8:copies",
+                "processes:2:zzzzzz4", "processes:8:cpoies2"):
         with pytest.raises(ValueError, match="is none of"):
             build_mode(bad)
 

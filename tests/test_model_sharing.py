@@ -3,6 +3,7 @@ method calls, so Beam's cross-process model proxy gives the same outputs as the 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -12,15 +13,17 @@ import numpy as np
 import pytest
 from apache_beam.utils import multi_process_shared
 
+from spatext.pipeline import build, model_stage
 from spatext.pipeline import clip as clip_module
-from spatext.pipeline import model_stage
 from spatext.pipeline.clip import TINY_MODEL, ClipSpec, load_clip
-from spatext.pipeline.config import BuildConfig
+from spatext.pipeline.config import BuildConfig, parse_args
 from spatext.pipeline.crop import mask_bbox
+from spatext.pipeline.demo_corpus import write_corpus
 from spatext.pipeline.embed import ClipEmbedder
-from spatext.pipeline.model_stage import ModelServers
+from spatext.pipeline.model_stage import ModelServerLost, ModelServers
 from spatext.pipeline.records import Sample, Segment, Segmentation, SelectedSegment
 from spatext.pipeline.segment import SegmenterModelHandler, SerialSegmenter
+from spatext.pipeline.segmenters.annotations import AnnotationSegmenter
 from spatext.pipeline.segmenters.base import Segmenter, SegmenterSpec, create_segmenter
 
 CLIP = ClipSpec(model=TINY_MODEL, pretrained="none", batch_size=4)
@@ -71,6 +74,53 @@ def test_model_servers_are_processes_of_their_own_shared_by_tag() -> None:
     assert {p.pid for p in servers._started} == pids and again._started == []
     servers.shutdown_servers()
     assert not any(p.is_alive() for p in servers._started)
+
+
+class _Dies:
+    """A stand-in model whose every call ends its server process."""
+
+    def pid(self) -> int:
+        os._exit(1)
+
+
+def test_a_lost_server_is_started_again_and_a_second_loss_fails_loudly(tmp_path) -> None:
+    tag = f"spatext-test-{uuid.uuid4().hex}"
+    servers = ModelServers(_Pid, [tag])
+    first = servers.pid()
+    os.kill(first, 9)  # the server dies between calls (the OOM killer, a driver fault)
+    second = servers.pid()  # the call finds it gone, connects again (a new server) and runs there
+    assert second not in (first, os.getpid()) and servers.pid() == second
+    servers.shutdown_servers()
+    dying = ModelServers(_Dies, [f"spatext-test-{uuid.uuid4().hex}"])
+    with pytest.raises(ModelServerLost, match="ended twice"):
+        dying.pid()  # dies, and the server started in its place dies too
+    assert not issubclass(ModelServerLost, Exception)  # past each_alone_on_failure and RunInference's dead letter
+    dying.shutdown_servers()
+
+
+class DiesOnceSegmenter(AnnotationSegmenter):
+    """Ground truth, but the first call in the run (``DIES_ONCE`` names a marker file) ends its server process."""
+
+    def segment(self, samples):
+        marker = os.environ["DIES_ONCE"]
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return super().segment(samples)
+
+
+def test_a_build_survives_a_lost_server_and_stops_its_servers(tmp_path, monkeypatch) -> None:
+    """An in-process build with --model-server process: the segment server dies on its first call, the stage starts
+    another and every sample is accepted; when the build returns, no server it started is left running."""
+    monkeypatch.setenv("DIES_ONCE", str(tmp_path / "died"))
+    write_corpus(str(tmp_path / "corpus"), 4, seed=2, fmt="webdataset", samples_per_shard=2)
+    config, rest = parse_args(["--input", str(tmp_path / "corpus" / "*.tar"), "--output", str(tmp_path / "out"),
+                               "--segmenter", "test_model_sharing:DiesOnceSegmenter", "--clip-model", TINY_MODEL,
+                               "--clip-pretrained", "none", "--model-sharing", "machine", "--model-server", "process"])
+    before = {child.pid for child in multiprocessing.active_children()}
+    _, manifest = build.execute(config, rest)
+    assert (tmp_path / "died").exists() and manifest["counts"]["accepted"] == 4
+    assert [c for c in multiprocessing.active_children() if c.pid not in before] == []  # stopped and joined
 
 
 def test_clip_embedder_through_its_server_equals_local() -> None:
