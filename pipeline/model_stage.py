@@ -172,7 +172,11 @@ class ModelServers:
                                self._tags[index], exc)
             with self._lock:
                 if self._proxies[index] is proxy:  # another thread may have reconnected already
-                    self._connect(index)
+                    try:
+                        self._connect(index)
+                    except Exception as exc:  # the new server failed to start: as loud as a second loss
+                        raise ModelServerLost(f"model server {self._tags[index]} ended and a new one failed to "
+                                              f"start ({exc!r})") from exc
             try:
                 return getattr(self._proxies[index], name)(*args, **kwargs)
             except (EOFError, ConnectionError) as exc:
