@@ -98,6 +98,25 @@ def test_a_lost_server_is_started_again_and_a_second_loss_fails_loudly(tmp_path)
     dying.shutdown_servers()
 
 
+class _DiesThenCannotStart:
+    """A stand-in model whose call ends its server and which cannot be built again (``DIES_ONCE``: a marker file)."""
+
+    def __init__(self) -> None:
+        if os.path.exists(os.environ["DIES_ONCE"]):
+            raise RuntimeError("cannot start again")
+
+    def pid(self) -> int:
+        open(os.environ["DIES_ONCE"], "w").close()
+        os._exit(1)
+
+
+def test_a_server_that_cannot_start_again_fails_loudly(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DIES_ONCE", str(tmp_path / "died"))
+    servers = ModelServers(_DiesThenCannotStart, [f"spatext-test-{uuid.uuid4().hex}"])
+    with pytest.raises(ModelServerLost, match="a new one failed to start"):
+        servers.pid()
+
+
 class DiesOnceSegmenter(AnnotationSegmenter):
     """Ground truth, but the first call in the run (``DIES_ONCE`` names a marker file) ends its server process."""
 
