@@ -21,17 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
+from pipeline_gpu import corpus_images  # the build's own decoded images
 
 from bench_record import write_record
 from spatext.pipeline.records import Sample
 from spatext.pipeline.segmenters import SegmenterSpec, create_segmenter
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pipeline_gpu import corpus_images  # noqa: E402 - the build's own decoded images
 
 
 def parse_setups(text: str) -> list[tuple[str, int, bool, bool, int | None]]:
