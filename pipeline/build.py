@@ -254,9 +254,9 @@ def prepare_output(config: BuildConfig, fmt: str) -> frozenset[str]:
             warn_unmatched_units(config, done, fmt)
             leftovers = unreferenced_files(config.output)
             named = ", ".join(leftovers[:3]) + (" ..." if len(leftovers) > 3 else "")
-            if leftovers and "://" in config.output:  # not locked: they may be a job's that still runs
-                logger.warning("resume: %d file(s) no completed unit lists (a unit killed while writing, or one a job "
-                               "still running writes: remote outputs are not locked) are left as they are: %s; "
+            if leftovers and "://" in config.output:  # a job outlives its killed launcher, and its lease with it
+                logger.warning("resume: %d file(s) no completed unit lists (a unit killed while writing, or one that "
+                               "a runner's job still writes, whose launcher was killed) are left as they are: %s; "
                                "units redone rewrite theirs", len(leftovers), named)
             elif leftovers:  # a unit killed while writing: redone from scratch, or gone from --input
                 logger.info("resume: removing %d file(s) that no completed unit lists: %s", len(leftovers), named)
