@@ -12,7 +12,8 @@
 #   sampling.py      SD-1.x-sized sampling: joint / per-condition guidance vs CFG  SAMPLING_S (default 200)
 #   train_gpu.py     `spatext train` (bf16, resume) and `spatext sample` on cuda    TRAINER_S (default 70)
 #   segmenter_shapes.py  Mask2Former on new vs repeated input shapes  SHAPES_S (default 200); only when named:
-#                    SECTIONS=shapes (not in the default sections)
+#                    SECTIONS=shapes (not in the default sections); SECTIONS=shapes_expandable runs it again with
+#                    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (does the allocator make new shapes cost?)
 # Each section works in /tmp/gpu_session/NAME (corpora, builds) and copies only its JSON to $OUT, next to its log
 # $OUT/NAME.log, so the few small files the device tool brings back are these; a section out of time keeps its log.
 # SECTIONS="sampling trainer" runs only those sections; PIPELINE_FLAGS replaces pipeline_gpu.py's flags on --run.
@@ -78,6 +79,11 @@ benchmarks() {  # python, extra flags for pipeline_gpu.py, for sampling.py, for 
     # shellcheck disable=SC2086
     [[ " ${SECTIONS:-} " == *" shapes "* ]] && run_section shapes "${SHAPES_S:-200}" "$python" \
         "$REPO/benchmarks/segmenter_shapes.py" --out "$WORK/shapes" $( [[ $pipeline_flags == --smoke ]] && echo --smoke)
+    # shellcheck disable=SC2086
+    [[ " ${SECTIONS:-} " == *" shapes_expandable "* ]] && run_section shapes_expandable "${SHAPES_S:-200}" \
+        env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$python" "$REPO/benchmarks/segmenter_shapes.py" \
+        --out "$WORK/shapes_expandable" --json segmenter_shapes_expandable.json \
+        $( [[ $pipeline_flags == --smoke ]] && echo --smoke)
     # shellcheck disable=SC2086
     run_section trainer "${TRAINER_S:-70}" "$python" "$REPO/benchmarks/train_gpu.py" --sections trainer \
         --out "$WORK/trainer" $trainer_flags

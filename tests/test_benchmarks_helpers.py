@@ -237,3 +237,39 @@ def test_benchmark_flags_are_usage_errors(bench, capsys, script, argv, message) 
     with pytest.raises(SystemExit) as exit_info:
         bench(script).main([*argv, "--out", "unused"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_segmenter_shapes_profiles_a_shape_no_set_up_ran(bench, tmp_path) -> None:
+    """The smoke run (tiny model, CPU): the profiled batch's pass shape is one the set-ups did not run, and each call
+    names its top operators with their times."""
+    shapes = bench("segmenter_shapes")
+    assert shapes.main(["--smoke", "--out", str(tmp_path), "--images", "4", "--repeats", "1", "--setups", "a=4"]) == 0
+    record = json.loads((tmp_path / "segmenter_shapes.json").read_text())
+    profile = record["profile"]
+    assert profile["images"] == 4 and profile["shape"][0] == 4
+    assert profile["shape"][2:] != [128, 128]  # the demo images at 128 px: not square, and no set-up ran it
+    for call in ("first", "again"):
+        ops = profile[call]["top_cpu"]
+        assert profile[call]["wall_s"] > 0 and len(ops) == 15
+        assert any(op["name"] == "aten::addmm" for op in ops)
+        assert all(op["self_cpu_ms"] >= 0 and op["calls"] >= 1 for op in ops)
+        assert profile[call]["device_allocs"] is None  # counted on cuda only
+
+
+def test_a_new_shape_batch_avoids_every_seen_shape(bench) -> None:
+    import numpy as np
+
+    from spatext.pipeline.records import Sample
+    from spatext.pipeline.segmenters import SegmenterSpec, create_segmenter
+
+    shapes = bench("segmenter_shapes")
+    segmenter = create_segmenter(SegmenterSpec("mask2former", weights="none", config="mask2former-tiny",
+                                               processor_size=64, device="cpu"))
+    segmenter.min_pass_pixels = float("inf")
+    samples = [Sample("k", "s", "c", np.zeros((64, 80, 3), np.uint8))]
+    seen: set = set()
+    for _ in range(3):
+        batch, shape = shapes.new_shape_batch(segmenter, samples, 64, seen)
+        assert shape not in seen
+        assert tuple(segmenter.preprocess(batch)[0]["pixel_values"].shape) == shape
+        seen.add(shape)
