@@ -33,7 +33,8 @@ EMA_FILE = "ema.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
 LOSS_FIELDS = ("step", "loss", "lr", "epoch", "elapsed_s")
 # training_state.json: the counters a resume restarts from, and the totals run.json continues from (samples each rank
-# trained on since step 0, seconds of training up to the checkpoint, the loss of its last step)
+# trained on since step 0, seconds of training up to the checkpoint, the loss of its last step), and under "run" what
+# it was trained with (``train_loop.checkpoint_identity``)
 COUNTERS = ("global_step", "epoch", "batch_in_epoch", "micro_step")
 TOTALS = ("samples", "elapsed_s", "last_loss")
 
@@ -120,9 +121,11 @@ def save_state(accelerator: Accelerator, path: str) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, unet: torch.nn.Module, ema: EMAModel | None, state: dict,
-                    args: argparse.Namespace) -> str:
+                    args: argparse.Namespace, identity: dict | None = None) -> str:
     """Complete checkpoints/checkpoint-N after every rank's ``save_state`` (the caller's): EMA, then the counters
-    (``training_state.json``, written last: what makes it a checkpoint); then prune old ones."""
+    (``training_state.json``, written last: what makes it a checkpoint), with ``identity`` under "run" (the config,
+    flags and data the checkpoint was trained with, which a resume must keep: run.json says the same, but is written
+    after the checkpoint, so a run killed in between has none); then prune old ones."""
     path = checkpoint_path(args.output, state["global_step"])
     if ema is not None:
         names = [n for n, _ in accelerator.unwrap_model(unet).named_parameters()]
@@ -130,7 +133,7 @@ def save_checkpoint(accelerator: Accelerator, unet: torch.nn.Module, ema: EMAMod
         meta = {k: json.dumps(v) for k, v in ema.state_dict().items() if k != "shadow_params"}
         with open(os.path.join(path, EMA_FILE), "wb") as handle:
             handle.write(safetensors_bytes(tensors, meta))
-    write_json(os.path.join(path, STATE_FILE), state)
+    write_json(os.path.join(path, STATE_FILE), {**state, "run": identity} if identity is not None else state)
     if args.checkpoints_total_limit:
         for old in checkpoint_dirs(args.output)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old)
@@ -143,6 +146,7 @@ def load_checkpoint(accelerator: Accelerator, unet: torch.nn.Module, ema: EMAMod
     accelerator.load_state(path)
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         state = json.load(f)
+    state.pop("run", None)  # what the checkpoint was trained with (checked before): not a counter
     if ema is not None:
         ema_path = os.path.join(path, EMA_FILE)
         if not os.path.isfile(ema_path):

@@ -19,7 +19,8 @@ The run directory (``--output``):
     pipeline/                     SpaTextPipeline.save_pretrained (EMA weights when EMA is on), at checkpoints and end
     checkpoints/checkpoint-N/     accelerate state (model.safetensors, optimizer, lr scheduler, RNG per rank; read back
                                   with torch.load(weights_only=True)), ema.safetensors, training_state.json (counters,
-                                  and the totals a resume continues: samples per rank, elapsed_s, last_loss)
+                                  the totals a resume continues: samples per rank, elapsed_s, last_loss; and "run":
+                                  the config, flags and shards it was trained with, which a resume must keep)
     logs/loss.csv                 step, loss (mean over ranks), lr, epoch, elapsed_s (since step 0, over resumes)
     logs/keys-rank-R.csv          with --log-sample-keys: step, epoch, key of every sample rank R trained on
     samples/step-N.png            per validation scene: real image | scene (labels as local prompts) | generated

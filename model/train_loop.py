@@ -86,7 +86,15 @@ def save_rank_checkpoint(s: Session, loop: Loop) -> None:
     acc.wait_for_everyone()  # every rank's RNG state is written before the counters mark the checkpoint complete
     if acc.is_main_process:
         totals = {"samples": samples, "elapsed_s": loop.elapsed(), "last_loss": loop.last_loss}
-        save_checkpoint(acc, s.unet, s.ema, {**state, **totals}, s.args)
+        save_checkpoint(acc, s.unet, s.ema, {**state, **totals}, s.args, checkpoint_identity(s))
+
+
+def checkpoint_identity(s: Session) -> dict:
+    """What a checkpoint records of the run that wrote it, for a resume's checks (``train_preflight``): its config,
+    flags and working directory (as run.json's ``config``, ``args``, ``cwd``) and the shards it reads (``lineage``'s
+    files and rows)."""
+    return {"config": s.config.to_dict(), "args": vars(s.args), "cwd": os.getcwd(),
+            "lineage": {"shard_files": s.lineage["shard_files"], "num_rows": s.lineage["num_rows"]}}
 
 
 def rank_batches(dataset: ShardDataset, batch_size: int, num_workers: int) -> int:

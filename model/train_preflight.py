@@ -132,20 +132,22 @@ def changed_flags(args: argparse.Namespace, saved: dict, saved_cwd: str | None =
             if k not in RESUME_MAY_CHANGE and k in saved and differs(k)]
 
 
-def check_resumed_run(args: argparse.Namespace, config: DenoiserConfig, checkpoint: str) -> dict | None:
-    """Refuse a resume whose config or result-deciding flags differ from those of the run that wrote ``checkpoint``;
-    return that run's record (None when there is none to compare with, which is logged)."""
+def check_resumed_run(args: argparse.Namespace, config: DenoiserConfig, checkpoint: str, state: dict) -> dict | None:
+    """Refuse a resume whose config or result-deciding flags differ from those ``checkpoint`` was trained with: its
+    own record (``training_state.json``'s "run"), else (checkpoints written before it had one) its run's run.json.
+    Return run.json's record (None when there is none; a checkpoint without either is logged, not checked)."""
     run_dir = checkpoint_run(checkpoint)
     record = read_json(os.path.join(run_dir, RUN_FILE))
-    if record is None:
-        logger.warning("no %s in %s: the flags of the resumed run cannot be compared with the checkpoint's", RUN_FILE,
-                       run_dir)
+    identity = state.get("run") or record
+    if identity is None:
+        logger.warning("neither %s nor %s records the flags of the run that wrote %s: they cannot be compared with "
+                       "this resume's", STATE_FILE, RUN_FILE, checkpoint)
         return None
-    saved = record.get("config")
+    saved = identity.get("config")
     if saved is not None and saved != config.to_dict():
         raise ValueError(f"--config {args.config!r} differs from the config of the run in {run_dir!r} "
                          f"({saved.get('name')!r}); resume with the same config")
-    changed = changed_flags(args, record.get("args", {}), record.get("cwd"))
+    changed = changed_flags(args, identity.get("args", {}), identity.get("cwd"))
     if changed:
         raise ValueError(f"--resume-from-checkpoint: flags differ from the run in {run_dir!r} and would change what "
                          f"it trains: {', '.join(changed)}; resume with the run's values (a resume may change only "
@@ -242,8 +244,8 @@ def preflight(args: argparse.Namespace) -> Preflight:
     state = read_json(os.path.join(resume, STATE_FILE))
     if state is None:
         raise ValueError(f"--resume-from-checkpoint {resume!r} is not a checkpoint dir (no {STATE_FILE})")
-    record = check_resumed_run(args, config, resume)
-    check_same_data(args, record)
+    record = check_resumed_run(args, config, resume, state)
+    check_same_data(args, state.get("run") or record)
     check_world_size(resume, state, record)
     check_later_checkpoints(args, resume, state)
     return Preflight(config, resume, state, check_steps(args, resume, state, record))

@@ -261,6 +261,32 @@ def test_resume_refuses_flags_that_change_what_the_run_trains(resumed, demo_shar
     assert (out / "run.json").read_bytes() == before and not (out / "checkpoints" / "checkpoint-8").exists()
 
 
+def test_resume_checks_a_checkpoints_own_flags_when_its_run_json_is_missing(resumed, demo_shards, base, tmp_path):
+    """A run killed after its checkpoint but before run.json: the checkpoint records what it was trained with."""
+    out = tmp_path / "killed"
+    shutil.copytree(resumed["resumed"], out)
+    (out / "run.json").unlink()
+    identity = _state(out, 6)["run"]
+    assert identity["args"]["decode_threads"] == 1 and identity["config"]["name"] == "latent-tiny"
+    assert identity["lineage"]["num_rows"] == _record(resumed["resumed"])["lineage"]["num_rows"]
+    with pytest.raises(ValueError, match=r"flags differ from the run .*--learning-rate 0\.001 \(run: 0\.002\)"):
+        run_train(_argv(str(demo_shards), base, out, "latent-tiny", 8, *RESUME_EXTRA, "--resume-from-checkpoint",
+                        "latest", "--learning-rate", "1e-3"))
+    with pytest.raises(ValueError, match=r"--config 'pixel-tiny' differs from the config of the run"):
+        run_train(_argv(str(demo_shards), base, out, "pixel-tiny", 8, *RESUME_EXTRA, "--resume-from-checkpoint",
+                        "latest"))
+    more = tmp_path / "more"  # as if the run had trained on this copy of the shards, which then gets another file
+    shutil.copytree(demo_shards, more)
+    state_file = out / "checkpoints" / "checkpoint-6" / STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["run"]["args"]["data"] = str(more)
+    state_file.write_text(json.dumps(state))
+    shutil.copy(resolve_files(str(demo_shards))[0], more / "shards" / "extra.parquet")
+    with pytest.raises(ValueError, match=r"changed since the run started.*added extra.parquet"):
+        run_train(_argv(str(more), base, out, "latent-tiny", 8, *RESUME_EXTRA, "--resume-from-checkpoint", "latest"))
+    assert not (out / "run.json").exists() and not (out / "checkpoints" / "checkpoint-8").exists()
+
+
 def test_resume_refuses_a_checkpoint_with_later_ones_beside_it(resumed, demo_shards, base):
     """Resuming step 2 where steps 4 and 6 of the run that went on from it lie would mix the two runs' checkpoints."""
     out = resumed["resumed"]
