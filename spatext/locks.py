@@ -6,12 +6,15 @@ every step twice.
 
 - Local folders: the kernel's lock (``flock`` on FOLDER/.spatext.lock), so it goes with the process: a killed run
   leaves none behind.
-- Remote folders (gs://, s3://, any filesystem Beam writes): a lease (``RemoteLease``). The holder writes
-  FOLDER/.spatext.lock with a token of its own, reads it back after ``SETTLE_S`` (of two launches that wrote at once,
-  the later write wins and the other one backs off), and rewrites it every ``HEARTBEAT_S``. A lock that nobody
-  rewrote for ``STALE_AFTER_S`` is a dead launcher's, and the next launch takes it over. Object stores have no
-  lock that ends with a process, so a launcher killed while its runner's job goes on (a Dataflow job outlives the
-  command that started it) leaves a lock that goes stale in ``STALE_AFTER_S``: cancel that job before relaunching.
+- Remote folders (gs://, s3://, any filesystem Beam writes): claims (``RemoteLease``). A launch writes a claim file of
+  its own, FOLDER/.spatext.lock.TOKEN, then lists the claims: if any other is live it withdraws its own and is
+  refused. No file is ever overwritten by another launch, so of two launches at once the one whose claim landed
+  second sees the first's (object stores list what was written before), however slow either write was; two that see
+  each other both withdraw. The holder rewrites its claim every ``HEARTBEAT_S``; a claim not rewritten for
+  ``STALE_AFTER_S`` (measured against the new claim's own time on the store, never a launcher's clock) is a dead
+  launcher's, and the next launch deletes it and goes on. Object stores have no lock that ends with a process, so
+  a launcher killed while its runner's job goes on (a Dataflow job outlives the command that started it) leaves a
+  claim that goes stale in ``STALE_AFTER_S``: cancel that job before relaunching.
 """
 
 from __future__ import annotations
@@ -23,14 +26,12 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 
 LOCK_FILE = ".spatext.lock"
 STALE_AFTER_S = 600.0  # a remote lock not rewritten for this long belongs to a launcher that is gone
 HEARTBEAT_S = 60.0  # how often the holder of a remote lock rewrites it
-SETTLE_S = 2.0  # wait between writing a remote lock and reading it back (two launches at once: the later write wins)
 
 logger = logging.getLogger(__name__)
 
@@ -80,30 +81,28 @@ def holder_name() -> str:
 
 
 class RemoteLease:
-    """The lock of a folder on a filesystem Beam writes (``apache_beam.io.filesystems``): a lock file holding this
-    launch's token, rewritten by a heartbeat thread while held (see the module's docstring for the protocol).
+    """The lock of a folder on a filesystem Beam writes (``apache_beam.io.filesystems``): this launch's claim file,
+    rewritten by a heartbeat thread while held (see the module's docstring for the protocol).
 
-    The check and the write are two requests, so two launches can both find the folder free; both write, and after
-    ``settle_s`` each reads the file back: only the one whose token is there goes on. A holder whose heartbeat finds
-    another token (it went unheard for ``stale_after_s``, and a new launch took the folder over) has lost the lock:
-    it logs an error at once and ``held`` raises RuntimeError when its block ends, since both wrote there.
+    A holder has lost the lock when its claim is gone (a launch took it for a dead one's: it went unheard for
+    ``stale_after_s``) or when another claim keeps being rewritten beside it (a holder it did not see): it logs an
+    error at once and ``held`` raises RuntimeError when its block ends, since both wrote there.
     """
 
-    def __init__(self, folder: str, flag: str, stale_after_s: float | None = None, heartbeat_s: float | None = None,
-                 settle_s: float | None = None) -> None:
+    def __init__(self, folder: str, flag: str, stale_after_s: float | None = None,
+                 heartbeat_s: float | None = None) -> None:
         """The lease of ``folder`` (``flag`` names it in messages); timings left None take the module's values."""
         from apache_beam.io.filesystems import FileSystems  # lazy: Beam is the pipeline's, not every caller's
 
-        stale_after_s = STALE_AFTER_S if stale_after_s is None else stale_after_s
-        heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
-        settle_s = SETTLE_S if settle_s is None else settle_s
-        if heartbeat_s >= stale_after_s:
-            raise ValueError(f"heartbeat_s ({heartbeat_s}) must be below stale_after_s ({stale_after_s})")
+        self.stale_after_s = STALE_AFTER_S if stale_after_s is None else stale_after_s
+        self.heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+        if self.heartbeat_s * 2 >= self.stale_after_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be below half of stale_after_s "
+                             f"({self.stale_after_s})")
         self.folder, self.flag = folder, flag
-        self.path = FileSystems.join(folder, LOCK_FILE)
-        self.stale_after_s, self.heartbeat_s, self.settle_s = stale_after_s, heartbeat_s, settle_s
         self.token = uuid.uuid4().hex
-        self.lost: str | None = None  # what the heartbeat found instead of this token
+        self.path = FileSystems.join(folder, f"{LOCK_FILE}.{self.token}")
+        self.lost: str | None = None  # why the heartbeat or the release found the lock no longer this launch's
         self._stop = threading.Event()
 
     @contextlib.contextmanager
@@ -120,87 +119,112 @@ class RemoteLease:
             beat.join()
             try:
                 self.release()
-            except Exception as exc:  # any storage error: the lock goes stale on its own; the block's outcome stands
+            except Exception as exc:  # any storage error: the claim goes stale on its own; the block's outcome stands
                 logger.warning("%s %s: could not delete the lock (%s: %s); it is taken over %.0f s after its last "
                                "refresh, or delete %s", self.flag, self.folder, type(exc).__name__, exc,
                                self.stale_after_s, self.path)
         if self.lost:
             raise RuntimeError(f"{self.flag} {self.folder!r}: this process lost its lock while it ran ({self.lost}); "
-                               "another process wrote there too: check the output (spatext verify) and rerun")
+                               "another process may have written there too: check the output (spatext verify) and "
+                               "rerun")
 
     def acquire(self) -> None:
-        """Write the lock when the folder is free or its lock is stale; ValueError naming the holder otherwise."""
-        found = self._read()
-        if found is not None:
-            record, age = found
-            if age < self.stale_after_s:
-                raise self._in_use(record, age)
-            logger.warning("%s %s: taking over a stale lock (%s, not refreshed for %.0f s, more than %.0f s)",
-                           self.flag, self.folder, _holder(record), age, self.stale_after_s)
+        """Claim the folder; ValueError naming the holder when another live claim is there (this claim withdrawn).
+        Stale claims are deleted."""
         self._write()
-        time.sleep(self.settle_s)
-        found = self._read()
-        if found is None or found[0].get("token") != self.token:  # another launch wrote after this one
-            raise self._in_use(*(found or ({"holder": "a launch that has gone again"}, 0.0)))
+        try:
+            claims = self._claims()
+            mine = claims.pop(self.path, None)
+            if mine is None:
+                raise OSError(f"the claim {self.path} just written is not listed")
+            live = {p: mine - t for p, t in claims.items() if mine - t < self.stale_after_s}
+            if live:
+                path, age = min(live.items(), key=lambda item: item[1])
+                raise ValueError(
+                    f"{self.flag} {self.folder!r} is in use by another spatext process ({self._holder(path)}, lock "
+                    f"refreshed {max(age, 0):.0f} s ago): one build or run per folder at a time; wait for it to end, "
+                    f"or choose another folder. A lock not refreshed for {self.stale_after_s:.0f} s is taken over; "
+                    f"if its process is gone for sure, delete {path}")
+            for path, written in claims.items():
+                logger.warning("%s %s: taking over a stale lock (%s, not refreshed for %.0f s, more than %.0f s)",
+                               self.flag, self.folder, self._holder(path), mine - written, self.stale_after_s)
+                _delete(path)
+        except BaseException:
+            _delete(self.path)  # withdrawn: a refused or interrupted launch leaves no claim behind
+            raise
 
     def release(self) -> None:
-        """Delete the lock when it is still this launch's."""
-        from spatext.paths import delete_files
-
-        found = self._read()
-        if found is not None and found[0].get("token") == self.token:
-            delete_files([self.path])
+        """Delete this launch's claim; a claim already gone means the lock was lost (``lost``)."""
+        if not _exists(self.path):
+            self.lost = self.lost or "its lock file was deleted: a launch took it for a dead one's"
+            return
+        _delete(self.path)
 
     def _heartbeat(self) -> None:
-        """Rewrite the lock every ``heartbeat_s`` while it holds this token; note a lost one and stop."""
+        """Rewrite the claim every ``heartbeat_s`` while it is there and no other claim is being rewritten beside it;
+        note a lost lock and stop."""
+        seen: dict[str, float] = {}  # other claims at the last beat, and when they were written
         while not self._stop.wait(self.heartbeat_s):
             try:
-                found = self._read()
-                if found is None or found[0].get("token") != self.token:
-                    self.lost = f"its lock file names {_holder(found[0]) if found else 'no holder: it was deleted'}"
+                if not _exists(self.path):
+                    self.lost = "its lock file was deleted: a launch took it for a dead one's"
+                else:
+                    self._write()
+                    others = self._claims()
+                    others.pop(self.path, None)
+                    rewritten = [p for p, t in others.items() if p in seen and t > seen[p]]
+                    if rewritten:
+                        self.lost = f"another holder rewrites its lock beside this one's: {self._holder(rewritten[0])}"
+                    seen = others
+                if self.lost:
                     logger.error("%s %s: lost the lock (%s); another spatext process may write there too",
                                  self.flag, self.folder, self.lost)
                     return
-                self._write()
             except Exception as exc:  # any storage error: retried at the next beat, well before the lock goes stale
                 logger.warning("%s %s: could not refresh the lock (%s: %s); trying again in %.0f s", self.flag,
                                self.folder, type(exc).__name__, exc, self.heartbeat_s)
 
     def _write(self) -> None:
-        """Write (or rewrite) the lock file with this launch's holder name and token."""
+        """Write (or rewrite) this launch's claim: its holder name and token."""
         from apache_beam.io.filesystems import FileSystems
 
         with FileSystems.create(self.path) as handle:
             handle.write(json.dumps({"holder": holder_name(), "token": self.token}).encode())
 
-    def _read(self) -> tuple[dict, float] | None:
-        """(the lock file's JSON object, or {} when it holds something else; seconds since it was last written), or
-        None when there is no lock file."""
+    def _claims(self) -> dict[str, float]:
+        """Every claim in the folder (this launch's too) and when the store last wrote it (its own clock)."""
+        from spatext.paths import match_in
+
+        return {m.path: m.last_updated_in_seconds for m in match_in(self.folder, f"{LOCK_FILE}.*")}
+
+    @staticmethod
+    def _holder(path: str) -> str:
+        """The holder a claim names ('holder unknown' when it cannot be read: gone meanwhile, or not ours)."""
         from apache_beam.io.filesystems import FileSystems
 
         try:
-            written = FileSystems.last_updated(self.path)  # the storage's clock: a launcher's own may be off
-            with FileSystems.open(self.path) as handle:
-                content = handle.read(4096)
-        except OSError:  # Beam's BeamIOError is one: no lock file (or it went between the two requests)
-            if FileSystems.exists(self.path):
-                raise
-            return None
+            with FileSystems.open(path) as handle:
+                record = json.loads(handle.read(4096).decode())
+            return str(record.get("holder") or "holder unknown")
+        except Exception:  # any storage or format error: the message names the file, which is what matters
+            return "holder unknown"
+
+
+def _exists(path: str) -> bool:
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.exists(path)
+
+
+def _delete(path: str) -> None:
+    """Delete ``path`` when it is there (another launch may have deleted it first)."""
+    from spatext.paths import delete_files
+
+    if _exists(path):
         try:
-            record = json.loads(content.decode())
-        except (UnicodeDecodeError, ValueError):
-            record = {}
-        return (record if isinstance(record, dict) else {}), max(time.time() - written, 0.0)
-
-    def _in_use(self, record: dict, age: float) -> ValueError:
-        """The error a launch gets while another holds the folder."""
-        return ValueError(
-            f"{self.flag} {self.folder!r} is in use by another spatext process ({_holder(record)}, lock refreshed "
-            f"{age:.0f} s ago): one build or run per folder at a time; wait for it to end, or choose another "
-            f"folder. A lock not refreshed for {self.stale_after_s:.0f} s is taken over; if its process is gone for "
-            f"sure, delete {self.path}")
+            delete_files([path])
+        except Exception:  # any storage error: fine only if it is gone anyway
+            if _exists(path):
+                raise
 
 
-def _holder(record: dict) -> str:
-    """The holder a lock file's record names."""
-    return str(record.get("holder") or "holder unknown")

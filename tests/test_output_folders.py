@@ -12,6 +12,7 @@ import time
 from unittest import mock
 
 import pytest
+from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.localfilesystem import LocalFileSystem
 
 from spatext import locks
@@ -51,9 +52,14 @@ def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path) 
     assert (tmp_path / LOCK_FILE).is_file()
 
 
+class _NotFound(Exception):  # noqa: N818 - as google.cloud.exceptions.NotFound: not an OSError
+    """What Beam's GCS filesystem raises for a missing object (not an OSError, unlike Beam's local one)."""
+
+
 class _TestSchemeFileSystem(LocalFileSystem):
     """Beam's local filesystem under the URL scheme ``spatexttest://`` (rooted at ``root``): a remote filesystem to
-    Beam's registry and to spatext, as gs:// is, but on this machine."""
+    Beam's registry and to spatext, as gs:// is, but on this machine; a missing file's ``open`` or ``last_updated``
+    raises what GCS raises."""
 
     root = ""
 
@@ -64,17 +70,28 @@ class _TestSchemeFileSystem(LocalFileSystem):
     def _local(self, path: str) -> str:
         return os.path.join(self.root, path.removeprefix("spatexttest://"))
 
+    def _missing(self, path: str) -> None:
+        if not os.path.exists(self._local(path)):
+            raise _NotFound(f"Object {path} not found")
+
+    def _list(self, dir_or_prefix):  # noqa: ANN001, ANN202
+        for meta in super()._list(self._local(dir_or_prefix)):
+            url = "spatexttest://" + os.path.relpath(meta.path, self.root)
+            yield FileMetadata(url, meta.size_in_bytes, meta.last_updated_in_seconds)
+
     def create(self, path, *args, **kwargs):  # noqa: ANN001, ANN201, D102
         os.makedirs(os.path.dirname(self._local(path)), exist_ok=True)
         return super().create(self._local(path), *args, **kwargs)
 
     def open(self, path, *args, **kwargs):  # noqa: ANN001, ANN201, D102
+        self._missing(path)
         return super().open(self._local(path), *args, **kwargs)
 
     def exists(self, path):  # noqa: ANN001, ANN201, D102
         return super().exists(self._local(path))
 
     def last_updated(self, path):  # noqa: ANN001, ANN201, D102
+        self._missing(path)
         return super().last_updated(self._local(path))
 
     def delete(self, paths):  # noqa: ANN001, ANN201, D102
@@ -83,62 +100,73 @@ class _TestSchemeFileSystem(LocalFileSystem):
 
 @pytest.fixture
 def remote(tmp_path, monkeypatch):
-    """A remote folder URL (``spatexttest://build``) whose files lie in tmp_path/build; short lease timings."""
+    """A remote folder URL (``spatexttest://build``) whose files lie in tmp_path/build, and a function listing the
+    claim files there."""
     monkeypatch.setattr(_TestSchemeFileSystem, "root", str(tmp_path))
-    monkeypatch.setattr(locks, "SETTLE_S", 0.2)
-    return "spatexttest://build", tmp_path / "build" / LOCK_FILE
+    folder = tmp_path / "build"
+
+    def claims() -> list:
+        return sorted(folder.glob(f"{LOCK_FILE}.*")) if folder.exists() else []
+
+    return "spatexttest://build", claims
 
 
-def test_a_remote_folder_is_locked_by_a_lease_that_its_holder_refreshes_and_deletes(remote) -> None:
-    url, lock_file = remote
+def test_a_remote_folder_is_locked_by_a_claim_that_its_holder_refreshes_and_deletes(remote) -> None:
+    url, claims = remote
     lease = locks.RemoteLease(url, "--output", heartbeat_s=0.1)
     with lease.held():
-        record = json.loads(lock_file.read_text())
-        assert record == {"holder": f"pid {os.getpid()} on {socket.gethostname()}", "token": lease.token}
-        with pytest.raises(ValueError, match=rf"--output '{url}' is in use by another spatext process \(pid "
-                                             rf"{os.getpid()} on .*, lock refreshed \d+ s ago\): one build or run "
-                                             rf"per folder.*delete {url}/{LOCK_FILE}"):
+        [claim] = claims()
+        assert claim.name == f"{LOCK_FILE}.{lease.token}"
+        assert json.loads(claim.read_text()) == {"holder": f"pid {os.getpid()} on {socket.gethostname()}",
+                                                 "token": lease.token}
+        # the launcher's own clock plays no part: an hour off, the live claim is still live
+        with mock.patch("time.time", return_value=time.time() + 3600), \
+                pytest.raises(ValueError, match=rf"--output '{url}' is in use by another spatext process \(pid "
+                                                rf"{os.getpid()} on .*, lock refreshed \d+ s ago\): one build or run "
+                                                rf"per folder.*delete {url}/{LOCK_FILE}\.{lease.token}"):
             with folder_lock(url, "--output"):
                 pass
-        os.utime(lock_file, (0, 0))  # the heartbeat rewrites it: its time moves on
+        assert claims() == [claim]  # the refused launch withdrew its own claim
+        os.utime(claim, (0, 0))  # the heartbeat rewrites it: its time moves on
         time.sleep(0.5)
-        assert time.time() - lock_file.stat().st_mtime < 5
-        assert json.loads(lock_file.read_text())["token"] == lease.token  # the refused launch left it alone
-    assert not lock_file.exists()
+        assert time.time() - claim.stat().st_mtime < 5
+    assert claims() == [] and lease.lost is None
     with folder_lock(url, "--output"):  # released: the next launch gets the folder
-        assert lock_file.exists()
+        assert len(claims()) == 1
+    assert claims() == []
 
 
-def test_a_dead_holders_remote_lock_is_refused_until_stale_then_taken_over(remote, caplog) -> None:
-    url, lock_file = remote
+def test_a_dead_holders_remote_claim_is_refused_until_stale_then_taken_over(remote, caplog) -> None:
+    url, claims = remote
     locks.RemoteLease(url, "--output").acquire()  # a launcher killed while holding it: nothing refreshes or deletes it
+    [dead] = claims()
     with pytest.raises(ValueError, match="is in use by another spatext process"):
         locks.RemoteLease(url, "--output", stale_after_s=60, heartbeat_s=1).acquire()
-    os.utime(lock_file, (time.time() - 61, time.time() - 61))
+    os.utime(dead, (time.time() - 61, time.time() - 61))  # last written 61 s before the next claim
     taker = locks.RemoteLease(url, "--output", stale_after_s=60, heartbeat_s=1)
     with caplog.at_level("WARNING", logger="spatext.locks"), taker.held():
-        assert json.loads(lock_file.read_text())["token"] == taker.token
-    assert "taking over a stale lock" in caplog.text
-    assert not lock_file.exists()
+        assert [c.name for c in claims()] == [f"{LOCK_FILE}.{taker.token}"]  # the dead one's deleted
+    assert "taking over a stale lock (pid" in caplog.text and "not refreshed for 61 s" in caplog.text
+    assert claims() == []
 
 
-def test_of_two_launches_at_once_on_a_remote_folder_exactly_one_goes_on(remote, monkeypatch) -> None:
-    """Both find the folder free (each writes only once both have looked), both write: one backs off."""
-    url, lock_file = remote
-    leases = [locks.RemoteLease(url, "--output") for _ in range(2)]
+def test_of_two_launches_whose_claims_both_land_before_either_looks_neither_goes_on(remote, monkeypatch) -> None:
+    """Each sees the other's claim: both withdraw (safe; a retry gets the folder). Whichever lands second in any other
+    order sees the first's: the first test."""
+    url, claims = remote
+    both_wrote = threading.Barrier(2, timeout=10)
+    listing = locks.RemoteLease._claims
+
+    def claims_once_both_wrote(self: locks.RemoteLease) -> dict:
+        both_wrote.wait()
+        return listing(self)
+
+    monkeypatch.setattr(locks.RemoteLease, "_claims", claims_once_both_wrote)
     outcomes: list[object] = [None, None]
-    both_looked = threading.Barrier(2, timeout=10)
-    write = locks.RemoteLease._write
-
-    def write_when_both_looked(self: locks.RemoteLease) -> None:
-        both_looked.wait()
-        write(self)
-
-    monkeypatch.setattr(locks.RemoteLease, "_write", write_when_both_looked)
 
     def launch(i: int) -> None:
         try:
-            leases[i].acquire()
+            locks.RemoteLease(url, "--output").acquire()
             outcomes[i] = "holds"
         except ValueError as exc:
             outcomes[i] = exc
@@ -148,20 +176,60 @@ def test_of_two_launches_at_once_on_a_remote_folder_exactly_one_goes_on(remote, 
         t.start()
     for t in threads:
         t.join()
-    assert sorted(map(str, outcomes)).count("holds") == 1, outcomes
-    winner = leases[outcomes.index("holds")]
-    assert json.loads(lock_file.read_text())["token"] == winner.token
+    assert all(isinstance(o, ValueError) and "is in use" in str(o) for o in outcomes), outcomes
+    assert claims() == []
+    monkeypatch.setattr(locks.RemoteLease, "_claims", listing)
+    with folder_lock(url, "--output"):
+        pass
 
 
-def test_a_holder_that_lost_its_remote_lock_fails_when_its_block_ends(remote) -> None:
-    """Taken over (it went unheard past the stale time): the heartbeat notices, the block's end raises, and the lock
-    of the process that took it over stays."""
-    url, lock_file = remote
-    with pytest.raises(RuntimeError, match=r"lost its lock while it ran \(its lock file names pid 7 on elsewhere\)"):
-        with locks.RemoteLease(url, "--output", heartbeat_s=0.1).held():
-            lock_file.write_text(json.dumps({"holder": "pid 7 on elsewhere", "token": "theirs"}))
-            time.sleep(0.5)
-    assert json.loads(lock_file.read_text())["token"] == "theirs"
+def test_an_interrupted_launch_leaves_no_claim(remote, monkeypatch) -> None:
+    url, claims = remote
+    monkeypatch.setattr(locks.RemoteLease, "_claims", mock.Mock(side_effect=KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        locks.RemoteLease(url, "--output").acquire()
+    assert claims() == []
+
+
+def test_a_holder_whose_claim_was_deleted_fails_when_its_block_ends(remote) -> None:
+    """Taken for a dead one's (it went unheard past the stale time): noticed by the heartbeat, or at the release
+    when the block ends before the next beat."""
+    url, claims = remote
+    for heartbeat in (0.1, 30):
+        with pytest.raises(RuntimeError, match=r"lost its lock while it ran \(its lock file was deleted"):
+            with locks.RemoteLease(url, "--output", heartbeat_s=heartbeat).held():
+                claims()[0].unlink()
+                time.sleep(0.4 if heartbeat < 1 else 0)
+        assert claims() == []
+
+
+def test_a_holder_fails_when_another_claim_keeps_being_rewritten_beside_its_own(remote) -> None:
+    """A holder it never saw (a takeover that raced its heartbeat): both write there, so both must fail."""
+    url, claims = remote
+    other = locks.RemoteLease(url, "--output")
+    stop = threading.Event()
+
+    def other_holder() -> None:
+        while not stop.wait(0.05):
+            other._write()
+
+    with pytest.raises(RuntimeError, match=r"another holder rewrites its lock beside this one's: pid"):
+        with locks.RemoteLease(url, "--output", heartbeat_s=0.15).held():
+            writer = threading.Thread(target=other_holder)
+            writer.start()
+            time.sleep(0.6)
+            stop.set()
+            writer.join()
+    assert [c.name for c in claims()] == [f"{LOCK_FILE}.{other.token}"]
+    # a claim left by a launch killed mid-way is not rewritten: it refuses new launches until stale, but a holder
+    # that sees it beside its own goes on
+    dead = claims()[0]
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
+    with locks.RemoteLease(url, "--output", heartbeat_s=0.1).held() as lease:
+        dead.touch()
+        os.utime(dead, (time.time() - 5, time.time() - 5))
+        time.sleep(0.5)
+    assert lease.lost is None
 
 
 def test_build_and_train_take_the_lock_of_their_output(demo_shards, tmp_path) -> None:
