@@ -436,6 +436,7 @@ def test_a_bf16_run_saves_the_base_weights_in_fp32_and_samples(four_rows, base, 
         (["--learning-rate", "nan"], "--learning-rate must be a finite number > 0, got nan"),
         (["--sample-guidance-scale", "inf"], "--sample-guidance-scale must be a finite number, got inf"),
         (["--resume-from-checkpoint", "/nonexistent"], "is not a checkpoint dir"),
+        (["--output", "gs://bucket/run"], r"--output 'gs://bucket/run': a training run writes to a local folder"),
         (["--base-model", None], "--base-model is required"),
         (["--base-model", "MISSING"], r"--base-model '.*/nope': no such folder; give a diffusers model folder"),
         (["--base-model", "NOT_A_MODEL"], r"--base-model '.*' is not a diffusers model folder: it has no "
