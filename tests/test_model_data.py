@@ -20,7 +20,10 @@ from spatext.model.crops import (
     MIN_DCT_SCALE,
     crop_box,
     dct_scale,
+    decode_label_map,
     decode_rgb,
+    is_png_grey8,
+    jpeg_size,
     load_image_crop,
     load_label_crop,
     renumber,
@@ -526,6 +529,75 @@ def _png_l(labels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(labels.astype(np.uint8), "L").save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_label_maps_decode_to_the_pixels_pil_decodes():
+    """8-bit greyscale PNGs (the pipeline's) take torchvision's decoder and come out as PIL would give them, mode L
+    pixel for pixel, whatever the compression or interlacing; other PNGs (other bit depths, palettes, colour,
+    transparency) go through PIL, and what PIL does not open as mode L is refused."""
+    labels = np.random.default_rng(2).integers(0, 9, (37, 53), dtype=np.uint8)
+    labels[5:20, 10:40] = 200
+    for options in ({}, {"compress_level": 0}, {"compress_level": 9}, {"optimize": True}, {"interlace": 1}):
+        buf = io.BytesIO()
+        Image.fromarray(labels, "L").save(buf, format="PNG", **options)
+        assert is_png_grey8(buf.getvalue())
+        with decode_label_map(buf.getvalue()) as im:
+            assert im.mode == "L" and im.size == (53, 37)
+            np.testing.assert_array_equal(np.asarray(im), labels)
+            box = crop_box(*im.size)
+            small = np.asarray(im.resize((64, 64), Image.Resampling.NEAREST, box=box))
+        ref = Image.fromarray(labels, "L").resize((64, 64), Image.Resampling.NEAREST, box=box)
+        np.testing.assert_array_equal(small, np.asarray(ref))
+    buf = io.BytesIO()
+    Image.fromarray(labels, "L").save(buf, format="PNG", transparency=0)  # a tRNS chunk: PIL's path
+    with decode_label_map(buf.getvalue()) as im, Image.open(io.BytesIO(buf.getvalue())) as ref:
+        assert im.mode == ref.mode == "L"
+        np.testing.assert_array_equal(np.asarray(im), np.asarray(ref))
+    for mode in ("1", "P", "I;16", "RGB", "LA"):
+        buf = io.BytesIO()
+        Image.fromarray(labels, "L").convert(mode).save(buf, format="PNG")
+        assert not is_png_grey8(buf.getvalue())
+        with pytest.raises(ValueError, match="single-channel"):
+            decode_label_map(buf.getvalue())
+    assert not is_png_grey8(encode_image(np.zeros((8, 8, 3), np.uint8), "jpeg"))
+    with pytest.raises((OSError, RuntimeError, ValueError)):
+        decode_label_map(_png_l(labels)[:60])  # truncated: the caller names the row
+
+
+def test_jpeg_size_reads_the_frame_header_as_pil_does():
+    rng = np.random.default_rng(5)
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 300  # a long APP1 segment before the frame header
+    for options in ({}, {"progressive": True}, {"exif": exif}, {"quality": 40, "optimize": True},
+                    {"subsampling": 0}):
+        for shape in ((1, 1), (37, 53), (384, 512)):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(buf, "JPEG", **options)
+            with Image.open(io.BytesIO(buf.getvalue())) as im:
+                assert jpeg_size(buf.getvalue()) == im.size, (options, shape)
+    assert jpeg_size(b"\xff\xd8\xff\xda\x00\x08" + bytes(20)) is None  # a scan before any frame header
+    assert jpeg_size(b"\xff\xd8\xff\xe0\x00") is None  # cut short
+
+
+def test_images_and_label_maps_over_the_pixel_limit_are_refused_before_decoding(monkeypatch):
+    """torchvision's decoders have no decompression-bomb guard: the loader applies PIL's limit to the header's size
+    first, so a crafted row cannot make it allocate gigabytes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(buf, "JPEG")
+    jpeg = bytearray(buf.getvalue())
+    assert decode_rgb(bytes(jpeg)).shape == (3, 16, 24)
+    sof = next(i for i in range(2, len(jpeg) - 1) if jpeg[i] == 0xFF and jpeg[i + 1] == 0xC0)
+    jpeg[sof + 5:sof + 9] = (60000).to_bytes(2, "big") + (50000).to_bytes(2, "big")  # 50000 x 60000 declared
+    with pytest.raises(ValueError, match=r"image of 50000 x 60000 pixels is over the .*-pixel limit"):
+        decode_rgb(bytes(jpeg))
+    png = bytearray(_png_l(np.zeros((16, 24), np.uint8)))
+    assert decode_label_map(bytes(png)).size == (24, 16)
+    png[16:24] = (40000).to_bytes(4, "big") + (30000).to_bytes(4, "big")
+    with pytest.raises(ValueError, match=r"image of 40000 x 30000 pixels is over"):
+        decode_label_map(bytes(png))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16 * 24 - 1)  # the limit is PIL's own setting
+    with pytest.raises(ValueError, match="image of 24 x 16 pixels"):
+        decode_rgb(buf.getvalue())
 
 
 def test_reducing_the_label_crop_keeps_thin_segments_of_one_output_pixel_or_more():
