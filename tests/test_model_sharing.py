@@ -170,6 +170,7 @@ def test_segmenter_handler_through_its_servers_equals_local() -> None:
         remote = handler.run_inference(batch, model)
         for a, b in zip(local, remote, strict=True):
             np.testing.assert_array_equal(a.segmentation.id_map, b.segmentation.id_map)
+            assert b.segmentation.id_map.dtype == np.int32  # narrowed to travel (records.narrow_ids), int32 again
             assert a.segmentation.segments == b.segmentation.segments
     model.shutdown_servers()
 
@@ -301,3 +302,26 @@ def test_clip_timings_leave_out_the_wait_for_another_batch() -> None:
         time.sleep(0.5)
     waiting.join()
     assert timings[0]["preprocess_ms"] < 250
+
+
+@pytest.mark.parametrize(("low", "high", "travels_as"), [
+    (0, 0, np.uint8), (0, 255, np.uint8), (0, 256, np.uint16), (0, 65535, np.uint16), (0, 65536, np.int32),
+    (-1, 5, np.int32),
+])
+def test_a_segmentation_travels_pickled_with_its_map_narrowed_and_comes_back_the_same(low, high, travels_as) -> None:
+    """Model servers send segmentations back pickled: the ids travel in the smallest type that holds them and
+    come back as the same int32 map."""
+    import pickle
+
+    rng = np.random.default_rng(high)
+    id_map = rng.integers(low, high + 1, size=(48, 64), dtype=np.int32)
+    id_map[0, 0], id_map[-1, -1] = low, high
+    segmentation = Segmentation(id_map=id_map, segments=(Segment(1, "cat", 0.5),))
+    data = pickle.dumps(segmentation, protocol=5)
+    back = pickle.loads(data)
+    assert back.id_map.dtype == np.int32 and np.array_equal(back.id_map, id_map)
+    assert back.segments == segmentation.segments
+    wide = pickle.dumps(id_map, protocol=5)
+    assert len(data) < len(wide) - id_map.size * (4 - np.dtype(travels_as).itemsize) + 400
+    assert pickle.loads(pickle.dumps(Segmentation(np.zeros((0, 3), np.int32), ()))).id_map.shape == (0, 3)
+
