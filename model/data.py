@@ -47,6 +47,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from PIL.Image import DecompressionBombError
 
 from spatext.model.crops import (
     choose_segments,
@@ -309,7 +310,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             resample_rng = np.random.default_rng([self.seed, self.epoch, key_hash(raw["key"])])
         try:
             return to_sample(raw, self.resolution, self.max_segments, resample_rng, self.uint8)
-        except (OSError, ValueError, RuntimeError) as exc:  # PIL, torchvision's decoder, a map of another size
+        except (OSError, ValueError, RuntimeError, DecompressionBombError) as exc:  # PIL, torchvision, a map of
+            # another size
             unit = raw.get("_from")
             where = f"{unit.path}, row group {unit.row_group}, " if unit is not None else ""
             raise ValueError(f"{where}key {raw['key']!r}: cannot use this row ({exc})") from exc

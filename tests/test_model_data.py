@@ -20,9 +20,7 @@ from spatext.model.crops import (
     MIN_DCT_SCALE,
     crop_box,
     dct_scale,
-    decode_label_map,
     decode_rgb,
-    is_png_grey8,
     jpeg_size,
     load_image_crop,
     load_label_crop,
@@ -531,39 +529,6 @@ def _png_l(labels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_label_maps_decode_to_the_pixels_pil_decodes():
-    """8-bit greyscale PNGs (the pipeline's) take torchvision's decoder and come out as PIL would give them, mode L
-    pixel for pixel, whatever the compression or interlacing; other PNGs (other bit depths, palettes, colour,
-    transparency) go through PIL, and what PIL does not open as mode L is refused."""
-    labels = np.random.default_rng(2).integers(0, 9, (37, 53), dtype=np.uint8)
-    labels[5:20, 10:40] = 200
-    for options in ({}, {"compress_level": 0}, {"compress_level": 9}, {"optimize": True}, {"interlace": 1}):
-        buf = io.BytesIO()
-        Image.fromarray(labels, "L").save(buf, format="PNG", **options)
-        assert is_png_grey8(buf.getvalue())
-        with decode_label_map(buf.getvalue()) as im:
-            assert im.mode == "L" and im.size == (53, 37)
-            np.testing.assert_array_equal(np.asarray(im), labels)
-            box = crop_box(*im.size)
-            small = np.asarray(im.resize((64, 64), Image.Resampling.NEAREST, box=box))
-        ref = Image.fromarray(labels, "L").resize((64, 64), Image.Resampling.NEAREST, box=box)
-        np.testing.assert_array_equal(small, np.asarray(ref))
-    buf = io.BytesIO()
-    Image.fromarray(labels, "L").save(buf, format="PNG", transparency=0)  # a tRNS chunk: PIL's path
-    with decode_label_map(buf.getvalue()) as im, Image.open(io.BytesIO(buf.getvalue())) as ref:
-        assert im.mode == ref.mode == "L"
-        np.testing.assert_array_equal(np.asarray(im), np.asarray(ref))
-    for mode in ("1", "P", "I;16", "RGB", "LA"):
-        buf = io.BytesIO()
-        Image.fromarray(labels, "L").convert(mode).save(buf, format="PNG")
-        assert not is_png_grey8(buf.getvalue())
-        with pytest.raises(ValueError, match="single-channel"):
-            decode_label_map(buf.getvalue())
-    assert not is_png_grey8(encode_image(np.zeros((8, 8, 3), np.uint8), "jpeg"))
-    with pytest.raises((OSError, RuntimeError, ValueError)):
-        decode_label_map(_png_l(labels)[:60])  # truncated: the caller names the row
-
-
 def test_jpeg_size_reads_the_frame_header_as_pil_does():
     rng = np.random.default_rng(5)
     exif = Image.Exif()
@@ -579,25 +544,38 @@ def test_jpeg_size_reads_the_frame_header_as_pil_does():
     assert jpeg_size(b"\xff\xd8\xff\xe0\x00") is None  # cut short
 
 
-def test_images_and_label_maps_over_the_pixel_limit_are_refused_before_decoding(monkeypatch):
-    """torchvision's decoders have no decompression-bomb guard: the loader applies PIL's limit to the header's size
-    first, so a crafted row cannot make it allocate gigabytes."""
+def test_a_corrupt_label_map_raises_an_error_the_loader_can_name():
+    """A label PNG with corrupt image data must raise (the loader names the row), not end the process: torchvision
+    0.29's decode_png segfaults on these, so label maps are decoded by PIL."""
+    png = bytearray(_png_l(np.random.default_rng(1).integers(0, 9, (40, 50), dtype=np.uint8)))
+    idat = png.index(b"IDAT") + 4
+    for corrupt in (png[:idat] + b"\x00\x00" + png[idat + 2:],  # zlib header: invalid window size
+                    png[:idat + 2] + bytes(len(png) - idat - 2)):  # the data zeroed: bad row filters
+        with pytest.raises((OSError, ValueError)):
+            load_label_crop(bytes(corrupt), 32)
+
+
+def test_jpegs_over_pils_pixel_limit_are_refused_before_torchvision_decodes_them(monkeypatch):
+    """torchvision's decoder has no decompression-bomb guard: the loader applies PIL's rule (refused above twice
+    ``MAX_IMAGE_PIXELS``) to the frame header's size first; a JPEG whose frame header it cannot find (stray bytes,
+    markers without a length before it, which libjpeg skips) goes to PIL, which checks what it opens."""
     buf = io.BytesIO()
     Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(buf, "JPEG")
-    jpeg = bytearray(buf.getvalue())
-    assert decode_rgb(bytes(jpeg)).shape == (3, 16, 24)
-    sof = next(i for i in range(2, len(jpeg) - 1) if jpeg[i] == 0xFF and jpeg[i + 1] == 0xC0)
-    jpeg[sof + 5:sof + 9] = (60000).to_bytes(2, "big") + (50000).to_bytes(2, "big")  # 50000 x 60000 declared
-    with pytest.raises(ValueError, match=r"image of 50000 x 60000 pixels is over the .*-pixel limit"):
-        decode_rgb(bytes(jpeg))
-    png = bytearray(_png_l(np.zeros((16, 24), np.uint8)))
-    assert decode_label_map(bytes(png)).size == (24, 16)
-    png[16:24] = (40000).to_bytes(4, "big") + (30000).to_bytes(4, "big")
-    with pytest.raises(ValueError, match=r"image of 40000 x 30000 pixels is over"):
-        decode_label_map(bytes(png))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16 * 24 - 1)  # the limit is PIL's own setting
+    small = buf.getvalue()
+    assert decode_rgb(small).shape == (3, 16, 24)
+    sof = next(i for i in range(2, len(small) - 1) if small[i] == 0xFF and small[i + 1] == 0xC0)
+    bomb = bytearray(small)
+    bomb[sof + 5:sof + 9] = (60000).to_bytes(2, "big") + (50000).to_bytes(2, "big")  # 50000 x 60000 declared
+    with pytest.raises(ValueError, match=r"image of 50000 x 60000 pixels is over twice the .*-pixel limit"):
+        decode_rgb(bytes(bomb))
+    for hidden in (b"\x00", b"\xff\x01", b"\xff\xd0", b"\xff\xe0\x00\x00"):  # libjpeg skips these; jpeg_size stops
+        disguised = bytes(bomb[:2]) + hidden + bytes(bomb[2:])
+        assert jpeg_size(disguised) is None
+        with pytest.raises((Image.DecompressionBombError, OSError)):  # PIL's bomb check, or it does not open it
+            decode_rgb(disguised)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16 * 24 // 2 - 1)  # the limit is PIL's own setting
     with pytest.raises(ValueError, match="image of 24 x 16 pixels"):
-        decode_rgb(buf.getvalue())
+        decode_rgb(small)
 
 
 def test_reducing_the_label_crop_keeps_thin_segments_of_one_output_pixel_or_more():
