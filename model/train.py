@@ -47,7 +47,7 @@ from spatext.model.prior import check_prior_output, load_prior_config
 from spatext.model.prior_train import train_prior
 from spatext.model.train_args import PRIOR_FLAGS, check_args, ignored_by_prior, is_prior_config, parse_args
 from spatext.model.train_loop import train
-from spatext.model.train_preflight import launched_world_size, preflight
+from spatext.model.train_preflight import check_local_output, launched_world_size, preflight
 from spatext.model.train_record import run_versions
 
 logger = logging.getLogger("spatext.model.train")  # not __name__: that is "__main__" under `python -m`
@@ -95,6 +95,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
     prior = is_prior_config(args.config)
+    check_local_output(args.output)  # both kinds write run.json with local file operations
     check_args(args, prior)
     checked = None if prior else preflight(args)
     main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch: rank 0 speaks for the run

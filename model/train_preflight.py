@@ -233,8 +233,8 @@ def check_later_checkpoints(args: argparse.Namespace, checkpoint: str, state: di
 
 
 def check_local_output(output: str) -> None:
-    """Refuse a URL ``--output``: a denoiser run writes its folder (checkpoints through accelerate, the pipeline
-    through diffusers) with local file operations, which would make a folder named 'gs:' here."""
+    """Refuse a URL ``--output``: a run writes its folder (run.json; a denoiser's checkpoints through accelerate and
+    pipeline through diffusers) with local file operations, which would make a folder named 'gs:' here."""
     if "://" in output:
         raise ValueError(f"--output {output!r}: a training run writes to a local folder path (a mounted bucket is "
                          "one); copy it to object storage afterwards (e.g. gcloud storage rsync -r RUN gs://...)")
@@ -242,7 +242,6 @@ def check_local_output(output: str) -> None:
 
 def preflight(args: argparse.Namespace) -> Preflight:
     """Check a denoiser run's config, base model and resume before anything is written (ValueError naming the flag)."""
-    check_local_output(args.output)
     config = get_config(args.config)
     check_mixed_precision(args)
     check_resolution(args.resolution, config)

@@ -458,6 +458,14 @@ def test_bad_flags_raise_clear_errors_and_create_nothing(demo_shards, base, tmp_
     assert not output.exists()  # checked before --output is made: no empty run folder left behind
 
 
+def test_a_prior_run_refuses_a_url_output_before_training(demo_shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"--output 'memory://bucket/prior': a training run writes to a local folder"):
+        run_train(["--data", str(demo_shards), "--config", "prior-tiny", "--output", "memory://bucket/prior",
+                   "--max-train-steps", "2"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_missing_base_model_that_looks_like_a_hub_id_is_named(demo_shards, base, tmp_path):
     argv = _argv(str(demo_shards), base, tmp_path / "bad")
     argv[argv.index("--base-model") + 1] = "nobody-here/no-such-model"  # offline (conftest): not in the cache either
