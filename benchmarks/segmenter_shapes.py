@@ -188,8 +188,12 @@ def profile_new_shape(segmenter, samples: list[Sample], size: int, seen: set, de
     floor = segmenter.min_pass_pixels
     segmenter.min_pass_pixels = float("inf")  # one pass: one new shape
     try:
-        batch, shape = new_shape_batch(segmenter, samples, size, seen)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with profile(activities=activities):  # the profiler's own first-use cost, out of the first profiled call
+            segmenter.segment(samples)
+            _sync(device)
+        seen.add(tuple(segmenter.preprocess(samples)[0]["pixel_values"].shape))  # that shape is not new any more
+        batch, shape = new_shape_batch(segmenter, samples, size, seen)
         out: dict = {"shape": list(shape), "images": len(batch)}
         for call in ("first", "again"):
             stats = torch.cuda.memory_stats() if device.startswith("cuda") else {}
