@@ -66,7 +66,10 @@ def list_parquet(output: str, table: str = SHARDS_DIR) -> list[str]:
 
 
 def read_json(path: str) -> dict:
-    """Load a JSON file from any Beam filesystem."""
+    """Load a JSON file from any Beam filesystem; FileNotFoundError when there is none (Beam's GCS filesystem raises
+    google's NotFound, which is no OSError, where the local one raises an OSError)."""
+    if not FileSystems.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
     with FileSystems.open(path) as handle:
         return json.loads(handle.read())
 

@@ -9,8 +9,8 @@ every step twice.
 - Remote folders (gs://, s3://, any filesystem Beam writes): claims (``RemoteLease``). A launch writes a claim file of
   its own, FOLDER/.spatext.lock.TOKEN, then lists the claims: if any other is live it withdraws its own and is
   refused. No file is ever overwritten by another launch, so of two launches at once the one whose claim landed
-  second sees the first's (object stores list what was written before), however slow either write was; two that see
-  each other both withdraw. The holder rewrites its claim every ``HEARTBEAT_S``; a claim not rewritten for
+  second sees the first's (object stores list what was written before), however slow either write was: at most one
+  goes on (both may withdraw, when each lists while the other's claim is there). The holder rewrites its claim every ``HEARTBEAT_S``; a claim not rewritten for
   ``STALE_AFTER_S`` (measured against the new claim's own time on the store, never a launcher's clock) is a dead
   launcher's, and the next launch deletes it and goes on. Object stores have no lock that ends with a process, so
   a launcher killed while its runner's job goes on (a Dataflow job outlives the command that started it) leaves a

@@ -12,8 +12,7 @@ import time
 from unittest import mock
 
 import pytest
-from apache_beam.io.filesystem import FileMetadata
-from apache_beam.io.localfilesystem import LocalFileSystem
+from remote_fs import RemoteTestFileSystem
 
 from spatext import locks
 from spatext.locks import LOCK_FILE, folder_lock
@@ -52,57 +51,11 @@ def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path) 
     assert (tmp_path / LOCK_FILE).is_file()
 
 
-class _NotFound(Exception):  # noqa: N818 - as google.cloud.exceptions.NotFound: not an OSError
-    """What Beam's GCS filesystem raises for a missing object (not an OSError, unlike Beam's local one)."""
-
-
-class _TestSchemeFileSystem(LocalFileSystem):
-    """Beam's local filesystem under the URL scheme ``spatexttest://`` (rooted at ``root``): a remote filesystem to
-    Beam's registry and to spatext, as gs:// is, but on this machine; a missing file's ``open`` or ``last_updated``
-    raises what GCS raises."""
-
-    root = ""
-
-    @classmethod
-    def scheme(cls) -> str:
-        return "spatexttest"
-
-    def _local(self, path: str) -> str:
-        return os.path.join(self.root, path.removeprefix("spatexttest://"))
-
-    def _missing(self, path: str) -> None:
-        if not os.path.exists(self._local(path)):
-            raise _NotFound(f"Object {path} not found")
-
-    def _list(self, dir_or_prefix):  # noqa: ANN001, ANN202
-        for meta in super()._list(self._local(dir_or_prefix)):
-            url = "spatexttest://" + os.path.relpath(meta.path, self.root)
-            yield FileMetadata(url, meta.size_in_bytes, meta.last_updated_in_seconds)
-
-    def create(self, path, *args, **kwargs):  # noqa: ANN001, ANN201, D102
-        os.makedirs(os.path.dirname(self._local(path)), exist_ok=True)
-        return super().create(self._local(path), *args, **kwargs)
-
-    def open(self, path, *args, **kwargs):  # noqa: ANN001, ANN201, D102
-        self._missing(path)
-        return super().open(self._local(path), *args, **kwargs)
-
-    def exists(self, path):  # noqa: ANN001, ANN201, D102
-        return super().exists(self._local(path))
-
-    def last_updated(self, path):  # noqa: ANN001, ANN201, D102
-        self._missing(path)
-        return super().last_updated(self._local(path))
-
-    def delete(self, paths):  # noqa: ANN001, ANN201, D102
-        return super().delete([self._local(p) for p in paths])
-
-
 @pytest.fixture
 def remote(tmp_path, monkeypatch):
     """A remote folder URL (``spatexttest://build``) whose files lie in tmp_path/build, and a function listing the
     claim files there."""
-    monkeypatch.setattr(_TestSchemeFileSystem, "root", str(tmp_path))
+    monkeypatch.setattr(RemoteTestFileSystem, "root", str(tmp_path))
     folder = tmp_path / "build"
 
     def claims() -> list:
@@ -150,36 +103,43 @@ def test_a_dead_holders_remote_claim_is_refused_until_stale_then_taken_over(remo
     assert claims() == []
 
 
-def test_of_two_launches_whose_claims_both_land_before_either_looks_neither_goes_on(remote, monkeypatch) -> None:
-    """Each sees the other's claim: both withdraw (safe; a retry gets the folder). Whichever lands second in any other
-    order sees the first's: the first test."""
+def test_of_launches_whose_claims_all_land_before_any_looks_at_most_one_goes_on(remote, monkeypatch) -> None:
+    """Each lists the claims only once all have written theirs: whoever lists while another's claim is there
+    withdraws, so at most one goes on (one that lists after the others withdrew may). Whichever lands last in any
+    other order sees the earlier ones: the first test."""
     url, claims = remote
-    both_wrote = threading.Barrier(2, timeout=10)
-    listing = locks.RemoteLease._claims
+    for launches in (2, 3, 2, 3):
+        all_wrote = threading.Barrier(launches, timeout=10)
+        listing = locks.RemoteLease._claims
 
-    def claims_once_both_wrote(self: locks.RemoteLease) -> dict:
-        both_wrote.wait()
-        return listing(self)
+        def claims_once_all_wrote(self: locks.RemoteLease, wait=all_wrote.wait, listing=listing) -> dict:
+            wait()
+            return listing(self)
 
-    monkeypatch.setattr(locks.RemoteLease, "_claims", claims_once_both_wrote)
-    outcomes: list[object] = [None, None]
+        monkeypatch.setattr(locks.RemoteLease, "_claims", claims_once_all_wrote)
+        leases = [locks.RemoteLease(url, "--output") for _ in range(launches)]
+        outcomes: list[object] = [None] * launches
 
-    def launch(i: int) -> None:
-        try:
-            locks.RemoteLease(url, "--output").acquire()
-            outcomes[i] = "holds"
-        except ValueError as exc:
-            outcomes[i] = exc
+        def launch(i: int, leases=leases, outcomes=outcomes) -> None:
+            try:
+                leases[i].acquire()
+                outcomes[i] = "holds"
+            except ValueError as exc:
+                outcomes[i] = exc
 
-    threads = [threading.Thread(target=launch, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(isinstance(o, ValueError) and "is in use" in str(o) for o in outcomes), outcomes
-    assert claims() == []
-    monkeypatch.setattr(locks.RemoteLease, "_claims", listing)
-    with folder_lock(url, "--output"):
+        threads = [threading.Thread(target=launch, args=(i,)) for i in range(launches)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        monkeypatch.setattr(locks.RemoteLease, "_claims", listing)
+        holders = [lease for lease, o in zip(leases, outcomes, strict=True) if o == "holds"]
+        assert len(holders) <= 1, outcomes
+        assert all(o == "holds" or (isinstance(o, ValueError) and "is in use" in str(o)) for o in outcomes)
+        assert [c.name for c in claims()] == [f"{LOCK_FILE}.{h.token}" for h in holders]  # the others withdrew
+        for holder in holders:
+            holder.release()
+    with folder_lock(url, "--output"):  # a retry gets the folder
         pass
 
 
