@@ -10,11 +10,12 @@ every step twice.
   its own, FOLDER/.spatext.lock.TOKEN, then lists the claims: if any other is live it withdraws its own and is
   refused. No file is ever overwritten by another launch, so of two launches at once the one whose claim landed
   second sees the first's (object stores list what was written before), however slow either write was: at most one
-  goes on (both may withdraw, when each lists while the other's claim is there). The holder rewrites its claim every ``HEARTBEAT_S``; a claim not rewritten for
-  ``STALE_AFTER_S`` (measured against the new claim's own time on the store, never a launcher's clock) is a dead
-  launcher's, and the next launch deletes it and goes on. Object stores have no lock that ends with a process, so
-  a launcher killed while its runner's job goes on (a Dataflow job outlives the command that started it) leaves a
-  claim that goes stale in ``STALE_AFTER_S``: cancel that job before relaunching.
+  goes on (both may withdraw, when each lists while the other's claim is there). The holder rewrites its claim every
+  ``HEARTBEAT_S``. A claim not rewritten for ``STALE_AFTER_S`` (the new claim's time on the store against the old
+  one's, never a launcher's clock), and still not rewritten 1.5 heartbeats later, is a dead launcher's: the next
+  launch deletes it and goes on. Object stores have no lock that ends with a process, so a launcher killed while its
+  runner's job goes on (a Dataflow job outlives the command that started it) leaves a claim that goes stale in
+  ``STALE_AFTER_S``: cancel that job before relaunching.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -130,28 +132,44 @@ class RemoteLease:
 
     def acquire(self) -> None:
         """Claim the folder; ValueError naming the holder when another live claim is there (this claim withdrawn).
-        Stale claims are deleted."""
+        Stale claims are deleted once a second listing, ``1.5 * heartbeat_s`` later, shows them not rewritten: a
+        holder beats in that time, whatever the store's timestamps say (GCS's, converted by Beam through the local
+        time zone, jump by an hour across a change of summer time)."""
         self._write()
         try:
             claims = self._claims()
             mine = claims.pop(self.path, None)
             if mine is None:
                 raise OSError(f"the claim {self.path} just written is not listed")
-            live = {p: mine - t for p, t in claims.items() if mine - t < self.stale_after_s}
-            if live:
-                path, age = min(live.items(), key=lambda item: item[1])
-                raise ValueError(
-                    f"{self.flag} {self.folder!r} is in use by another spatext process ({self._holder(path)}, lock "
-                    f"refreshed {max(age, 0):.0f} s ago): one build or run per folder at a time; wait for it to end, "
-                    f"or choose another folder. A lock not refreshed for {self.stale_after_s:.0f} s is taken over; "
-                    f"if its process is gone for sure, delete {path}")
+            self._refuse_live({p: mine - t for p, t in claims.items() if mine - t < self.stale_after_s})
+            if claims:
+                logger.warning("%s %s: %d lock(s) not refreshed for %.0f s or more; checking for %.0f s that nobody "
+                               "refreshes them", self.flag, self.folder, len(claims), self.stale_after_s,
+                               1.5 * self.heartbeat_s)
+                time.sleep(1.5 * self.heartbeat_s)
+                now = self._claims()
+                self._refuse_live({p: 0.0 for p, t in now.items() if p != self.path and claims.get(p) != t})
             for path, written in claims.items():
                 logger.warning("%s %s: taking over a stale lock (%s, not refreshed for %.0f s, more than %.0f s)",
                                self.flag, self.folder, self._holder(path), mine - written, self.stale_after_s)
                 _delete(path)
         except BaseException:
-            _delete(self.path)  # withdrawn: a refused or interrupted launch leaves no claim behind
+            try:
+                _delete(self.path)  # withdrawn: a refused or interrupted launch leaves no claim behind
+            except Exception as exc:  # any storage error: say which claim is left, keep the original error
+                logger.warning("%s %s: could not withdraw this launch's claim (%s: %s): delete %s", self.flag,
+                               self.folder, type(exc).__name__, exc, self.path)
             raise
+
+    def _refuse_live(self, live: dict[str, float]) -> None:
+        """ValueError naming the most recently refreshed of ``live`` (claim -> seconds since refreshed), if any."""
+        if live:
+            path, age = min(live.items(), key=lambda item: item[1])
+            raise ValueError(
+                f"{self.flag} {self.folder!r} is in use by another spatext process ({self._holder(path)}, lock "
+                f"refreshed {max(age, 0):.0f} s ago): one build or run per folder at a time; wait for it to end, "
+                f"or choose another folder. A lock not refreshed for {self.stale_after_s:.0f} s is taken over; "
+                f"if its process is gone for sure, delete {path}")
 
     def release(self) -> None:
         """Delete this launch's claim; a claim already gone means the lock was lost (``lost``)."""
@@ -161,25 +179,24 @@ class RemoteLease:
         _delete(self.path)
 
     def _heartbeat(self) -> None:
-        """Rewrite the claim every ``heartbeat_s`` while it is there and no other claim is being rewritten beside it;
-        note a lost lock and stop."""
+        """Rewrite the claim every ``heartbeat_s``; note a lost lock: the claim deleted (taken for a dead one's) or
+        another claim rewritten beside it (a holder this launch did not see). A holder that lost its lock goes on
+        rewriting its claim (re-created if deleted) until its block ends: that is how the other holder finds out."""
         seen: dict[str, float] = {}  # other claims at the last beat, and when they were written
         while not self._stop.wait(self.heartbeat_s):
             try:
-                if not _exists(self.path):
-                    self.lost = "its lock file was deleted: a launch took it for a dead one's"
-                else:
-                    self._write()
-                    others = self._claims()
-                    others.pop(self.path, None)
-                    rewritten = [p for p, t in others.items() if p in seen and t > seen[p]]
-                    if rewritten:
-                        self.lost = f"another holder rewrites its lock beside this one's: {self._holder(rewritten[0])}"
-                    seen = others
-                if self.lost:
+                lost = None if _exists(self.path) else "its lock file was deleted: a launch took it for a dead one's"
+                self._write()
+                others = self._claims()
+                others.pop(self.path, None)
+                rewritten = [p for p, t in others.items() if p in seen and t > seen[p]]
+                if rewritten and lost is None:
+                    lost = f"another holder rewrites its lock beside this one's: {self._holder(rewritten[0])}"
+                seen = others
+                if lost and not self.lost:
+                    self.lost = lost
                     logger.error("%s %s: lost the lock (%s); another spatext process may write there too",
                                  self.flag, self.folder, self.lost)
-                    return
             except Exception as exc:  # any storage error: retried at the next beat, well before the lock goes stale
                 logger.warning("%s %s: could not refresh the lock (%s: %s); trying again in %.0f s", self.flag,
                                self.folder, type(exc).__name__, exc, self.heartbeat_s)
@@ -189,7 +206,7 @@ class RemoteLease:
         from apache_beam.io.filesystems import FileSystems
 
         with FileSystems.create(self.path) as handle:
-            handle.write(json.dumps({"holder": holder_name(), "token": self.token}).encode())
+            handle.write(json.dumps({"holder": holder_name(), "token": self.token, "lost": bool(self.lost)}).encode())
 
     def _claims(self) -> dict[str, float]:
         """Every claim in the folder (this launch's too) and when the store last wrote it (its own clock)."""

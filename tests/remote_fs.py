@@ -1,13 +1,16 @@
 """A remote filesystem for tests: Beam's local filesystem under the URL scheme ``spatexttest://``, rooted at a folder
 (``RemoteTestFileSystem.root``). To Beam's registry and to spatext it is remote, as gs:// is (paths are URLs, nothing
-is reachable with ``os``), but its files lie on this machine; a missing file's ``open``, ``last_updated`` or
-``metadata`` raises what Beam's GCS filesystem raises (``NotFound``, not an OSError)."""
+is reachable with ``os``), but its files lie on this machine. Like an object store it writes a file whole when it is
+closed (none of it is listed before), and a missing file's ``open``, ``last_updated`` or ``metadata`` raises what
+Beam's GCS filesystem raises (``NotFound``, not an OSError)."""
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import shutil
+import uuid
 
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.localfilesystem import LocalFileSystem
@@ -17,6 +20,24 @@ SCHEME = "spatexttest"
 
 class NotFound(Exception):  # noqa: N818 - named as google.cloud.exceptions.NotFound, which is not an OSError
     """What Beam's GCS filesystem raises for a missing object."""
+
+
+class _ObjectWriter(io.BytesIO):
+    """A file being written to an object store: nothing is there until it is closed, then all of it at once."""
+
+    def __init__(self, path: str, uploads: str) -> None:
+        super().__init__()
+        self.path, self.uploads = path, uploads
+
+    def close(self) -> None:
+        if not self.closed:
+            os.makedirs(self.uploads, exist_ok=True)
+            part = os.path.join(self.uploads, uuid.uuid4().hex)
+            with open(part, "wb") as handle:
+                handle.write(self.getvalue())
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)  # object stores have no folders to make
+            os.replace(part, self.path)
+        super().close()
 
 
 class RemoteTestFileSystem(LocalFileSystem):
@@ -65,8 +86,7 @@ class RemoteTestFileSystem(LocalFileSystem):
         return super().mkdirs(self._local(path))
 
     def create(self, path, *args, **kwargs):  # noqa: ANN001, ANN201, D102
-        os.makedirs(os.path.dirname(self._local(path)), exist_ok=True)  # object stores have no folders to make
-        return super().create(self._local(path), *args, **kwargs)
+        return _ObjectWriter(self._local(path), os.path.join(self.root, ".uploads"))
 
     def open(self, path, *args, **kwargs):  # noqa: ANN001, ANN201, D102
         self._missing(path)

@@ -71,7 +71,7 @@ def test_a_remote_folder_is_locked_by_a_claim_that_its_holder_refreshes_and_dele
         [claim] = claims()
         assert claim.name == f"{LOCK_FILE}.{lease.token}"
         assert json.loads(claim.read_text()) == {"holder": f"pid {os.getpid()} on {socket.gethostname()}",
-                                                 "token": lease.token}
+                                                 "token": lease.token, "lost": False}
         # the launcher's own clock plays no part: an hour off, the live claim is still live
         with mock.patch("time.time", return_value=time.time() + 3600), \
                 pytest.raises(ValueError, match=rf"--output '{url}' is in use by another spatext process \(pid "
@@ -141,6 +141,50 @@ def test_of_launches_whose_claims_all_land_before_any_looks_at_most_one_goes_on(
             holder.release()
     with folder_lock(url, "--output"):  # a retry gets the folder
         pass
+
+
+def test_a_stale_claim_rewritten_while_the_next_launch_checks_it_is_not_taken_over(remote) -> None:
+    """Store times can mislead (GCS's jump by an hour at a change of summer time, converted by Beam): a claim is
+    taken over only when a second listing, 1.5 heartbeats later, shows it not rewritten."""
+    url, claims = remote
+    holder = locks.RemoteLease(url, "--output")
+    holder.acquire()
+    [claim] = claims()
+    os.utime(claim, (time.time() - 3600, time.time() - 3600))  # looks an hour old
+    beat = threading.Timer(0.5, holder._write)  # but its holder beats meanwhile
+    beat.start()
+    with pytest.raises(ValueError, match="is in use by another spatext process"):
+        locks.RemoteLease(url, "--output", stale_after_s=60, heartbeat_s=1).acquire()
+    beat.join()
+    assert claims() == [claim]
+
+
+def test_a_launch_that_cannot_withdraw_its_claim_still_says_why_it_was_refused(remote, monkeypatch, caplog) -> None:
+    url, claims = remote
+    with locks.RemoteLease(url, "--output").held():
+        newcomer = locks.RemoteLease(url, "--output")
+        delete = locks._delete
+        monkeypatch.setattr(locks, "_delete", lambda path: (_ for _ in ()).throw(OSError("storage down"))
+                            if path == newcomer.path else delete(path))
+        with caplog.at_level("WARNING", logger="spatext.locks"), pytest.raises(ValueError, match="is in use"):
+            newcomer.acquire()
+        assert f"could not withdraw this launch's claim (OSError: storage down): delete {newcomer.path}" in caplog.text
+        monkeypatch.setattr(locks, "_delete", delete)
+        delete(newcomer.path)
+
+
+def test_a_holder_taken_for_dead_and_the_launch_that_took_over_both_fail(remote) -> None:
+    """The taken one finds its claim deleted and goes on rewriting it (re-created): the taker sees a claim rewritten
+    beside its own. Both wrote there, so both fail."""
+    url, claims = remote
+    victim, taker = (locks.RemoteLease(url, "--output", heartbeat_s=0.1) for _ in range(2))
+    with pytest.raises(RuntimeError, match=r"its lock file was deleted"):
+        with victim.held():
+            claims()[0].unlink()  # as a launch does with a claim it took for a dead one's
+            with pytest.raises(RuntimeError, match=r"another holder rewrites its lock beside this one's"):
+                with taker.held():
+                    time.sleep(0.8)
+    assert claims() == []
 
 
 def test_an_interrupted_launch_leaves_no_claim(remote, monkeypatch) -> None:
