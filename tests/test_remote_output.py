@@ -1,15 +1,18 @@
 """A build whose --output is on a remote filesystem (``spatexttest://``, Beam's registry sees it as gs:// is: paths are
-URLs that only Beam's FileSystems reach): the same shards as a local build, verified, locked, resumable."""
+URLs that only Beam's FileSystems reach): the same shards as a local build, verified, locked, resumable, replaced by
+--overwrite, and drawn by inspect."""
 
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 from remote_fs import RemoteTestFileSystem
 
 from conftest import assert_same_rows, read_rows
 from spatext.locks import LOCK_FILE
 from spatext.pipeline import build
 from spatext.pipeline.demo_corpus import write_corpus
+from spatext.pipeline.inspect_shards import inspect_build
 from spatext.pipeline.verify import verify_build
 
 TINY = ["--clip-model", "spatext-tiny", "--clip-pretrained", "none", "--image-format", "png", "--image-size", "128"]
@@ -42,3 +45,6 @@ def test_a_build_into_a_remote_output_equals_a_local_one_and_resumes(tmp_path, r
     build.run([*argv, "--output", "spatexttest://build", "--overwrite"])
     assert_same_rows(read_rows(remote_root / "build"), read_rows(tmp_path / "local"))
     assert verify_build("spatexttest://build", progress=False).ok
+    inspect_build("spatexttest://build", "spatexttest://inspect/grid.png", num=4)  # read and written remotely
+    with Image.open(remote_root / "inspect" / "grid.png") as grid:
+        assert grid.size[0] > 320
