@@ -106,6 +106,18 @@ def test_equals_transformers_reference(processor, seed, thresholds, sizes) -> No
     _assert_same(reference, panoptic_merge(class_logits, mask_logits, sizes, *thresholds))
 
 
+@pytest.mark.parametrize(("seed", "thresholds", "sizes"), itertools.product(range(3), THRESHOLDS, SIZES))
+def test_segments_are_exactly_the_positive_ids_of_the_map(seed, thresholds, sizes) -> None:
+    """What Mask2FormerSegmenter relies on to skip recounting the ids (``clean_segmentation(present=...)``)."""
+    class_logits, mask_logits = _logits(seed)
+    results = panoptic_merge(class_logits, mask_logits, target_sizes=sizes, threshold=thresholds[0],
+                             mask_threshold=thresholds[1], overlap_threshold=thresholds[2])
+    for result in results:
+        ids = torch.unique(result.id_map)
+        assert sorted(int(i) for i in ids if i > 0) == sorted(s.id for s in result.segments)
+        assert int(ids.min()) >= -1 and (int(ids.min()) >= 0 or ids.tolist() == [-1])  # -1 only when nothing kept
+
+
 @pytest.mark.parametrize("overlap", [0.5, 0.6, 0.75, 0.8])
 def test_equals_reference_when_area_ratios_hit_the_threshold(processor, overlap, monkeypatch) -> None:
     """Few noise queries on 3-10 px sides: won / original area is often exactly 1/2, 3/5, 3/4 or 4/5. The reference

@@ -169,9 +169,14 @@ def present_ids(id_map: np.ndarray) -> np.ndarray:
 
 
 def clean_segmentation(
-    id_map: np.ndarray, segments: Iterable[Segment], shape: tuple[int, int] | None = None
+    id_map: np.ndarray, segments: Iterable[Segment], shape: tuple[int, int] | None = None,
+    present: Iterable[int] | None = None,
 ) -> Segmentation:
-    """A consistent Segmentation: int32 map, ids without segment info -> 0, segments absent from the map dropped."""
+    """A consistent Segmentation: int32 map, ids without segment info -> 0, segments absent from the map dropped.
+
+    ``present``: the positive ids that occur in the map, when the segmenter knows them (Mask2Former's merge: exactly
+    its segments' ids, tested), which saves counting them over every pixel (a bincount: 0.4-1.5 ms per 512 px map on
+    this CPU, run while a model server holds its device for the call)."""
     ids = np.asarray(id_map)
     if ids.ndim != 2:
         raise ValueError(f"id_map must be 2-D (H x W), got shape {ids.shape}")
@@ -182,7 +187,7 @@ def clean_segmentation(
     by_id: dict[int, Segment] = {}
     for seg in segments:
         by_id.setdefault(int(seg.id), seg)  # the first entry of a repeated id wins
-    present = {int(i) for i in present_ids(ids)}
+    present = {int(i) for i in (present_ids(ids) if present is None else present)}
     unknown = sorted(present - by_id.keys())
     if unknown:
         ids = np.where(np.isin(ids, unknown), 0, ids).astype(np.int32)

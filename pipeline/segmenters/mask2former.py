@@ -267,4 +267,5 @@ class Mask2FormerSegmenter(Segmenter):
             Segment(id=seg.id, label=self.id2label.get(seg.label_id, str(seg.label_id)), score=seg.score)
             for seg in result.segments
         ]
-        return clean_segmentation(result.id_map.numpy(), segments, shape=size)
+        # the merge's segments are exactly the positive ids of its map (tests/test_panoptic_merge.py): no recount
+        return clean_segmentation(result.id_map.numpy(), segments, shape=size, present=[s.id for s in segments])
