@@ -375,8 +375,13 @@ def read_optional(path: str, root: str | None = None, limit: int = MAX_MEMBER_BY
         size = next((m.size_in_bytes for m in match_in(path)), 0)
     if size > limit:
         raise FileRefused("member_too_large", f"{path!r} has {size} bytes (limit {limit})")
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        data = handle.read(limit + 1)  # never more than the limit, should the file grow meanwhile
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            data = handle.read(limit + 1)  # never more than the limit, should the file grow meanwhile
+    except Exception:  # any storage error (GCS's NotFound is no OSError): a file gone meanwhile is as absent
+        if FileSystems.exists(path):
+            raise
+        return None
     if len(data) > limit:
         raise FileRefused("member_too_large", f"{path!r} has more than {limit} bytes")
     return data

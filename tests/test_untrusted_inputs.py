@@ -129,6 +129,27 @@ def test_read_optional_reads_a_remote_style_path_with_its_size_checked(tmp_path)
     assert read_optional(str(tmp_path / "f.bin")) == b"abc"  # no root: any local path (the launcher's own files)
 
 
+def test_read_optional_of_a_remote_file_checks_its_size_and_takes_one_gone_meanwhile_as_absent(tmp_path, monkeypatch):
+    """On an object store (a GCS-like test filesystem: its NotFound is no OSError) a file listed, then deleted before
+    it is read, is absent like one never there; not an error that fails the whole bundle."""
+    from remote_fs import RemoteTestFileSystem
+
+    monkeypatch.setattr(RemoteTestFileSystem, "root", str(tmp_path))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "f.bin").write_bytes(b"abc")
+    assert read_optional("spatexttest://c/f.bin") == b"abc"
+    with pytest.raises(FileRefused, match="has 3 bytes"):
+        read_optional("spatexttest://c/f.bin", limit=2)
+    opened = RemoteTestFileSystem.open
+
+    def deleted_first(self, path, *args, **kwargs):  # noqa: ANN001, ANN202
+        os.remove(self._local(path))
+        return opened(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(RemoteTestFileSystem, "open", deleted_first)
+    assert read_optional("spatexttest://c/f.bin") is None
+
+
 def test_folder_lines_with_text_utf8_cannot_encode_are_rejects():
     """A lone surrogate escape in captions.jsonl would fail Beam's coder (and the whole job): a read reject."""
     lines = [b'{"image": "a.jpg", "caption": "bad \\ud800 text"}\n', b'{"image": "b\\udce9.jpg", "caption": "ok"}\n',
