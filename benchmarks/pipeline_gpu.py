@@ -197,12 +197,28 @@ def bench_segmenter(args) -> dict:
     one_pass_inputs = [segmenter.preprocess(batch)[0] for batch in batches]
     pass_outputs = [(segmenter.forward(inputs), sizes) for inputs, sizes in pass_inputs]
 
+    # Random weights at threshold 0 keep all the queries (200 for Swin-L), the merge's worst case; a trained model
+    # keeps a few dozen: the same stages at a threshold that keeps --segmenter-kept queries per image on average
+    kept_threshold = threshold_keeping([outputs for outputs, _ in pass_outputs], args.segmenter_kept)
+    kept_spec = dataclasses.replace(spec, threshold=kept_threshold)
+
+    def kept(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            segmenter.spec = kept_spec
+            try:
+                return fn()
+            finally:
+                segmenter.spec = spec
+        return run
+
     stages = {
         "pre": lambda: [segmenter.preprocess(part) for part in passes],
         "bare": lambda: [segmenter.forward(inputs) for inputs, _ in pass_inputs],
         "bare_one_pass": lambda: [segmenter.forward(inputs) for inputs in one_pass_inputs],
         "post": lambda: [segmenter.postprocess(outputs, sizes) for outputs, sizes in pass_outputs],
         "ours": lambda: [segmenter.segment(batch) for batch in batches],
+        "post_kept": kept(lambda: [segmenter.postprocess(outputs, sizes) for outputs, sizes in pass_outputs]),
+        "ours_kept": kept(lambda: [segmenter.segment(batch) for batch in batches]),
     }
     seconds = _median_seconds(stages, args.device, args.repeats)
     record = {"segmenter_params_m": round(sum(p.numel() for p in segmenter.model.parameters()) / 1e6, 1),
@@ -213,12 +229,38 @@ def bench_segmenter(args) -> dict:
               "segmenter_padding_one_pass": round(_padding(one_pass_inputs), 3)}
     record.update({f"segmenter_{name}_img_s": len(samples) / s for name, s in seconds.items()})
     record["segmenter_ours_vs_bare"] = round(seconds["bare"] / seconds["ours"], 3)
+    record["segmenter_kept_threshold"] = round(kept_threshold, 6)
+    record["segmenter_kept_per_image"] = round(kept_per_image([o for o, _ in pass_outputs], kept_threshold), 1)
+    record["segmenter_ours_kept_vs_bare"] = round(seconds["bare"] / seconds["ours_kept"], 3)
     record["segmenter_passes_vs_one_pass"] = round(seconds["bare_one_pass"] / seconds["bare"], 3)
     random = [Sample(f"r{i}", "s", "c", im) for i, im in enumerate(_images(args.segmenter_batch, args.image_size))]
     inputs, sizes = segmenter.preprocess(random)
     record.update(segmenter_checks(segmenter, segmenter.forward(inputs), sizes))
     record.update(bare_batch_sweep(segmenter, args))
     return record
+
+
+def _query_scores(outputs) -> torch.Tensor:
+    """Each query's score as the merge reads it: its best class probability, -1 where that class is "no object"."""
+    probs = outputs.class_queries_logits.float().softmax(-1)
+    scores, labels = probs.max(-1)
+    return torch.where(labels == probs.shape[-1] - 1, -1.0, scores)
+
+
+def threshold_keeping(outputs: list, per_image: int) -> float:
+    """The score threshold above which ``per_image`` queries per image survive on average (the merge keeps a query
+    whose score is above the threshold and whose class is not "no object"); 0 when fewer than that survive at 0."""
+    scores = torch.cat([_query_scores(o).flatten() for o in outputs])
+    images = sum(o.class_queries_logits.shape[0] for o in outputs)
+    valid = scores[scores > 0].sort(descending=True).values
+    wanted = per_image * images
+    return 0.0 if len(valid) <= wanted else float(valid[wanted])
+
+
+def kept_per_image(outputs: list, threshold: float) -> float:
+    """Queries per image whose score is above ``threshold`` (and not "no object")."""
+    scores = torch.cat([_query_scores(o).flatten() for o in outputs])
+    return float((scores > threshold).sum()) / sum(o.class_queries_logits.shape[0] for o in outputs)
 
 
 def bare_batch_sweep(segmenter, args) -> dict:
@@ -412,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segmenter-batches", default=None,
                         help="comma-separated extra batch sizes for the bare Mask2Former forward (default 16,32; "
                         "smoke: 4)")
+    parser.add_argument("--segmenter-kept", type=int, default=24,
+                        help="queries per image a trained model keeps, for the segmenter stages timed at a threshold "
+                        "that keeps that many (random weights at threshold 0 keep all of them)")
     parser.add_argument("--sections", default="clip,segmenter,build",
                         help="comma-separated sections to run (clip, segmenter, build; build uses the others' rates)")
     args = parser.parse_args(argv)

@@ -273,3 +273,22 @@ def test_a_new_shape_batch_avoids_every_seen_shape(bench) -> None:
         assert shape not in seen
         assert tuple(segmenter.preprocess(batch)[0]["pixel_values"].shape) == shape
         seen.add(shape)
+
+
+def test_threshold_keeping_keeps_the_asked_queries_per_image_as_the_merge_counts_them(bench) -> None:
+    """The merge's own rule (``_kept_queries``: score above the threshold, class not "no object") is the reference."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from spatext.pipeline.segmenters.panoptic_merge import _kept_queries
+
+    gpu = bench("pipeline_gpu")
+    gen = torch.Generator().manual_seed(0)
+    outputs = [SimpleNamespace(class_queries_logits=torch.randn(b, 50, 8, generator=gen) * 3) for b in (3, 5)]
+    for per_image in (1, 7, 20):
+        threshold = gpu.threshold_keeping(outputs, per_image)
+        counted = sum(int(_kept_queries(o.class_queries_logits, threshold).counts.sum()) for o in outputs)
+        assert counted == per_image * 8  # 8 images; random scores: no ties
+        assert gpu.kept_per_image(outputs, threshold) == per_image
+    assert gpu.threshold_keeping(outputs, 50) == 0.0  # fewer survive even at 0: keep them all
