@@ -229,7 +229,7 @@ def bench_segmenter(args) -> dict:
               "segmenter_padding_one_pass": round(_padding(one_pass_inputs), 3)}
     record.update({f"segmenter_{name}_img_s": len(samples) / s for name, s in seconds.items()})
     record["segmenter_ours_vs_bare"] = round(seconds["bare"] / seconds["ours"], 3)
-    record["segmenter_kept_threshold"] = round(kept_threshold, 6)
+    record["segmenter_kept_threshold"] = kept_threshold
     record["segmenter_kept_per_image"] = round(kept_per_image([o for o, _ in pass_outputs], kept_threshold), 1)
     record["segmenter_ours_kept_vs_bare"] = round(seconds["bare"] / seconds["ours_kept"], 3)
     record["segmenter_passes_vs_one_pass"] = round(seconds["bare_one_pass"] / seconds["bare"], 3)
@@ -430,8 +430,9 @@ def bench_build(args, rates: dict, emit: Callable[[dict], None]) -> None:
 
 
 def _rounded(key: str, value):
-    """Rates to 0.1 img/s, other floats (ratios, pixel differences) to 4 significant digits."""
-    if not isinstance(value, float):
+    """Rates to 0.1 img/s, other floats (ratios, pixel differences) to 4 significant digits; thresholds exact (the
+    build runs at the segmenter section's recorded threshold)."""
+    if not isinstance(value, float) or key.endswith("_threshold"):
         return value
     return round(value, 1) if key.endswith("_img_s") else float(f"{value:.4g}")
 
@@ -459,9 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segmenter-batches", default=None,
                         help="comma-separated extra batch sizes for the bare Mask2Former forward (default 16,32; "
                         "smoke: 4)")
-    parser.add_argument("--segmenter-kept", type=int, default=24,
+    parser.add_argument("--segmenter-kept", type=int, default=None,
                         help="queries per image a trained model keeps, for the segmenter stages timed at a threshold "
-                        "that keeps that many (random weights at threshold 0 keep all of them)")
+                        "that keeps that many (random weights at threshold 0 keep all of them); default 24 (smoke: "
+                        "4 of the tiny model's 16)")
     parser.add_argument("--sections", default="clip,segmenter,build",
                         help="comma-separated sections to run (clip, segmenter, build; build uses the others' rates)")
     args = parser.parse_args(argv)
@@ -474,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     args.segmenter_batch = 2 if smoke else args.segmenter_batch
     if args.segmenter_batch < 1:
         parser.error(f"--segmenter-batch must be >= 1, got {args.segmenter_batch}")
+    args.segmenter_kept = (4 if smoke else 24) if args.segmenter_kept is None else args.segmenter_kept
+    if args.segmenter_kept < 1:
+        parser.error(f"--segmenter-kept must be >= 1, got {args.segmenter_kept}")
     # the build's images the segmenter section times: 32 (a few batches), at least one batch
     args.segmenter_batches_timed = 2 if smoke else max(1, 32 // args.segmenter_batch)
     batches = args.segmenter_batches or ("4" if smoke else "16,32")

@@ -371,13 +371,15 @@ def read_optional(path: str, root: str | None = None, limit: int = MAX_MEMBER_BY
         if not stat.S_ISREG(info.st_mode):
             raise FileRefused("not_a_file", f"{path!r} is not a regular file")
         size = info.st_size
-    else:
-        size = next((m.size_in_bytes for m in match_in(path)), 0)
-    if size > limit:
-        raise FileRefused("member_too_large", f"{path!r} has {size} bytes (limit {limit})")
     try:
+        if "://" in path:
+            size = next((m.size_in_bytes for m in match_in(path)), 0)
+        if size > limit:
+            raise FileRefused("member_too_large", f"{path!r} has {size} bytes (limit {limit})")
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             data = handle.read(limit + 1)  # never more than the limit, should the file grow meanwhile
+    except FileRefused:
+        raise
     except Exception:  # any storage error (GCS's NotFound is no OSError): a file gone meanwhile is as absent
         if FileSystems.exists(path):
             raise

@@ -222,6 +222,7 @@ def test_segmenter_checks_compare_the_processors_part_of_a_grid_padded_input(ben
     ("segmenter_shapes", ["--smoke", "--setups", "a=4:grid33"], "--setups: set-up 'a=4:grid33' is not LABEL"),
     ("segmenter_shapes", ["--smoke", "--setups", "a=4:fast"], "--setups: set-up 'a=4:fast' is not LABEL"),
     ("pipeline_gpu", ["--smoke", "--build-modes", "processes:2:copies"], "build mode 'processes:2:copies' is none"),
+    ("pipeline_gpu", ["--smoke", "--segmenter-kept", "0"], "--segmenter-kept must be >= 1, got 0"),
     ("pipeline_overlap", ["--modes", "processes:2:copies2"], "one emulated device per model server"),
     ("loader", ["--repeats", "0"], "--repeats and --epochs must be >= 1"),
     ("loader", ["--epochs", "0"], "--repeats and --epochs must be >= 1"),
@@ -292,3 +293,4 @@ def test_threshold_keeping_keeps_the_asked_queries_per_image_as_the_merge_counts
         assert counted == per_image * 8  # 8 images; random scores: no ties
         assert gpu.kept_per_image(outputs, threshold) == per_image
     assert gpu.threshold_keeping(outputs, 50) == 0.0  # fewer survive even at 0: keep them all
+    assert gpu._rounded("segmenter_kept_threshold", 0.123456789) == 0.123456789  # the build reads it back exact

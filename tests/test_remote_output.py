@@ -9,6 +9,7 @@ from PIL import Image
 from remote_fs import RemoteTestFileSystem
 
 from conftest import assert_same_rows, read_rows
+from spatext import locks
 from spatext.locks import LOCK_FILE
 from spatext.pipeline import build
 from spatext.pipeline.demo_corpus import write_corpus
@@ -27,11 +28,22 @@ def remote_root(tmp_path, monkeypatch):
     return root
 
 
-def test_a_build_into_a_remote_output_equals_a_local_one_and_resumes(tmp_path, remote_root) -> None:
+def test_a_build_into_a_remote_output_equals_a_local_one_and_resumes(tmp_path, remote_root, monkeypatch) -> None:
     write_corpus(str(tmp_path / "corpus"), 8, seed=4, fmt="webdataset", samples_per_shard=3)
     argv = ["--input", str(tmp_path / "corpus" / "shard-*.tar"), *TINY]
     local = build.run([*argv, "--output", str(tmp_path / "local")])
+    leases: list[str] = []
+    acquire = locks.RemoteLease.acquire
+
+    def recorded(self: locks.RemoteLease) -> None:
+        leases.append(self.path)
+        acquire(self)
+
+    monkeypatch.setattr(locks.RemoteLease, "acquire", recorded)
+    monkeypatch.chdir(tmp_path)  # where a URL taken for a local folder would appear
     remote = build.run([*argv, "--output", "spatexttest://build"])
+    assert [p.rsplit(".", 1)[0] for p in leases] == [f"spatexttest://build/{LOCK_FILE}"]  # the build held its lease
+    assert not (tmp_path / "spatexttest:").exists()
     assert remote["counts"] == local["counts"] and local["counts"]["accepted"] == 8
     assert_same_rows(read_rows(remote_root / "build"), read_rows(tmp_path / "local"))
     assert not list((remote_root / "build").glob(f"{LOCK_FILE}*"))  # the claim was withdrawn at the end

@@ -148,6 +148,25 @@ def test_read_optional_of_a_remote_file_checks_its_size_and_takes_one_gone_meanw
 
     monkeypatch.setattr(RemoteTestFileSystem, "open", deleted_first)
     assert read_optional("spatexttest://c/f.bin") is None
+    (tmp_path / "c" / "f.bin").write_bytes(b"abc")
+    monkeypatch.setattr(RemoteTestFileSystem, "open", opened)
+    described = RemoteTestFileSystem.metadata
+
+    def deleted_before_its_size(self, path):  # noqa: ANN001, ANN202
+        os.remove(self._local(path))
+        return described(self, path)
+
+    monkeypatch.setattr(RemoteTestFileSystem, "metadata", deleted_before_its_size)
+    assert read_optional("spatexttest://c/f.bin") is None  # gone between the listing and the size lookup
+    (tmp_path / "c" / "f.bin").write_bytes(b"abc")
+    monkeypatch.setattr(RemoteTestFileSystem, "metadata", described)
+
+    def forbidden(self, path, *args, **kwargs):  # noqa: ANN001, ANN202
+        raise PermissionError(f"403 Forbidden: {path}")
+
+    monkeypatch.setattr(RemoteTestFileSystem, "open", forbidden)
+    with pytest.raises(PermissionError, match="403"):  # a file that is there but cannot be read: an error
+        read_optional("spatexttest://c/f.bin")
 
 
 def test_folder_lines_with_text_utf8_cannot_encode_are_rejects():
