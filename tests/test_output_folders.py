@@ -51,6 +51,14 @@ def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path) 
     assert (tmp_path / LOCK_FILE).is_file()
 
 
+def _wait_for(condition, timeout: float = 20.0) -> None:
+    """Poll until ``condition()`` holds (heartbeats run on threads: a loaded machine delays them), or fail."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def remote(tmp_path, monkeypatch):
     """A remote folder URL (``spatexttest://build``) whose files lie in tmp_path/build, and a function listing the
@@ -81,8 +89,7 @@ def test_a_remote_folder_is_locked_by_a_claim_that_its_holder_refreshes_and_dele
                 pass
         assert claims() == [claim]  # the refused launch withdrew its own claim
         os.utime(claim, (0, 0))  # the heartbeat rewrites it: its time moves on
-        time.sleep(0.5)
-        assert time.time() - claim.stat().st_mtime < 5
+        _wait_for(lambda: time.time() - claim.stat().st_mtime < 5)
     assert claims() == [] and lease.lost is None
     with folder_lock(url, "--output"):  # released: the next launch gets the folder
         assert len(claims()) == 1
@@ -183,7 +190,7 @@ def test_a_holder_taken_for_dead_and_the_launch_that_took_over_both_fail(remote)
             claims()[0].unlink()  # as a launch does with a claim it took for a dead one's
             with pytest.raises(RuntimeError, match=r"another holder rewrites its lock beside this one's"):
                 with taker.held():
-                    time.sleep(0.8)
+                    _wait_for(lambda: victim.lost and taker.lost)
     assert claims() == []
 
 
@@ -218,12 +225,14 @@ def test_a_holder_fails_when_another_claim_keeps_being_rewritten_beside_its_own(
             other._write()
 
     with pytest.raises(RuntimeError, match=r"another holder rewrites its lock beside this one's: pid"):
-        with locks.RemoteLease(url, "--output", heartbeat_s=0.15).held():
+        with locks.RemoteLease(url, "--output", heartbeat_s=0.15).held() as holder:
             writer = threading.Thread(target=other_holder)
             writer.start()
-            time.sleep(0.6)
-            stop.set()
-            writer.join()
+            try:
+                _wait_for(lambda: holder.lost)
+            finally:
+                stop.set()
+                writer.join()
     assert [c.name for c in claims()] == [f"{LOCK_FILE}.{other.token}"]
     # a claim left by a launch killed mid-way is not rewritten: it refuses new launches until stale, but a holder
     # that sees it beside its own goes on
@@ -232,7 +241,10 @@ def test_a_holder_fails_when_another_claim_keeps_being_rewritten_beside_its_own(
     with locks.RemoteLease(url, "--output", heartbeat_s=0.1).held() as lease:
         dead.touch()
         os.utime(dead, (time.time() - 5, time.time() - 5))
-        time.sleep(0.5)
+        beats = lease._claims  # count the holder's listings: at least three beats see the dead claim
+        listed = []
+        lease._claims = lambda: listed.append(1) or beats()
+        _wait_for(lambda: len(listed) >= 3)
     assert lease.lost is None
 
 
