@@ -310,8 +310,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             resample_rng = np.random.default_rng([self.seed, self.epoch, key_hash(raw["key"])])
         try:
             return to_sample(raw, self.resolution, self.max_segments, resample_rng, self.uint8)
-        except (OSError, ValueError, RuntimeError, DecompressionBombError) as exc:  # PIL, torchvision, a map of
-            # another size
+        # PIL, torchvision's decoder, a map of another size, an image over PIL's pixel limit
+        except (OSError, ValueError, RuntimeError, DecompressionBombError) as exc:
             unit = raw.get("_from")
             where = f"{unit.path}, row group {unit.row_group}, " if unit is not None else ""
             raise ValueError(f"{where}key {raw['key']!r}: cannot use this row ({exc})") from exc
