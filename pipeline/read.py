@@ -153,8 +153,9 @@ def folder_captions(pattern: str) -> str:
 
 
 def check_input(pattern: str, options: ReadOptions) -> str:
-    """The format of `--input` (detected for auto) after the launcher's checks: a file pattern matches some file, and
-    no format-specific flag is set for another format; ValueError naming the flag otherwise."""
+    """The format of `--input` (detected for auto) after the launcher's checks: a file pattern matches some file, no
+    format-specific flag is set for another format, a Parquet corpus's first file has usable columns; ValueError
+    naming the flag or the file otherwise."""
     fmt = detect_format(pattern) if options.input_format == "auto" else options.input_format
     options.check_applies_to(fmt)
     if fmt in ("webdataset", "parquet"):
@@ -168,6 +169,10 @@ def check_input(pattern: str, options: ReadOptions) -> str:
         if fmt == "webdataset" and _is_parquet(files[0]):  # a damaged tar is a reject; a Parquet file is a mistake
             raise ValueError(f"--input: {files[0]!r} is a Parquet file, which --input-format webdataset cannot read; "
                              "use --input-format parquet (or auto)")
+        if fmt == "parquet":  # its columns too, before --output is touched: the run with corrected column flags
+            from spatext.pipeline.read_parquet import columns_for  # lazy: read_parquet builds on this module
+
+            columns_for(files[0], options)  # must not find --output already claimed by this failed one
     if fmt == "folder" and not FileSystems.exists(folder_captions(pattern)):
         raise ValueError(f"--input {pattern!r} with --input-format folder: {folder_captions(pattern)} does not exist "
                          f"(a folder corpus is a directory holding {CAPTIONS_FILE}); valid inputs: {VALID_INPUTS}")
@@ -220,20 +225,56 @@ def _parse_json(data: bytes | None) -> object:
         return {"segments_info": None, "error": "malformed json"}
 
 
+class _EndCheckedTarInfo(tarfile.TarInfo):
+    """TarInfo that notes on its TarFile why reading the next header failed. In stream mode, tarfile ends the
+    iteration without an error on a truncated, invalid or missing header anywhere but at offset 0, the same as at
+    the archive's end marker, which would lose every later sample without a trace; ``check_tar_end`` tells them
+    apart."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exc:
+            tar.spatext_header_error = (exc, tar.offset)  # tar.offset: where the header that failed starts
+            raise
+
+
+def check_tar_end(tar: tarfile.TarFile) -> None:
+    """tarfile.ReadError unless the iteration of `tar` (opened with ``_EndCheckedTarInfo``) ended at the archive's
+    end marker (a zero block): a truncated or corrupt header, or a file that stops at a member boundary without
+    the marker, may hide later members."""
+    exc, offset = getattr(tar, "spatext_header_error", (None, 0))
+    if exc is None or isinstance(exc, tarfile.EOFHeaderError):
+        return
+    if isinstance(exc, tarfile.EmptyHeaderError):
+        raise tarfile.ReadError(f"the archive stops at byte {offset} without its end-of-archive marker (a truncated "
+                                "tar: later members, if any, are lost)")
+    raise tarfile.ReadError(f"truncated or invalid member header at byte {offset} ({exc}): the members after it "
+                            "cannot be read")
+
+
+def _member_kind(info: tarfile.TarInfo) -> str:
+    """What a tar member that is not a regular file is, in words."""
+    return "symbolic link" if info.issym() else "hard link" if info.islnk() else "special file"
+
+
 def iter_webdataset(fileobj: IO[bytes], source: str) -> Iterator[RawSample | Reject]:
     """Stream one webdataset tar: one RawSample per key; one Reject per unusable key (however many members it has)
-    or for a broken archive."""
+    or for a broken archive (also one whose headers stop before its end marker)."""
     seen: set[str] = set()
     current: str | None = None
     dropped = False  # the current key was rejected: its remaining members are skipped, not rejected again
     members: dict[str, bytes] = {}
     names: set[str] = set()  # the current key's member extensions so far (used or not)
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndCheckedTarInfo) as tar:
             for info in tar:
-                if not info.isfile():
+                if info.isdir():
                     continue
                 key, ext = split_member_name(info.name)
+                if not info.isfile() and ext not in USED_EXTENSIONS:
+                    continue
                 if key == current and ext in names and not dropped:
                     # k.jpg k.txt k.jpg ...: a second copy of the key right after the first. The first copy is
                     # kept and the second is a duplicate_key reject, as for a copy further down the tar.
@@ -250,6 +291,10 @@ def iter_webdataset(fileobj: IO[bytes], source: str) -> Iterator[RawSample | Rej
                     seen.add(key)
                 if dropped or ext not in USED_EXTENSIONS:  # other members are skipped unread
                     continue
+                if not info.isfile():  # a link is never followed (it may point anywhere): the key is unusable
+                    yield Reject(key, source, "read", f"not_a_file: {info.name} is a {_member_kind(info)}")
+                    dropped = True
+                    continue
                 if info.size > MAX_MEMBER_BYTES:
                     yield Reject(key, source, "read", f"member_too_large: {info.name} has {info.size} bytes")
                     dropped = True
@@ -257,6 +302,7 @@ def iter_webdataset(fileobj: IO[bytes], source: str) -> Iterator[RawSample | Rej
                 handle = tar.extractfile(info)
                 if handle is not None:
                     members[ext] = handle.read()
+            check_tar_end(tar)
     except (tarfile.TarError, OSError, EOFError) as exc:
         yield Reject(f"{source}#{current or 'archive'}", source, "read", f"unreadable_tar: {exc}")
         return
@@ -405,6 +451,8 @@ def load_folder_entry(entry: dict, root: str) -> RawSample | Reject:
         return Reject(key, source, "read", str(exc))
     except OSError as exc:
         return Reject(key, source, "read", f"unreadable_file: {exc}")
+    if image_path and image is None:  # named but absent (an entry naming no image is decode's missing_image)
+        return Reject(key, source, "read", f"missing_image: {entry['image']!r} does not exist in {root!r}")
     annotation = _parse_json(panoptic_json)
     return RawSample(key, source, image, entry.get("caption"), panoptic_png, annotation)
 

@@ -10,7 +10,8 @@ Layout (as the COCO downloads unpack)::
 Every image of the panoptic json becomes one sample, key ``coco-{split}-{image_id:012d}``; its caption is the first
 of its captions by caption annotation id (deterministic); its ground truth is the PNG plus ``segments_info`` with the
 category *name* as ``category``. An image without a caption or without a panoptic annotation still flows on, and
-decode rejects it (``missing_caption`` / ``missing_annotation``), like the other readers.
+decode rejects it (``missing_caption`` / ``missing_annotation``), like the other readers; an image or PNG file the
+json names that does not exist is a read reject naming the file.
 
 Units of work are chunks of ``unit_images`` images in image-id order (``{panoptic json}#000003``), so ``--resume``
 works. The two JSON files are loaded for the job inside a DoFn on a worker; the per-image reads come after a
@@ -271,6 +272,12 @@ def load_coco_entry(entry: dict, layout: CocoLayout) -> RawSample | Reject:
         return Reject(key, unit, "read", str(exc))
     except OSError as exc:
         return Reject(key, unit, "read", f"unreadable_file: {exc}")
+    if image is None:  # named by the json but absent: which file, not decode's bare missing_image
+        return Reject(key, unit, "read", f"missing_image: {entry['file_name']!r} does not exist in "
+                      f"{layout.image_dir!r}")
+    if entry["png"] and png is None:  # listed by the panoptic json but absent (an image it lists no entry for is
+        # decode's missing_annotation)
+        return Reject(key, unit, "read", f"missing_annotation: {entry['png']!r} does not exist in {layout.png_dir!r}")
     annotation = None if entry["segments_info"] is None else {"segments_info": entry["segments_info"]}
     if entry.get("annotation_error"):
         annotation = {"segments_info": None, "error": entry["annotation_error"]}

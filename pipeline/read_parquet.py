@@ -234,16 +234,25 @@ def iter_parquet(
                                  f"{columns.image!r} column unpacks to {size} bytes (limit {MAX_COLUMN_CHUNK_BYTES})")
                     index += 1
                 continue
-            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns.names()):
-                for row in batch.to_pylist():
-                    key = _row_key(row, stem, index, columns)
-                    index += 1
-                    if key in seen:
-                        yield Reject(key, source, "read", "duplicate_key")
-                        continue
-                    seen.add(key)
-                    yield row_to_item(row, key, source, columns)
-    except (pa.ArrowException, OSError) as exc:
+            end = index + meta.num_rows
+            try:
+                for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group],
+                                                  columns=columns.names()):
+                    for row in batch.to_pylist():
+                        key = _row_key(row, stem, index, columns)
+                        index += 1
+                        if key in seen:
+                            yield Reject(key, source, "read", "duplicate_key")
+                            continue
+                        seen.add(key)
+                        yield row_to_item(row, key, source, columns)
+            except (pa.ArrowException, OSError) as exc:  # a damaged row group: its unread rows are rejects (the
+                # footer counts them), and the next row group is read on (each has its own column chunks)
+                reason = f"unreadable_parquet: row group {group}, rows {index}..{end - 1} unread: {exc}"
+                for row in range(index, end):
+                    yield Reject(f"{stem}/{row}", source, "read", reason)
+                index = end
+    except (pa.ArrowException, OSError) as exc:  # no footer: how many rows the file had is unknown
         yield Reject(f"{source}#{index if index else 'file'}", source, "read", f"unreadable_parquet: {exc}")
 
 

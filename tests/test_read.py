@@ -62,6 +62,83 @@ def test_truncated_tar_keeps_what_was_read_and_rejects_the_rest(make_tar):
     assert isinstance(items[-1], Reject) and items[-1].reason.startswith("unreadable_tar")
 
 
+def _member_offsets(path):
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [m.offset for m in tar.getmembers()]
+
+
+FOUR_KEYS = [(f"k{i}.{ext}", data) for i in range(4) for ext, data in (("jpg", b"i" * 700), ("txt", b"c"))]
+
+
+@pytest.mark.parametrize("damage", ["cut_in_header", "garbage_header", "cut_at_member_boundary"])
+def test_a_tar_whose_headers_stop_early_ends_with_a_reject(make_tar, damage):
+    """tarfile's stream mode ends quietly at a truncated or invalid header after offset 0, as at the end marker:
+    the keys behind it vanished with no reject and verify said OK. Now the tar ends with an unreadable_tar reject
+    naming the byte where its headers stop."""
+    path = make_tar("h.tar", FOUR_KEYS)
+    at = _member_offsets(path)[4]  # k2.jpg's header
+    data = open(path, "rb").read()
+    damaged = {"cut_in_header": data[: at + 200], "garbage_header": data[:at] + b"Z" * 512 + data[at + 512 :],
+               "cut_at_member_boundary": data[:at]}[damage]
+    open(path, "wb").write(damaged)
+    items = _iter_tar(path)
+    assert [i.key for i in items if isinstance(i, RawSample)] == ["k0"]  # k1 may miss members behind the damage
+    assert len(items) == 2 and isinstance(items[-1], Reject) and items[-1].key == f"{path}#k1"
+    assert items[-1].reason.startswith("unreadable_tar") and f"byte {at}" in items[-1].reason
+
+
+def test_an_intact_tar_has_no_end_reject(make_tar, tmp_path):
+    """The end check passes tars with their end marker: plain, gzip-compressed and with records of zero padding."""
+    import gzip
+    import tarfile
+
+    path = make_tar("ok.tar", FOUR_KEYS)
+    assert [i.key for i in _iter_tar(path)] == ["k0", "k1", "k2", "k3"]
+    gz = tmp_path / "ok.tar.gz"
+    gz.write_bytes(gzip.compress(open(path, "rb").read()))
+    assert [i.key for i in _iter_tar(str(gz))] == ["k0", "k1", "k2", "k3"]
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    assert _iter_tar(str(tmp_path / "empty.tar")) == []
+
+
+def test_link_members_reject_their_key(tmp_path):
+    """A key whose image is a symbolic or hard link is a not_a_file reject (links are never followed), not dropped
+    silently or misreported as missing_image; links under names the reader does not use are skipped."""
+    import io
+    import tarfile
+
+    path = tmp_path / "links.tar"
+    with tarfile.open(path, "w") as tar:
+        def add(name, data=None, kind=None, target=None):
+            info = tarfile.TarInfo(name)
+            if kind is None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info.type, info.linkname = kind, target
+                tar.addfile(info)
+
+        add("a.jpg", b"img")
+        add("a.txt", b"cap")
+        add("only.jpg", kind=tarfile.SYMTYPE, target="a.jpg")
+        add("hard.jpg", kind=tarfile.LNKTYPE, target="a.jpg")
+        add("hard.txt", b"cap")
+        add("b.jpg", b"img")
+        add("b.txt", b"cap")
+        add("b.extra", kind=tarfile.SYMTYPE, target="/etc/passwd")
+        add("c.txt", b"cap")
+        add("c.jpg", kind=tarfile.SYMTYPE, target="a.jpg")
+    items = _iter_tar(str(path))
+    assert [(type(i).__name__, i.key) for i in items] == [
+        ("RawSample", "a"), ("Reject", "only"), ("Reject", "hard"), ("RawSample", "b"), ("Reject", "c")]
+    assert items[1].reason == "not_a_file: only.jpg is a symbolic link"
+    assert items[2].reason == "not_a_file: hard.jpg is a hard link"
+    assert items[4].reason == "not_a_file: c.jpg is a symbolic link"
+
+
 def test_not_a_tar_is_one_reject(tmp_path):
     path = tmp_path / "junk.tar"
     path.write_bytes(b"\x00garbage" * 100)
@@ -127,7 +204,10 @@ def test_folder_entry_reads_image_and_ground_truth(tmp_path):
     raw = read.load_folder_entry({"key": "a", "image": "images/a.jpg", "caption": "c"}, str(tmp_path))
     assert raw.image_bytes == jpeg_bytes() and raw.annotation_png == b"png" and raw.annotation == {"segments_info": []}
     missing = read.load_folder_entry({"key": "b", "image": "images/b.jpg", "caption": "c"}, str(tmp_path))
-    assert missing.image_bytes is None and missing.annotation_png is None
+    assert isinstance(missing, Reject) and missing.stage == "read"  # named but absent: the reject names the file
+    assert missing.reason == f"missing_image: 'images/b.jpg' does not exist in {str(tmp_path)!r}"
+    unnamed = read.load_folder_entry({"key": "c", "caption": "c"}, str(tmp_path))
+    assert unnamed.image_bytes is None and unnamed.annotation_png is None  # decode rejects it: missing_image
 
 
 def test_detect_format_and_brace_ranges(tmp_path, make_tar, monkeypatch):

@@ -241,3 +241,25 @@ def test_a_category_name_utf8_cannot_encode_rejects_the_images_that_use_it(coco)
     assert set(rejected) == users and coco_key("val2017", first["image_id"]) in users
     assert all(r.startswith("bad_label_encoding: the label 'bad \\ud800 label'") for r in rejected.values())
     assert len(items) == len(panoptic["images"])  # every image is an entry or a reject: none lost
+
+
+def test_files_the_json_names_that_do_not_exist_are_rejects_naming_them(coco, tmp_path):
+    """A listed image or PNG that is gone is a read reject naming the file, told apart from decode's
+    missing_annotation for an image the panoptic json has no entry for."""
+    root, _ = coco
+    copy = tmp_path / "coco"
+    shutil.copytree(root, copy)
+    (copy / "annotations" / "panoptic_val2017" / "000000000285.png").unlink()
+    (copy / "val2017" / "000000000632.jpg").unlink()
+    layout = find_coco(str(copy))
+    panoptic = json.loads((copy / "annotations" / "panoptic_val2017.json").read_text())
+    captions = json.loads((copy / "annotations" / "captions_val2017.json").read_text())
+    loaded = {e["key"]: load_coco_entry(e, layout) for e in coco_index(panoptic, captions, layout)}
+    png, image = loaded[coco_key("val2017", 285)], loaded[coco_key("val2017", 632)]
+    assert (png.stage, png.reason) == (
+        "read", f"missing_annotation: '000000000285.png' does not exist in {layout.png_dir!r}")
+    assert (image.stage, image.reason) == (
+        "read", f"missing_image: '000000000632.jpg' does not exist in {layout.image_dir!r}")
+    unlisted = loaded[coco_key("val2017", 785)]  # no panoptic entry: flows on, decode rejects it
+    assert not isinstance(unlisted, Reject) and unlisted.annotation_png is None
+    assert sum(isinstance(v, Reject) for v in loaded.values()) == 2

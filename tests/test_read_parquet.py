@@ -121,6 +121,43 @@ def test_explicit_columns_bad_columns_and_broken_files(tmp_path):
     assert all(r.reason.startswith("unusable_columns: ") and "TEXT" in r.reason for r in unusable)
 
 
+def test_a_damaged_row_group_rejects_its_rows_and_the_next_ones_are_read(tmp_path):
+    """Damaged data in one row group: its rows are rejects, one each (the footer counts them), and the row groups
+    after it are still read. Before, the rest of the file vanished with one reject and verify said OK."""
+    path = tmp_path / "damaged.parquet"
+    rows = [{"key": f"z{i}", "jpg": bytes([i]) * 500, "caption": f"c{i}"} for i in range(8)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2, compression="none")
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(1).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 40] = b"\xee" * 40  # row group 1's image page header
+    path.write_bytes(bytes(data))
+    items = _items(path, batch_rows=1)
+    assert [(type(i).__name__, i.key) for i in items] == [
+        ("RawSample", "z0"), ("RawSample", "z1"), ("Reject", "damaged/2"), ("Reject", "damaged/3"),
+        *[("RawSample", f"z{i}") for i in range(4, 8)]]
+    assert all(i.reason.startswith("unreadable_parquet: row group 1, rows 2..3 unread") for i in items[2:4])
+    assert [i.image_bytes for i in items[4:]] == [r["jpg"] for r in rows[4:]]
+
+
+def test_unusable_columns_fail_before_output_is_touched(tmp_path):
+    """The column check runs with the launcher's other checks, before --output is written: the rerun with the
+    right column flags then starts there. Before, build_config.json was written first and refused that rerun."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    sample = generate_sample(0, seed=0)
+    pq.write_table(pa.table({"uid": ["a"], "photo": [encode_jpeg(sample.image)], "alt_text": [sample.caption]}),
+                   corpus / "custom.parquet")
+    out = tmp_path / "out"
+    argv = ["--input", str(corpus / "*.parquet"), "--output", str(out), *TINY_BUILD]
+    with pytest.raises(ValueError, match=r"custom\.parquet.*no image column.*photo"):
+        build.run(argv)
+    with pytest.raises(ValueError, match=r"--image-column 'foto' is not a column"):
+        build.run([*argv, "--image-column", "foto", "--caption-column", "alt_text"])
+    assert not (out / "build_config.json").exists()
+    manifest = build.run([*argv, "--image-column", "photo", "--caption-column", "alt_text", "--key-column", "uid"])
+    assert manifest["counts"]["read"] == 1
+
+
 def test_binary_captions_are_decoded_or_rejected(tmp_path):
     """A binary caption column: UTF-8 bytes are the caption's text; other bytes are a reject, never "b'...'" text."""
     path = tmp_path / "bytes.parquet"
