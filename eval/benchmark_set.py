@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from spatext.eval.masks import check_index_map, region_indices
@@ -56,7 +57,15 @@ from spatext.eval.outputs import is_same_or_inside, only_files_with_suffix, read
 from spatext.paths import inside, match_in
 from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import Segment, Segmentation
-from spatext.pipeline.schema import ShardSample, decode_image, encode_image, read_metadata, row_to_sample
+from spatext.pipeline.schema import (
+    SCHEMA_VERSION,
+    ShardSample,
+    decode_image,
+    encode_image,
+    read_metadata,
+    row_to_sample,
+    shard_schema,
+)
 from spatext.pipeline.selection import SelectOptions, choose_segments
 from spatext.pipeline.write import list_parquet
 from spatext.versions import package_version
@@ -72,6 +81,7 @@ INFO_FILE = "benchmark.json"
 SAMPLES_FILE = "samples.jsonl"
 MASKS_DIR = "masks"
 REFERENCE_DIR = "reference"
+SHARD_COLUMNS = tuple(shard_schema().names)  # what a shard must hold for the benchmark's two passes
 VOLATILE_FIELDS = ("created", "wall_s", "package_version")  # benchmark.json fields that differ between identical builds
 FINGERPRINT_VERSION = "spatext-benchmark-fingerprint-v1"
 RULES = {
@@ -153,12 +163,27 @@ def shard_files(shards: str) -> list[str]:
     return files
 
 
+def _shard_file(path: str) -> pq.ParquetFile:
+    """One shard opened, after a check of the columns the benchmark reads; ValueError naming the file otherwise (a
+    Parquet file that is not a spatext shard, or not Parquet at all)."""
+    try:
+        parquet = parquet_file(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"--shards: {path!r} is not a readable Parquet file: {exc}") from exc
+    names = parquet.schema_arrow.names
+    missing = [c for c in SHARD_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"--shards: {path!r} is not a spatext shard (schema v{SCHEMA_VERSION}): it lacks the "
+                         f"column(s) {', '.join(map(repr, missing))}; its columns: {', '.join(names) or 'none'}")
+    return parquet
+
+
 def _scan(files: list[str], spec: BenchmarkSpec) -> tuple[list[str], dict]:
     """Pass 1 (keys and segment lists only): the eligible keys by rank, and counts."""
     eligible, seen = [], set()
     counts = {"rows": 0, "no_region": 0, "unlabelled_regions": 0}
     for path in files:
-        parquet = parquet_file(path)
+        parquet = _shard_file(path)
         # Only the segments' index / area / label leaves: the embeddings are not needed to choose samples.
         leaves = [c.path for c in parquet.schema if c.path.startswith("segments.") and
                   c.path.rsplit(".", 1)[-1] in ("index", "area", "label")]
@@ -382,9 +407,34 @@ def iter_benchmark(path: str) -> Iterator[BenchmarkSample]:
     """Decoded samples of a benchmark folder, in samples.jsonl order (one at a time)."""
     read_benchmark_info(path)
     with open(os.path.join(path, SAMPLES_FILE), encoding="utf-8") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             if line.strip():
-                yield _decode_sample(path, json.loads(line))
+                yield _decode_sample(path, _parse_record(line, f"{os.path.join(path, SAMPLES_FILE)}:{number}"))
+
+
+RECORD_FIELDS = {"key": str, "prompt": str, "masks": str, "reference": str, "regions": list}
+REGION_FIELDS = {"index": int, "prompt": str, "area": (int, float)}
+
+
+def _parse_record(line: str, where: str) -> dict:
+    """One samples.jsonl line as a record with the fields and types ``_decode_sample`` reads; ValueError naming the
+    line (``where``) and the field otherwise (a hand-edited or damaged file)."""
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"{where}: not a JSON line ({exc})") from exc
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    for name, kind in RECORD_FIELDS.items():
+        if not isinstance(record.get(name), kind):
+            raise ValueError(f"{where}: field {name!r} must be a {kind.__name__}, got {record.get(name)!r:.80}")
+    for i, region in enumerate(record["regions"]):
+        known = isinstance(region, dict) and set(region) <= {*REGION_FIELDS, "source_index"}
+        if not known or any(not isinstance(region.get(n), k) or isinstance(region.get(n), bool)
+                            for n, k in REGION_FIELDS.items()):
+            raise ValueError(f"{where}: regions[{i}] must be an object with index (int), prompt (str), area "
+                             f"(number) and optionally source_index, got {region!r:.120}")
+    return record
 
 
 def load_benchmark(path: str) -> list[BenchmarkSample]:

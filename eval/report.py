@@ -44,12 +44,21 @@ COMPARABILITY = ("Published numbers come from other models, other data (COCO-Stu
                  "(CLIP score x100 = cosine similarity, not distance; mIoU in % from another segmenter; FID with "
                  "the standard Inception); they are not directly comparable with the measured rows.")
 METRICS = ("global_distance", "local_distance", "local_iou")
+MIN_CHART_WIDTH = 5.0  # inches: a bar chart of one method still has room for its title
 TITLES = {"global_distance": "Global distance (lower is better)", "local_distance": "Local distance (lower is better)",
           "local_iou": "Local IoU (higher is better)", "fid": "FID (lower is better)"}
 
 
+def row_weights(result: dict, label: str, key: str) -> str:
+    """The models behind one measured row that are listed under ``result[key]`` (random_weights or
+    unknown_provenance), ';'-separated: the scorers' (clip, segmenter) and the row's own generations."""
+    names = result.get(key) or []
+    return ";".join(n for n in names if n in ("clip", "segmenter") or n == f"generations {label}")
+
+
 def csv_rows(result: dict) -> list[dict]:
-    """One row per measured method, then the published rows."""
+    """One row per measured method, then the published rows. A measured row names the random-init models and those
+    of unknown provenance its numbers come from, so the CSV pasted on its own still says so."""
     rows = []
     for method in result["methods"]:
         row = {"kind": "measured", "method": method["label"], "protocol": result["benchmark"]["protocol"],
@@ -59,6 +68,8 @@ def csv_rows(result: dict) -> list[dict]:
             summary = method["metrics"].get(name) or {}
             for field in ("mean", "ci_low", "ci_high"):
                 row[f"{name}_{field}" if field != "mean" else name] = summary.get(field)
+        row["random_weights"] = row_weights(result, method["label"], "random_weights")
+        row["unknown_provenance"] = row_weights(result, method["label"], "unknown_provenance")
         rows.append(row)
     for published in PUBLISHED:
         rows.append({"kind": PUBLISHED_NOTE, **published, "fid_name": "FID", "fid_comparable": True})
@@ -166,7 +177,7 @@ def _add_note(fig: plt.Figure, result: dict) -> None:
     note = random_weights_note(result)
     if note:
         fig.subplots_adjust(bottom=max(fig.subplotpars.bottom, 0.12))
-        fig.text(0.01, 0.01, note, fontsize=6, color="tab:red", ha="left", va="bottom")
+        fig.text(0.01, 0.01, note, fontsize=6, color="tab:red", ha="left", va="bottom", wrap=True)
 
 
 def markdown(result: dict) -> str:
@@ -255,7 +266,7 @@ def bar_chart(result: dict, name: str, path: str) -> None:
         labels.append(method["label"])
         values.append(math.nan if mean is None else mean)
         errors.append(error_bars(mean, summary.get("ci_low"), summary.get("ci_high")))
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 3))
+    fig, ax = plt.subplots(figsize=(max(MIN_CHART_WIDTH, 1.2 * len(labels) + 2), 3))
     positions = np.arange(len(labels))  # one slot per row, even when labels repeat
     measured = [i for i, v in enumerate(values) if not math.isnan(v)]
     ax.bar(positions[measured], [values[i] for i in measured], yerr=np.array(errors)[measured].T if measured else None,
@@ -263,7 +274,7 @@ def bar_chart(result: dict, name: str, path: str) -> None:
     for i in sorted(set(range(len(values))) - set(measured)):  # no bar: a zero bar would read as the worst score
         ax.annotate("not\nmeasured", (i, 0), ha="center", va="bottom", fontsize=8, color="grey")
     ax.set_xticks(positions, labels)
-    ax.set_title(title(result, name))
+    ax.set_title(title(result, name), wrap=True)  # wrapped at the figure's edges: one method's chart is narrow
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     _add_note(fig, result)

@@ -248,9 +248,16 @@ def check_generations(path: str, benchmark: str, samples: list[BenchmarkSample],
                          f"({a_few(absent)})")
     wrong = []
     for sample in samples:
-        with Image.open(os.path.join(path, images[sample.key])) as picture:  # reads the header only
-            if picture.size != sample.reference.shape[1::-1]:
-                wrong.append(images[sample.key])
+        name = images[sample.key]
+        try:
+            with Image.open(os.path.join(path, name)) as picture:  # the header, then the file's integrity (a PNG's
+                size = picture.size                                # CRCs: a truncated file fails here, before
+                picture.verify()                                   # any folder is scored)
+        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"--generations {path!r}: {name} (sample {sample.key!r}) is not a readable image: "
+                             f"{exc}") from exc
+        if size != sample.reference.shape[1::-1]:
+            wrong.append(name)
     if wrong:
         raise ValueError(f"--generations {path!r}: images not at their reference's size: {len(wrong)} "
                          f"({a_few(wrong)})")
@@ -280,8 +287,11 @@ def _read_image(path: str, sample: BenchmarkSample) -> np.ndarray:
     """One generated RGB image, checked against the sample's reference size."""
     if not os.path.isfile(path):
         raise ValueError(f"generations: {path!r} (sample {sample.key!r}) is missing")
-    with Image.open(path) as picture:
-        image = np.array(picture.convert("RGB"))
+    try:
+        with Image.open(path) as picture:
+            image = np.array(picture.convert("RGB"))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # damaged after the check, or a JPEG's data
+        raise ValueError(f"generations: {path!r} (sample {sample.key!r}) is not a readable image: {exc}") from exc
     if image.shape != sample.reference.shape:
         raise ValueError(f"{path}: size {image.shape[:2]} differs from the reference's {sample.reference.shape[:2]}")
     return image

@@ -41,7 +41,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # wall and this thread's CPU milliseconds (torch's intra-op threads excluded: exact with one torch thread)
 # what embed_samples reports of each call: where its time went, and the torch threads it ran on
 TIMINGS = ("preprocess_ms", "preprocess_cpu_ms", "forward_ms", "forward_cpu_ms", "torch_threads")
-MAX_IMAGES_PER_FORWARD = 256  # encode_image chunk size; a batch of samples with their crops is split into chunks
+MAX_IMAGES_PER_FORWARD = 256  # encode_image/encode_text chunk size (a batch of samples with their crops is split)
 
 
 open_clip.add_model_config(CONFIG_DIR)  # registers "spatext-tiny" and "spatext-tiny-224" (configs/open_clip/*.json)
@@ -273,7 +273,9 @@ def embed_images(model: ClipModel, images: Sequence[Image.Image | np.ndarray]) -
     """Return the L2-normalised CLIP image embeddings (N x D float32) of images (PIL or uint8 arrays), in order."""
     if not images:
         return np.zeros((0, model.embed_dim), dtype=np.float32)
-    return encode_pixels(model, preprocess_images(model, images))
+    step = MAX_IMAGES_PER_FORWARD  # preprocessed chunk by chunk: N images never sit preprocessed at once
+    return np.concatenate([encode_pixels(model, preprocess_images(model, images[start : start + step]))
+                           for start in range(0, len(images), step)])
 
 
 def prompt_list(prompts: str | Sequence[str], name: str = "prompts") -> list[str]:
@@ -294,9 +296,11 @@ def embed_texts(model: ClipModel, texts: str | Sequence[str]) -> np.ndarray:
     texts = prompt_list(texts, "texts")
     if not texts:
         return np.zeros((0, model.embed_dim), dtype=np.float32)
-    tokens = model.tokenizer(texts).to(model.spec.device)
+    step = MAX_IMAGES_PER_FORWARD  # as many texts per forward as images: activations stay bounded
     with torch.inference_mode():
-        return _unit(model.model.encode_text(tokens))
+        return np.concatenate([_unit(model.model.encode_text(model.tokenizer(texts[start : start + step])
+                                                            .to(model.spec.device)))
+                               for start in range(0, len(texts), step)])
 
 
 def segment_crops(sample: Sample) -> list[np.ndarray]:

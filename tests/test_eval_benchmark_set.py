@@ -100,6 +100,31 @@ def test_masks_and_reference_round_trip(shards: Path, tmp_path: Path) -> None:
     assert sample.prompt == "caption 0" and sample.masks.dtype == np.uint8
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: r.pop("regions"), r"samples\.jsonl:2: field 'regions' must be a list, got None"),
+    (lambda r: r.update(prompt=3), r"samples\.jsonl:2: field 'prompt' must be a str, got 3"),
+    (lambda r: r["regions"][0].pop("area"), r"samples\.jsonl:2: regions\[0\] must be an object with index"),
+    (lambda r: r["regions"][0].update(index=True), r"samples\.jsonl:2: regions\[0\] must be an object"),
+    (lambda r: r["regions"][0].update(colour="red"), r"samples\.jsonl:2: regions\[0\] must be an object"),
+])
+def test_a_damaged_samples_line_is_named(shards: Path, tmp_path: Path, damage, message) -> None:
+    """A hand-edited samples.jsonl line missing a field, or with one of the wrong type: a ValueError naming the line
+    and the field (the CLI's 'error:' line), not a KeyError traceback."""
+    out = tmp_path / "b"
+    build(shards, out, "all")
+    path = out / "samples.jsonl"
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[1])
+    damage(record)
+    lines[1] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_benchmark(str(out))
+    path.write_text("\n".join([lines[0], "[1, 2]", *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match=r"samples\.jsonl:2: a record must be a JSON object, got list"):
+        load_benchmark(str(out))
+
+
 def data_files(folder: Path) -> list[Path]:
     """Every file of a benchmark folder but benchmark.json (which holds the creation time), relative, sorted."""
     return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name != "benchmark.json")
@@ -194,6 +219,20 @@ def test_spec_and_input_errors(tmp_path: Path) -> None:
         make_benchmark(BenchmarkSpec(shards=str(tmp_path), out=str(tmp_path / "o")))
     with pytest.raises(ValueError, match="benchmark.json is missing"):
         load_benchmark(str(tmp_path))
+
+
+def test_parquet_files_that_are_not_shards_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A Parquet file without the shard columns, or not Parquet at all: an error naming the file and what it holds
+    (exit status 2 from the CLI), not a KeyError traceback."""
+    folder = tmp_path / "other"
+    folder.mkdir()
+    pq.write_table(pa.table({"key": ["a"], "url": ["x"]}), folder / "a.parquet")
+    with pytest.raises(ValueError, match=r"a\.parquet' is not a spatext shard.*lacks .*'image'.*'segments'.*its "
+                       r"columns: key, url"):
+        make_benchmark(BenchmarkSpec(shards=str(folder), out=str(tmp_path / "o")))
+    (folder / "a.parquet").write_bytes(b"junk!!")
+    assert cli.main(["make-benchmark", "--shards", str(folder), "--out", str(tmp_path / "o")]) == 2
+    assert "a.parquet' is not a readable Parquet file" in capsys.readouterr().err
 
 
 def test_file_stem() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -336,3 +337,65 @@ def test_throughput_benchmark_runs_and_agrees(
     assert set(record["scoring"]) == {"global_distance", "local_distance", "local_iou", "fid", "all four"}
     assert record["metric_values"]["local_iou"] == 1.0  # mirrored ground truth against mirrored masks
     assert record["frechet"]["rel_diff"] < 1e-9
+
+
+class ChannelMeans(torch.nn.Module):
+    """A feature extractor of uint8 images (per-channel means and spreads) that records each forward's batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_features, self.batches = 6, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(len(x))
+        x = x.double()
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def test_fid_update_feeds_the_extractor_in_bounded_chunks(tiny) -> None:
+    """A benchmark's images go through the extractor at most batch_size at a time (one forward of 5,000 Inception
+    images would need ~67 GB), with the same statistics as whole-set features computed directly."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    images = demo_images(7, 3) + demo_images(3, 4, size=(30, 20))
+    extractor = ChannelMeans()
+    metric = FrechetInceptionDistance(feature=extractor)
+    extractor.batches.clear()
+    fid_update(metric, images, real=True, batch_size=3)
+    assert extractor.batches == [3, 3, 1, 3]  # per size group, in chunks of at most 3
+    want = torch.cat([extractor(torch.from_numpy(im).permute(2, 0, 1)[None]) for im in images])
+    torch.testing.assert_close(metric.real_features_sum, want.sum(dim=0), rtol=1e-12, atol=1e-9)
+    assert int(metric.real_features_num_samples) == 10
+    clip_metric, _ = make_fid("clip", clip=tiny)
+    seen = []
+    forward = clip_metric.inception.forward
+    clip_metric.inception.forward = lambda x: seen.append(len(x)) or forward(x)
+    fid_update(clip_metric, images, real=True, batch_size=4)
+    assert seen == [4, 4, 2]
+    from spatext.pipeline.clip import embed_images
+
+    torch.testing.assert_close(clip_metric.real_features_sum, torch.from_numpy(embed_images(tiny, images)).double()
+                               .sum(dim=0), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        fid_update(clip_metric, images, real=True, batch_size=0)
+
+
+def test_embeddings_are_computed_in_bounded_chunks(tiny, monkeypatch) -> None:
+    """embed_images and embed_texts preprocess and encode at most MAX_IMAGES_PER_FORWARD inputs at a time, with the
+    same embeddings as one by one."""
+    from spatext.pipeline import clip
+
+    monkeypatch.setattr(clip, "MAX_IMAGES_PER_FORWARD", 2)
+    sizes = []
+    preprocess = clip.preprocess_images
+    monkeypatch.setattr(clip, "preprocess_images", lambda m, ims: sizes.append(len(ims)) or preprocess(m, ims))
+    images = demo_images(5, 9)
+    got = clip.embed_images(tiny, images)
+    assert sizes == [2, 2, 1]
+    np.testing.assert_allclose(got, np.concatenate([clip.embed_images(tiny, [im]) for im in images]), atol=1e-6)
+    texts = [f"a photo of thing {i}" for i in range(5)]
+    tokens = []
+    counted = dataclasses.replace(tiny, tokenizer=lambda t: tokens.append(len(t)) or tiny.tokenizer(t))
+    got = clip.embed_texts(counted, texts)
+    assert tokens == [2, 2, 1] and got.shape == (5, tiny.embed_dim)
+    np.testing.assert_allclose(got, np.concatenate([clip.embed_texts(tiny, t) for t in texts]), atol=1e-6)

@@ -108,6 +108,9 @@ def test_score_report_with_annotations(generations, tmp_path) -> None:
     with open(out / "report.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
     assert [r["method"] for r in table if r["kind"] == "measured"] == list(METHODS)
+    weights = {r["method"]: r["random_weights"] for r in table if r["kind"] == "measured"}  # the CSV alone says so
+    assert weights == {"reference": "clip", **{m: f"clip;generations {m}" for m in METHODS[1:]}}
+    assert all(r["unknown_provenance"] == "" for r in table)
     published = [r for r in table if r["kind"] == PUBLISHED_NOTE]
     assert [(r["protocol"], float(r["fid"])) for r in published] == [("all", 19.8), ("filtered", 18.9), ("few", 16.2)]
     fid_name = f"FID on CLIP {TINY_MODEL} features"  # --fid-extractor clip: never plain "FID"
@@ -239,6 +242,26 @@ def test_every_generations_folder_is_checked_before_scoring(generations, tmp_pat
     assert f"lists images outside the folder: 1 ('../{folders[1].name}/x.png')" in capsys.readouterr().err
 
 
+def test_a_damaged_generated_image_is_named_before_scoring(generations, tmp_path, monkeypatch, capsys) -> None:
+    """A truncated PNG passes a header read: its CRCs are checked with the folder, so the error names the file and
+    the sample before any model loads; one damaged later still names them when read."""
+    bench, folders = generations
+    folder = tmp_path / "damaged"
+    shutil.copytree(folders[0], folder)
+    info = json.loads((folder / "generation.json").read_text())
+    key, name = sorted(info["images"].items())[1]
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) * 2 // 3])
+    monkeypatch.setattr(score, "Scorer", lambda *a, **k: pytest.fail("models loaded before the folders were checked"))
+    argv = ["score", "--benchmark", str(bench), "--generations", str(folder), "--out", str(tmp_path / "r"), *TINY]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"{name} (sample {key!r}) is not a readable image" in error and str(folder) in error
+    sample = next(s for s in load_benchmark(str(bench)) if s.key == key)
+    with pytest.raises(ValueError, match=rf"{name}' \(sample {key!r}\) is not a readable image"):
+        score._read_image(str(folder / name), sample)
+
+
 def test_unlisted_image_files_are_named_in_a_warning(generations, tmp_path, caplog) -> None:
     bench, folders = generations
     folder = tmp_path / "copy"
@@ -321,6 +344,27 @@ def test_bar_chart_draws_one_slot_per_row_and_no_bar_for_an_unmeasured_metric(tm
                                       ("b", {"mean": 0.25, "ci_low": None, "ci_high": None}))]
     bar_chart({"methods": methods, "random_weights": []}, "local_iou", str(tmp_path / "bars.png"))
     assert drawn == {"x": [0, 2], "height": [0.5, 0.25]} and (tmp_path / "bars.png").is_file()
+
+
+def test_a_bar_chart_of_one_method_shows_its_whole_title_and_note(tmp_path, monkeypatch) -> None:
+    """One method made a 3.2-inch figure whose title was cut at the edge; the title and the weights note now wrap
+    inside the figure."""
+    figures = []
+    close = report.plt.close
+    monkeypatch.setattr(report.plt, "close", lambda fig: figures.append(fig))
+    result = {"methods": [{"label": "concat", "fid": {"fid": 1.5}, "metrics": {}}],
+              "fid": {"name": "FID on CLIP spatext-tiny features, an extractor with a long name"},
+              "random_weights": ["clip", "segmenter", "generations concat", "generations a-long-method-label"]}
+    bar_chart(result, "fid", str(tmp_path / "bars.png"))
+    fig = figures[0]
+    fig.canvas.draw()
+    renderer, width = fig.canvas.get_renderer(), fig.bbox.width
+    texts = [fig.axes[0].title, *fig.texts]
+    assert len(texts) == 2 and fig.axes[0].title.get_text().startswith("FID on CLIP spatext-tiny")
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= width, (text.get_text(), box, width)
+    close(fig)
 
 
 def test_the_grid_caption_of_a_scene_fits_three_lines() -> None:
