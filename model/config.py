@@ -115,8 +115,17 @@ def get_config(name_or_path: str) -> DenoiserConfig:
         raise ValueError(
             f"--config {name_or_path!r} is neither a bundled config ({', '.join(list_configs())}) nor a JSON file"
         )
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    return config_from_dict(read_config_json(path, name_or_path), name=name)
+
+
+def read_config_json(path: str | Path, name_or_path: str) -> dict:
+    """The JSON object of a config file (denoiser or prior); ValueError naming ``--config`` and the file when it is
+    unreadable, not JSON or not an object (a bare JSONDecodeError named neither)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"--config {name_or_path!r}: not a readable JSON file ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"--config {name_or_path!r}: expected a JSON object, got {type(data).__name__}")
-    return config_from_dict(data, name=name)
+    return data

@@ -226,8 +226,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         meta = check_metadata(data, metas)
         k_max = meta.get("k_max")
         if not self.resample_segments and k_max is not None and int(k_max) > self.max_segments:
-            raise ValueError(f"max_segments={self.max_segments} is below the shards' k_max={k_max}; "
-                             "raise max_segments or pass resample_segments=True")
+            raise ValueError(f"max_segments={self.max_segments} (spatext train: --max-segments) is below the "
+                             f"shards' k_max={k_max}; raise it, or pass resample_segments=True (--resample-segments)")
         return meta
 
     @property

@@ -219,13 +219,16 @@ class SpaTextPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         return prompts, scenes
 
-    def encode_prompt(self, prompts: str | Sequence[str], device: torch.device | None = None) -> torch.Tensor:
-        """Global prompts → the base text encoder's last hidden states (N x L x C; one string: N = 1)."""
+    def encode_prompt(self, prompts: str | Sequence[str], device: torch.device | None = None,
+                      warn_truncation: bool = True) -> torch.Tensor:
+        """Global prompts → the base text encoder's last hidden states (N x L x C; one string: N = 1). Prompts over
+        the tokenizer's length are cut, with a warning naming the cut part (as diffusers' SD pipelines do) unless
+        ``warn_truncation`` is False (training, which cuts silently like diffusers' training scripts)."""
         device = device or self._execution_device
         prompts = prompt_list(prompts)
         limit = self.tokenizer.model_max_length
         tokens = self.tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
-        for ids in self.tokenizer(prompts).input_ids:  # untruncated: warn as diffusers' SD pipelines do
+        for ids in self.tokenizer(prompts).input_ids if warn_truncation else ():  # untruncated
             if len(ids) > limit:
                 logger.warning("The following part of your input was truncated because CLIP can only handle "
                                "sequences up to %d tokens: %r", limit, self.tokenizer.decode(ids[limit - 1 : -1]))

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spatext.model.config import read_config_json
 from spatext.pipeline.weights import safetensors_bytes
 
 logger = logging.getLogger(__name__)
@@ -91,9 +92,7 @@ def load_prior_config(name_or_path: str) -> PriorConfig:
     else:
         raise ValueError(f"config {name_or_path!r} is neither a bundled prior config "
                          f"({', '.join(list_prior_configs())}) nor a JSON file")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"config {name_or_path!r}: expected a JSON object, got {type(data).__name__}")
+    data = read_config_json(path, name_or_path)
     return prior_config_from_dict({k: v for k, v in data.items() if k != "name"}, name=data.get("name", name))
 
 

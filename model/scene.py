@@ -208,10 +208,13 @@ def _image_mask(path: str, size: tuple[int, int], label: str) -> np.ndarray:
     """A mask PNG (see `_pil_mask`) resized to ``size`` (nearest)."""
     if not os.path.isfile(path):
         raise ValueError(f"{label}: mask file {path!r} not found")
-    with Image.open(path) as image:
-        image.load()
-        warn_if_stretched(path, image.size, size)
-        mask = _pil_mask(image, f"{label}: mask {path!r}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            warn_if_stretched(path, image.size, size)
+            mask = _pil_mask(image, f"{label}: mask {path!r}")
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # not an image, truncated, a bomb
+        raise ValueError(f"{label}: mask {path!r} is not a readable image ({e})") from e
     return np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.Resampling.NEAREST))
 
 

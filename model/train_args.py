@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from collections.abc import Sequence
 
-from spatext.model.config import list_configs
+from spatext.model.config import list_configs, read_config_json
 from spatext.model.prior import list_prior_configs
 
 DEFAULTS = {"denoiser": {"steps": 1000, "batch": 16, "lr": 1e-4}, "prior": {"steps": 500, "batch": 256, "lr": 1e-3}}
@@ -116,9 +115,8 @@ def is_prior_config(name: str) -> bool:
     if name in list_prior_configs():
         return True
     if name.endswith(".json") and os.path.isfile(name):
-        with open(name, encoding="utf-8") as f:
-            data = json.load(f)
-        return isinstance(data, dict) and "hidden_dim" in data and "unet" not in data
+        data = read_config_json(name, name)
+        return "hidden_dim" in data and "unet" not in data
     return False
 
 
@@ -129,6 +127,29 @@ def check_config_name(name: str, prior: bool) -> None:
         return
     raise ValueError(f"--config {name!r} is neither a bundled config (denoisers: {', '.join(list_configs())}; priors: "
                      f"{', '.join(list_prior_configs())}) nor a JSON file")
+
+
+def check_lr_scheduler(name: str) -> None:
+    """ValueError naming ``--lr-scheduler`` unless diffusers has a schedule of that name (checked before the shards
+    and models load, not at the optimizer's set-up)."""
+    from diffusers.optimization import SchedulerType  # lazy: diffusers is slow to import for --help
+
+    names = [t.value for t in SchedulerType]
+    if name not in names:
+        raise ValueError(f"--lr-scheduler {name!r} is not a diffusers schedule; one of {', '.join(names)}")
+
+
+def check_prior_path(path: str) -> None:
+    """ValueError naming ``--prior`` when its weights file does not exist (any fsspec path)."""
+    import fsspec
+
+    from spatext.model.prior import prior_file
+
+    weights = prior_file(path)
+    fs, local = fsspec.core.url_to_fs(weights)
+    if not fs.exists(local):
+        raise ValueError(f"--prior {path!r}: {weights} does not exist (pass a train-prior output folder or its "
+                         ".safetensors file)")
 
 
 def check_args(args: argparse.Namespace, prior: bool) -> None:
@@ -156,6 +177,12 @@ def check_args(args: argparse.Namespace, prior: bool) -> None:
         raise ValueError(f"--sample-guidance-scale must be a finite number, got {args.sample_guidance_scale}")
     if not 0 < args.learning_rate < math.inf:  # also refuses nan
         raise ValueError(f"--learning-rate must be a finite number > 0, got {args.learning_rate}")
+    for name in ("adam_weight_decay", "max_grad_norm"):
+        if not 0 <= getattr(args, name) < math.inf:
+            raise ValueError(f"{flag(name)} must be a finite number >= 0, got {getattr(args, name)}")
+    check_lr_scheduler(args.lr_scheduler)
+    if not prior and args.prior is not None:
+        check_prior_path(args.prior)
     if not prior and args.base_model is None:
         raise ValueError("--base-model is required for a denoiser config: its text encoder, tokenizer and scheduler "
                          "(and, for latent configs, VAE and UNet); tests use spatext.model.tiny_base")

@@ -63,7 +63,7 @@ def encode_batch(
         clean = (latents * pipe.vae.config.scaling_factor).float()
     else:
         clean = pixels.float()
-    text = pipe.encode_prompt(batch["caption"], device)
+    text = pipe.encode_prompt(batch["caption"], device, warn_truncation=False)  # a warning per caption would flood
     label_map = batch["label_map"].to(device, non_blocking=True)
     st = build_st(label_map, batch["segment_embeddings"].to(device, non_blocking=True), tuple(clean.shape[-2:]))
     image = batch["image_embedding"].to(device) if uses_image_embedding(pipe.unet) else None

@@ -163,6 +163,22 @@ def test_prompts_longer_than_clip_are_cut_with_a_warning(latent, caplog):
     assert "truncated" not in caplog.text and "were cut" not in caplog.text
 
 
+def test_training_batches_cut_long_captions_without_a_warning_each(latent, caplog):
+    """encode_batch runs once per training step: a warning per long caption flooded training logs (155 of 197
+    lines in a 30-step demo run). Training cuts silently, like diffusers' training scripts, to the same tokens."""
+    from spatext.model.train_step import encode_batch
+
+    long = " ".join(["word"] * 100)
+    batch = {"pixel_values": torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "caption": [long, "short"],
+             "label_map": torch.zeros(2, 32, 32, dtype=torch.long), "segment_embeddings": torch.zeros(2, 1, 64),
+             "image_embedding": torch.zeros(2, 64)}
+    with caplog.at_level(logging.WARNING, logger="spatext.model.pipeline"):
+        _, text, _, _ = encode_batch(latent, batch, torch.device("cpu"), torch.float32, torch.Generator())
+    assert "truncated" not in caplog.text
+    torch.testing.assert_close(text, latent.encode_prompt([long, "short"]), rtol=0, atol=0)
+    assert "truncated" in caplog.text  # __call__'s path still warns
+
+
 def test_pixel_pipeline_is_conditioned_on_the_prompt_through_the_prior(pixel):
     assert pixel.vae is None and pixel.unet.config.class_embed_type == "projection"
     images = _run(pixel, scene=_scene(16))

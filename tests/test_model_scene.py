@@ -176,6 +176,13 @@ def test_load_scene_errors_name_the_region(tmp_path, data, message):
         load_scene(_write_scene(tmp_path, data), (4, 4))
 
 
+def test_a_mask_file_that_is_not_an_image_names_the_region(tmp_path):
+    (tmp_path / "notpng.png").write_text("hello")
+    path = _write_scene(tmp_path, {"prompt": "p", "regions": [{"prompt": "a dog", "mask": "notpng.png"}]})
+    with pytest.raises(ValueError, match=r"regions\[0\] \('a dog'\): mask '.*notpng\.png' is not a readable image"):
+        load_scene(path, (4, 4))
+
+
 def test_load_scene_rejects_unreadable_json(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("{not json")

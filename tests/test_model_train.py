@@ -434,6 +434,11 @@ def test_a_bf16_run_saves_the_base_weights_in_fp32_and_samples(four_rows, base, 
         (["--resolution", "63"], "--resolution 63 does not fit config 'latent-tiny': it must be a multiple of 8 "
                                  r"\(4 pixels per latent cell x 2, the UNet's downsampling\), e.g. 64"),
         (["--learning-rate", "nan"], "--learning-rate must be a finite number > 0, got nan"),
+        (["--adam-weight-decay", "-5"], "--adam-weight-decay must be a finite number >= 0, got -5.0"),
+        (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number >= 0, got nan"),
+        (["--lr-scheduler", "bogus"], "--lr-scheduler 'bogus' is not a diffusers schedule; one of linear, cosine"),
+        (["--prior", "MISSING"], r"--prior '.*/nope': .*/nope/prior\.safetensors does not exist"),
+        (["--config", "BAD_JSON"], r"--config '.*bad\.json': not a readable JSON file \(Expecting property name"),
         (["--sample-guidance-scale", "inf"], "--sample-guidance-scale must be a finite number, got inf"),
         (["--resume-from-checkpoint", "/nonexistent"], "is not a checkpoint dir"),
         (["--output", "gs://bucket/run"], r"--output 'gs://bucket/run': a training run writes to a local folder"),
@@ -446,7 +451,8 @@ def test_a_bf16_run_saves_the_base_weights_in_fp32_and_samples(four_rows, base, 
 def test_bad_flags_raise_clear_errors_and_create_nothing(demo_shards, base, tmp_path, extra, message):
     output = tmp_path / "bad"
     argv = _argv(str(demo_shards), base, output)
-    paths = {"MISSING": str(tmp_path / "nope"), "NOT_A_MODEL": str(demo_shards)}
+    (tmp_path / "bad.json").write_text("{not json")
+    paths = {"MISSING": str(tmp_path / "nope"), "NOT_A_MODEL": str(demo_shards), "BAD_JSON": str(tmp_path / "bad.json")}
     for flag, value in zip(extra[::2], extra[1::2], strict=True):
         i = argv.index(flag) if flag in argv else None
         if i is not None:
