@@ -33,7 +33,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
 from spatext.eval.masks import check_index_map, region_indices
-from spatext.pipeline.clip import ClipModel, embed_images, embed_texts, prompt_list
+from spatext.pipeline.clip import MAX_IMAGES_PER_FORWARD, ClipModel, embed_images, embed_texts, prompt_list
 from spatext.pipeline.crop import segment_crop
 
 
@@ -85,11 +85,15 @@ def local_pairs(
     """One Local distance per (sample, region), samples in order, regions by index (float64, sum of K_j)."""
     check_images(images)
     check_lengths(images=images, masks=masks, local_prompts=local_prompts)
-    crops, texts = [], []
+    crops, texts, vectors = [], [], []
     for j, (image, index_map, prompts) in enumerate(zip(images, masks, local_prompts, strict=True)):
         crops += local_crops(image, index_map, prompts, name=f"masks[{j}]")
         texts += list(prompts)
-    image_vectors = embed_images(clip, crops)
+        if len(crops) >= MAX_IMAGES_PER_FORWARD:  # embedded as they come: a benchmark's crops never sit in memory
+            vectors.append(embed_images(clip, crops))  # at once (thousands of up to image-sized squares)
+            crops = []
+    vectors.append(embed_images(clip, crops))
+    image_vectors = np.concatenate(vectors)
     text_vectors = embed_texts(clip, texts)
     return cosine_distances(torch.from_numpy(image_vectors), torch.from_numpy(text_vectors))
 

@@ -73,6 +73,21 @@ def test_local_distance_matches_open_clip_on_the_pipeline_crop(tiny, bench) -> N
     assert len(crops) > len(bench)  # some samples have several regions: the mean is over (sample, region)
 
 
+def test_local_pairs_embed_crops_as_they_come(tiny, bench, monkeypatch) -> None:
+    """Crops are embedded in chunks while the samples are cut (a benchmark's crops never all sit in memory), with
+    the per-pair values of one pass over every crop."""
+    images, masks, prompts = [s.reference for s in bench], [s.masks for s in bench], [s.local_prompts for s in bench]
+    whole = clip_distance.local_pairs(images, masks, prompts, tiny)
+    monkeypatch.setattr(clip_distance, "MAX_IMAGES_PER_FORWARD", 3)
+    sizes = []
+    embed = clip_distance.embed_images
+    monkeypatch.setattr(clip_distance, "embed_images", lambda clip, ims: sizes.append(len(ims)) or embed(clip, ims))
+    chunked = clip_distance.local_pairs(images, masks, prompts, tiny)
+    most_regions = max(len(p) for p in prompts)
+    assert len(sizes) > 2 and max(sizes) < 3 + most_regions and sum(sizes) == len(whole)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+
+
 def test_cosine_distances_range_and_normalisation() -> None:
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
     b = torch.tensor([[5.0, 0.0], [0.0, -1.0], [1.0, 0.0]])
