@@ -134,7 +134,7 @@ def check_lr_scheduler(name: str) -> None:
     and models load, not at the optimizer's set-up)."""
     from diffusers.optimization import SchedulerType  # lazy: diffusers is slow to import for --help
 
-    names = [t.value for t in SchedulerType]
+    names = [t.value for t in SchedulerType if t.value != "piecewise_constant"]  # needs step rules: no flag
     if name not in names:
         raise ValueError(f"--lr-scheduler {name!r} is not a diffusers schedule; one of {', '.join(names)}")
 

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,8 +269,9 @@ def encode_pixels(model: ClipModel, pixels: torch.Tensor) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def embed_images(model: ClipModel, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
+def embed_images(model: ClipModel, images: Iterable[Image.Image | np.ndarray]) -> np.ndarray:
     """Return the L2-normalised CLIP image embeddings (N x D float32) of images (PIL or uint8 arrays), in order."""
+    images = list(images)  # any iterable (a generator too), sliced into chunks below
     if not images:
         return np.zeros((0, model.embed_dim), dtype=np.float32)
     step = MAX_IMAGES_PER_FORWARD  # preprocessed chunk by chunk: N images never sit preprocessed at once

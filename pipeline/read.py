@@ -239,6 +239,12 @@ class _EndCheckedTarInfo(tarfile.TarInfo):
             tar.spatext_header_error = (exc, tar.offset)  # tar.offset: where the header that failed starts
             raise
 
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        if 0 < len(buf) < tarfile.BLOCKSIZE and not buf.strip(b"\0"):  # an end marker cut short: every member
+            raise tarfile.EOFHeaderError("end of file header")          # before it is whole (GNU tar reads it)
+        return super().frombuf(buf, encoding, errors)
+
 
 def check_tar_end(tar: tarfile.TarFile) -> None:
     """tarfile.ReadError unless the iteration of `tar` (opened with ``_EndCheckedTarInfo``) ended at the archive's
@@ -248,10 +254,20 @@ def check_tar_end(tar: tarfile.TarFile) -> None:
     if exc is None or isinstance(exc, tarfile.EOFHeaderError):
         return
     if isinstance(exc, tarfile.EmptyHeaderError):
-        raise tarfile.ReadError(f"the archive stops at byte {offset} without its end-of-archive marker (a truncated "
-                                "tar: later members, if any, are lost)")
-    raise tarfile.ReadError(f"truncated or invalid member header at byte {offset} ({exc}): the members after it "
-                            "cannot be read")
+        raise tarfile.ReadError(f"the archive stops at byte {offset} of its tar data (decompressed, for a compressed "
+                                "tar) without its end-of-archive marker (a truncated tar: later members, if any, are "
+                                "lost)")
+    raise tarfile.ReadError(f"truncated or invalid member header at byte {offset} of the tar data (decompressed, for "
+                            f"a compressed tar) ({exc}): the members after it cannot be read")
+
+
+def open_tar_stream(fileobj: IO[bytes]) -> tarfile.TarFile:
+    """``fileobj`` as a tar stream (compression detected) whose end ``check_tar_end`` can check; tarfile.ReadError
+    for a compressed stream cut inside its header (CPython's gzip header parser raises TypeError there)."""
+    try:
+        return tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndCheckedTarInfo)
+    except TypeError as exc:
+        raise tarfile.ReadError(f"truncated compressed stream header ({exc})") from exc
 
 
 def _member_kind(info: tarfile.TarInfo) -> str:
@@ -268,7 +284,7 @@ def iter_webdataset(fileobj: IO[bytes], source: str) -> Iterator[RawSample | Rej
     members: dict[str, bytes] = {}
     names: set[str] = set()  # the current key's member extensions so far (used or not)
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndCheckedTarInfo) as tar:
+        with open_tar_stream(fileobj) as tar:
             for info in tar:
                 if info.isdir():
                     continue

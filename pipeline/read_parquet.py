@@ -246,8 +246,9 @@ def iter_parquet(
                             continue
                         seen.add(key)
                         yield row_to_item(row, key, source, columns)
-            except (pa.ArrowException, OSError) as exc:  # a damaged row group: its unread rows are rejects (the
-                # footer counts them), and the next row group is read on (each has its own column chunks)
+            except (pa.ArrowException, OSError, ValueError) as exc:  # a damaged row group (ValueError: bytes of a
+                # string column that are not UTF-8): its unread rows are rejects (the footer counts them), and the
+                # next row group is read on (each has its own column chunks)
                 reason = f"unreadable_parquet: row group {group}, rows {index}..{end - 1} unread: {exc}"
                 for row in range(index, end):
                     yield Reject(f"{stem}/{row}", source, "read", reason)

@@ -390,7 +390,7 @@ def test_embeddings_are_computed_in_bounded_chunks(tiny, monkeypatch) -> None:
     preprocess = clip.preprocess_images
     monkeypatch.setattr(clip, "preprocess_images", lambda m, ims: sizes.append(len(ims)) or preprocess(m, ims))
     images = demo_images(5, 9)
-    got = clip.embed_images(tiny, images)
+    got = clip.embed_images(tiny, (image for image in images))  # any iterable: a generator too
     assert sizes == [2, 2, 1]
     np.testing.assert_allclose(got, np.concatenate([clip.embed_images(tiny, [im]) for im in images]), atol=1e-6)
     texts = [f"a photo of thing {i}" for i in range(5)]

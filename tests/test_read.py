@@ -89,6 +89,26 @@ def test_a_tar_whose_headers_stop_early_ends_with_a_reject(make_tar, damage):
     assert items[-1].reason.startswith("unreadable_tar") and f"byte {at}" in items[-1].reason
 
 
+def test_a_tar_whose_end_marker_is_cut_short_keeps_every_member(make_tar):
+    """Zero bytes short of a whole block are the start of the end marker (GNU tar reads such a tar): every member
+    before them is whole, so nothing is rejected."""
+    path = make_tar("e.tar", FOUR_KEYS)
+    end = _member_offsets(path)[-1] + 512 + 512  # the last member's header and its 1-byte data block
+    data = open(path, "rb").read()
+    assert not data[end:].strip(b"\0")
+    open(path, "wb").write(data[: end + 300])
+    assert [(type(i).__name__, i.key) for i in _iter_tar(path)] == [("RawSample", f"k{i}") for i in range(4)]
+
+
+def test_a_compressed_tar_cut_inside_its_header_is_one_reject(make_tar, tmp_path):
+    import gzip
+
+    path = tmp_path / "cut.tar"
+    path.write_bytes(gzip.compress(open(make_tar("g.tar", FOUR_KEYS), "rb").read())[:3])
+    items = _iter_tar(str(path))  # CPython's gzip header parser raised TypeError: the whole job failed
+    assert len(items) == 1 and items[0].reason.startswith("unreadable_tar: truncated compressed stream header")
+
+
 def test_an_intact_tar_has_no_end_reject(make_tar, tmp_path):
     """The end check passes tars with their end marker: plain, gzip-compressed and with records of zero padding."""
     import gzip

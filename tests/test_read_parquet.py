@@ -137,6 +137,21 @@ def test_a_damaged_row_group_rejects_its_rows_and_the_next_ones_are_read(tmp_pat
         *[("RawSample", f"z{i}") for i in range(4, 8)]]
     assert all(i.reason.startswith("unreadable_parquet: row group 1, rows 2..3 unread") for i in items[2:4])
     assert [i.image_bytes for i in items[4:]] == [r["jpg"] for r in rows[4:]]
+    data = bytearray(_plain_parquet(tmp_path, rows))
+    at = data.find(b"c2")  # row group 1's first caption: bytes that are not UTF-8 (pyarrow raises UnicodeDecodeError)
+    data[at : at + 2] = b"\xff\xfe"
+    path.write_bytes(bytes(data))
+    for batch_rows in (1, 3, 100):
+        items = _items(path, batch_rows=batch_rows)
+        assert [i.key for i in items] == ["z0", "z1", "damaged/2", "damaged/3", "z4", "z5", "z6", "z7"]
+        assert all(isinstance(i, Reject) for i in items[2:4]) and isinstance(items[4], RawSample)
+
+
+def _plain_parquet(tmp_path, rows) -> bytes:
+    """`rows` written uncompressed in row groups of 2 (their bytes findable in the file)."""
+    path = tmp_path / "plain.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2, compression="none")
+    return path.read_bytes()
 
 
 def test_unusable_columns_fail_before_output_is_touched(tmp_path):
