@@ -8,13 +8,18 @@ escape anywhere (no path traversal); oversized members are rejected before they 
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import json
 import logging
+import lzma
 import os
 import posixpath
 import re
 import stat
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,6 +43,8 @@ CAPTIONS_FILE = "captions.jsonl"
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
 FOLDER_UNIT_LINES = 1000  # a folder's captions.jsonl is read in units of this many lines (the resume granularity)
 COCO_UNIT_IMAGES = 1000  # a COCO split is read in units of this many images (the resume granularity)
+MAX_TAR_EXPANSION = 200  # a compressed tar that expands more than this is refused (images barely compress)
+EXPANSION_GRACE_BYTES = 16 << 20  # decompressed bytes read before the expansion limit applies
 COUNTS = "counts"  # (unit source, number of inputs read from it): the independent side of accepted + rejected = read
 
 FILE_FORMATS = {".tar": "webdataset", ".parquet": "parquet"}  # what a matched file's extension says
@@ -261,13 +268,91 @@ def check_tar_end(tar: tarfile.TarFile) -> None:
                             f"a compressed tar) ({exc}): the members after it cannot be read")
 
 
+class _CountingReader(io.RawIOBase):
+    """A read-only stream over ``fileobj`` that counts the bytes read through it (``count``)."""
+
+    def __init__(self, fileobj: IO[bytes], prefix: bytes = b"") -> None:
+        super().__init__()
+        self.fileobj, self.prefix, self.count = fileobj, prefix, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        view = memoryview(buffer).cast("B")
+        if self.prefix:  # the magic bytes read to detect the compression, handed back first
+            n = min(len(view), len(self.prefix))
+            view[:n], self.prefix = self.prefix[:n], self.prefix[n:]
+        else:
+            data = self.fileobj.read(len(view))
+            n = len(data)
+            view[:n] = data
+        self.count += n
+        return n
+
+
+class _BoundedDecompression(io.RawIOBase):
+    """Decompressed bytes from ``stream`` (a gzip/bz2/xz/zstd reader over ``raw``), refused with tarfile.ReadError
+    once they pass ``MAX_TAR_EXPANSION`` times the compressed bytes read (after the first ``EXPANSION_GRACE_BYTES``):
+    a few hundred bytes of bzip2 can expand to gigabytes of tar that the reader would otherwise work through."""
+
+    def __init__(self, stream: IO[bytes], raw: _CountingReader, errors: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.stream, self.raw, self.errors, self.count = stream, raw, errors, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        try:
+            data = self.stream.read(len(buffer))  # these readers decompress no more than asked for
+        except self.errors as exc:  # damaged or cut compressed data: the tar is unreadable from here on
+            raise tarfile.ReadError(f"unreadable compressed data after {self.raw.count} bytes "
+                                    f"({type(exc).__name__}: {exc})") from exc
+        n = len(data)
+        memoryview(buffer).cast("B")[:n] = data
+        self.count += n
+        if self.count > EXPANSION_GRACE_BYTES and self.count > MAX_TAR_EXPANSION * max(self.raw.count, 1):
+            raise tarfile.ReadError(f"the compressed tar expands more than {MAX_TAR_EXPANSION}x ({self.raw.count} "
+                                    f"bytes to over {self.count}): a decompression bomb?")
+        return n
+
+
+DECOMPRESSION_ERRORS = (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError)  # what damaged data raises
+
+
+def _decompressor(magic: bytes, raw: _CountingReader) -> _BoundedDecompression | None:
+    """A bounded streaming reader of ``raw``'s decompressed bytes when ``magic`` (its first bytes) names gzip, bzip2,
+    xz or zstd; None for anything else (a plain tar)."""
+    errors = DECOMPRESSION_ERRORS
+    if magic.startswith(b"\x1f\x8b"):
+        stream = gzip.GzipFile(fileobj=raw, mode="rb")
+    elif magic.startswith(b"BZh"):
+        stream = bz2.BZ2File(raw, mode="rb")
+    elif magic.startswith(b"\xfd7zXZ\x00"):
+        stream = lzma.LZMAFile(raw, mode="rb")
+    elif magic.startswith(b"\x28\xb5\x2f\xfd"):
+        import zstandard  # lazy: a dependency of apache-beam, needed only for zstd tars
+
+        stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        errors = (*errors, zstandard.ZstdError)
+    else:
+        return None
+    return _BoundedDecompression(stream, raw, errors)
+
+
 def open_tar_stream(fileobj: IO[bytes]) -> tarfile.TarFile:
-    """``fileobj`` as a tar stream (compression detected) whose end ``check_tar_end`` can check; tarfile.ReadError
-    for a compressed stream cut inside its header (CPython's gzip header parser raises TypeError there)."""
+    """``fileobj`` as a tar stream whose end ``check_tar_end`` can check. Compression (gzip, bzip2, xz, zstd) is
+    detected from the magic bytes and read through a streaming decompressor with an expansion limit: tarfile's own
+    decompression (mode "r|*") has none, and copies its buffer on every read (quadratic in the expansion)."""
+    magic = fileobj.read(6)
+    raw = _CountingReader(fileobj, magic)
+    compressed = _decompressor(magic, raw)
+    stream = io.BufferedReader(compressed) if compressed is not None else raw
     try:
-        return tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndCheckedTarInfo)
-    except TypeError as exc:
-        raise tarfile.ReadError(f"truncated compressed stream header ({exc})") from exc
+        return tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndCheckedTarInfo)
+    except (EOFError, ValueError, TypeError) as exc:  # a compressed stream cut or damaged inside its header
+        raise tarfile.ReadError(f"unreadable compressed stream ({type(exc).__name__}: {exc})") from exc
 
 
 def _member_kind(info: tarfile.TarInfo) -> str:
@@ -482,7 +567,8 @@ class _ReadTar(beam.DoFn):
 
     def process(self, path: str) -> Iterator:
         count = 0
-        with FileSystems.open(path) as handle:
+        # uncompressed: iter_webdataset detects compression from the bytes, and decompresses with a limit
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             for item in iter_webdataset(handle, path):
                 count += 1
                 yield from route_item(item, self.read, self.rejected)
@@ -647,7 +733,8 @@ def probe_tar(path: str, probe_members: int = 64) -> bool | None:
     or holds no file member (it says nothing about the corpus)."""
     seen = 0
     try:
-        with FileSystems.open(path) as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+        with (FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle,
+              open_tar_stream(handle) as tar):
             for info in tar:
                 if not info.isfile():
                     continue

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from typing import IO
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -43,10 +45,12 @@ CAPTION_COLUMNS = ("caption", "txt", "text", "prompt")
 KEY_COLUMNS = ("key", "id")
 URL_COLUMNS = ("url", "image_url")
 STATUS_COLUMN, ERROR_COLUMN = "status", "error_message"  # img2dataset's download outcome
-BATCH_ROWS = 64  # rows decoded at a time: memory stays at a few MB of images per file being read
-# A row group is read a column chunk at a time: one whose image column unpacks to more than this is refused from the
-# footer, unread (img2dataset's shards of 10k images of ~50 KB are ~0.5 GB); a single image over MAX_MEMBER_BYTES (the
-# tar member cap) is a reject of its row.
+BATCH_ROWS = 16  # rows decoded at a time (at most): memory stays at a few MB of images per file being read
+BATCH_BYTES = 64 << 20  # fewer rows per batch where the footer says rows are bigger than BATCH_BYTES / BATCH_ROWS
+# A row group is read a column chunk at a time: one whose read columns unpack to more than this is refused from the
+# footer, unread (img2dataset's shards of 10k images of ~50 KB are ~0.5 GB). A row with a cell (image, caption, key,
+# ...) over MAX_MEMBER_BYTES (the tar member cap) is a reject, found from Arrow's lengths before the row becomes
+# Python objects: a footer can under-report sizes, and dictionary encoding repeats one big value in many rows.
 MAX_COLUMN_CHUNK_BYTES = 2 << 30
 URL_ONLY = "url_only: download images first (e.g. with img2dataset)"
 
@@ -167,8 +171,6 @@ def row_to_item(row: dict, key: str, source: str, columns: ParquetColumns) -> Ra
         detail = (row.get(columns.error) if columns.error else None) or status
         return Reject(key, source, "read", f"download_failed: {detail}")
     image, path = _image_cell(row.get(columns.image))
-    if image is not None and len(image) > MAX_MEMBER_BYTES:
-        return Reject(key, source, "read", f"member_too_large: image of {len(image)} bytes (limit {MAX_MEMBER_BYTES})")
     url = row.get(columns.url) if columns.url else None
     if not url and path and path.startswith(("http://", "https://")):
         url = path
@@ -223,24 +225,27 @@ def iter_parquet(
             for row in range(parquet.metadata.num_rows):
                 yield Reject(f"{stem}/{row}", source, "read", f"unusable_columns: {exc}")
             return
-        image_at = parquet.schema_arrow.get_field_index(columns.image)
+        names = columns.names()
         for group in range(parquet.metadata.num_row_groups):
             meta = parquet.metadata.row_group(group)
             size = sum(meta.column(c).total_uncompressed_size for c in range(meta.num_columns)
-                       if meta.column(c).path_in_schema.split(".")[0] == columns.image) if image_at >= 0 else 0
+                       if meta.column(c).path_in_schema.split(".")[0] in names)
             if size > MAX_COLUMN_CHUNK_BYTES:
                 for _ in range(meta.num_rows):
-                    yield Reject(f"{stem}/{index}", source, "read", f"member_too_large: row group {group}'s "
-                                 f"{columns.image!r} column unpacks to {size} bytes (limit {MAX_COLUMN_CHUNK_BYTES})")
+                    yield Reject(f"{stem}/{index}", source, "read", f"member_too_large: row group {group}'s columns "
+                                 f"{', '.join(names)} unpack to {size} bytes (limit {MAX_COLUMN_CHUNK_BYTES})")
                     index += 1
                 continue
             end = index + meta.num_rows
+            rows_per_batch = max(1, min(batch_rows, BATCH_BYTES * meta.num_rows // max(size, 1)))
             try:
-                for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group],
-                                                  columns=columns.names()):
-                    for row in batch.to_pylist():
-                        key = _row_key(row, stem, index, columns)
+                for batch in parquet.iter_batches(batch_size=rows_per_batch, row_groups=[group], columns=names):
+                    for row in _batch_rows(batch):
+                        key = _row_key(row, stem, index, columns) if not isinstance(row, str) else f"{stem}/{index}"
                         index += 1
+                        if isinstance(row, str):  # a cell over the cap, unread: why
+                            yield Reject(key, source, "read", row)
+                            continue
                         if key in seen:
                             yield Reject(key, source, "read", "duplicate_key")
                             continue
@@ -255,6 +260,43 @@ def iter_parquet(
                 index = end
     except (pa.ArrowException, OSError) as exc:  # no footer: how many rows the file had is unknown
         yield Reject(f"{source}#{index if index else 'file'}", source, "read", f"unreadable_parquet: {exc}")
+
+
+def cell_bytes(array: pa.Array) -> np.ndarray:
+    """The bytes of variable-size data each row's cell holds (strings and binaries, also inside structs and lists),
+    from Arrow's offsets: nothing is copied out. Nulls and fixed-width values count 0."""
+    kind = array.type
+    if pa.types.is_struct(kind):
+        total = np.zeros(len(array), np.int64)
+        for child in array.flatten():
+            total += cell_bytes(child)
+        return total
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+        return np.bincount(parents, weights=cell_bytes(array.flatten()), minlength=len(array)).astype(np.int64)
+    if pa.types.is_binary(kind) or pa.types.is_string(kind) or pa.types.is_large_binary(kind) or \
+            pa.types.is_large_string(kind) or pa.types.is_fixed_size_binary(kind):
+        return pc.fill_null(pc.binary_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.zeros(len(array), np.int64)
+
+
+def _batch_rows(batch: pa.RecordBatch) -> Iterator[dict | str]:
+    """A batch's rows as dicts, in order; a row with a cell over MAX_MEMBER_BYTES is the reason it is refused
+    instead (its cells never become Python objects)."""
+    sizes = {name: cell_bytes(batch.column(i)) for i, name in enumerate(batch.schema.names)}
+    over = np.zeros(batch.num_rows, bool)
+    for column in sizes.values():
+        over |= column > MAX_MEMBER_BYTES
+    if not over.any():
+        yield from batch.to_pylist()
+        return
+    kept = iter(batch.filter(pa.array(~over)).to_pylist())
+    for row in range(batch.num_rows):
+        if over[row]:
+            name = max(sizes, key=lambda n: sizes[n][row])
+            yield f"member_too_large: column {name!r} holds {sizes[name][row]} bytes (limit {MAX_MEMBER_BYTES})"
+        else:
+            yield next(kept)
 
 
 class _ReadParquetFile(beam.DoFn):

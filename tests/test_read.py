@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import os
 
 import pytest
+import zstandard
 
 from conftest import jpeg_bytes
 from spatext.pipeline import read
@@ -106,7 +110,48 @@ def test_a_compressed_tar_cut_inside_its_header_is_one_reject(make_tar, tmp_path
     path = tmp_path / "cut.tar"
     path.write_bytes(gzip.compress(open(make_tar("g.tar", FOUR_KEYS), "rb").read())[:3])
     items = _iter_tar(str(path))  # CPython's gzip header parser raised TypeError: the whole job failed
-    assert len(items) == 1 and items[0].reason.startswith("unreadable_tar: truncated compressed stream header")
+    assert len(items) == 1 and items[0].reason.startswith("unreadable_tar: unreadable compressed data after 3 bytes")
+
+
+COMPRESSORS = {"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress,
+               "zstd": lambda data: zstandard.ZstdCompressor().compress(data)}
+
+
+@pytest.mark.parametrize("kind", sorted(COMPRESSORS))
+def test_compressed_tars_are_read_and_damage_is_a_reject(make_tar, tmp_path, kind):
+    """gzip, bzip2, xz and zstd tars (told by their bytes, whatever the name) read like the plain tar; damaged
+    compressed data past the first member ends the tar with a reject, not a failed job."""
+    data = COMPRESSORS[kind](open(make_tar("p.tar", FOUR_KEYS), "rb").read())
+    path = tmp_path / "c.tar"
+    path.write_bytes(data)
+    assert [i.key for i in _iter_tar(str(path))] == ["k0", "k1", "k2", "k3"]
+    path.write_bytes(data[: len(data) // 2])
+    items = _iter_tar(str(path))
+    assert isinstance(items[-1], Reject) and items[-1].reason.startswith("unreadable_tar")
+    assert len(items) < 5 and all(isinstance(i, RawSample) for i in items[:-1])
+
+
+@pytest.mark.parametrize("kind", ["gzip", "bz2"])
+def test_a_compressed_tar_bomb_is_refused_quickly(tmp_path, monkeypatch, kind):
+    """A few hundred bytes of bzip2 expanded to gigabytes of tar that tarfile's own decompression (no limit, a buffer
+    copy per read) worked through for minutes; past MAX_TAR_EXPANSION x its compressed size the tar is a reject."""
+    import io
+    import tarfile
+    import time
+
+    monkeypatch.setattr(read, "EXPANSION_GRACE_BYTES", 1 << 20)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("k0.junk")  # a member the reader skips unread
+        info.size = 64 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    path = tmp_path / "bomb.tar"
+    path.write_bytes(COMPRESSORS[kind](raw.getvalue()))
+    assert path.stat().st_size < 100_000
+    started = time.perf_counter()
+    items = _iter_tar(str(path))
+    assert time.perf_counter() - started < 5
+    assert len(items) == 1 and f"expands more than {read.MAX_TAR_EXPANSION}x" in items[0].reason
 
 
 def test_an_intact_tar_has_no_end_reject(make_tar, tmp_path):

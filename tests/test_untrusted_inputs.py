@@ -70,15 +70,53 @@ def test_parquet_images_and_row_groups_over_the_caps_are_rejects(tmp_path, monke
     with open(path, "rb") as handle:
         items = list(read_parquet.iter_parquet(handle, str(path), ReadOptions()))
     assert [type(i).__name__ for i in items] == ["RawSample", "Reject", "RawSample"]
-    assert items[1].reason == "member_too_large: image of 50 bytes (limit 20)"
+    assert items[1].reason == "member_too_large: column 'jpg' holds 50 bytes (limit 20)"
     meta = pq.ParquetFile(path).metadata
-    sizes = [meta.row_group(g).column(1).total_uncompressed_size for g in range(meta.num_row_groups)]
+    sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]  # every column is read
     assert sizes[0] > sizes[1]  # 60 bytes of images against 10
     monkeypatch.setattr(read_parquet, "MAX_COLUMN_CHUNK_BYTES", sizes[1])  # the first row group is refused unread
     with open(path, "rb") as handle:
         items = list(read_parquet.iter_parquet(handle, str(path), ReadOptions()))
-    assert [i.key for i in items] == ["p/0", "p/1", "c"] and items[0].reason.startswith("member_too_large: row group 0")
+    assert [i.key for i in items] == ["p/0", "p/1", "c"]
+    assert items[0].reason.startswith("member_too_large: row group 0's columns jpg, txt, key unpack to")
 
+
+@pytest.mark.parametrize("column", ["txt", "key", "url"])
+def test_parquet_cells_over_the_cap_in_any_column_are_rejects(tmp_path, monkeypatch, column):
+    """Not only the image: a caption, key or URL cell over MAX_MEMBER_BYTES is a reject of its row, found from
+    Arrow's lengths before the row becomes Python objects."""
+    path = tmp_path / "p.parquet"
+    cells = {"key": ["a", "b", "c"], "jpg": [b"x"] * 3, "txt": ["t"] * 3, "url": ["u"] * 3}
+    cells[column] = [cells[column][0], cells[column][1] * 50, cells[column][2]]
+    pq.write_table(pa.table(cells), path)
+    monkeypatch.setattr(read_parquet, "MAX_MEMBER_BYTES", 20)
+    with open(path, "rb") as handle:
+        items = list(read_parquet.iter_parquet(handle, str(path), ReadOptions()))
+    assert [type(i).__name__ for i in items] == ["RawSample", "Reject", "RawSample"]
+    assert items[1].key == "p/1" and items[1].reason == f"member_too_large: column {column!r} holds 50 bytes (limit 20)"
+
+
+def test_a_dictionary_encoded_big_value_is_refused_without_becoming_python_bytes(tmp_path, monkeypatch):
+    """One big value repeated by dictionary encoding: the footer's sizes are small, yet every row decodes to the
+    value. Rows over the cap are refused from Arrow's lengths and never become Python bytes (tracemalloc sees
+    Python's allocations, not Arrow's); HF image structs too."""
+    import tracemalloc
+
+    path = tmp_path / "d.parquet"
+    big = {"bytes": bytes(1 << 20), "path": "x.jpg"}
+    pq.write_table(pa.table({"image": [big] * 40, "text": ["t"] * 40}), path, use_dictionary=True)
+    assert pq.ParquetFile(path).metadata.row_group(0).total_byte_size < 40 << 20
+    monkeypatch.setattr(read_parquet, "MAX_MEMBER_BYTES", 1 << 19)
+    tracemalloc.start()
+    try:
+        with open(path, "rb") as handle:
+            items = list(read_parquet.iter_parquet(handle, str(path), ReadOptions()))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(items) == 40 and all(i.reason == f"member_too_large: column 'image' holds {(1 << 20) + 5} bytes "
+                                    f"(limit {1 << 19})" for i in items)
+    assert peak < 1 << 20  # not even one copy of the value as Python bytes
 
 def test_a_benchmark_cannot_point_its_samples_outside_its_folder(demo_shards, tmp_path):
     from spatext.eval.benchmark_set import BenchmarkSpec, load_benchmark, make_benchmark
