@@ -55,6 +55,7 @@ from PIL import Image
 from spatext.eval.masks import check_index_map, region_indices
 from spatext.eval.outputs import is_same_or_inside, only_files_with_suffix, read_info
 from spatext.paths import inside, match_in
+from spatext.pipeline.image_formats import OPEN_IMAGE_FORMATS, OPEN_MAP_FORMATS
 from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import Segment, Segmentation
 from spatext.pipeline.schema import (
@@ -81,6 +82,7 @@ INFO_FILE = "benchmark.json"
 SAMPLES_FILE = "samples.jsonl"
 MASKS_DIR = "masks"
 REFERENCE_DIR = "reference"
+MAX_BENCHMARK_PIXELS = 4096 * 4096  # masks over this are refused from their header (shards store 512 px by default)
 SHARD_COLUMNS = tuple(shard_schema().names)  # what a shard must hold for the benchmark's two passes
 VOLATILE_FIELDS = ("created", "wall_s", "package_version")  # benchmark.json fields that differ between identical builds
 FINGERPRINT_VERSION = "spatext-benchmark-fingerprint-v1"
@@ -387,12 +389,21 @@ def benchmark_fingerprint(path: str) -> str:
 
 def _decode_sample(path: str, record: dict) -> BenchmarkSample:
     """Decode one samples.jsonl record and check its masks against its regions."""
-    with open(inside(path, record["masks"], f"{SAMPLES_FILE} 'masks'"), "rb") as handle, Image.open(handle) as image:
+    masks_path = inside(path, record["masks"], f"{SAMPLES_FILE} 'masks'")
+    with open(masks_path, "rb") as handle, Image.open(handle, formats=OPEN_MAP_FORMATS) as image:
         if image.mode != "L":
             raise ValueError(f"{record['masks']}: masks must be a single-channel (L) PNG, got mode {image.mode}")
+        if image.size[0] * image.size[1] > MAX_BENCHMARK_PIXELS:  # from the header: a small PNG can declare a lot
+            raise ValueError(f"{record['masks']}: {image.size[0]}x{image.size[1]} masks, over the "
+                             f"{MAX_BENCHMARK_PIXELS} pixels a benchmark image may have")
         masks = np.array(image)
     with open(inside(path, record["reference"], f"{SAMPLES_FILE} 'reference'"), "rb") as handle:
-        reference = decode_image(handle.read())
+        data = handle.read()
+    with Image.open(io.BytesIO(data), formats=OPEN_IMAGE_FORMATS) as image:  # its size before its pixels
+        if image.size != masks.shape[::-1]:
+            raise ValueError(f"{record['reference']}: {image.size[0]}x{image.size[1]} but its masks are "
+                             f"{masks.shape[1]}x{masks.shape[0]}")
+    reference = decode_image(data)
     check_index_map(masks, reference.shape[:2], name=record["masks"])
     regions = tuple(BenchmarkRegion(**region) for region in record["regions"])
     if region_indices(masks) != [r.index for r in regions] or [r.index for r in regions] != list(
@@ -406,10 +417,17 @@ def _decode_sample(path: str, record: dict) -> BenchmarkSample:
 def iter_benchmark(path: str) -> Iterator[BenchmarkSample]:
     """Decoded samples of a benchmark folder, in samples.jsonl order (one at a time)."""
     read_benchmark_info(path)
+    files: dict[str, int] = {}  # masks and reference files -> the line naming them (each sample has its own)
     with open(os.path.join(path, SAMPLES_FILE), encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if line.strip():
-                yield _decode_sample(path, _parse_record(line, f"{os.path.join(path, SAMPLES_FILE)}:{number}"))
+                where = f"{os.path.join(path, SAMPLES_FILE)}:{number}"
+                record = _parse_record(line, where)
+                for name in (record["masks"], record["reference"]):
+                    if os.path.normpath(name) in files:  # one small file listed thousands of times fills memory
+                        raise ValueError(f"{where}: {name!r} is already named by line {files[os.path.normpath(name)]}")
+                    files[os.path.normpath(name)] = number
+                yield _decode_sample(path, record)
 
 
 RECORD_FIELDS = {"key": str, "prompt": str, "masks": str, "reference": str, "regions": list}

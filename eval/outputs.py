@@ -57,8 +57,8 @@ def read_info(folder: str, name: str, fmt: str, version: int, flag: str, what: s
     with open(path, encoding="utf-8") as handle:
         try:
             info = json.load(handle)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ValueError(f"{flag} {folder!r}: {name} is not valid JSON ({e})") from e
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting beyond the parser
+            raise ValueError(f"{flag} {folder!r}: {name} is not valid JSON ({type(e).__name__}: {e})") from e
     found = (info.get("format"), info.get("format_version")) if isinstance(info, dict) else (None, None)
     if found != (fmt, version):
         raise ValueError(f"{flag} {folder!r}: {path}: expected format {fmt} v{version}, got {found[0]} v{found[1]}")

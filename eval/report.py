@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from spatext.eval.benchmark_set import BenchmarkSample  # noqa: E402
+from spatext.pipeline.image_formats import OPEN_IMAGE_FORMATS
 from spatext.pipeline.palette import region_colour  # noqa: E402
 
 PUBLISHED_NOTE = "published, not measured"
@@ -314,7 +315,7 @@ def image_grid(result: dict, samples: list[BenchmarkSample], count: int, path: s
         axes[r][0].set_title("\n".join(region_lines(sample)), fontsize=6)
         for c, method in enumerate(methods, start=1):
             image_path = os.path.join(method["generations"], images[c - 1][sample.key])
-            with Image.open(image_path) as picture:
+            with Image.open(image_path, formats=OPEN_IMAGE_FORMATS) as picture:
                 axes[r][c].imshow(np.array(picture.convert("RGB")))
             if r == 0:
                 axes[r][c].set_title(method["label"], fontsize=8)

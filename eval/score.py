@@ -58,6 +58,7 @@ from spatext.eval.masks import MaskPerturbation
 from spatext.eval.outputs import a_few, is_same_or_inside
 from spatext.paths import leaves
 from spatext.pipeline.clip import RANDOM_INIT_LABEL, ClipModel, ClipSpec, load_clip
+from spatext.pipeline.image_formats import OPEN_IMAGE_FORMATS
 from spatext.pipeline.records import Segment, Segmentation
 from spatext.pipeline.segmenters import SegmenterSpec, create_segmenter
 from spatext.pipeline.weights import file_sha256
@@ -250,9 +251,11 @@ def check_generations(path: str, benchmark: str, samples: list[BenchmarkSample],
     for sample in samples:
         name = images[sample.key]
         try:
-            with Image.open(os.path.join(path, name)) as picture:  # the header, then the file's integrity (a PNG's
-                size = picture.size                                # CRCs: a truncated file fails here, before
-                picture.verify()                                   # any folder is scored)
+            # the header, then the file's integrity (a PNG's CRCs: a truncated file fails here, before any folder
+            # is scored)
+            with Image.open(os.path.join(path, name), formats=OPEN_IMAGE_FORMATS) as picture:
+                size = picture.size
+                picture.verify()
         except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ValueError(f"--generations {path!r}: {name} (sample {sample.key!r}) is not a readable image: "
                              f"{exc}") from exc
@@ -288,7 +291,7 @@ def _read_image(path: str, sample: BenchmarkSample) -> np.ndarray:
     if not os.path.isfile(path):
         raise ValueError(f"generations: {path!r} (sample {sample.key!r}) is missing")
     try:
-        with Image.open(path) as picture:
+        with Image.open(path, formats=OPEN_IMAGE_FORMATS) as picture:
             image = np.array(picture.convert("RGB"))
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # damaged after the check, or a JPEG's data
         raise ValueError(f"generations: {path!r} (sample {sample.key!r}) is not a readable image: {exc}") from exc

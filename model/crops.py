@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from spatext.model.st import downsample_label_map
+from spatext.pipeline.image_formats import OPEN_IMAGE_FORMATS, OPEN_MAP_FORMATS
 from spatext.pipeline.resize import resize_chw
 
 
@@ -93,16 +94,25 @@ def dct_scale(size: tuple[int, int], box: tuple[int, int, int, int], resolution:
     return next(a for a in (8, 4, 2, 1) if scale >= a)
 
 
-def decode_rgb(data: bytes) -> torch.Tensor:
+def decode_rgb(data: bytes, expected: tuple[int, int] | None = None) -> torch.Tensor:
     """Image bytes -> 3 x H x W uint8 RGB tensor (channels-last memory for JPEG): torchvision for a JPEG whose frame
     header ``jpeg_size`` finds (checked by ``check_pixels``), else PIL (a JPEG with stray bytes or odd markers before
-    its frame header, which libjpeg would decode at a size unchecked; PIL checks what it opens)."""
+    its frame header, which libjpeg would decode at a size unchecked; PIL checks what it opens). With ``expected``
+    (its segment map's (W, H)), an image of another size is refused from its header, before any pixel is decoded."""
     size = jpeg_size(data) if is_jpeg(data) else None
     if size is not None:
+        check_same_size(size, expected)
         check_pixels(size)
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data), formats=OPEN_IMAGE_FORMATS) as im:
+        check_same_size(im.size, expected)
         return torch.from_numpy(np.array(im if im.mode == "RGB" else im.convert("RGB"))).permute(2, 0, 1)
+
+
+def check_same_size(size: tuple[int, int], expected: tuple[int, int] | None) -> None:
+    """ValueError when an image's (W, H) is not its segment map's (``expected``; None: not checked)."""
+    if expected is not None and tuple(size) != tuple(expected):
+        raise ValueError(f"image is {size[0]}x{size[1]} but its segment map is {expected[0]}x{expected[1]}")
 
 
 def channels_last(image: torch.Tensor) -> torch.Tensor:
@@ -141,13 +151,11 @@ def load_image_crop(
     is decoded in full and resized by `resize_crop`. `size` is the expected (W, H).
     """
     if not (is_jpeg(data) and dct_scale(size, box, resolution) >= MIN_DCT_SCALE):
-        image = decode_rgb(data)
-        if (image.shape[2], image.shape[1]) != size:
-            raise ValueError(f"image is {image.shape[2]}x{image.shape[1]} but its segment map is {size[0]}x{size[1]}")
+        image = decode_rgb(data, expected=size)
+        check_same_size((image.shape[2], image.shape[1]), size)  # a header PIL or libjpeg read otherwise
         return resize_crop(image, box, resolution)
-    with Image.open(io.BytesIO(data)) as im:
-        if im.size != size:
-            raise ValueError(f"image is {im.size[0]}x{im.size[1]} but its segment map is {size[0]}x{size[1]}")
+    with Image.open(io.BytesIO(data), formats=OPEN_IMAGE_FORMATS) as im:
+        check_same_size(im.size, size)
         side = box[2] - box[0]
         drafted = im.draft("RGB", (max(1, size[0] * resolution // side), max(1, size[1] * resolution // side)))
         scale = size[0] / drafted[1][2] if drafted is not None else 1.0  # None: PIL could not draft this file
@@ -156,12 +164,16 @@ def load_image_crop(
 
 
 def load_label_crop(
-    data: bytes, resolution: int, segments: np.ndarray | None = None
+    data: bytes, resolution: int, segments: np.ndarray | None = None, max_side: int | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode a stored segment map (single-channel PNG) and resize its `crop_box` to R x R, nearest; returns the
     mode-L label image and the map's (W, H). When reducing, a segment with at least one output pixel's worth of
-    area is never lost (see `keep_small_segments`; `segments`: the map's stored indices, when known)."""
-    with Image.open(io.BytesIO(data)) as im:
+    area is never lost (see `keep_small_segments`; `segments`: the map's stored indices, when known). A map whose
+    longest side is over `max_side` (the shards' image_size) is refused from its header: a few hundred KB of PNG can
+    declare 13000 x 13000 pixels, which the reduction would turn into gigabytes."""
+    with Image.open(io.BytesIO(data), formats=OPEN_MAP_FORMATS) as im:
+        if max_side is not None and max(im.size) > max_side:
+            raise ValueError(f"segment_map is {im.size[0]}x{im.size[1]}, over the shards' image_size {max_side}")
         if im.mode != "L":
             raise ValueError(f"segment_map must be a single-channel (L) PNG, got mode {im.mode}")
         box = crop_box(*im.size)

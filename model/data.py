@@ -91,11 +91,12 @@ def shuffle_buffer_iter(rows: Iterator, size: int, rng: np.random.Generator) -> 
 
 
 def to_sample(
-    raw: dict, resolution: int, max_segments: int, resample_rng: np.random.Generator | None, uint8: bool = False
+    raw: dict, resolution: int, max_segments: int, resample_rng: np.random.Generator | None, uint8: bool = False,
+    max_side: int | None = None,
 ) -> dict:
-    """One raw shard row -> the training sample dict (see ShardDataset)."""
+    """One raw shard row -> the training sample dict (see ShardDataset); `max_side`: the shards' image_size."""
     stored = raw["segment_index"]
-    small, size = load_label_crop(raw["segment_map"], resolution, stored)
+    small, size = load_label_crop(raw["segment_map"], resolution, stored, max_side)
     histogram = np.asarray(small.histogram())
     present = stored[histogram[stored] > 0]  # the segments the crop left
     keep = choose_segments(present, resample_rng is not None, max_segments, resample_rng, raw["key"])
@@ -231,6 +232,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return meta
 
     @property
+    def max_side(self) -> int | None:
+        """The longest side a stored image or map may have (the shards' image_size; None where not recorded)."""
+        side = self._metadata.get("image_size")
+        return int(side) if side is not None else None
+
+    @property
     def embed_dim(self) -> int:
         """CLIP embedding size D, from the shards' metadata."""
         return int(self._metadata["embed_dim"])
@@ -309,7 +316,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self.resample_segments:
             resample_rng = np.random.default_rng([self.seed, self.epoch, key_hash(raw["key"])])
         try:
-            return to_sample(raw, self.resolution, self.max_segments, resample_rng, self.uint8)
+            return to_sample(raw, self.resolution, self.max_segments, resample_rng, self.uint8, self.max_side)
         # PIL, torchvision's decoder, a map of another size, an image over PIL's pixel limit
         except (OSError, ValueError, RuntimeError, DecompressionBombError) as exc:
             unit = raw.get("_from")

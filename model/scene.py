@@ -28,12 +28,15 @@ import torch
 from PIL import Image
 
 from spatext.paths import leaves
+from spatext.pipeline.image_formats import OPEN_IMAGE_FORMATS
 from spatext.pipeline.resize import resize_labels
 
 logger = logging.getLogger(__name__)
 
 SHAPE_KEYS = ("box", "polygon", "mask")
 DEFAULT_BACKGROUND = ("#000000", "#ffffff")
+MAX_SCENE_PIXELS = 4096 * 4096  # a mask or painted PNG over this is refused from its header (a few hundred KB of PNG
+# can declare 13000 x 13000 pixels: 3.5 GB once decoded and converted); scenes are resized to the model's size anyway
 
 
 class Region(NamedTuple):
@@ -204,12 +207,21 @@ def _pil_mask(image: Image.Image, where: str) -> np.ndarray:
     return mask
 
 
+def check_scene_pixels(image: Image.Image, where: str) -> None:
+    """ValueError naming ``where`` when a scene image (opened, not yet decoded) has over MAX_SCENE_PIXELS pixels."""
+    width, height = image.size
+    if width * height > MAX_SCENE_PIXELS:
+        raise ValueError(f"{where}: {width}x{height} pixels, over the {MAX_SCENE_PIXELS} a scene image may have "
+                         "(draw it at a smaller size: masks are resized to the model's anyway)")
+
+
 def _image_mask(path: str, size: tuple[int, int], label: str) -> np.ndarray:
     """A mask PNG (see `_pil_mask`) resized to ``size`` (nearest)."""
     if not os.path.isfile(path):
         raise ValueError(f"{label}: mask file {path!r} not found")
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=OPEN_IMAGE_FORMATS) as image:
+            check_scene_pixels(image, f"{label}: mask {path!r}")
             image.load()
             warn_if_stretched(path, image.size, size)
             mask = _pil_mask(image, f"{label}: mask {path!r}")
@@ -256,7 +268,7 @@ def _read_json(path: str, allowed: set[str]) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:  # e.g. a PNG passed as --scene, UTF-16 JSON
+    except (OSError, ValueError, RecursionError) as e:  # a PNG passed as --scene, UTF-16 JSON, nesting too deep
         raise ValueError(f"{path}: cannot read a scene from it ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
@@ -322,11 +334,12 @@ def load_painted_scene(png: str, mapping_json: str, size: tuple[int, int]) -> Sc
     data = _read_json(mapping_json, {"prompt", "colors", "background"})
     pairs, background = _painted_colors(data, mapping_json)
     try:
-        with Image.open(png) as image:
+        with Image.open(png, formats=OPEN_IMAGE_FORMATS) as image:
+            check_scene_pixels(image, png)
             image.load()
             warn_if_stretched(png, image.size, size)
             rgba = np.asarray(image.convert("RGBA").resize((size[1], size[0]), Image.Resampling.NEAREST))
-    except OSError as e:
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"{png}: cannot read the painted scene ({e})") from e
     rgb = rgba[..., :3].astype(np.int64)
     codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]

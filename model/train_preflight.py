@@ -90,11 +90,18 @@ def check_resolution(resolution: int | None, config: DenoiserConfig) -> None:
 
 
 def read_json(path: str) -> dict | None:
-    """The JSON object in ``path``, or None when there is no such file."""
+    """The JSON object in ``path``, or None when there is no such file; ValueError naming the file when it is not a
+    JSON object (a damaged checkpoint or run record)."""
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def checkpoint_run(checkpoint: str) -> str:

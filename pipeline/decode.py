@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from spatext.pipeline.image_formats import OPEN_IMAGE_FORMATS, OPEN_MAP_FORMATS
 from spatext.pipeline.panoptic import decode_id_map
 from spatext.pipeline.records import REJECTS, RawSample, Reject, Sample, Segment, Segmentation
 from spatext.pipeline.resize import resize_image
@@ -73,7 +74,7 @@ def decode_image_info(
     (1: upright), which a ground-truth map of the same pixels must be checked against."""
     allow_pixels(max_pixels)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=OPEN_IMAGE_FORMATS) as im:
             width, height = im.size  # read from the header: no pixel decoded yet
             if width * height > max_pixels:
                 raise DecodeError("image_too_large", f"{width}x{height} exceeds {max_pixels} pixels")
@@ -160,7 +161,7 @@ def decode_annotation(
     if png is None or not isinstance(infos, list):
         raise DecodeError("missing_annotation")
     try:
-        with Image.open(io.BytesIO(png)) as im:
+        with Image.open(io.BytesIO(png), formats=OPEN_MAP_FORMATS) as im:
             width, height = im.size
             if width < 1 or height < 1:
                 raise DecodeError("bad_annotation", "empty panoptic png")

@@ -10,6 +10,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from spatext.pipeline.image_formats import OPEN_MAP_FORMATS
+
 
 def encode_id_map(id_map: np.ndarray) -> bytes:
     """Encode an H x W integer id map (0 <= id < 2**24) as a COCO-panoptic RGB PNG."""
@@ -40,7 +42,7 @@ def _rgb_array(im: Image.Image) -> np.ndarray:
 def decode_id_map(png: bytes | np.ndarray | Image.Image) -> np.ndarray:
     """Decode a COCO-panoptic PNG (bytes, PIL image or H x W x 3 array) to an H x W int32 id map."""
     if isinstance(png, bytes | bytearray):
-        with Image.open(io.BytesIO(png)) as im:
+        with Image.open(io.BytesIO(png), formats=OPEN_MAP_FORMATS) as im:
             rgb = _rgb_array(im)
     elif isinstance(png, Image.Image):
         rgb = _rgb_array(png)

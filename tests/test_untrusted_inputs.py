@@ -231,3 +231,102 @@ def test_a_ground_truth_label_utf8_cannot_encode_is_a_read_reject(make_tar):
     reject = routed[0].value
     assert reject.key == "a" and reject.reason.startswith("bad_label_encoding: the label 'bad \\ud800 label'")
     assert isinstance(routed[1], RawSample) and routed[1].key == "b"
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+
+
+def _big_png(mode: str, side: int) -> bytes:
+    """A PNG declaring side x side pixels in a few hundred KB (one colour compresses to almost nothing)."""
+    buffer = io.BytesIO()
+    Image.new(mode, (side, side)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_images_open_only_as_the_formats_a_corpus_uses(monkeypatch):
+    """Pillow tries every plugin by default: EPS bytes went to Ghostscript. Every decoder of untrusted bytes now
+    names the formats it opens (pipeline decode, shards, training loader), and EPS is an unreadable image."""
+    from PIL import EpsImagePlugin
+
+    from spatext.model.crops import decode_rgb
+    from spatext.pipeline.decode import DecodeError, decode_image_info
+    from spatext.pipeline.schema import decode_image
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: pytest.fail("EPS plugin was tried"))
+    with pytest.raises(DecodeError, match="unreadable_image"):
+        decode_image_info(EPS, 64)
+    for decoder in (decode_image, decode_rgb):
+        with pytest.raises(OSError, match="cannot identify image file"):
+            decoder(EPS)
+    assert decode_image(jpeg_bytes()).shape[2] == 3  # the usual formats still open
+
+
+def test_a_training_row_whose_map_declares_too_many_pixels_is_refused_from_its_header(monkeypatch):
+    """A 13000 x 13000 map in ~160 KB of PNG took 6.3 GB in the loader's reduction; its header is checked against
+    the shards' image_size first. An image of another size than its map is refused before it is decoded."""
+    from spatext.model import crops
+
+    with pytest.raises(ValueError, match=r"segment_map is 6000x6000, over the shards' image_size 512"):
+        crops.load_label_crop(_big_png("L", 6000), 64, max_side=512)
+    small, size = crops.load_label_crop(_big_png("L", 512), 64, max_side=512)
+    assert size == (512, 512) and small.size == (64, 64)
+    monkeypatch.setattr(crops, "decode_jpeg", lambda *a, **k: pytest.fail("decoded before its size was checked"))
+    with pytest.raises(ValueError, match=r"image is 64x48 but its segment map is 512x512"):
+        crops.decode_rgb(jpeg_bytes(), expected=(512, 512))
+
+
+def test_shard_dataset_passes_the_shards_image_size_as_the_cap(demo_shards):
+    from spatext.model.data import ShardDataset
+
+    dataset = ShardDataset(str(demo_shards), resolution=32)
+    assert dataset.max_side == int(dataset._metadata["image_size"]) > 0
+
+
+def test_scene_images_over_the_pixel_cap_are_refused_from_their_header(tmp_path):
+    from spatext.model.scene import MAX_SCENE_PIXELS, load_painted_scene, load_scene
+
+    side = int(MAX_SCENE_PIXELS**0.5) + 1
+    (tmp_path / "big.png").write_bytes(_big_png("L", side))
+    (tmp_path / "s.json").write_text(json.dumps({"prompt": "p", "regions": [{"prompt": "a", "mask": "big.png"}]}))
+    with pytest.raises(ValueError, match=rf"regions\[0\] \('a'\): mask .*big\.png'.*{side}x{side} pixels, over"):
+        load_scene(str(tmp_path / "s.json"), (8, 8))
+    (tmp_path / "colors.json").write_text(json.dumps({"prompt": "p", "colors": {"#ff0000": "a"}}))
+    with pytest.raises(ValueError, match=rf"big\.png: {side}x{side} pixels, over"):
+        load_painted_scene(str(tmp_path / "big.png"), str(tmp_path / "colors.json"), (8, 8))
+
+
+def test_a_benchmark_refuses_huge_masks_and_files_named_twice(demo_shards, tmp_path, monkeypatch):
+    from spatext.eval import benchmark_set
+    from spatext.eval.benchmark_set import BenchmarkSpec, load_benchmark, make_benchmark
+
+    bench = tmp_path / "bench"
+    make_benchmark(BenchmarkSpec(shards=str(demo_shards), out=str(bench), protocol="filtered", num=2, seed=0))
+    lines = (bench / "samples.jsonl").read_text().splitlines()
+    twin = json.dumps({**json.loads(lines[0]), "key": "twin"})  # another sample naming the same files
+    (bench / "samples.jsonl").write_text("\n".join([lines[0], twin]))
+    with pytest.raises(ValueError, match=r"samples\.jsonl:2: '.*' is already named by line 1"):
+        load_benchmark(str(bench))
+    (bench / "samples.jsonl").write_text(lines[0] + "\n")
+    monkeypatch.setattr(benchmark_set, "MAX_BENCHMARK_PIXELS", 100)
+    with pytest.raises(ValueError, match=r"masks, over the 100 pixels a benchmark image may have"):
+        load_benchmark(str(bench))
+
+
+def test_json_nested_beyond_the_parser_is_a_named_error(tmp_path):
+    """RecursionError is no ValueError: it escaped as a traceback from scene, benchmark and checkpoint files."""
+    from spatext.eval.outputs import read_info
+    from spatext.model.scene import load_scene
+    from spatext.model.train_preflight import read_json
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "s.json").write_text(deep)
+    with pytest.raises(ValueError, match=r"s\.json: cannot read a scene from it \(.*recursion"):
+        load_scene(str(tmp_path / "s.json"), (8, 8))
+    (tmp_path / "benchmark.json").write_text(deep)
+    with pytest.raises(ValueError, match=r"benchmark\.json is not valid JSON \(RecursionError"):
+        read_info(str(tmp_path), "benchmark.json", "spatext-benchmark", 1, "--benchmark", "benchmark set")
+    with pytest.raises(ValueError, match=r"s\.json: not valid JSON \(RecursionError"):
+        read_json(str(tmp_path / "s.json"))
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"list\.json: expected a JSON object, got list"):
+        read_json(str(tmp_path / "list.json"))
