@@ -377,9 +377,9 @@ def benchmark_fingerprint(path: str) -> str:
     with open(os.path.join(path, SAMPLES_FILE), "rb") as handle:
         samples = handle.read()
     digest.update(hashlib.sha256(samples).digest())
-    for line in samples.decode("utf-8").splitlines():
+    for number, line in enumerate(samples.decode("utf-8").splitlines(), start=1):
         if line.strip():
-            record = json.loads(line)
+            record = _parse_record(line, f"{os.path.join(path, SAMPLES_FILE)}:{number}")
             for name in ("masks", "reference"):
                 with open(inside(path, record[name], f"{SAMPLES_FILE} {name!r}"), "rb") as handle:
                     digest.update(f"{name}:{record[name]}:".encode())
@@ -390,20 +390,23 @@ def benchmark_fingerprint(path: str) -> str:
 def _decode_sample(path: str, record: dict) -> BenchmarkSample:
     """Decode one samples.jsonl record and check its masks against its regions."""
     masks_path = inside(path, record["masks"], f"{SAMPLES_FILE} 'masks'")
-    with open(masks_path, "rb") as handle, Image.open(handle, formats=OPEN_MAP_FORMATS) as image:
-        if image.mode != "L":
-            raise ValueError(f"{record['masks']}: masks must be a single-channel (L) PNG, got mode {image.mode}")
-        if image.size[0] * image.size[1] > MAX_BENCHMARK_PIXELS:  # from the header: a small PNG can declare a lot
-            raise ValueError(f"{record['masks']}: {image.size[0]}x{image.size[1]} masks, over the "
-                             f"{MAX_BENCHMARK_PIXELS} pixels a benchmark image may have")
-        masks = np.array(image)
-    with open(inside(path, record["reference"], f"{SAMPLES_FILE} 'reference'"), "rb") as handle:
-        data = handle.read()
-    with Image.open(io.BytesIO(data), formats=OPEN_IMAGE_FORMATS) as image:  # its size before its pixels
-        if image.size != masks.shape[::-1]:
-            raise ValueError(f"{record['reference']}: {image.size[0]}x{image.size[1]} but its masks are "
-                             f"{masks.shape[1]}x{masks.shape[0]}")
-    reference = decode_image(data)
+    try:
+        with open(masks_path, "rb") as handle, Image.open(handle, formats=OPEN_MAP_FORMATS) as image:
+            if image.mode != "L":
+                raise ValueError(f"{record['masks']}: masks must be a single-channel (L) PNG, got mode {image.mode}")
+            if image.size[0] * image.size[1] > MAX_BENCHMARK_PIXELS:  # from the header: a small PNG can declare a lot
+                raise ValueError(f"{record['masks']}: {image.size[0]}x{image.size[1]} masks, over the "
+                                 f"{MAX_BENCHMARK_PIXELS} pixels a benchmark image may have")
+            masks = np.array(image)
+        with open(inside(path, record["reference"], f"{SAMPLES_FILE} 'reference'"), "rb") as handle:
+            data = handle.read()
+        with Image.open(io.BytesIO(data), formats=OPEN_IMAGE_FORMATS) as image:  # its size before its pixels
+            if image.size != masks.shape[::-1]:
+                raise ValueError(f"{record['reference']}: {image.size[0]}x{image.size[1]} but its masks are "
+                                 f"{masks.shape[1]}x{masks.shape[0]}")
+        reference = decode_image(data)
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, at open: no ValueError or OSError
+        raise ValueError(f"{record['masks']} / {record['reference']}: {exc}") from exc
     check_index_map(masks, reference.shape[:2], name=record["masks"])
     regions = tuple(BenchmarkRegion(**region) for region in record["regions"])
     if region_indices(masks) != [r.index for r in regions] or [r.index for r in regions] != list(
@@ -424,9 +427,10 @@ def iter_benchmark(path: str) -> Iterator[BenchmarkSample]:
                 where = f"{os.path.join(path, SAMPLES_FILE)}:{number}"
                 record = _parse_record(line, where)
                 for name in (record["masks"], record["reference"]):
-                    if os.path.normpath(name) in files:  # one small file listed thousands of times fills memory
-                        raise ValueError(f"{where}: {name!r} is already named by line {files[os.path.normpath(name)]}")
-                    files[os.path.normpath(name)] = number
+                    real = os.path.realpath(os.path.join(path, name))  # a link inside the folder is the same file
+                    if real in files:  # one small file listed thousands of times fills memory
+                        raise ValueError(f"{where}: {name!r} is already named by line {files[real]}")
+                    files[real] = number
                 yield _decode_sample(path, record)
 
 
@@ -439,8 +443,8 @@ def _parse_record(line: str, where: str) -> dict:
     line (``where``) and the field otherwise (a hand-edited or damaged file)."""
     try:
         record = json.loads(line)
-    except ValueError as exc:
-        raise ValueError(f"{where}: not a JSON line ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting beyond the parser
+        raise ValueError(f"{where}: not a JSON line ({type(exc).__name__}: {exc})") from exc
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     for name, kind in RECORD_FIELDS.items():

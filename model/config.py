@@ -124,7 +124,7 @@ def read_config_json(path: str | Path, name_or_path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
         raise ValueError(f"--config {name_or_path!r}: not a readable JSON file ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"--config {name_or_path!r}: expected a JSON object, got {type(data).__name__}")

@@ -214,6 +214,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.files = resolve_files(data, self.storage_options)
         footers = read_footers(self.files, self.storage_options)
         self._metadata = self._check_metadata(data, [meta for _, meta in footers])
+        sides = [int(meta["image_size"]) for _, meta in footers if meta.get("image_size")]  # builds may differ
+        self._max_side = max(sides) if len(sides) == len(footers) else None
         self.units = [
             WorkUnit(path, i, 0, n) for path, (rows, _) in zip(self.files, footers, strict=True)
             for i, n in enumerate(rows) if n > 0
@@ -233,9 +235,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     @property
     def max_side(self) -> int | None:
-        """The longest side a stored image or map may have (the shards' image_size; None where not recorded)."""
-        side = self._metadata.get("image_size")
-        return int(side) if side is not None else None
+        """The longest side a stored image or map may have: the largest image_size of the shards' builds (None where
+        a shard does not record one)."""
+        return self._max_side
 
     @property
     def embed_dim(self) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from spatext.pipeline.image_formats import OPEN_IMAGE_FORMATS, OPEN_MAP_FORMATS
+from spatext.pipeline.image_formats import OPEN_IMAGE_FORMATS, OPEN_MAP_FORMATS, refused_format_reason
 from spatext.pipeline.panoptic import decode_id_map
 from spatext.pipeline.records import REJECTS, RawSample, Reject, Sample, Segment, Segmentation
 from spatext.pipeline.resize import resize_image
@@ -99,7 +99,7 @@ def decode_image_info(
     except DecodeError:
         raise
     except UnidentifiedImageError as exc:  # its message names the BytesIO object's address: not reproducible
-        raise DecodeError("unreadable_image", "not an image format Pillow can read") from exc
+        raise DecodeError(*refused_format_reason(data)) from exc
     except Image.DecompressionBombError as exc:  # Pillow's own check at open, above twice its MAX_IMAGE_PIXELS
         raise DecodeError("image_too_large", f"exceeds {max_pixels} pixels ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:

@@ -43,8 +43,12 @@ CAPTIONS_FILE = "captions.jsonl"
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
 FOLDER_UNIT_LINES = 1000  # a folder's captions.jsonl is read in units of this many lines (the resume granularity)
 COCO_UNIT_IMAGES = 1000  # a COCO split is read in units of this many images (the resume granularity)
-MAX_TAR_EXPANSION = 200  # a compressed tar that expands more than this is refused (images barely compress)
-EXPANSION_GRACE_BYTES = 16 << 20  # decompressed bytes read before the expansion limit applies
+# A compressed tar is refused once it has expanded past EXPANSION_GRACE_BYTES and more than MAX_TAR_EXPANSION times
+# its compressed bytes: a bomb then costs at most about a GiB of decompression. Images seldom compress much; flat
+# uncompressed BMP/TIFF can (a near-white 1024 px BMP: ~1000x in gzip), hence the grace of a whole GiB.
+MAX_TAR_EXPANSION = 1000
+EXPANSION_GRACE_BYTES = 1 << 30
+MAGIC_BYTES = 10  # what compression detection reads first (bzip2's header and block magic)
 COUNTS = "counts"  # (unit source, number of inputs read from it): the independent side of accepted + rejected = read
 
 FILE_FORMATS = {".tar": "webdataset", ".parquet": "parquet"}  # what a matched file's extension says
@@ -306,6 +310,12 @@ class _BoundedDecompression(io.RawIOBase):
     def readinto(self, buffer: bytearray | memoryview) -> int:
         try:
             data = self.stream.read(len(buffer))  # these readers decompress no more than asked for
+        except gzip.BadGzipFile as exc:
+            if not str(exc).startswith("Not a gzipped file"):
+                raise tarfile.ReadError(f"unreadable compressed data after {self.raw.count} bytes ({exc})") from exc
+            # raised only where a member header should follow a complete member: trailing bytes that are not gzip,
+            # ignored as bzip2 and xz readers (and GNU tar) ignore them
+            data = b""
         except self.errors as exc:  # damaged or cut compressed data: the tar is unreadable from here on
             raise tarfile.ReadError(f"unreadable compressed data after {self.raw.count} bytes "
                                     f"({type(exc).__name__}: {exc})") from exc
@@ -319,15 +329,16 @@ class _BoundedDecompression(io.RawIOBase):
 
 
 DECOMPRESSION_ERRORS = (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError)  # what damaged data raises
+BZIP2_MAGIC = re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)", re.DOTALL)  # header + first block (or empty stream)
 
 
 def _decompressor(magic: bytes, raw: _CountingReader) -> _BoundedDecompression | None:
     """A bounded streaming reader of ``raw``'s decompressed bytes when ``magic`` (its first bytes) names gzip, bzip2,
     xz or zstd; None for anything else (a plain tar)."""
     errors = DECOMPRESSION_ERRORS
-    if magic.startswith(b"\x1f\x8b"):
+    if magic.startswith(b"\x1f\x8b\x08"):
         stream = gzip.GzipFile(fileobj=raw, mode="rb")
-    elif magic.startswith(b"BZh"):
+    elif BZIP2_MAGIC.match(magic):  # not just "BZh": a plain tar's first member may be named BZhello.txt
         stream = bz2.BZ2File(raw, mode="rb")
     elif magic.startswith(b"\xfd7zXZ\x00"):
         stream = lzma.LZMAFile(raw, mode="rb")
@@ -345,7 +356,12 @@ def open_tar_stream(fileobj: IO[bytes]) -> tarfile.TarFile:
     """``fileobj`` as a tar stream whose end ``check_tar_end`` can check. Compression (gzip, bzip2, xz, zstd) is
     detected from the magic bytes and read through a streaming decompressor with an expansion limit: tarfile's own
     decompression (mode "r|*") has none, and copies its buffer on every read (quadratic in the expansion)."""
-    magic = fileobj.read(6)
+    magic = b""
+    while len(magic) < MAGIC_BYTES:  # a stream may return fewer bytes than asked before its end
+        more = fileobj.read(MAGIC_BYTES - len(magic))
+        if not more:
+            break
+        magic += more
     raw = _CountingReader(fileobj, magic)
     compressed = _decompressor(magic, raw)
     stream = io.BufferedReader(compressed) if compressed is not None else raw

@@ -263,9 +263,15 @@ def iter_parquet(
 
 
 def cell_bytes(array: pa.Array) -> np.ndarray:
-    """The bytes of variable-size data each row's cell holds (strings and binaries, also inside structs and lists),
-    from Arrow's offsets: nothing is copied out. Nulls and fixed-width values count 0."""
+    """The bytes of variable-size data each row's cell holds (strings and binaries, also inside structs, lists and
+    dictionaries), from Arrow's offsets: nothing is copied out. Nulls and fixed-width values count 0; a type this
+    cannot size (a map or list view: no corpus column is one) is a ValueError, so its row group becomes rejects,
+    never a cell counted as empty."""
     kind = array.type
+    if pa.types.is_dictionary(kind):  # each row holds its index's value (one big value may repeat in every row)
+        values = cell_bytes(array.dictionary)
+        indices = array.indices.to_numpy(zero_copy_only=False)
+        return np.where(array.is_null().to_numpy(zero_copy_only=False), 0, values[np.nan_to_num(indices).astype(int)])
     if pa.types.is_struct(kind):
         total = np.zeros(len(array), np.int64)
         for child in array.flatten():
@@ -274,10 +280,23 @@ def cell_bytes(array: pa.Array) -> np.ndarray:
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
         parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
         return np.bincount(parents, weights=cell_bytes(array.flatten()), minlength=len(array)).astype(np.int64)
+    if pa.types.is_binary_view(kind) or pa.types.is_string_view(kind):
+        array = array.cast(pa.large_binary())  # no length kernel for view types
+        kind = array.type
     if pa.types.is_binary(kind) or pa.types.is_string(kind) or pa.types.is_large_binary(kind) or \
             pa.types.is_large_string(kind) or pa.types.is_fixed_size_binary(kind):
         return pc.fill_null(pc.binary_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.zeros(len(array), np.int64)
+    if pa.types.is_null(kind) or _fixed_width(kind):  # bounded by the row count
+        return np.zeros(len(array), np.int64)
+    raise ValueError(f"a column of type {kind} cannot be size-checked before it is read")
+
+
+def _fixed_width(kind: pa.DataType) -> bool:
+    """Whether values of ``kind`` have a fixed size (numbers, booleans, timestamps, decimals, ...)."""
+    try:
+        return kind.bit_width > 0
+    except ValueError:  # pyarrow: "Non-fixed width type"
+        return False
 
 
 def _batch_rows(batch: pa.RecordBatch) -> Iterator[dict | str]:

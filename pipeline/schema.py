@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from spatext.pipeline.image_formats import OPEN_IMAGE_FORMATS, OPEN_MAP_FORMATS
+from spatext.pipeline.image_formats import OPEN_IMAGE_FORMATS
 from spatext.pipeline.records import Embeddings, Reject, Sample
 
 SCHEMA_VERSION = "1"
@@ -176,7 +176,7 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def decode_segment_map(data: bytes) -> np.ndarray:
     """Decode a stored segment map to H x W uint8 (raises if it is not a single-channel PNG)."""
-    with Image.open(io.BytesIO(data), formats=OPEN_MAP_FORMATS) as im:
+    with Image.open(io.BytesIO(data), formats=OPEN_IMAGE_FORMATS) as im:  # any, so that another is named below
         if im.format != "PNG":
             raise ValueError(f"segment_map must be a PNG, got {im.format}")
         if im.mode != "L":

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from spatext.paths import match_in
 from spatext.pipeline.config import RESUME_MAY_CHANGE
 from spatext.pipeline.crop import mask_bbox
+from spatext.pipeline.image_formats import refused_format_reason
 from spatext.pipeline.keys import key_hash
 from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import Reject
@@ -222,7 +223,8 @@ def _verify_row(path: str, row: dict, declared: Declared, report: VerifyReport) 
         sample = row_to_sample(row)
     except (OSError, ValueError, SyntaxError, TypeError, KeyError, AttributeError) as exc:  # a null segment, too
         # Pillow names the BytesIO object (a memory address) when it cannot identify an image: not reproducible
-        reason = "not an image format Pillow can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        reason = (": ".join(refused_format_reason(row["image"] or b"")) if isinstance(exc, UnidentifiedImageError)
+                  else str(exc))
         report.add(path, row["key"], f"undecodable: {reason}")
         return
     stored = stored_image_format(row["image"])

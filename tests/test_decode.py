@@ -258,7 +258,13 @@ def test_deep_images_outside_the_stated_ranges_are_rejected(values):
 def test_reject_reasons_are_reproducible():
     with pytest.raises(DecodeError) as err:
         decode_image(b"not an image", 512)
-    assert str(err.value) == "unreadable_image: not an image format Pillow can read"
+    assert str(err.value) == ("unreadable_image: not an image in a format spatext reads (JPEG, PNG, WEBP, BMP, TIFF, "
+                              "GIF)")
+    ppm = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(ppm, "PPM")  # one Pillow reads, refused by policy: named, not "unreadable"
+    with pytest.raises(DecodeError) as err:
+        decode_image(ppm.getvalue(), 512)
+    assert err.value.reason == "unsupported_image_format" and "looks like PPM" in str(err.value)
     reject = Reject("k", "s", "embed", "embedder_error: <_io.BytesIO object at 0x7f3a12cd>, <Foo object at 0xABC1>")
     assert reject.reason == "embedder_error: <_io.BytesIO object>, <Foo object>"
 

@@ -131,6 +131,36 @@ def test_compressed_tars_are_read_and_damage_is_a_reject(make_tar, tmp_path, kin
     assert len(items) < 5 and all(isinstance(i, RawSample) for i in items[:-1])
 
 
+def test_compression_is_told_by_whole_magic_numbers_over_short_reads(make_tar, tmp_path):
+    """A plain tar whose first member is named BZh... is a plain tar (bzip2 is 'BZh' + level + block magic); the
+    magic bytes are gathered over short reads; trailing bytes after a gzip stream end it, as bzip2/xz readers do."""
+    import io
+
+    class Trickle(io.RawIOBase):  # at most 3 bytes per read, like a slow socket
+        def __init__(self, data):
+            self.data = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            chunk = self.data.read(min(3, len(buffer)))
+            buffer[: len(chunk)] = chunk
+            return len(chunk)
+
+    named = make_tar("bzh.tar", [("BZhello.jpg", b"img"), ("BZhello.txt", b"cap")])
+    assert [i.key for i in _iter_tar(named)] == ["BZhello"]
+    data = open(make_tar("p.tar", FOUR_KEYS), "rb").read()
+    for kind in ("xz", "zstd", "gzip"):
+        items = list(read.iter_webdataset(Trickle(COMPRESSORS[kind](data)), "t.tar"))
+        assert [i.key for i in items] == ["k0", "k1", "k2", "k3"], kind
+    path = tmp_path / "trailing.tar"
+    path.write_bytes(gzip.compress(data) + b"garbage!" * 10)
+    assert [(type(i).__name__, i.key) for i in _iter_tar(str(path))] == [("RawSample", f"k{i}") for i in range(4)]
+    path.write_bytes(gzip.compress(data[:4096]) + gzip.compress(data[4096:]))  # two members: one stream
+    assert [i.key for i in _iter_tar(str(path))] == ["k0", "k1", "k2", "k3"]
+
+
 @pytest.mark.parametrize("kind", ["gzip", "bz2"])
 def test_a_compressed_tar_bomb_is_refused_quickly(tmp_path, monkeypatch, kind):
     """A few hundred bytes of bzip2 expanded to gigabytes of tar that tarfile's own decompression (no limit, a buffer

@@ -253,8 +253,8 @@ def test_images_open_only_as_the_formats_a_corpus_uses(monkeypatch):
     from spatext.pipeline.schema import decode_image
 
     monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: pytest.fail("EPS plugin was tried"))
-    with pytest.raises(DecodeError, match="unreadable_image"):
-        decode_image_info(EPS, 64)
+    with pytest.raises(DecodeError, match="unsupported_image_format: looks like EPS, a format spatext does not read"):
+        decode_image_info(EPS, 64)  # named from its first bytes by the plugin's accept check: never opened
     for decoder in (decode_image, decode_rgb):
         with pytest.raises(OSError, match="cannot identify image file"):
             decoder(EPS)
@@ -275,11 +275,22 @@ def test_a_training_row_whose_map_declares_too_many_pixels_is_refused_from_its_h
         crops.decode_rgb(jpeg_bytes(), expected=(512, 512))
 
 
-def test_shard_dataset_passes_the_shards_image_size_as_the_cap(demo_shards):
+def test_shard_dataset_caps_maps_at_the_largest_image_size_of_its_shards(demo_shards, tmp_path):
+    """Shards of builds with different --image-size train together: the cap is the largest of their image sizes."""
     from spatext.model.data import ShardDataset
+    from spatext.pipeline.schema import METADATA_PREFIX
 
     dataset = ShardDataset(str(demo_shards), resolution=32)
-    assert dataset.max_side == int(dataset._metadata["image_size"]) > 0
+    side = int(dataset._metadata["image_size"])
+    assert dataset.max_side == side > 0
+    files = sorted((demo_shards / "shards").glob("*.parquet"))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, path in enumerate(files[:2]):
+        table = pq.read_table(path)
+        meta = {**table.schema.metadata, f"{METADATA_PREFIX}image_size".encode(): str(side * (i + 1)).encode()}
+        pq.write_table(table.replace_schema_metadata(meta), mixed / path.name)
+    assert ShardDataset(str(mixed), resolution=32).max_side == 2 * side
 
 
 def test_scene_images_over_the_pixel_cap_are_refused_from_their_header(tmp_path):
@@ -306,9 +317,25 @@ def test_a_benchmark_refuses_huge_masks_and_files_named_twice(demo_shards, tmp_p
     (bench / "samples.jsonl").write_text("\n".join([lines[0], twin]))
     with pytest.raises(ValueError, match=r"samples\.jsonl:2: '.*' is already named by line 1"):
         load_benchmark(str(bench))
+    record = json.loads(lines[0])
+    (bench / "m2").symlink_to("masks")  # another name of the same files, inside the folder
+    (bench / "r2").symlink_to("reference")
+    alias = json.dumps({**record, "key": "alias", "masks": "m2/" + record["masks"].split("/", 1)[1],
+                        "reference": "r2/" + record["reference"].split("/", 1)[1]})
+    (bench / "samples.jsonl").write_text("\n".join([lines[0], alias]))
+    with pytest.raises(ValueError, match=r"samples\.jsonl:2: 'm2/.*' is already named by line 1"):
+        load_benchmark(str(bench))
+    (bench / "samples.jsonl").write_text("\n".join([lines[0], "[" * 100_000 + "]" * 100_000]))
+    with pytest.raises(ValueError, match=r"samples\.jsonl:2: not a JSON line \(RecursionError"):
+        load_benchmark(str(bench))
+    with pytest.raises(ValueError, match=r"samples\.jsonl:2: not a JSON line \(RecursionError"):
+        benchmark_set.benchmark_fingerprint(str(bench))
     (bench / "samples.jsonl").write_text(lines[0] + "\n")
     monkeypatch.setattr(benchmark_set, "MAX_BENCHMARK_PIXELS", 100)
     with pytest.raises(ValueError, match=r"masks, over the 100 pixels a benchmark image may have"):
+        load_benchmark(str(bench))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # Pillow's own bomb error, at open: a named ValueError too
+    with pytest.raises(ValueError, match=r"masks/.*reference/.*decompression bomb"):
         load_benchmark(str(bench))
 
 
@@ -330,3 +357,32 @@ def test_json_nested_beyond_the_parser_is_a_named_error(tmp_path):
     (tmp_path / "list.json").write_text("[1]")
     with pytest.raises(ValueError, match=r"list\.json: expected a JSON object, got list"):
         read_json(str(tmp_path / "list.json"))
+    from spatext.model.config import read_config_json
+
+    with pytest.raises(ValueError, match=r"--config 'x': not a readable JSON file \(maximum recursion"):
+        read_config_json(tmp_path / "s.json", "x")
+
+
+def test_dictionary_typed_columns_are_sized_by_their_values(tmp_path, monkeypatch):
+    """A column stored with an Arrow dictionary type reads back as one: each row holds its index's value, so one big
+    value repeated in every row is over the cap in every row (it was counted as 0 bytes and read into memory)."""
+    path = tmp_path / "d.parquet"
+    captions = pa.DictionaryArray.from_arrays(pa.array([0, 1, 0, None], pa.int32()), pa.array(["c" * 100, "short"]))
+    pq.write_table(pa.table({"key": ["a", "b", "c", "d"], "jpg": [b"x"] * 4, "caption": captions}), path)
+    assert pa.types.is_dictionary(pq.ParquetFile(path).schema_arrow.field("caption").type)
+    monkeypatch.setattr(read_parquet, "MAX_MEMBER_BYTES", 50)
+    with open(path, "rb") as handle:
+        items = list(read_parquet.iter_parquet(handle, str(path), ReadOptions()))
+    assert [(type(i).__name__, i.key) for i in items] == [
+        ("Reject", "d/0"), ("RawSample", "b"), ("Reject", "d/2"), ("RawSample", "d")]
+    assert items[0].reason == "member_too_large: column 'caption' holds 100 bytes (limit 50)"
+
+
+def test_a_column_type_that_cannot_be_sized_rejects_its_row_group(tmp_path):
+    path = tmp_path / "m.parquet"
+    captions = pa.array([[("k", "v")], [("k", "w")]], pa.map_(pa.string(), pa.string()))
+    pq.write_table(pa.table({"key": ["a", "b"], "jpg": [b"x"] * 2, "caption": captions}), path)
+    with open(path, "rb") as handle:
+        items = list(read_parquet.iter_parquet(handle, str(path), ReadOptions(caption_column="caption")))
+    assert [i.key for i in items] == ["m/0", "m/1"] and all(isinstance(i, Reject) for i in items)
+    assert "unreadable_parquet: row group 0" in items[0].reason and "cannot be size-checked" in items[0].reason
