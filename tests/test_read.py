@@ -382,3 +382,24 @@ def test_auto_segmenter_probe_skips_unreadable_and_empty_tars(tmp_path, make_tar
     assert read.has_annotations(str(tmp_path / "b-*.tar"), "auto") is False
     # nothing readable: no sample can reach a segmenter; `annotations` loads no model and all inputs become rejects
     assert read.has_annotations(str(tmp_path / "a-[02].tar"), "webdataset") is True
+
+
+def test_a_gzipped_tar_reads_through_beam_with_the_webdataset_format(make_tar, tmp_path, monkeypatch):
+    """Beam opens tars uncompressed: a .tar.gz is decompressed by the reader's own bounded stream, so its expansion
+    limit holds there too (Beam's automatic decompression by file name would bypass it)."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "shard.tar.gz").write_bytes(gzip.compress(open(make_tar("p.tar", FOUR_KEYS), "rb").read()))
+    options = read.ReadOptions(input_format="webdataset")
+    with beam.Pipeline(runner="DirectRunner") as p:
+        out = p | read.ReadCorpus(str(tmp_path / "c" / "*.tar.gz"), options)
+        assert_that(out["samples"] | beam.Map(lambda s: s.key), equal_to(["k0", "k1", "k2", "k3"]))
+    monkeypatch.setattr(read, "EXPANSION_GRACE_BYTES", 0)  # in-process DirectRunner: a limit this tar passes
+    monkeypatch.setattr(read, "MAX_TAR_EXPANSION", 2)
+    with beam.Pipeline(runner="DirectRunner") as p:
+        out = p | read.ReadCorpus(str(tmp_path / "c" / "*.tar.gz"), options)
+        assert_that(out["samples"], equal_to([]), label="NoSamples")
+        reasons = out["rejects"] | beam.Map(lambda r: r.reason.split(" (")[0])
+        assert_that(reasons, equal_to(["unreadable_tar: the compressed tar expands more than 2x"]), label="Refused")
