@@ -152,7 +152,7 @@ def load_image_crop(
     """
     if not (is_jpeg(data) and dct_scale(size, box, resolution) >= MIN_DCT_SCALE):
         image = decode_rgb(data, expected=size)
-        check_same_size((image.shape[2], image.shape[1]), size)  # a header PIL or libjpeg read otherwise
+        check_same_size((image.shape[2], image.shape[1]), size)  # as decoded, should libjpeg read another header
         return resize_crop(image, box, resolution)
     with Image.open(io.BytesIO(data), formats=OPEN_IMAGE_FORMATS) as im:
         check_same_size(im.size, size)
