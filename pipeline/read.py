@@ -309,7 +309,8 @@ class _BoundedDecompression(io.RawIOBase):
 
     def readinto(self, buffer: bytearray | memoryview) -> int:
         try:
-            data = self.stream.read(len(buffer))  # these readers decompress no more than asked for
+            # read1: one read underneath, so bytes decompressed before an error below are not thrown away with it
+            data = self.stream.read1(len(buffer))
         except gzip.BadGzipFile as exc:
             if not str(exc).startswith("Not a gzipped file"):
                 raise tarfile.ReadError(f"unreadable compressed data after {self.raw.count} bytes ({exc})") from exc

@@ -268,10 +268,14 @@ def cell_bytes(array: pa.Array) -> np.ndarray:
     cannot size (a map or list view: no corpus column is one) is a ValueError, so its row group becomes rejects,
     never a cell counted as empty."""
     kind = array.type
+    if isinstance(kind, pa.BaseExtensionType):  # e.g. arrow.json: sized by the values it stores
+        return cell_bytes(array.storage)
     if pa.types.is_dictionary(kind):  # each row holds its index's value (one big value may repeat in every row)
         values = cell_bytes(array.dictionary)
-        indices = array.indices.to_numpy(zero_copy_only=False)
-        return np.where(array.is_null().to_numpy(zero_copy_only=False), 0, values[np.nan_to_num(indices).astype(int)])
+        valid = ~array.is_null().to_numpy(zero_copy_only=False)
+        sizes = np.zeros(len(array), np.int64)
+        sizes[valid] = values[array.indices.to_numpy(zero_copy_only=False)[valid].astype(np.int64)]
+        return sizes
     if pa.types.is_struct(kind):
         total = np.zeros(len(array), np.int64)
         for child in array.flatten():

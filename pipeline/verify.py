@@ -12,6 +12,7 @@ report but a directory that holds no build.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import multiprocessing
 import sys
@@ -23,13 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from spatext.paths import match_in
 from spatext.pipeline.config import RESUME_MAY_CHANGE
 from spatext.pipeline.crop import mask_bbox
-from spatext.pipeline.image_formats import refused_format_reason
+from spatext.pipeline.image_formats import OPEN_IMAGE_FORMATS, refused_format_reason
 from spatext.pipeline.keys import key_hash
 from spatext.pipeline.parquet_files import parquet_file
 from spatext.pipeline.records import Reject
@@ -216,6 +217,18 @@ def _declared_format(path: str, meta: dict[str, str], report: VerifyReport) -> s
     return declared
 
 
+def _unidentified_reason(row: dict) -> str:
+    """Which of a row's image and segment map Pillow could not identify, and why (reproducibly)."""
+    for column in ("image", "segment_map"):
+        data = row.get(column) or b""
+        try:
+            with Image.open(io.BytesIO(data), formats=OPEN_IMAGE_FORMATS):
+                continue
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return f"{column}: " + ": ".join(refused_format_reason(data))
+    return "an image Pillow could not identify"
+
+
 def _verify_row(path: str, row: dict, declared: Declared, report: VerifyReport) -> None:
     """Check one stored row: it decodes, satisfies `check_sample`, and its image is in the declared format."""
     embed_dim, image_format = declared.embed_dim, declared.image_format
@@ -223,8 +236,7 @@ def _verify_row(path: str, row: dict, declared: Declared, report: VerifyReport) 
         sample = row_to_sample(row)
     except (OSError, ValueError, SyntaxError, TypeError, KeyError, AttributeError) as exc:  # a null segment, too
         # Pillow names the BytesIO object (a memory address) when it cannot identify an image: not reproducible
-        reason = (": ".join(refused_format_reason(row["image"] or b"")) if isinstance(exc, UnidentifiedImageError)
-                  else str(exc))
+        reason = _unidentified_reason(row) if isinstance(exc, UnidentifiedImageError) else str(exc)
         report.add(path, row["key"], f"undecodable: {reason}")
         return
     stored = stored_image_format(row["image"])

@@ -265,6 +265,10 @@ def test_reject_reasons_are_reproducible():
     with pytest.raises(DecodeError) as err:
         decode_image(ppm.getvalue(), 512)
     assert err.value.reason == "unsupported_image_format" and "looks like PPM" in str(err.value)
+    for tiny in (b"", b"\x00", b"ab"):  # too short for some plugins' checks (DIB's raised struct.error)
+        with pytest.raises(DecodeError) as err:
+            decode_image(tiny, 512)
+        assert err.value.reason == "unreadable_image"
     reject = Reject("k", "s", "embed", "embedder_error: <_io.BytesIO object at 0x7f3a12cd>, <Foo object at 0xABC1>")
     assert reject.reason == "embedder_error: <_io.BytesIO object>, <Foo object>"
 

@@ -332,6 +332,15 @@ def test_a_segment_map_that_is_not_png_is_reported(build):
     assert "undecodable: segment_map must be a PNG, got TIFF" in report.format()
 
 
+def test_a_segment_map_pillow_cannot_identify_is_named_as_the_segment_map(build):
+    """Both the image and the map decode in one call: the finding names the one Pillow could not identify."""
+    ppm = io.BytesIO()
+    Image.new("L", (8, 8)).save(ppm, format="PPM")
+    _rewrite_shard(_first_shard(build), rows=lambda rows: [{**rows[0], "segment_map": ppm.getvalue()}, *rows[1:]])
+    report = verify.verify_build(str(build), progress=False)
+    assert "undecodable: segment_map: unsupported_image_format: looks like PPM" in report.format()
+
+
 def test_a_negative_limit_is_a_usage_error(build, capsys):
     with pytest.raises(SystemExit) as exit_info:  # -1 listed all but the last violation and miscounted the rest
         verify.main([str(build), "--limit", "-1"])

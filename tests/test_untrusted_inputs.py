@@ -378,6 +378,20 @@ def test_dictionary_typed_columns_are_sized_by_their_values(tmp_path, monkeypatc
     assert items[0].reason == "member_too_large: column 'caption' holds 100 bytes (limit 50)"
 
 
+def test_all_null_dictionary_and_extension_columns_are_sized(tmp_path, monkeypatch):
+    """An all-null dictionary column has an empty dictionary (indexing it raised IndexError); an extension type
+    (arrow.json) is sized by the values it stores."""
+    path = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"key": ["a", "b"], "jpg": [b"x"] * 2,
+                             "caption": pa.array(['"' + "c" * 100 + '"', '"s"'], pa.json_()),
+                             "url": pa.array([None, None], pa.dictionary(pa.int32(), pa.string()))}), path)
+    monkeypatch.setattr(read_parquet, "MAX_MEMBER_BYTES", 50)
+    with open(path, "rb") as handle:
+        items = list(read_parquet.iter_parquet(handle, str(path), ReadOptions()))
+    assert [(type(i).__name__, i.key) for i in items] == [("Reject", "e/0"), ("RawSample", "b")]
+    assert items[0].reason == "member_too_large: column 'caption' holds 102 bytes (limit 50)"
+
+
 def test_a_column_type_that_cannot_be_sized_rejects_its_row_group(tmp_path):
     path = tmp_path / "m.parquet"
     captions = pa.array([[("k", "v")], [("k", "w")]], pa.map_(pa.string(), pa.string()))
