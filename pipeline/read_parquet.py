@@ -241,11 +241,12 @@ def iter_parquet(
             try:
                 for batch in parquet.iter_batches(batch_size=rows_per_batch, row_groups=[group], columns=names):
                     for row in _batch_rows(batch):
-                        key = _row_key(row, stem, index, columns) if not isinstance(row, str) else f"{stem}/{index}"
-                        index += 1
                         if isinstance(row, str):  # a cell over the cap, unread: why
-                            yield Reject(key, source, "read", row)
+                            yield Reject(f"{stem}/{index}", source, "read", row)
+                            index += 1
                             continue
+                        key = _row_key(row, stem, index, columns)
+                        index += 1
                         if key in seen:
                             yield Reject(key, source, "read", "duplicate_key")
                             continue
