@@ -126,6 +126,7 @@ class ModelServers:
         self._factory, self._tags = factory, list(tags)
         self._lock = threading.Lock()  # one reconnection at a time (a worker's threads share this object)
         self._started: list[multiprocessing.Process] = []  # the server processes this process started
+        self._index_of: dict[int, int] = {}  # a started process's server index, by pid
         self._own: set[int] = set()  # the indices of the servers it started
         # the handles keep each server's life line (a pipe whose closing stops the server) open as long as this
         self._handles: list[Any] = [None] * len(self._tags)
@@ -143,19 +144,36 @@ class ModelServers:
         started = [child for child in multiprocessing.active_children() if child.pid not in before]
         if started:
             self._started += started
+            self._index_of.update((process.pid, index) for process in started)
             self._own.add(index)
             if self not in _STARTED:
                 _STARTED.append(self)
 
     def shutdown_servers(self) -> None:
-        """Stop the servers this process started (they stop anyway when it exits); others' servers keep running."""
-        for handle in (self._handles[index] for index in sorted(self._own)):
+        """Stop the servers this process started (they stop anyway when it exits); others' servers keep running.
+
+        A second call does nothing: a stopped server's port may belong to another program by then. A server that
+        cannot be reached (it ended, or its port answers as something else) is terminated instead of asked, so
+        that stopping servers never fails the build that used them."""
+        if self in _STARTED:
+            _STARTED.remove(self)
+        own, self._own = sorted(self._own), set()
+        unanswered = set()
+        for index in own:
             try:
-                handle.unsafe_hard_delete()
-            except (EOFError, ConnectionError):  # the server ends before it answers, or has ended already
+                self._handles[index].unsafe_hard_delete()
+            except EOFError:  # the server ends before it answers
                 pass
-        for process in self._started:  # Beam's exit hook then finds nothing left to stop
-            process.join(timeout=10)
+            except (OSError, multiprocessing.AuthenticationError) as exc:  # ended already, or its port was reused
+                logger.info("model server %s did not answer its stop (%r)", self._tags[index], exc)
+                unanswered.add(index)
+        started, self._started = self._started, []
+        for process in started:  # Beam's exit hook then finds nothing left to stop
+            process.join(timeout=1 if self._index_of.get(process.pid) in unanswered else 10)
+            if process.is_alive():
+                logger.warning("model server process %d did not stop: terminating it", process.pid)
+                process.terminate()
+                process.join(timeout=10)
 
     def __getattr__(self, name: str) -> Any:
         """The named method of the next server."""

@@ -76,6 +76,29 @@ def test_model_servers_are_processes_of_their_own_shared_by_tag() -> None:
     assert not any(p.is_alive() for p in servers._started)
 
 
+def test_stopping_servers_is_done_once_and_never_fails(monkeypatch) -> None:
+    """A server whose stop request finds its port answering as something else (it ended and the port was reused) is
+    terminated instead; a second stop (the build's ``stop_started_servers`` after a direct call) asks nothing."""
+    servers = ModelServers(_Pid, [f"spatext-test-{uuid.uuid4().hex}"])
+    started = list(servers._started)
+    assert servers in model_stage._STARTED and len(started) == 1 and started[0].is_alive()
+    handle = servers._handles[0]
+
+    def reused_port() -> None:
+        raise OSError("bad message length")  # what multiprocessing's handshake raises against a non-manager port
+
+    monkeypatch.setattr(handle, "unsafe_hard_delete", reused_port)
+    begin = time.monotonic()
+    servers.shutdown_servers()
+    assert not started[0].is_alive() and time.monotonic() - begin < 8  # terminated, without the 10 s grace
+    assert servers not in model_stage._STARTED
+    asked = []
+    monkeypatch.setattr(handle, "unsafe_hard_delete", lambda: asked.append(1))
+    servers.shutdown_servers()
+    model_stage.stop_started_servers()
+    assert asked == []
+
+
 class _Dies:
     """A stand-in model whose every call ends its server process."""
 
