@@ -152,9 +152,18 @@ def predict(prior: Prior, text: torch.Tensor, batch_size: int = 4096) -> torch.T
 
 
 def _write(path: str, data: bytes) -> None:
-    """Write bytes to any fsspec path."""
-    with fsspec.open(path, "wb") as handle:
-        handle.write(data)
+    """Write bytes to any fsspec path through a temporary name, so that a save cut short (a kill, a full disk)
+    leaves the previous file or none, never a partial one that a later --prior would load."""
+    fs, target = fsspec.core.url_to_fs(path)
+    tmp = f"{target}.tmp"
+    try:
+        with fs.open(tmp, "wb") as handle:
+            handle.write(data)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+    fs.mv(tmp, target)
 
 
 def save_prior(prior: Prior, output: str, metrics: dict | None = None) -> None:
@@ -177,11 +186,26 @@ def prior_file(output_or_file: str) -> str:
     return output_or_file if output_or_file.endswith(".safetensors") else f"{output_or_file.rstrip('/')}/{WEIGHTS_FILE}"
 
 
-def _safetensors_metadata(handle: IO[bytes]) -> dict[str, str]:
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def _safetensors_metadata(handle: IO[bytes], path: str) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file, from its header only (8-byte little-endian length, then JSON): a
-    remote prior's lineage is read without downloading its weights."""
-    (length,) = struct.unpack("<Q", handle.read(8))
-    return json.loads(handle.read(length)).get("__metadata__", {})
+    remote prior's lineage is read without downloading its weights. ValueError naming `path` for a file that is no
+    safetensors file (too short, a header cut off or not JSON): a save killed half-way, or another format."""
+    start = handle.read(8)
+    length = struct.unpack("<Q", start)[0] if len(start) == 8 else None
+    if length is None or length > MAX_HEADER_BYTES:
+        raise ValueError(f"{path!r} is not a safetensors file (its header is missing or damaged)")
+    header = handle.read(length)
+    try:
+        parsed = json.loads(header) if len(header) == length else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{path!r} is not a safetensors file (its header is cut off or not JSON)")
+    meta = parsed.get("__metadata__", {})
+    return meta if isinstance(meta, dict) else {}
 
 
 def load_prior_lineage(output_or_file: str) -> dict:
@@ -189,7 +213,7 @@ def load_prior_lineage(output_or_file: str) -> dict:
     its safetensors metadata, else from the ``prior_metrics.json`` beside it; {} when neither has one."""
     path = prior_file(output_or_file)
     with fsspec.open(path, "rb") as handle:
-        meta = _safetensors_metadata(handle)
+        meta = _safetensors_metadata(handle, path)
     if "lineage" in meta:
         return json.loads(meta["lineage"])
     metrics = f"{path.rsplit('/', 1)[0]}/{METRICS_FILE}" if "/" in path else METRICS_FILE
@@ -205,13 +229,17 @@ def load_prior(output_or_file: str, device: str = "cpu") -> Prior:
     path = prior_file(output_or_file)
     with fsspec.open(path, "rb") as handle:
         data = handle.read()
-    meta = _safetensors_metadata(io.BytesIO(data))
+    meta = _safetensors_metadata(io.BytesIO(data), path)
     if "config" not in meta:
         raise ValueError(f"{path!r} carries no prior config in its safetensors metadata; not a spatext prior")
     cfg_dict = json.loads(meta["config"])
     config = prior_config_from_dict({k: v for k, v in cfg_dict.items() if k != "name"}, cfg_dict.get("name", "custom"))
     prior = Prior(config)
-    prior.load_state_dict(safetensors.torch.load(data), strict=True)
+    try:
+        tensors = safetensors.torch.load(data)
+    except safetensors.SafetensorError as exc:  # the tensors are cut off or damaged (not an OSError or ValueError)
+        raise ValueError(f"{path!r} is a damaged safetensors file ({exc})") from exc
+    prior.load_state_dict(tensors, strict=True)
     return prior.to(device).eval()
 
 

@@ -220,3 +220,35 @@ def test_a_diverging_prior_stops_and_a_nan_prior_is_refused(tmp_path) -> None:
     save_prior(prior, str(tmp_path / "nan"))
     with pytest.raises(ValueError, match="holds NaN or infinite weights"):
         load_prior_component(str(tmp_path / "nan"), 16)
+
+
+def test_a_damaged_prior_file_is_a_clear_error_and_a_cut_save_leaves_none(tmp_path, monkeypatch) -> None:
+    """A prior file cut short (a save killed half-way) or of another format is a ValueError naming it, whether the
+    weights or only the lineage are read; saving goes through a temporary name, so a failed save leaves no file."""
+    from spatext.model.prior import load_prior_lineage
+
+    torch.manual_seed(0)
+    prior = Prior(PriorConfig(**{**load_prior_config("prior-tiny").to_dict(), "embed_dim": 16}))
+    save_prior(prior, str(tmp_path / "good"), {"lineage": {"clip_model": "x"}})
+    data = (tmp_path / "good" / "prior.safetensors").read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    cases = {"short": data[:4], "header_cut": data[: header - 5], "tensors_cut": data[: (header + len(data)) // 2],
+             "huge_length": (1 << 62).to_bytes(8, "little") + data[8:], "not_json": data[:8] + b"\xff" * (header - 8),
+             "json_list": (2).to_bytes(8, "little") + b"[]"}
+    for name, damaged in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"{name}.safetensors' is (not a|a damaged) safetensors file"):
+            load_prior(str(path))
+        if name != "tensors_cut":  # the lineage is read from the header alone
+            with pytest.raises(ValueError, match=f"{name}.safetensors' is not a safetensors file"):
+                load_prior_lineage(str(path))
+    assert load_prior_lineage(str(tmp_path / "good")) == {"clip_model": "x"}
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("fsspec.implementations.local.LocalFileOpener.write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_prior(prior, str(tmp_path / "cut"))
+    assert list((tmp_path / "cut").iterdir()) == []  # neither the file nor its temporary
