@@ -107,6 +107,11 @@ def build_training_pipeline(
     encoder = LocalPromptEncoder.from_clip(clip)
     prior, prior_label = load_prior_component(args.prior, config.embed_dim, clip_model, seed=args.seed)
     pipe = build_pipeline(config, args.base_model, encoder, prior, seed=args.seed)
+    resolution = args.resolution or config.resolution
+    if resolution != config.resolution:  # the saved pipeline (and the run's sample grids) generate at the trained size
+        pipe.unet.register_to_config(sample_size=resolution // (config.resolution // config.sample_size))
+        logger.info("--resolution %d: the pipeline's default size is %d px (config %r: %d px)", resolution,
+                    resolution, config.name, config.resolution)
     if pipe.scheduler.config.get("prediction_type") != config.prediction_type:
         logger.info("scheduler prediction_type set to the config's %s", config.prediction_type)
         pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config,

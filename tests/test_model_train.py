@@ -617,3 +617,18 @@ def test_a_mid_epoch_resume_with_loader_workers_matches_an_uninterrupted_run(dem
     a, b = _weights(out), _weights(straight)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(out) == _losses(straight)
+
+
+def test_a_run_at_another_resolution_saves_a_pipeline_that_generates_at_it(four_rows, base, tmp_path):
+    """--resolution 32 with pixel-tiny (16 px): the saved UNet's sample_size, the pipeline's default size, the sample
+    grids and `spatext sample` without --height/--width are all 32 px."""
+    out = tmp_path / "px32"
+    assert run_train(_argv(four_rows, base, out, "pixel-tiny", 1, "--resolution", "32", "--ema-decay", "0",
+                           "--checkpointing-steps", "0", "--sample-every", "1", "--num-validation", "1",
+                           "--sample-steps", "2")) == 0
+    assert json.loads((out / "pipeline" / "unet" / "config.json").read_text())["sample_size"] == 32
+    assert SpaTextPipeline.from_pretrained(str(out / "pipeline")).default_size == (32, 32)
+    scene = tmp_path / "scene.json"
+    scene.write_text(json.dumps({"prompt": "a ball", "regions": [{"prompt": "a ball", "box": [0, 0, 0.5, 0.5]}]}))
+    argv = ["--run", str(out), "--scene", str(scene), "--out", str(tmp_path / "x.png"), "--steps", "2"]
+    assert sample.main(argv) == 0 and Image.open(tmp_path / "x.png").size == (32, 32)
