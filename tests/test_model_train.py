@@ -620,8 +620,8 @@ def test_a_mid_epoch_resume_with_loader_workers_matches_an_uninterrupted_run(dem
 
 
 def test_a_run_at_another_resolution_saves_a_pipeline_that_generates_at_it(four_rows, base, tmp_path):
-    """--resolution 32 with pixel-tiny (16 px): the saved UNet's sample_size, the pipeline's default size, the sample
-    grids and `spatext sample` without --height/--width are all 32 px."""
+    """--resolution 32 with pixel-tiny (16 px): the saved UNet's sample_size, the pipeline's default size (which the
+    run's sample grids use too) and `spatext sample` without --height/--width are all 32 px."""
     out = tmp_path / "px32"
     assert run_train(_argv(four_rows, base, out, "pixel-tiny", 1, "--resolution", "32", "--ema-decay", "0",
                            "--checkpointing-steps", "0", "--sample-every", "1", "--num-validation", "1",
