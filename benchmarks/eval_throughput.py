@@ -229,9 +229,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "is reported")
     parser.add_argument("--out", default="bench_output", help="folder for eval_throughput.json")
     args = parser.parse_args(argv)
-    for flag in ("num_images", "batch", "repeats", "fd_repeats"):
+    for flag in ("batch", "repeats", "fd_repeats", "fd_dim"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("num_images", "fd_samples"):  # a covariance needs two samples per set (FID's and the Fréchet's)
+        if getattr(args, flag) < 2:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 2, got {getattr(args, flag)}: the Fréchet distance "
+                         "needs a covariance of each set, which takes at least two samples")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     return args
 
 

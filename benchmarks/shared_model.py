@@ -6,6 +6,8 @@ releases the GIL around every operator, so threads that run a model at once trad
 forward is such a stream of small operators (the CPU only launches kernels), and so is a small model on the CPU,
 which is what this script times: the real tiny Mask2Former (``SerialSegmenter`` vs the segmenter it wraps) and the
 tiny CLIP image tower (``embed_images`` under the model's ``device_lock`` or not), torch on one intra-op thread.
+Over ``--repeats`` rounds each (model, threads) pair is timed both ways, alternating which goes first from one round
+to the next; the table gives the medians and the min-max range of the rounds.
 
     python benchmarks/shared_model.py --out bench_output      # prints a table, writes shared_model.json
 """
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from bench_record import write_record
+from bench_stats import rotated
 from spatext.pipeline.clip import ClipSpec, embed_images, load_clip
 from spatext.pipeline.records import Sample
 from spatext.pipeline.segment import SerialSegmenter
@@ -71,6 +74,47 @@ def models(image_size: int, batch: int) -> dict[str, tuple[Callable[[], object],
     }
 
 
+def time_rounds(calls: dict[str, tuple[Callable[[], object], Callable[[], object]]], threads: list[int],
+                count: int, repeats: int, timer: Callable[[Callable[[], object], int, int], float] = calls_per_second,
+                ) -> dict[tuple[str, int, str], list[float]]:
+    """Calls/s of every (model, threads, mode) over `repeats` rounds; within a round the free and the one-at-a-time
+    measurement of a pair alternate which goes first (free first in even rounds), so neither always runs warmer."""
+    rates: dict[tuple[str, int, str], list[float]] = {}
+    for repeat in range(repeats):
+        for name, (free, serial) in calls.items():
+            for n in threads:
+                for mode, call in rotated([("free", free), ("serial", serial)], repeat):
+                    rates.setdefault((name, n, mode), []).append(timer(call, n, count))
+    return rates
+
+
+def summary_rows(rates: dict[tuple[str, int, str], list[float]], names: list[str], threads: list[int]) -> list[dict]:
+    """Per (model, threads): median and min-max range of each mode's calls/s over the rounds, and the medians'
+    ratio."""
+    rows = []
+    for name in names:
+        for n in threads:
+            row: dict = {"model": name, "threads": n}
+            for mode in ("free", "serial"):
+                runs = rates[name, n, mode]
+                row[f"{mode}_calls_s"] = round(statistics.median(runs), 2)
+                row[f"{mode}_range_calls_s"] = [round(min(runs), 2), round(max(runs), 2)]
+                row[f"{mode}_runs"] = [round(r, 2) for r in runs]
+            row["serial_over_free"] = round(row["serial_calls_s"] / row["free_calls_s"], 3)
+            rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """The table: medians with their min-max ranges."""
+    print("| model | threads | free calls/s (range) | one at a time calls/s (range) | one at a time / free |\n"
+          "|---|---|---|---|---|")
+    for row in rows:
+        free, serial = row["free_range_calls_s"], row["serial_range_calls_s"]
+        print(f"| {row['model']} | {row['threads']} | {row['free_calls_s']:.1f} ({free[0]:.1f}–{free[1]:.1f}) | "
+              f"{row['serial_calls_s']:.1f} ({serial[0]:.1f}–{serial[1]:.1f}) | {row['serial_over_free']:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time every (model, threads) pair free and serial, interleaved over --repeats rounds; print, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=48, help="calls per measurement (split over the threads)")
     parser.add_argument("--batch", type=int, default=2, help="images per call")
     parser.add_argument("--image-size", type=int, default=64, help="image side (small: operator-bound, as on a GPU)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved rounds (free and one at a time alternate which goes first); medians and "
+                        "ranges are reported")
     parser.add_argument("--out", default="bench_output", help="folder for shared_model.json")
     args = parser.parse_args(argv)
     try:
@@ -97,26 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         calls = models(args.image_size, args.batch)
         for free, serial in calls.values():  # warm-up
             free(), serial()
-        rates: dict[tuple[str, int, str], list[float]] = {}
-        for _ in range(args.repeats):
-            for name, (free, serial) in calls.items():
-                for n in threads:
-                    for mode, call in (("free", free), ("serial", serial)):
-                        rates.setdefault((name, n, mode), []).append(calls_per_second(call, n, args.calls))
+        rates = time_rounds(calls, threads, args.calls, args.repeats)
     finally:
         torch.set_num_threads(intra_op)
-    rows = []
     print(f"{args.calls} calls of {args.batch} images at {args.image_size} px, torch on 1 intra-op thread, "
-          f"medians of {args.repeats} rounds")
-    print("| model | threads | free calls/s | one at a time calls/s | one at a time / free |\n|---|---|---|---|---|")
-    for name in calls:
-        for n in threads:
-            free, serial = (statistics.median(rates[name, n, mode]) for mode in ("free", "serial"))
-            rows.append({"model": name, "threads": n, "free_calls_s": round(free, 2),
-                         "serial_calls_s": round(serial, 2), "serial_over_free": round(serial / free, 3),
-                         "free_runs": [round(r, 2) for r in rates[name, n, "free"]],
-                         "serial_runs": [round(r, 2) for r in rates[name, n, "serial"]]})
-            print(f"| {name} | {n} | {free:.1f} | {serial:.1f} | {serial / free:.2f} |")
+          f"medians (min-max) of {args.repeats} rounds, free and one at a time alternating which goes first")
+    rows = summary_rows(rates, list(calls), threads)
+    print_table(rows)
     record = {"benchmark": "shared_model", "args": vars(args), "rows": rows, "torch": torch.__version__,
               "machine": platform.machine(), "cpu_count": os.cpu_count()}
     with contextlib.suppress(AttributeError):

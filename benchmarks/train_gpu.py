@@ -79,8 +79,10 @@ def section_train(s: dict) -> dict:
     print("| variant | median step (s) | samples/s |\n|---|---|---|")
     for name in ("plain", "spatext"):
         print(f"| {name} | {result['median_s'][name]:.4f} | {result['samples_per_s'][name]:.1f} |")
-    print(f"SpaText / plain step time: {result['ratio_spatext_over_plain']:.3f} (paired: "
-          f"{result['paired_ratio_median']:.3f}; goal <= 1.05; anchor: plain 85 samples/s)")
+    low, high = result["paired_ratio_ci95"]
+    print(f"SpaText / plain step time, median of {result['pairs']} paired steps: {result['paired_ratio_median']:.3f} "
+          f"(95% CI {low:.3f}-{high:.3f}; goal <= {result['goal']}: {result['verdict']}; ratio of the medians "
+          f"{result['ratio_spatext_over_plain']:.3f}; anchor: plain 85 samples/s)")
     return result
 
 

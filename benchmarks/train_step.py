@@ -1,6 +1,7 @@
 """Training step time: SpaText vs the same UNet without ST channels, side by side in one run.
 
-What is timed, per step (median over interleaved steps, after warm-up), for one batch held in memory:
+What is timed, per step (interleaved steps, alternating which variant goes first, after warm-up), for one batch held
+in memory:
   plain    the UNet with its base ``conv_in`` (4 latent channels in): text-dropout, noise, forward, MSE, backward,
            AdamW step — ``spatext.model.train_step.denoising_loss`` with ``st=None``;
   spatext  the *same* UNet body with the SpaText ``conv_in`` (4 + D channels in) swapped in, plus ST built on the
@@ -12,7 +13,12 @@ tokens are random tensors of the right shapes.
 
 Default shape (CPU): the SD-1.x UNet layout at half width (blocks 160/320/640/640, 2 layers, cross-attention like
 SD) on 32x32 latents, D=384 (ViT-S-32), so that D / first width = 2.4 as for SD-1.x with ViT-L/14 (768 / 320).
-Prints a table, writes ``train_step.json``. The README's CPU figures (1 torch thread, 2 cores)::
+The headline is the median of the per-step *paired* ratios (SpaText step / the plain step next to it: machine drift
+hits both halves of a pair alike), with a bootstrap 95% confidence interval of that median and the ratios'
+interquartile range; the verdict against the goal (<= 1.05) is "meets" when the whole interval is at or below it,
+"misses" when it is wholly above, else "not resolved" (run more ``--steps``). The ratio of the two medians is kept in
+the JSON (``ratio_spatext_over_plain``) for older records. Prints a table, writes ``train_step.json``. The README's CPU
+figures (1 torch thread, 2 cores)::
 
     python benchmarks/train_step.py --threads 1 --out bench_output/train_d384
     python benchmarks/train_step.py --threads 1 --embed-dim 768 --out bench_output/train_d768  # ViT-L/14's D
@@ -31,6 +37,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from bench_record import write_record
+from bench_stats import paired_ratio_summary
 from spatext.model.config import DenoiserConfig
 from spatext.model.denoiser import extend_conv_in
 from spatext.model.guidance import drop_conditions
@@ -39,6 +46,8 @@ from spatext.model.train_step import denoising_loss
 
 SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+GOAL = 1.05  # SpaText / plain training-step time
+STEPS = 20  # paired steps by default (a pair of the default shape: 16-20 s on 1 torch thread, shared 2-core machine)
 
 
 def bench_config(widths: list[int], layers: int, latent: int, embed_dim: int, text_dim: int, clip_model: str,
@@ -142,13 +151,17 @@ class Bench:
         return out
 
 
-def summarize(times: dict[str, list[float]], batch: int) -> dict:
-    """Medians, samples/s, the SpaText / plain ratio of the medians and the median of the paired ratios."""
+def summarize(times: dict[str, list[float]], batch: int, goal: float = GOAL) -> dict:
+    """Medians and samples/s of each variant, and the headline: the median of the paired SpaText / plain step ratios
+    with its bootstrap 95% CI, IQR and verdict against `goal` (the ratio of the medians is kept for older records)."""
     med = {name: statistics.median(values) for name, values in times.items()}
-    paired = statistics.median(a / b for a, b in zip(times["spatext"], times["plain"], strict=True))
+    paired = paired_ratio_summary(times["spatext"], times["plain"], goal)
     return {
         "median_s": med, "samples_per_s": {name: batch / value for name, value in med.items()},
-        "ratio_spatext_over_plain": med["spatext"] / med["plain"], "paired_ratio_median": paired, "times_s": times,
+        "headline": "paired_ratio_median", "paired_ratio_median": paired["median"],
+        "paired_ratio_ci95": paired["ci95"], "paired_ratio_iqr": paired["iqr"], "paired_ratios": paired["ratios"],
+        "goal": goal, "verdict": paired["verdict"], "ci_method": paired["ci_method"], "pairs": paired["pairs"],
+        "ratio_spatext_over_plain": med["spatext"] / med["plain"], "times_s": times,
     }
 
 
@@ -162,7 +175,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-dim", type=int, default=384, help="text hidden size = cross-attention dim (SD-1.x: 768)")
     p.add_argument("--batch-size", type=int, default=2, help="samples per step")
     p.add_argument("--segments", type=int, default=3, help="segments per sample (K)")
-    p.add_argument("--steps", type=int, default=8, help="measured steps per variant")
+    p.add_argument("--steps", type=int, default=STEPS,
+                   help="measured steps per variant, interleaved in pairs (the CI narrows as their number grows)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per variant")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -179,6 +193,21 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.warmup < 0 or args.threads < 0:
         p.error("--warmup and --threads must be >= 0")
     return args
+
+
+def print_table(result: dict) -> None:
+    """The step times of each variant, then the headline ratio with its spread and verdict."""
+    print("| variant | median step (s) | samples/s |")
+    print("|---|---|---|")
+    for name in ("plain", "spatext"):
+        print(f"| {name} | {result['median_s'][name]:.3f} | {result['samples_per_s'][name]:.2f} |")
+    low, high = result["paired_ratio_ci95"]
+    q1, q3 = result["paired_ratio_iqr"]
+    print(f"\n| SpaText / plain step time, median of {result['pairs']} paired steps | 95% CI (bootstrap) | IQR of the "
+          "ratios | FLOPs ratio | goal | verdict |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {result['paired_ratio_median']:.3f} | {low:.3f}–{high:.3f} | {q1:.3f}–{q3:.3f} | "
+          f"{result['flop_ratio']:.4f} | <= {result['goal']} | {result['verdict']} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,12 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     write_record(args.out, "train_step.json", result)
     print(f"UNet {widths} x{args.layers} layers, {params / 1e6:.0f} M params, latents {args.latent}x{args.latent}, "
           f"D={args.embed_dim}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads")
-    print("| variant | median step (s) | samples/s |")
-    print("|---|---|---|")
-    for name in ("plain", "spatext"):
-        print(f"| {name} | {result['median_s'][name]:.3f} | {result['samples_per_s'][name]:.2f} |")
-    print(f"SpaText / plain step time: {result['ratio_spatext_over_plain']:.3f} (median of paired steps: "
-          f"{result['paired_ratio_median']:.3f}; FLOPs: {result['flop_ratio']:.4f}; goal <= 1.05)")
+    print_table(result)
     return 0
 
 

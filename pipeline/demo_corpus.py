@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from spatext.pipeline.demo_corpus_sample import (
     CATEGORIES,
+    MAX_SIDE,
     STUFF_CATEGORIES,
     THING_CATEGORIES,
     CorpusSample,
@@ -146,10 +148,12 @@ def _remove_stale(out_dir: str, files: list[str]) -> None:
                 os.remove(stale)
 
 
-def _samples(num_samples: int, seed: int, stats: dict) -> Iterator[CorpusSample]:
-    """Generate samples 0..num_samples-1 with a progress bar (on a terminal), counting segments in ``stats``."""
-    for index in tqdm(range(num_samples), desc="demo-corpus", unit="sample", disable=not sys.stderr.isatty()):
-        sample = generate_sample(index, seed)
+def _samples(num_samples: int, seed: int, stats: dict, min_side: int = 0) -> Iterator[CorpusSample]:
+    """Generate ``num_samples`` samples with a progress bar (on a terminal), counting segments in ``stats``: samples
+    0..num_samples-1, or with ``min_side`` the first ones (by index) whose longest side is at least that."""
+    drawn = (generate_sample(index, seed) for index in itertools.count())
+    chosen = itertools.islice((s for s in drawn if max(s.image.shape[:2]) >= min_side), num_samples)
+    for sample in tqdm(chosen, total=num_samples, desc="demo-corpus", unit="sample", disable=not sys.stderr.isatty()):
         things = sum(1 for s in sample.segments if s["isthing"])
         stats["num_things"] += things
         stats["num_stuff"] += len(sample.segments) - things
@@ -157,9 +161,12 @@ def _samples(num_samples: int, seed: int, stats: dict) -> Iterator[CorpusSample]
 
 
 def write_corpus(
-    out_dir: str, num_samples: int, seed: int, fmt: str = "webdataset", samples_per_shard: int = 16
+    out_dir: str, num_samples: int, seed: int, fmt: str = "webdataset", samples_per_shard: int = 16,
+    min_side: int = 0,
 ) -> dict:
-    """Write ``num_samples`` samples (seed ``seed``) to ``out_dir`` as ``fmt``; returns a summary (counts, files)."""
+    """Write ``num_samples`` samples (seed ``seed``) to ``out_dir`` as ``fmt``; returns a summary (counts, files).
+    ``min_side`` keeps only samples whose longest side is at least that many pixels (benchmarks at a full stored
+    size: the build never upsamples, and the demo images' sides run from 256 to 640 px)."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {list(FORMATS)}, got {fmt!r}")
     if num_samples < 1:
@@ -168,18 +175,20 @@ def write_corpus(
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if not 0 <= min_side <= MAX_SIDE:
+        raise ValueError(f"min_side must be between 0 and {MAX_SIDE} (the demo images' largest side), got {min_side}")
     logger.info("demo corpus: out_dir=%s num_samples=%d seed=%d format=%s samples_per_shard=%d",
                 out_dir, num_samples, seed, fmt, samples_per_shard)
     os.makedirs(out_dir, exist_ok=True)
     stats = {"num_things": 0, "num_stuff": 0}
-    samples = _samples(num_samples, seed, stats)
+    samples = _samples(num_samples, seed, stats, min_side)
     if fmt == "webdataset":
         files = _write_webdataset(out_dir, samples, samples_per_shard)
     else:
         files = _write_folder(out_dir, samples)
     _remove_stale(out_dir, files)
     manifest = {"generator": GENERATOR, "seed": seed, "num_samples": num_samples, "format": fmt,
-                "categories": sorted(CATEGORIES), "files": files}
+                "categories": sorted(CATEGORIES), "files": files, **({"min_side": min_side} if min_side else {})}
     _write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode("utf-8") + b"\n")
     summary = {"out_dir": out_dir, "format": fmt, "seed": seed, "num_samples": num_samples,
                "num_segments": stats["num_things"] + stats["num_stuff"], **stats,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -294,3 +295,41 @@ def test_threshold_keeping_keeps_the_asked_queries_per_image_as_the_merge_counts
         assert gpu.kept_per_image(outputs, threshold) == per_image
     assert gpu.threshold_keeping(outputs, 50) == 0.0  # fewer survive even at 0: keep them all
     assert gpu._rounded("segmenter_kept_threshold", 0.123456789) == 0.123456789  # the build reads it back exact
+
+
+def test_loader_ratios_compare_equal_cores_and_the_faster_decoder(bench) -> None:
+    """A loader variant on N cores is paired, repeat by repeat, with the faster bare decoder on N threads; the
+    verdict needs every repeat at the goal."""
+    loader = bench("loader")
+    cores = os.cpu_count() or 1
+    assert loader.variant_cores(0, 1) == 1 and loader.variant_cores(2, 1) == min(2, cores)
+    assert loader.variant_cores(4, 4) == cores  # never more threads than the machine has
+    runs = {("pil", 2): {"rate": [100.0, 90.0, 110.0], "cpu": [0.002] * 3},
+            ("torchvision", 2): {"rate": [200.0, 150.0, 250.0], "cpu": [0.001] * 3},
+            ("pil", 1): {"rate": [60.0] * 3, "cpu": [0.002] * 3},
+            ("torchvision", 1): {"rate": [100.0] * 3, "cpu": [0.001] * 3}}
+    got = {"rate": [180.0, 120.0, 240.0], "first": [0.1] * 3, "cpu": [0.003] * 3}
+    row = loader.summary_row(("uint8", 64, 0, 2), got, runs, 0.5)
+    if cores >= 2:
+        assert row["cores"] == 2 and row["reference"] == "torchvision"
+        assert row["vs_bare_decode"] == 0.9 and row["vs_bare_decode_range"] == [0.8, 0.96]  # paired: 0.9, 0.8, 0.96
+        assert row["verdict"] == "meets" and "cpu_ms_per_sample" not in row
+    row = loader.summary_row(("uint8", 64, 0, 1), {**got, "rate": [90.0, 70.0, 95.0]}, runs, 0.5)
+    assert row["reference"] == "torchvision" and row["verdict"] == "not resolved"  # 0.9, 0.7, 0.95
+    assert row["cpu_vs_bare_decode"] == round(1 / 3, 3)  # 1 ms per image bare, 3 ms per sample loaded
+    assert loader.verdict([0.5, 0.79]) == "misses" and loader.verdict([0.8, 0.81]) == "meets"
+
+
+def test_bare_decoding_on_threads_decodes_every_image_once(bench) -> None:
+    loader = bench("loader")
+    seen, lock = [], threading.Lock()
+
+    def decode(data: bytes) -> None:
+        with lock:
+            seen.append(data)
+
+    images = [bytes([i]) for i in range(7)]
+    for threads in (1, 2, 3):
+        seen.clear()
+        wall, cpu = loader.bare_decode_s(images, decode, threads)
+        assert sorted(seen) == images and wall >= 0 and cpu >= 0

@@ -300,6 +300,7 @@ def test_rewriting_a_smaller_corpus_removes_its_stale_shards(tmp_path):
         ({"num_samples": 0}, "num_samples"),
         ({"samples_per_shard": 0}, "samples_per_shard"),
         ({"seed": -1}, "seed"),
+        ({"min_side": 641}, "min_side must be between 0 and 640"),
     ],
 )
 def test_bad_arguments_raise(tmp_path, kwargs, match):
@@ -307,6 +308,18 @@ def test_bad_arguments_raise(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         write_corpus(**args)
     assert not os.listdir(tmp_path)
+
+
+def test_min_side_keeps_the_first_samples_that_large(tmp_path):
+    """min_side: the first samples by index whose longest side reaches it, checked against generate_sample."""
+    summary = write_corpus(str(tmp_path), 6, seed=1, fmt="folder", min_side=560)
+    expected = [s for s in (generate_sample(i, 1) for i in range(200)) if max(s.image.shape[:2]) >= 560][:6]
+    keys = [json.loads(line)["key"] for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert keys == [s.key for s in expected] and summary["num_samples"] == 6
+    for key in keys:
+        with Image.open(tmp_path / "images" / f"{key}.jpg") as im:
+            assert max(im.size) >= 560
+    assert json.loads((tmp_path / "corpus.json").read_text())["min_side"] == 560
 
 
 def test_cli_main_writes_a_folder_corpus(tmp_path, capsys):
