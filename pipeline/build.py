@@ -360,6 +360,12 @@ def check_completed_files(output: str) -> None:
             f"are missing, e.g. {missing[0]}; delete those units' markers there to redo them, or --overwrite")
 
 
+def check_units_per_run(config: BuildConfig, fmt: str) -> None:
+    """ValueError when --units-per-run is set for an input that has no units per file (a folder or COCO corpus)."""
+    if config.units_per_run and fmt not in ("webdataset", "parquet"):
+        raise ValueError(f"--units-per-run applies to tar and parquet inputs (one unit per file); --input is {fmt}")
+
+
 def job_skips(config: BuildConfig, done: frozenset[str], fmt: str | None = None) -> list[frozenset[str]]:
     """The units each Beam job leaves out: one job for everything (`done` only), or with --units-per-run N, jobs of
     N pending units each, in name order (units named first run first, so a key kept from a completed unit is also
@@ -367,8 +373,7 @@ def job_skips(config: BuildConfig, done: frozenset[str], fmt: str | None = None)
     if config.units_per_run == 0:
         return [done]
     fmt = fmt or check_input(config.input, config.read_options())  # the launcher passes what it found already
-    if fmt not in ("webdataset", "parquet"):
-        raise ValueError(f"--units-per-run applies to tar and parquet inputs (one unit per file); --input is {fmt}")
+    check_units_per_run(config, fmt)
     units = sorted(match_files(config.input))
     pending = [unit for unit in units if unit not in done]
     if not pending:
@@ -460,6 +465,7 @@ def execute(
     logger.info("build config: %s", json.dumps(config.to_dict(), sort_keys=True))
     # on the launcher, before --output is touched: bad settings fail fast (exit status 2), leaving nothing behind
     fmt = check_input(config.input, config.read_options())
+    check_units_per_run(config, fmt)
     check_pretrained(clip_spec(config))
     if resolve_segmenter(config) == "mask2former":
         from spatext.pipeline.segmenters.mask2former import check_weights  # lazy: transformers' Mask2Former

@@ -559,11 +559,24 @@ def verify_build(output: str, progress: bool = True, processes: int = 1) -> Veri
     _report_duplicates(checks, report)
     found = {"shards": {FileSystems.split(p)[1] for p in shards}, "by_reason": _verify_rejects(rejects, report)}
     found["markers"] = _verify_markers(output, found["shards"], {FileSystems.split(p)[1] for p in rejects}, report)
+    _verify_stray_files(output, report)
     if manifest is not None:
         _verify_counts(output, manifest, found, report)
         _verify_shard_sizes(output, manifest, report)
         _verify_build_config(output, manifest, report)
     return report
+
+
+def _verify_stray_files(output: str, report: VerifyReport) -> None:
+    """Files in shards/ or rejects/ that are not Parquet tables (a writer's temporary left by a kill, a copy):
+    verify reads only ``*.parquet``, but pyarrow.dataset, DuckDB and Hugging Face datasets read every file in the
+    folder, so a leftover ``.parquet.tmp`` would be read as data (duplicate or half-written rows)."""
+    for table in (SHARDS_DIR, REJECTS_DIR):
+        for path in list_files(output, table, ""):
+            if not path.endswith(SUFFIX):
+                report.add(path, "", f"stray_file: in {table}/ but not one of its Parquet tables; readers of the "
+                           "folder (pyarrow.dataset, DuckDB, datasets) read it too: delete it (a --resume deletes "
+                           "the temporary files a killed build left)")
 
 
 def _verify_build_config(output: str, manifest: dict, report: VerifyReport) -> None:

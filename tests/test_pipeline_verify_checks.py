@@ -143,6 +143,15 @@ def test_a_marker_listing_a_missing_file(build):
     assert "unit_marker: lists missing file(s): shards/gone.parquet" in report.format()
 
 
+def test_a_temporary_file_left_in_shards_is_reported(build):
+    """pyarrow.dataset reads every file in shards/, so a leftover .parquet.tmp is data to it: verify says so."""
+    assert verify.verify_build(str(build), progress=False).ok
+    shard = list_parquet(str(build))[0]
+    shutil.copy(shard, shard + ".tmp")
+    report = verify.verify_build(str(build), progress=False)
+    assert _kinds(report) == {"stray_file"} and os.path.basename(shard) + ".tmp" in report.format()
+
+
 def test_shard_name_mismatch_and_duplicate_keys_name_the_files(build):
     names = sorted(p.name for p in (build / "shards").glob("*.parquet"))
     _edit_manifest(build, lambda m: {**m, "shards": [names[0], "renamed.parquet"]})

@@ -155,6 +155,17 @@ def test_units_per_run_writes_units_job_by_job_and_equals_one_job(full, corpus, 
         build.job_skips(build.BuildConfig(input=str(folder), output="o", units_per_run=2), frozenset())
 
 
+def test_units_per_run_on_a_folder_corpus_is_refused_before_the_output_is_written(tmp_path):
+    """The refusal comes before --output is touched, so the corrected command is not refused as a rerun."""
+    write_corpus(str(tmp_path / "folder"), 2, seed=0, fmt="folder")
+    out = tmp_path / "out"
+    argv = ["--input", str(tmp_path / "folder"), "--output", str(out), *TINY]
+    with pytest.raises(ValueError, match="--units-per-run applies to tar and parquet inputs"):
+        build.run([*argv, "--units-per-run", "2"])
+    assert not out.exists() or not any(out.iterdir())
+    assert build.run(argv)["counts"]["accepted"] == 2
+
+
 def test_resume_checks_completed_files_and_follows_a_moved_build(full, corpus, tmp_path):
     out, _ = full
     moved = tmp_path / "moved"
