@@ -53,8 +53,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/pipeline_cpu.py --out bench_output
-	$(PY) benchmarks/pipeline_cpu.py --num-samples 512 --clip-model spatext-tiny-224 --out bench_output/tiny224
+	$(PY) benchmarks/pipeline_cpu.py --repeats 1 --out bench_output
+	$(PY) benchmarks/pipeline_cpu.py --num-samples 512 --clip-model spatext-tiny-224 --repeats 6 --out bench_output/tiny224
 	$(PY) benchmarks/loader.py --num-samples 256 --modes uint8 --repeats 5 --out bench_output
 	$(PY) benchmarks/shared_model.py --repeats 5 --out bench_output
 	$(PY) benchmarks/pipeline_overlap.py --num-samples 512 --ms-per-image 10 \
