@@ -47,9 +47,11 @@ def ci_verdict(low: float, high: float, goal: float) -> str:
 
 def range_verdict(values: Sequence[float], goal: float) -> str:
     """Verdict for an at-least goal (e.g. samples/s >= 100) from repeated samples: meets when the smallest sample
-    reaches the goal, misses when even the largest falls short, otherwise not resolved."""
+    reaches the goal, misses when even the largest falls short, otherwise (or from a single sample) not resolved."""
     if len(values) < 1:
         raise ValueError("values must not be empty")
+    if len(values) < 2:  # one sample has no spread to lie on either side of the goal
+        return NOT_RESOLVED
     if min(values) >= goal:
         return MEETS
     if max(values) < goal:
@@ -67,9 +69,10 @@ def paired_ratio_summary(numerator: Sequence[float], denominator: Sequence[float
     ratios = np.asarray(numerator, dtype=np.float64) / np.asarray(denominator, dtype=np.float64)
     low, high = bootstrap_median_ci(ratios, resamples, seed)
     q1, q3 = np.percentile(ratios, [25, 75])
+    verdict = ci_verdict(low, high, goal) if ratios.size > 1 else NOT_RESOLVED  # one pair: a zero-width interval
     return {
         "median": float(np.median(ratios)), "ci95": [low, high], "iqr": [float(q1), float(q3)],
-        "ratios": ratios.tolist(), "pairs": int(ratios.size), "goal": goal, "verdict": ci_verdict(low, high, goal),
+        "ratios": ratios.tolist(), "pairs": int(ratios.size), "goal": goal, "verdict": verdict,
         "ci_method": f"percentile bootstrap of the median, {resamples} resamples, numpy seed {seed}",
     }
 

@@ -35,6 +35,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from bench_record import write_record
+from bench_stats import range_verdict
 from spatext.model.crops import MIN_DCT_SCALE, crop_box, dct_scale, is_jpeg
 from spatext.model.data import ShardDataset, collate
 from spatext.model.shard_files import resolve_files
@@ -165,13 +166,6 @@ def reference_runs(runs: dict, cores: int) -> tuple[str, list[float]]:
     return name, runs[(name, cores)]["rate"]
 
 
-def verdict(ratios: list[float], goal: float = GOAL) -> str:
-    """"meets" when every repeat's ratio reaches the goal, "misses" when none does, else "not resolved"."""
-    if min(ratios) >= goal:
-        return "meets"
-    return "misses" if max(ratios) < goal else "not resolved"
-
-
 def summary_row(variant: tuple, got: dict, runs: dict, reduced: float) -> dict:
     """One loader variant's medians, and its paired per-repeat ratios to the fastest bare decoding on as many
     cores (the median, the range and the verdict against the 0.8 goal)."""
@@ -182,7 +176,8 @@ def summary_row(variant: tuple, got: dict, runs: dict, reduced: float) -> dict:
     row = {"mode": mode, "resolution": resolution, "num_workers": workers, "decode_threads": threads,
            "cores": cores, "samples_per_s": round(statistics.median(got["rate"]), 1),
            "reference": reference, "vs_bare_decode": round(statistics.median(ratios), 3),
-           "vs_bare_decode_range": [round(min(ratios), 3), round(max(ratios), 3)], "verdict": verdict(ratios),
+           "vs_bare_decode_range": [round(min(ratios), 3), round(max(ratios), 3)],
+           "verdict": range_verdict(ratios, GOAL),
            "runs": [round(r, 1) for r in got["rate"]],
            "first_batch_s": round(statistics.median(got["first"]), 2), "dct_reduced_share": round(reduced, 3)}
     if workers == 0 and threads == 1:  # CPU time is robust to other load on a shared machine

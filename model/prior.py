@@ -26,6 +26,7 @@ import fsspec
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
 from spatext.model.config import read_config_json
@@ -152,18 +153,23 @@ def predict(prior: Prior, text: torch.Tensor, batch_size: int = 4096) -> torch.T
 
 
 def _write(path: str, data: bytes) -> None:
-    """Write bytes to any fsspec path through a temporary name, so that a save cut short (a kill, a full disk)
-    leaves the previous file or none, never a partial one that a later --prior would load."""
+    """Write bytes to any fsspec path. A local file goes through a temporary name and a rename, so that a save cut
+    short (a kill, a full disk) leaves the previous file or none, never a partial one that a later --prior would
+    load; an object store writes the object whole when it is closed, and its move would be a copy."""
     fs, target = fsspec.core.url_to_fs(path)
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open(target, "wb") as handle:
+            handle.write(data)
+        return
     tmp = f"{target}.tmp"
     try:
-        with fs.open(tmp, "wb") as handle:
+        with open(tmp, "wb") as handle:
             handle.write(data)
+        os.replace(tmp, target)
     except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
-    fs.mv(tmp, target)
 
 
 def save_prior(prior: Prior, output: str, metrics: dict | None = None) -> None:

@@ -568,15 +568,20 @@ def verify_build(output: str, progress: bool = True, processes: int = 1) -> Veri
 
 
 def _verify_stray_files(output: str, report: VerifyReport) -> None:
-    """Files in shards/ or rejects/ that are not Parquet tables (a writer's temporary left by a kill, a copy):
-    verify reads only ``*.parquet``, but pyarrow.dataset, DuckDB and Hugging Face datasets read every file in the
-    folder, so a leftover ``.parquet.tmp`` would be read as data (duplicate or half-written rows)."""
+    """Files under shards/ or rejects/ (subfolders too) that are not its Parquet tables (a writer's temporary left by
+    a kill, a copy): verify reads only ``*.parquet``, but pyarrow.dataset, DuckDB and Hugging Face datasets read
+    every file in the folder, so a leftover ``.parquet.tmp`` would be read as data (duplicate or half-written rows).
+    Names starting with "." or "_" (``.DS_Store``, ``_SUCCESS``) are skipped, as pyarrow.dataset skips them."""
     for table in (SHARDS_DIR, REJECTS_DIR):
-        for path in list_files(output, table, ""):
-            if not path.endswith(SUFFIX):
-                report.add(path, "", f"stray_file: in {table}/ but not one of its Parquet tables; readers of the "
-                           "folder (pyarrow.dataset, DuckDB, datasets) read it too: delete it (a --resume deletes "
-                           "the temporary files a killed build left)")
+        prefix = FileSystems.join(output, table).rstrip("/") + "/"
+        for meta in sorted(match_in(output, table, "**"), key=lambda m: m.path):
+            relative = meta.path[len(prefix):] if meta.path.startswith(prefix) else FileSystems.split(meta.path)[1]
+            if any(part.startswith((".", "_")) for part in relative.split("/")):
+                continue
+            if "/" in relative or not relative.endswith(SUFFIX):
+                report.add(meta.path, "", f"stray_file: in {table}/ but not one of its Parquet tables; readers of "
+                           "the folder (pyarrow.dataset, DuckDB, datasets) read it too: delete it (a --resume "
+                           "deletes the temporary files a killed build left)")
 
 
 def _verify_build_config(output: str, manifest: dict, report: VerifyReport) -> None:

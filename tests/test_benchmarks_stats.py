@@ -83,10 +83,13 @@ def test_paired_verdict_follows_the_ci_not_the_median(bench) -> None:
     summary = stats.paired_ratio_summary(noisy, plain, 1.05)
     assert summary["median"] < 1.05 and summary["ci95"][0] < 1.05 < summary["ci95"][1]
     assert summary["verdict"] == "not resolved"
+    one = stats.paired_ratio_summary([1.01], [1.0], 1.05)  # one pair: a zero-width interval, not a measurement
+    assert one["ci95"] == [1.01, 1.01] and one["verdict"] == "not resolved"
 
 
 @pytest.mark.parametrize(("values", "verdict"), [
     ([102, 116, 122], "meets"), ([100, 101], "meets"), ([80, 99.9], "misses"), ([97, 116, 122], "not resolved"),
+    ([150], "not resolved"), ([50], "not resolved"),  # one sample: no spread to judge by
 ])
 def test_range_verdict_at_least_goal(bench, values, verdict) -> None:
     stats = bench("bench_stats")

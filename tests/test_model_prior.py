@@ -245,10 +245,32 @@ def test_a_damaged_prior_file_is_a_clear_error_and_a_cut_save_leaves_none(tmp_pa
                 load_prior_lineage(str(path))
     assert load_prior_lineage(str(tmp_path / "good")) == {"clip_model": "x"}
 
-    def full_disk(self, data):
-        raise OSError(28, "No space left on device")
+    save_prior(prior, "memory://runs/p[v2]")  # an object store: written whole, no temporary name (no glob either)
+    assert load_prior_lineage("memory://runs/p[v2]") == {} and load_prior("memory://runs/p[v2]") is not None
+    real_open = open
 
-    monkeypatch.setattr("fsspec.implementations.local.LocalFileOpener.write", full_disk)
+    class FullDisk:
+        """A file whose write stores half of the bytes, then fails as a full disk does."""
+
+        def __init__(self, path, mode):
+            self.handle = real_open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+    import spatext.model.prior as prior_module
+
+    save_prior(prior, str(tmp_path / "cut"))
+    before = (tmp_path / "cut" / "prior.safetensors").read_bytes()
+    monkeypatch.setattr(prior_module, "open", FullDisk, raising=False)
     with pytest.raises(OSError, match="No space left"):
         save_prior(prior, str(tmp_path / "cut"))
-    assert list((tmp_path / "cut").iterdir()) == []  # neither the file nor its temporary
+    assert (tmp_path / "cut" / "prior.safetensors").read_bytes() == before  # the previous save, whole
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["prior.safetensors", "prior_config.json"]

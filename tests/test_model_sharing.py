@@ -4,6 +4,7 @@ method calls, so Beam's cross-process model proxy gives the same outputs as the 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.managers
 import os
 import threading
 import time
@@ -71,9 +72,10 @@ def test_model_servers_are_processes_of_their_own_shared_by_tag() -> None:
     assert {again.pid() for _ in range(4)} == pids
     with pytest.raises(AttributeError):
         servers.__wrapped__  # noqa: B018 - dunder lookups do not reach a server
-    assert {p.pid for p in servers._started} == pids and again._started == []
+    started = list(servers._started)
+    assert {p.pid for p in started} == pids and again._started == []
     servers.shutdown_servers()
-    assert not any(p.is_alive() for p in servers._started)
+    assert not any(p.is_alive() for p in started)
 
 
 def test_stopping_servers_is_done_once_and_never_fails(monkeypatch) -> None:
@@ -92,6 +94,15 @@ def test_stopping_servers_is_done_once_and_never_fails(monkeypatch) -> None:
     servers.shutdown_servers()
     assert not started[0].is_alive() and time.monotonic() - begin < 8  # terminated, without the 10 s grace
     assert servers not in model_stage._STARTED
+    other = ModelServers(_Pid, [f"spatext-test-{uuid.uuid4().hex}"])  # a port reused by another Beam server
+    other_started = list(other._started)
+
+    def another_beam_server() -> None:
+        raise multiprocessing.managers.RemoteError("KeyError: 'spatext-test-...'")
+
+    monkeypatch.setattr(other._handles[0], "unsafe_hard_delete", another_beam_server)
+    model_stage.stop_started_servers()
+    assert not other_started[0].is_alive() and other not in model_stage._STARTED
     asked = []
     monkeypatch.setattr(handle, "unsafe_hard_delete", lambda: asked.append(1))
     servers.shutdown_servers()

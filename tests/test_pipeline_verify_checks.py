@@ -147,9 +147,15 @@ def test_a_temporary_file_left_in_shards_is_reported(build):
     """pyarrow.dataset reads every file in shards/, so a leftover .parquet.tmp is data to it: verify says so."""
     assert verify.verify_build(str(build), progress=False).ok
     shard = list_parquet(str(build))[0]
+    for hidden in (".DS_Store", "_SUCCESS"):  # pyarrow.dataset skips names starting with "." or "_"
+        shutil.copy(shard, build / "shards" / hidden)
+    assert verify.verify_build(str(build), progress=False).ok
     shutil.copy(shard, shard + ".tmp")
+    (build / "shards" / "sub").mkdir()
+    shutil.copy(shard, build / "shards" / "sub" / "copy.parquet")  # read by pyarrow.dataset, not by verify's glob
     report = verify.verify_build(str(build), progress=False)
-    assert _kinds(report) == {"stray_file"} and os.path.basename(shard) + ".tmp" in report.format()
+    assert _kinds(report) == {"stray_file"} and len(report.violations) == 2
+    assert os.path.basename(shard) + ".tmp" in report.format() and "sub/copy.parquet" in report.format()
 
 
 def test_shard_name_mismatch_and_duplicate_keys_name_the_files(build):
