@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
+import sys
 import tarfile
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a missing-weights path must fail in seconds, not after retries
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -74,6 +77,18 @@ def session_tmpdir(tmp_path_factory):
         patch.setenv("TMPDIR", folder)
         patch.setattr(tempfile, "tempdir", folder)
         yield folder
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch):
+    """Import a module from benchmarks/ as its scripts do (their folder on sys.path)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+    def load(name: str):
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    return load
 
 
 @pytest.fixture

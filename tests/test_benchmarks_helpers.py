@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch):
-    """Import a module from benchmarks/ as its scripts do (their folder on sys.path)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-
-    def load(name: str):
-        sys.modules.pop(name, None)
-        return importlib.import_module(name)
-
-    return load
 
 
 @pytest.mark.parametrize(("total", "fraction", "expected"), [

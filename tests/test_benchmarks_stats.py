@@ -3,27 +3,8 @@ ranges over repeated build pairs, orders that really alternate, and flags that w
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch):
-    """Import a module from benchmarks/ as its scripts do (their folder on sys.path)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-
-    def load(name: str):
-        sys.modules.pop(name, None)
-        return importlib.import_module(name)
-
-    return load
-
 
 # --- bench_stats: the paired-ratio headline, its CI and the verdicts ---------------------------------------------
 
