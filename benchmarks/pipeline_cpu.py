@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
         "ceiling_reliable": ceiling <= wall,
         # the subset build (nominally a quarter, in whole tars) of the pair whose full build took the median wall
         # time (the breakdown above is that full build); the key keeps its old name for older records
-        "quarter_build": {k: round(v, 3) if isinstance(v, float) else v for k, v in quarter.items()},
+        "quarter_build": _rounded(quarter),
         "subset_fraction": round(quarter["samples"] / samples, 3),
         # medians over the pairs, with their ranges and every pair's value
         "non_model_cpu_ms_per_sample": round(ms["median"], 2),
