@@ -45,9 +45,12 @@ def sample_rng(seed: int, key: str) -> np.random.Generator:
 def segment_areas(segmentation: Segmentation) -> dict[int, float]:
     """Area (fraction of the image) of each listed segment, from its pixels in the id map. Small ids are counted with
     one bincount; COCO-panoptic ids (R + 256 G + 256² B, up to 2²⁴) with np.unique, where a bincount would allocate
-    one counter per possible id (128 MB per image)."""
+    one counter per possible id (128 MB per image). Counts the segmenter already took (``pixel_counts``) are used
+    as they are."""
     id_map = segmentation.id_map
     total = id_map.size
+    if segmentation.pixel_counts is not None:
+        return {s.id: count / total for s, count in zip(segmentation.segments, segmentation.pixel_counts, strict=True)}
     if max((s.id for s in segmentation.segments), default=0) < 1 << 16 and (not total or id_map.max() < 1 << 16):
         counts = np.bincount(id_map.ravel(), minlength=max((s.id for s in segmentation.segments), default=0) + 1)
         return {s.id: float(counts[s.id]) / total for s in segmentation.segments if s.id < counts.size}

@@ -111,13 +111,14 @@ def test_spec_rejects_thresholds_outside_unit_interval(field: str) -> None:
 # ---------------------------------------------------------------- annotations
 
 
-def test_annotations_returns_consistent_annotation_unchanged() -> None:
+def test_annotations_keeps_a_consistent_annotation_and_counts_its_pixels() -> None:
     id_map = np.zeros((4, 6), dtype=np.int32)
     id_map[:2, :3], id_map[2:, 3:] = 7, 3
     ann = Segmentation(id_map=id_map, segments=(Segment(7, "dog"), Segment(3, "sky")))
     segmenter = create_segmenter(SegmenterSpec(name="annotations"))
     (out,) = segmenter.segment([_sample("k", 4, 6, annotation=ann)])
-    assert out is ann
+    assert out.id_map is ann.id_map and out.segments == ann.segments  # nothing to clean: the map is not copied
+    assert out.pixel_counts == (6, 6)
     assert segmenter.weights_label == "ground truth"
 
 

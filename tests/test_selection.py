@@ -95,3 +95,37 @@ def test_apply_selection_paints_indices_in_choice_order():
 def test_bad_options_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         SelectOptions(**kwargs)
+
+
+@pytest.mark.parametrize("ids", [(0, 1, 2, 3, 7), (0, 3_226_956, 16_777_215, 70_000, 5)])
+def test_areas_from_the_segmenters_counts_equal_a_pixel_count(ids):
+    """A segmentation cleaned by the segmenter carries its segments' pixel counts; the areas taken from them equal
+    a count of each segment's pixels, and selection picks the same segments as from the map alone."""
+    from spatext.pipeline.segmenters.base import clean_segmentation
+
+    rng = np.random.default_rng(len(ids) + ids[-1])
+    id_map = rng.choice([*ids, 99], size=(70, 90), p=[0.3, 0.3, 0.2, 0.1, 0.06, 0.04]).astype(np.int32)
+    listed = tuple(Segment(i, f"l{i}") for i in (*ids[1:], 1234))  # 99: no segment info (cleaned to 0); 1234: absent
+    cleaned = clean_segmentation(id_map, listed)
+    assert cleaned.pixel_counts is not None and len(cleaned.pixel_counts) == len(cleaned.segments)
+    counted = {s.id: float((cleaned.id_map == s.id).sum()) / id_map.size for s in cleaned.segments}
+    assert segment_areas(cleaned) == counted
+    uncounted = Segmentation(cleaned.id_map, cleaned.segments)
+    assert segment_areas(uncounted) == counted
+    opts = SelectOptions(min_area=0.05, k_min=1, k_max=4, seed=3)
+    assert all(choose_segments(cleaned, f"k{i}", opts) == choose_segments(uncounted, f"k{i}", opts)
+               for i in range(50))
+
+
+def test_pixel_counts_travel_with_the_segmentation_and_must_match_its_segments():
+    import pickle
+
+    from spatext.pipeline.segmenters.base import clean_segmentation
+
+    seg = Segmentation(np.array([[1, 2], [2, 2]], np.int32), (Segment(1), Segment(2)), pixel_counts=(1, 3))
+    back = pickle.loads(pickle.dumps(seg))
+    assert back.pixel_counts == (1, 3) and back.id_map.dtype == np.int32
+    with pytest.raises(ValueError, match="2 pixel counts for 1 segments"):
+        Segmentation(seg.id_map, (Segment(1),), pixel_counts=(1, 3))
+    # a segmenter that names the present ids itself (Mask2Former's merge) does not count: selection counts instead
+    assert clean_segmentation(seg.id_map, seg.segments, present=[1, 2]).pixel_counts is None

@@ -24,14 +24,12 @@ class AnnotationSegmenter(Segmenter):
 
     @staticmethod
     def _one(sample: Sample) -> Segmentation:
-        """Clean one sample's annotation; return it as is when it is already consistent."""
+        """Clean one sample's annotation (its map is not copied when it is already consistent), with the segments'
+        pixel counts for selection."""
         if sample.annotation is None:
             raise ValueError(
                 f"sample {sample.key!r} has no annotation; --segmenter annotations needs a corpus with panoptic "
                 "ground truth (the decode stage should have rejected this sample)"
             )
         ann = sample.annotation
-        cleaned = clean_segmentation(ann.id_map, ann.segments, shape=sample.image.shape[:2])
-        if cleaned.id_map is ann.id_map and cleaned.segments == tuple(ann.segments):
-            return ann
-        return cleaned
+        return clean_segmentation(ann.id_map, ann.segments, shape=sample.image.shape[:2])

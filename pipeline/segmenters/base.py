@@ -161,18 +161,31 @@ def weights_label(spec: SegmenterSpec) -> str:
 
 
 def present_ids(id_map: np.ndarray) -> np.ndarray:
-    """The sorted ids > 0 that occur in a non-negative id map (bincount when ids are small: ~6x faster than unique)."""
+    """The sorted ids > 0 that occur in a non-negative id map."""
+    return id_counts(id_map)[0]
+
+
+def id_counts(id_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted ids > 0 that occur in a non-negative id map, and the pixels of each (bincount when ids are small:
+    ~6x faster than unique)."""
     if not id_map.size:
-        return np.zeros(0, dtype=np.int64)
-    ids = np.flatnonzero(np.bincount(id_map.ravel())) if id_map.max() < 1 << 16 else np.unique(id_map)
-    return ids[ids > 0]
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if id_map.max() < 1 << 16:
+        counts = np.bincount(id_map.ravel())
+        ids = np.flatnonzero(counts)
+        counts = counts[ids]
+    else:
+        ids, counts = np.unique(id_map, return_counts=True)
+    positive = ids > 0
+    return ids[positive].astype(np.int64), counts[positive].astype(np.int64)
 
 
 def clean_segmentation(
     id_map: np.ndarray, segments: Iterable[Segment], shape: tuple[int, int] | None = None,
     present: Iterable[int] | None = None,
 ) -> Segmentation:
-    """A consistent Segmentation: int32 map, ids without segment info -> 0, segments absent from the map dropped.
+    """A consistent Segmentation: int32 map, ids without segment info -> 0, segments absent from the map dropped;
+    with the kept segments' pixel counts where it counted them (``present`` not given).
 
     ``present``: the positive ids that occur in the map, when the segmenter knows them (Mask2Former's merge: exactly
     its segments' ids, tested), which saves counting them over every pixel (a bincount: 0.4-1.5 ms per 512 px map on
@@ -187,9 +200,14 @@ def clean_segmentation(
     by_id: dict[int, Segment] = {}
     for seg in segments:
         by_id.setdefault(int(seg.id), seg)  # the first entry of a repeated id wins
-    present = {int(i) for i in (present_ids(ids) if present is None else present)}
+    counted: dict[int, int] | None = None
+    if present is None:
+        found, pixels = id_counts(ids)
+        counted = dict(zip(found.tolist(), pixels.tolist(), strict=True))
+    present = set(counted) if counted is not None else {int(i) for i in present}
     unknown = sorted(present - by_id.keys())
-    if unknown:
+    if unknown:  # their pixels become 0: the kept segments' counts stay as they are
         ids = np.where(np.isin(ids, unknown), 0, ids).astype(np.int32)
     kept = tuple(seg for seg_id, seg in by_id.items() if seg_id in present)  # input order kept
-    return Segmentation(id_map=ids, segments=kept)
+    counts = None if counted is None else tuple(counted[seg.id] for seg in kept)
+    return Segmentation(id_map=ids, segments=kept, pixel_counts=counts)
