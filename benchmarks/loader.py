@@ -10,6 +10,9 @@ warm-up epoch; the time to the first batch is reported apart). Each variant's ra
 as many cores, paired within each repeat, with its range and a verdict against the 0.8 goal (meets only when every
 repeat does). The "DCT-reduced" column is the share of samples the loader decodes at a reduced JPEG scale (PIL's
 draft; only where the crop is >= ~4R pixels across): at those resolutions it decodes less than bare decoding does.
+The "image path x bare" column is the loader's image work alone (``load_image_crop``: decode, crop, resize to R, no
+segment map, no embeddings, no Parquet) on one core, by CPU time, against bare decoding: what a plain text-to-image
+loader of the same images does, so the most any loader of them could reach against the goal.
 Prints a table and writes JSON: ``loader.json``, or ``loader_step<MS>.json`` with ``--step-ms MS``, so that the two
 runs behind the README's figures keep both files::
 
@@ -36,7 +39,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from bench_record import write_record
 from bench_stats import range_verdict
-from spatext.model.crops import MIN_DCT_SCALE, crop_box, dct_scale, is_jpeg
+from spatext.model.crops import MIN_DCT_SCALE, crop_box, dct_scale, is_jpeg, load_image_crop
 from spatext.model.data import ShardDataset, collate
 from spatext.model.shard_files import resolve_files
 from spatext.pipeline import build
@@ -93,6 +96,15 @@ def bare_decode_s(images: list[bytes], decode: Callable[[bytes], None], threads:
     return time.perf_counter() - started, time.process_time() - cpu
 
 
+def image_path_s(images: list[bytes], sizes: list[tuple[int, int]], resolution: int) -> float:
+    """CPU seconds for the loader's image work alone on every image (decode, centre crop, resize to `resolution`:
+    ``load_image_crop``), on this thread."""
+    cpu = time.process_time()
+    for data, size in zip(images, sizes, strict=True):
+        load_image_crop(data, crop_box(*size), resolution, size)
+    return time.process_time() - cpu
+
+
 def variant_cores(workers: int, threads: int) -> int:
     """The cores a loader variant can use (its consumers x their decode threads, at most the machine's): the
     bare decoding it is compared with runs on as many threads, so no ratio compares more cores with fewer."""
@@ -133,13 +145,16 @@ def loader_rate(
     return timed / wall, first, count, cpu / timed
 
 
-def measure(args: argparse.Namespace, data: str, images: list[bytes], variants: list[tuple]) -> dict:
-    """Interleaved repeats of both bare decoders on every core count the variants use, and of every loader variant
-    (mode, R, workers, threads): lists of samples/s, CPU s/sample and time to the first batch, keyed by
-    (decoder, cores) and by the variants."""
+def measure(
+    args: argparse.Namespace, data: str, images: list[bytes], sizes: list[tuple[int, int]], variants: list[tuple]
+) -> dict:
+    """Interleaved repeats of both bare decoders on every core count the variants use, of the image path alone at
+    every R, and of every loader variant (mode, R, workers, threads): lists of samples/s, CPU s/sample and time to
+    the first batch, keyed by (decoder, cores), by ("image_path", R) and by the variants."""
     cores = {1} | {variant_cores(w, t) for _, _, w, t in variants}  # 1: the CPU-time reference
     references = [(name, n) for n in sorted(cores) for name in DECODERS]
-    runs: dict = {key: {"rate": [], "cpu": [], "first": []} for key in [*references, *variants]}
+    paths = [("image_path", resolution) for resolution in sorted({r for _, r, _, _ in variants})]
+    runs: dict = {key: {"rate": [], "cpu": [], "first": []} for key in [*references, *paths, *variants]}
     for decode in DECODERS.values():  # warm-up
         bare_decode_s(images[:8], decode)
     count = len(images) * args.epochs
@@ -148,6 +163,8 @@ def measure(args: argparse.Namespace, data: str, images: list[bytes], variants: 
             wall, seconds = bare_decode_s(images * args.epochs, DECODERS[name], cores)
             runs[(name, cores)]["rate"].append(count / wall)
             runs[(name, cores)]["cpu"].append(seconds / count)
+        for key in paths:
+            runs[key]["cpu"].append(image_path_s(images, sizes, key[1]) / len(images))
         for mode, resolution, workers, threads in variants:
             rate, first, seen, per_sample = loader_rate(data, resolution, workers, args.batch_size, args.epochs,
                                                         uint8=mode == "uint8", threads=threads,
@@ -184,6 +201,10 @@ def summary_row(variant: tuple, got: dict, runs: dict, reduced: float) -> dict:
         bare_ms = 1000 * statistics.median(runs[(reference, 1)]["cpu"])
         row["cpu_ms_per_sample"] = round(1000 * statistics.median(got["cpu"]), 3)
         row["cpu_vs_bare_decode"] = round(bare_ms / row["cpu_ms_per_sample"], 3)
+        path = runs.get(("image_path", resolution))
+        if path and path["cpu"]:  # the image work alone: the ceiling of any loader of these images
+            row["image_path_cpu_ms_per_sample"] = round(1000 * statistics.median(path["cpu"]), 3)
+            row["image_path_cpu_vs_bare_decode"] = round(bare_ms / row["image_path_cpu_ms_per_sample"], 3)
     return row
 
 
@@ -195,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
     images = table.column("image").to_pylist()
     sizes = list(zip(table.column("width").to_pylist(), table.column("height").to_pylist(), strict=True))
     variants = [(m, r, w, t) for m in args.modes for r in args.resolutions for w in args.workers for t in args.threads]
-    runs = measure(args, data, images, variants)
+    runs = measure(args, data, images, sizes, variants)
     rows = [summary_row(variant, runs[variant], runs, reduced_share(images, sizes, variant[1]))
             for variant in variants]
     bare = [{"decoder": name, "cores": cores, "samples_per_s": round(statistics.median(got["rate"]), 1),
@@ -220,7 +241,10 @@ def run(args: argparse.Namespace) -> dict:
                 "(persistent workers, after a warm-up epoch); mode uint8 leaves the [-1, 1] conversion to the "
                 "training device (to_model_input); cpu_vs_bare_decode = the faster decoder's CPU ms per image on "
                 "one thread / the loader's CPU ms per sample (one thread, in process); dct_reduced_share = "
-                "samples the loader decodes at 1/4 or 1/8 JPEG scale (PIL draft), which bare decoding does not",
+                "samples the loader decodes at 1/4 or 1/8 JPEG scale (PIL draft), which bare decoding does not; "
+                "image_path_cpu_vs_bare_decode = the same CPU ratio for the loader's image work alone "
+                "(load_image_crop: decode, crop, resize to R; no segment map, embeddings or Parquet), the most a "
+                "loader of these images could reach",
     }
 
 
@@ -237,13 +261,15 @@ def print_table(record: dict) -> None:
               f"{row['cpu_ms_per_sample']:>13}")
     print(f"  {'loader (x bare: vs the faster decoder on as many cores)':<56} {'samples/s':>9} {'x bare':>7} "
           f"{'range':>13} {'goal ' + str(record['goal']):>12} {'first batch':>12} {'CPU ms/sample':>14} "
-          f"{'CPU x bare':>11} {'DCT-reduced':>12}")
+          f"{'CPU x bare':>11} {'image path x bare':>18} {'DCT-reduced':>12}")
     for row in record["loader"]:
         name = (f"ShardDataset {row['mode']} R={row['resolution']}, workers={row['num_workers']}, "
                 f"threads={row['decode_threads']} ({row['cores']} core{'s' if row['cores'] > 1 else ''})")
         low, high = row["vs_bare_decode_range"]
         cpu = (f"{row['cpu_ms_per_sample']:>14} {row['cpu_vs_bare_decode']:>11.2f}" if "cpu_ms_per_sample" in row
                else f"{'':>14} {'':>11}")
+        path = row.get("image_path_cpu_vs_bare_decode")
+        cpu += f" {path:>18.2f}" if path is not None else f" {'':>18}"
         print(f"  {name:<56} {row['samples_per_s']:>9} {row['vs_bare_decode']:>7.2f} {low:>6.2f}-{high:<6.2f} "
               f"{row['verdict']:>12} {row['first_batch_s']:>10} s {cpu} {row['dct_reduced_share']:>12.0%}")
 

@@ -301,9 +301,25 @@ def test_loader_ratios_compare_equal_cores_and_the_faster_decoder(bench) -> None
     row = loader.summary_row(("uint8", 64, 0, 1), {**got, "rate": [90.0, 70.0, 95.0]}, runs, 0.5)
     assert row["reference"] == "torchvision" and row["verdict"] == "not resolved"  # 0.9, 0.7, 0.95
     assert row["cpu_vs_bare_decode"] == round(1 / 3, 3)  # 1 ms per image bare, 3 ms per sample loaded
+    assert "image_path_cpu_vs_bare_decode" not in row  # not measured at this R
+    runs[("image_path", 64)] = {"rate": [], "cpu": [0.0012, 0.0025, 0.0013], "first": []}
+    row = loader.summary_row(("uint8", 64, 0, 1), {**got, "rate": [90.0, 70.0, 95.0]}, runs, 0.5)
+    assert row["image_path_cpu_ms_per_sample"] == 1.3 and row["image_path_cpu_vs_bare_decode"] == round(1 / 1.3, 3)
     one = loader.summary_row(("uint8", 64, 0, 1), {**got, "rate": [90.0], "first": [0.1], "cpu": [0.003]},
                              {key: {"rate": v["rate"][:1], "cpu": v["cpu"][:1]} for key, v in runs.items()}, 0.5)
     assert one["vs_bare_decode"] == 0.9 and one["verdict"] == "not resolved"  # one repeat: no spread
+
+
+def test_the_image_path_reference_crops_every_image_once_at_r(bench, monkeypatch) -> None:
+    """The image-path reference runs the loader's own image work (``load_image_crop``) once per image, with the
+    centre-square box of its size and the loader's R."""
+    loader = bench("loader")
+    calls = []
+    monkeypatch.setattr(loader, "load_image_crop", lambda *args: calls.append(args))
+    images, sizes = [b"a", b"b", b"c"], [(40, 30), (30, 50), (20, 20)]
+    assert loader.image_path_s(images, sizes, 16) >= 0
+    assert calls == [(b"a", (5, 0, 35, 30), 16, (40, 30)), (b"b", (0, 10, 30, 40), 16, (30, 50)),
+                     (b"c", (0, 0, 20, 20), 16, (20, 20))]
 
 
 def test_bare_decoding_on_threads_decodes_every_image_once(bench) -> None:
