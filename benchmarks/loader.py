@@ -12,7 +12,7 @@ repeat does). The "DCT-reduced" column is the share of samples the loader decode
 draft; only where the crop is >= ~4R pixels across): at those resolutions it decodes less than bare decoding does.
 The "image path x bare" column is the loader's image work alone (``load_image_crop``: decode, crop, resize to R, no
 segment map, no embeddings, no Parquet) on one core, by CPU time, against bare decoding: what a plain text-to-image
-loader of the same images does, so the most any loader of them could reach against the goal.
+loader of the same images does, so the most this loader (full-scale decode, CPU resize) could reach against the goal.
 Prints a table and writes JSON: ``loader.json``, or ``loader_step<MS>.json`` with ``--step-ms MS``, so that the two
 runs behind the README's figures keep both files::
 
@@ -243,8 +243,8 @@ def run(args: argparse.Namespace) -> dict:
                 "one thread / the loader's CPU ms per sample (one thread, in process); dct_reduced_share = "
                 "samples the loader decodes at 1/4 or 1/8 JPEG scale (PIL draft), which bare decoding does not; "
                 "image_path_cpu_vs_bare_decode = the same CPU ratio for the loader's image work alone "
-                "(load_image_crop: decode, crop, resize to R; no segment map, embeddings or Parquet), the most a "
-                "loader of these images could reach",
+                "(load_image_crop: decode, crop, resize to R; no segment map, embeddings or Parquet), the most "
+                "this loader's design could reach",
     }
 
 

@@ -139,7 +139,10 @@ def test_segment_map_png_refuses_what_it_cannot_store(bad):
         encode_segment_map(bad)
 
 
-def test_segment_map_png_takes_small_integers_of_any_width():
+def test_segment_map_png_takes_small_integers_of_any_width_and_bools():
     labels = np.array([[0, 1], [2, 255]], dtype=np.int64)
     with Image.open(io.BytesIO(encode_segment_map(labels))) as im:
         np.testing.assert_array_equal(np.array(im), labels)
+    mask = np.array([[True, False, True]])
+    with Image.open(io.BytesIO(encode_segment_map(mask))) as im:
+        np.testing.assert_array_equal(np.array(im), [[1, 0, 1]])
