@@ -208,6 +208,6 @@ def clean_segmentation(
     unknown = sorted(present - by_id.keys())
     if unknown:  # their pixels become 0: the kept segments' counts stay as they are
         ids = np.where(np.isin(ids, unknown), 0, ids).astype(np.int32)
-    kept = tuple(seg for seg_id, seg in by_id.items() if seg_id in present)  # input order kept
-    counts = None if counted is None else tuple(counted[seg.id] for seg in kept)
-    return Segmentation(id_map=ids, segments=kept, pixel_counts=counts)
+    kept_ids = [seg_id for seg_id in by_id if seg_id in present]  # input order kept
+    counts = None if counted is None else tuple(counted[seg_id] for seg_id in kept_ids)
+    return Segmentation(id_map=ids, segments=tuple(by_id[seg_id] for seg_id in kept_ids), pixel_counts=counts)
