@@ -129,3 +129,11 @@ def test_pixel_counts_travel_with_the_segmentation_and_must_match_its_segments()
         Segmentation(seg.id_map, (Segment(1),), pixel_counts=(1, 3))
     # a segmenter that names the present ids itself (Mask2Former's merge) does not count: selection counts instead
     assert clean_segmentation(seg.id_map, seg.segments, present=[1, 2]).pixel_counts is None
+
+
+def test_pixel_counts_follow_segment_ids_given_as_numpy_integers_or_numeric_strings():
+    from spatext.pipeline.segmenters.base import clean_segmentation
+
+    id_map = np.array([[3, 3, 5], [5, 5, 0]], np.int32)
+    cleaned = clean_segmentation(id_map, (Segment(np.int64(3)), Segment("5")))  # type: ignore[arg-type]
+    assert cleaned.pixel_counts == (2, 3)
