@@ -137,6 +137,17 @@ def summarize_pairs(pairs: list[dict], goal: float = PER_CORE_GOAL) -> dict:
             "representative": walls.index(statistics.median_low(walls)), "wall_s_range": [min(walls), max(walls)]}
 
 
+def ensure_corpus(args: argparse.Namespace) -> str:
+    """The demo corpus the arguments name, under --out: written unless it is there already (reused by later runs,
+    and by ``pipeline_cpu_ab.py``, which writes it once with the current code for both versions it compares)."""
+    corpus = os.path.join(args.out, f"corpus-{args.num_samples}-{args.samples_per_tar}"
+                          + (f"-min{args.min_side}" if args.min_side > 0 else ""))
+    if not os.path.exists(os.path.join(corpus, "corpus.json")):
+        write_corpus(corpus, args.num_samples, seed=0, fmt="webdataset", samples_per_shard=args.samples_per_tar,
+                     min_side=args.min_side)
+    return corpus
+
+
 def run(args: argparse.Namespace) -> dict:
     """Generate the corpus, run --repeats pairs of a subset build (the tars nearest a quarter) and the full build,
     measure the ceiling; returns the JSON record.
@@ -146,11 +157,7 @@ def run(args: argparse.Namespace) -> dict:
     pipeline construction) cancels out, as it does at scale.
     """
     torch.set_num_threads(args.torch_threads)
-    corpus = os.path.join(args.out, f"corpus-{args.num_samples}-{args.samples_per_tar}"
-                          + (f"-min{args.min_side}" if args.min_side > 0 else ""))
-    if not os.path.exists(os.path.join(corpus, "corpus.json")):
-        write_corpus(corpus, args.num_samples, seed=0, fmt="webdataset", samples_per_shard=args.samples_per_tar,
-                     min_side=args.min_side)
+    corpus = ensure_corpus(args)
     patterns = {"quarter": corpus_subset(corpus, 0.25), "full": os.path.join(corpus, "shard-*.tar")}
     outputs = {name: os.path.join(args.out, f"build-{name}") for name in patterns}
     pairs = time_pairs(lambda name: build_once(args, patterns[name], outputs[name]), args.repeats)
@@ -166,7 +173,8 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "pipeline_cpu", "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "clip_model": args.clip_model, "pretrained": "none (random init)",
-        "segmenter": "annotations", "image_size": args.image_size, "samples": samples,
+        "segmenter": "annotations", "code": os.path.dirname(build.__file__), "image_size": args.image_size,
+        "samples": samples,
         "samples_per_tar": args.samples_per_tar, "corpus_min_longest_side": args.min_side,
         **stored_pixels(outputs["full"], args.image_size), "repeats": args.repeats,
         "images_embedded": full["images"], "wall_s": round(wall, 2), "cpu_s": round(full["cpu_s"], 2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import threading
 from pathlib import Path
 
@@ -335,3 +336,46 @@ def test_bare_decoding_on_threads_decodes_every_image_once(bench) -> None:
         seen.clear()
         wall, cpu = loader.bare_decode_s(images, decode, threads)
         assert sorted(seen) == images and wall >= 0 and cpu >= 0
+
+
+def test_ab_rounds_pair_neighbours_and_call_a_difference_only_outside_its_ci(bench) -> None:
+    """The A/B headline is the median over rounds of this tree's ms per sample / the baseline's; "faster" only when
+    the bootstrap CI lies wholly below 1; one round never resolves; per-core figures pool every pair."""
+    ab = bench("pipeline_cpu_ab")
+    rounds = [{"baseline": {"ms": b, "per_core_runs": [1000 / b]}, "current": {"ms": c, "per_core_runs": [1000 / c]}}
+              for b, c in ((10.2, 9.0), (12.0, 10.2), (11.0, 9.9), (10.5, 9.2))]
+    got = ab.summarize(rounds)
+    ratios = [9.0 / 10.2, 0.85, 0.9, 9.2 / 10.5]
+    assert got["ms_ratio"]["rounds"] == pytest.approx(ratios)
+    assert got["ms_ratio"]["median"] == pytest.approx(statistics.median(ratios))
+    assert got["ms_ratio"]["verdict"] == "faster" and got["ms_ratio"]["ci95"][1] < 1
+    assert got["per_core"]["current"]["runs"] == pytest.approx([1000 / c for c in (9.0, 10.2, 9.9, 9.2)])
+    assert got["per_core"]["baseline"]["verdict"] == "misses"  # 83-98 per core: all under 100
+    mixed = rounds[:2] + [{"baseline": {"ms": 9.0, "per_core_runs": [111.0]},
+                           "current": {"ms": 10.0, "per_core_runs": [100.0]}}] * 2
+    assert ab.summarize(mixed)["ms_ratio"]["verdict"] == "not resolved"
+    assert ab.summarize(rounds[:1])["ms_ratio"]["verdict"] == "not resolved"
+
+
+def test_ab_runs_each_version_on_its_own_code(bench, monkeypatch, tmp_path) -> None:
+    """The baseline run gets the revision's package first on PYTHONPATH, this tree's run no PYTHONPATH at all; a
+    record that ran other code than intended is an error, not a result."""
+    ab = bench("pipeline_cpu_ab")
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    site = str(tmp_path / "site")
+    assert ab.variant_env("baseline", site)["PYTHONPATH"] == site
+    assert "PYTHONPATH" not in ab.variant_env("current", site)
+    code = {"path": os.path.join(site, "spatext", "pipeline")}
+
+    def fake_run(cmd, env, cwd, check, capture_output):
+        assert cwd == str(tmp_path) and cmd[-2:] == ["--out", str(tmp_path)]
+        (tmp_path / "pipeline_cpu.json").write_text(json.dumps({"code": code["path"]}))
+
+    monkeypatch.setattr(ab.subprocess, "run", fake_run)
+    assert ab.run_variant("baseline", site, [], str(tmp_path))["code"] == code["path"]
+    with pytest.raises(RuntimeError, match="current run used the code at"):
+        ab.run_variant("current", site, [], str(tmp_path))
+    code["path"] = "/work/tree/pipeline"
+    assert ab.run_variant("current", site, [], str(tmp_path))["code"] == code["path"]
+    with pytest.raises(RuntimeError, match="baseline run used the code at"):
+        ab.run_variant("baseline", site, [], str(tmp_path))
