@@ -36,8 +36,11 @@ def install_revision(rev: str, target: str, repo: str = HERE) -> str:
     """Install the package as it is at git revision `rev` into the folder `target` (pip ``--target``, without its
     dependencies, which this environment has); returns the revision's full hash. The revision's tree is checked
     out in a temporary worktree, removed afterwards."""
-    commit = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", f"{rev}^{{commit}}"], check=True,
-                            capture_output=True, text=True).stdout.strip()
+    found = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                           capture_output=True, text=True)
+    if found.returncode != 0:
+        raise ValueError(f"--baseline {rev!r} names no commit of the repository at {repo}")
+    commit = found.stdout.strip()
     with tempfile.TemporaryDirectory(prefix="spatext-ab-") as scratch:
         tree = os.path.join(scratch, "tree")
         subprocess.run(["git", "-C", repo, "worktree", "add", "--detach", tree, commit], check=True,
@@ -65,8 +68,11 @@ def variant_env(variant: str, site: str) -> dict[str, str]:
 def run_variant(variant: str, site: str, script_args: list[str], out: str) -> dict:
     """One ``pipeline_cpu.py`` run on `variant`'s code, in `out` (its working directory too, so that no ``spatext``
     folder of this checkout shadows the installed revision); its record, checked to have run the intended code."""
-    subprocess.run([sys.executable, os.path.join(HERE, "pipeline_cpu.py"), *script_args, "--out", out],
-                   env=variant_env(variant, site), cwd=out, check=True, capture_output=True)
+    done = subprocess.run([sys.executable, os.path.join(HERE, "pipeline_cpu.py"), *script_args, "--out", out],
+                          env=variant_env(variant, site), cwd=out, capture_output=True, text=True)
+    if done.returncode != 0:  # e.g. a revision too old for this tree's pipeline_cpu.py (names it cannot import)
+        raise RuntimeError(f"pipeline_cpu.py failed on the {variant} code (exit {done.returncode}):\n"
+                           + "\n".join(done.stderr.splitlines()[-15:]))
     with open(os.path.join(out, "pipeline_cpu.json"), encoding="utf-8") as handle:
         record = json.load(handle)
     from_site = os.path.realpath(record["code"]).startswith(os.path.realpath(site) + os.sep)

@@ -367,9 +367,11 @@ def test_ab_runs_each_version_on_its_own_code(bench, monkeypatch, tmp_path) -> N
     assert "PYTHONPATH" not in ab.variant_env("current", site)
     code = {"path": os.path.join(site, "spatext", "pipeline")}
 
-    def fake_run(cmd, env, cwd, check, capture_output):
+    def fake_run(cmd, env, cwd, capture_output, text):
         assert cwd == str(tmp_path) and cmd[-2:] == ["--out", str(tmp_path)]
         (tmp_path / "pipeline_cpu.json").write_text(json.dumps({"code": code["path"]}))
+        failed = code["path"] == "fails"
+        return argparse.Namespace(returncode=1 if failed else 0, stderr="ImportError: cannot import name 'x'\n")
 
     monkeypatch.setattr(ab.subprocess, "run", fake_run)
     assert ab.run_variant("baseline", site, [], str(tmp_path))["code"] == code["path"]
@@ -379,3 +381,13 @@ def test_ab_runs_each_version_on_its_own_code(bench, monkeypatch, tmp_path) -> N
     assert ab.run_variant("current", site, [], str(tmp_path))["code"] == code["path"]
     with pytest.raises(RuntimeError, match="baseline run used the code at"):
         ab.run_variant("baseline", site, [], str(tmp_path))
+    code["path"] = "fails"
+    with pytest.raises(RuntimeError, match=r"failed on the baseline code \(exit 1\):\nImportError: cannot import"):
+        ab.run_variant("baseline", site, [], str(tmp_path))
+
+
+def test_ab_refuses_a_baseline_that_names_no_commit(bench, tmp_path) -> None:
+    ab = bench("pipeline_cpu_ab")
+    with pytest.raises(ValueError, match="names no commit"):
+        ab.install_revision("no-such-revision-anywhere", str(tmp_path / "site"))
+    assert not (tmp_path / "site").exists()
